@@ -1,0 +1,185 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	frpconfig "github.com/fatedier/frp/pkg/config"
+)
+
+// defaultPool avoids privileged ports and stays below Linux's ephemeral
+// range (32768-60999), where outgoing connections would collide with it.
+const defaultPool = "10000-32767"
+
+// config is everything the command line and environment decide.
+type config struct {
+	listen       string
+	dataDir      string
+	allowPorts   string
+	frpsConfig   string
+	probe        bool
+	store        string
+	storeTimeout time.Duration
+}
+
+// envName is the environment fallback of a flag: -data-dir reads
+// FRP_PORT_KEEPER_DATA_DIR.
+func envName(flagName string) string {
+	return "FRP_PORT_KEEPER_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parseConfig reads flags, then fills every flag not given on the command
+// line from its environment variable.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("frp-port-keeper", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "address to serve the plugin on")
+	fs.StringVar(&c.dataDir, "data-dir", "gokv", "directory that holds the allocations")
+	fs.StringVar(&c.allowPorts, "allow-ports", "", `ports to hand out, frps syntax "6000-7000,8080" (default `+defaultPool+`)`)
+	fs.StringVar(&c.frpsConfig, "frps-config", "", "frps config file (toml, yaml, json or ini): take allowPorts and frps's own ports from it")
+	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host)")
+	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files) or bbolt (one fsync'd database file)")
+	fs.DurationVar(&c.storeTimeout, "store-timeout", 2*time.Second, "deadline for every store call")
+	fs.Usage = func() {
+		fs.SetOutput(stderr)
+		fmt.Fprintf(stderr, "usage: frp-port-keeper [flags]\n\nEvery flag can also be set in the environment, e.g. -data-dir as %s.\n\n", envName("data-dir"))
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
+		}
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		v := getenv(envName(f.Name))
+		if given[f.Name] || v == "" || envErr != nil {
+			return
+		}
+		if err := fs.Set(f.Name, v); err != nil {
+			envErr = fmt.Errorf("%s=%q: %v", envName(f.Name), v, err)
+		}
+	})
+	if envErr != nil {
+		return c, envErr
+	}
+	if c.store != "file" && c.store != "bbolt" {
+		return c, fmt.Errorf("-store %q: want file or bbolt", c.store)
+	}
+	if c.storeTimeout <= 0 {
+		return c, fmt.Errorf("-store-timeout %v: must be positive", c.storeTimeout)
+	}
+	return c, nil
+}
+
+// poolPlan is the pool the allocator serves and the ports kept out of it.
+type poolPlan struct {
+	pool      *portSet
+	excluded  map[int]string // port -> what uses it
+	probeAddr string         // where frps binds proxies
+}
+
+// planPool works out the pool: the allowed ports (from -allow-ports, frps's
+// allowPorts, or the default; both when both are given), minus frps's own
+// listeners and the plugin's port.
+func planPool(c config, listenPort int) (poolPlan, error) {
+	plan := poolPlan{excluded: map[int]string{}, probeAddr: "0.0.0.0"}
+	var allowed *portSet
+	if c.allowPorts != "" {
+		set, err := parsePorts(c.allowPorts)
+		if err != nil {
+			return plan, fmt.Errorf("-allow-ports: %w", err)
+		}
+		allowed = set
+	}
+	if c.frpsConfig != "" {
+		frps, err := readFrpsConfig(c.frpsConfig)
+		if err != nil {
+			return plan, err
+		}
+		plan.probeAddr = frps.proxyBindAddr
+		for port, use := range frps.ownPorts {
+			plan.excluded[port] = use
+		}
+		switch {
+		case frps.allowPorts != nil && allowed != nil:
+			for i := range allowed {
+				allowed[i] &= frps.allowPorts[i]
+			}
+		case frps.allowPorts != nil:
+			allowed = frps.allowPorts
+		}
+	}
+	if allowed == nil {
+		allowed, _ = parsePorts(defaultPool)
+	}
+	if listenPort > 0 {
+		plan.excluded[listenPort] = "the plugin's own port"
+	}
+	for port := range plan.excluded {
+		allowed.remove(port)
+	}
+	if allowed.len() == 0 {
+		return plan, errors.New("the port pool is empty: check -allow-ports and frps's allowPorts")
+	}
+	plan.pool = allowed
+	return plan, nil
+}
+
+// frpsPorts is what the plugin needs from frps's configuration.
+type frpsPorts struct {
+	allowPorts    *portSet // nil: frps allows every port
+	ownPorts      map[int]string
+	proxyBindAddr string
+}
+
+// readFrpsConfig reads frps's config with frp's own loader, so templates,
+// legacy ini and defaults are understood exactly as frps understands them.
+func readFrpsConfig(path string) (frpsPorts, error) {
+	cfg, _, err := frpconfig.LoadServerConfig(path, false)
+	if err != nil {
+		return frpsPorts{}, fmt.Errorf("-frps-config %s: %v", path, err)
+	}
+	out := frpsPorts{ownPorts: map[int]string{}, proxyBindAddr: cfg.ProxyBindAddr}
+	if out.proxyBindAddr == "" {
+		out.proxyBindAddr = "0.0.0.0"
+	}
+	for port, use := range map[int]string{
+		cfg.BindPort:                  "frps bindPort",
+		cfg.KCPBindPort:               "frps kcpBindPort",
+		cfg.QUICBindPort:              "frps quicBindPort",
+		cfg.VhostHTTPPort:             "frps vhostHTTPPort",
+		cfg.VhostHTTPSPort:            "frps vhostHTTPSPort",
+		cfg.TCPMuxHTTPConnectPort:     "frps tcpmuxHTTPConnectPort",
+		cfg.WebServer.Port:            "frps webServer.port",
+		cfg.SSHTunnelGateway.BindPort: "frps sshTunnelGateway.bindPort",
+	} {
+		if port > 0 && port <= maxPort {
+			out.ownPorts[port] = use
+		}
+	}
+	if len(cfg.AllowPorts) > 0 {
+		out.allowPorts = &portSet{}
+		for _, r := range cfg.AllowPorts {
+			if r.Single > 0 {
+				r.Start, r.End = r.Single, r.Single
+			}
+			if r.Start < 1 || r.End > maxPort || r.End < r.Start {
+				return frpsPorts{}, fmt.Errorf("-frps-config %s: allowPorts has a bad range %d-%d", path, r.Start, r.End)
+			}
+			out.allowPorts.addRange(r.Start, r.End)
+		}
+	}
+	return out, nil
+}

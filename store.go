@@ -1,0 +1,429 @@
+package main
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/philippgille/gokv"
+)
+
+// portStore is the seam between the allocation rules and durable storage.
+// The allocator calls nothing else, so a backend that shares one namespace
+// between several frps servers (etcd with atomic claims, say) fits here
+// without touching the handler or the rules. Every method may block; the
+// allocator bounds each call with its own deadline.
+type portStore interface {
+	// load returns every allocation, after repairing what a crash left behind.
+	load() (loaded, error)
+	// claim durably records a new allocation. prev, when not nil, is the
+	// key's current allocation that the new one replaces (a move).
+	claim(a record, prev *record) error
+	// release forgets an allocation; its port becomes free.
+	release(a record) error
+	// touch records when a key was last seen. Losing it is harmless.
+	touch(key string, seen time.Time) error
+	close() error
+}
+
+// record is one allocation as the store keeps it. Each allocation is
+// written twice, once under its port and once under its key, so that a
+// file lost or torn in a crash can be rebuilt from its twin.
+type record struct {
+	Key       string    `json:"key"`
+	Port      int       `json:"port"`
+	User      string    `json:"user"`
+	ProxyName string    `json:"proxy_name"`
+	ProxyType string    `json:"proxy_type"`
+	Group     string    `json:"group,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	// AssignedAt is when the key got this port; it tells which of two
+	// port records wins when a crash interrupted a move.
+	AssignedAt time.Time `json:"assigned_at"`
+}
+
+// seenRecord holds the one field that changes often, in a record of its own.
+type seenRecord struct {
+	Key      string    `json:"key"`
+	LastSeen time.Time `json:"last_seen"`
+}
+
+// loaded is what a store hands the allocator at start.
+type loaded struct {
+	allocations []record
+	lastSeen    map[string]time.Time
+	// problems are human-readable reports of what was repaired or set aside.
+	problems []string
+}
+
+// Record names. Ports are zero-padded so a directory listing sorts by port;
+// keys are hashed because proxy names may hold any byte and any length,
+// while file names may not.
+const (
+	portPrefix = "port-"
+	keyPrefix  = "key-"
+	seenPrefix = "seen-"
+)
+
+func portName(port int) string { return fmt.Sprintf("%s%05d", portPrefix, port) }
+func keyName(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return keyPrefix + hex.EncodeToString(sum[:16])
+}
+func seenName(key string) string { return seenPrefix + keyName(key)[len(keyPrefix):] }
+
+// kvStore keeps records in any gokv.Store. With dir set (the gokv file
+// store's directory) it lists that directory at start, which finds torn
+// files of both kinds; otherwise it scans every port record and the key
+// records they name.
+type kvStore struct {
+	kv  gokv.Store
+	dir string
+}
+
+// claim writes the port record first and the key record second, and for a
+// move drops the old port record last: whatever prefix of this sequence a
+// crash leaves, reconcile rebuilds one consistent allocation from it.
+func (s *kvStore) claim(a record, prev *record) error {
+	if err := s.kv.Set(portName(a.Port), a); err != nil {
+		return fmt.Errorf("write %s: %w", portName(a.Port), err)
+	}
+	if prev != nil {
+		// Delete before Set so the key record is created anew, never
+		// truncated and rewritten in place.
+		if err := s.kv.Delete(keyName(a.Key)); err != nil {
+			return fmt.Errorf("delete %s: %w", keyName(a.Key), err)
+		}
+	}
+	if err := s.kv.Set(keyName(a.Key), a); err != nil {
+		return fmt.Errorf("write %s: %w", keyName(a.Key), err)
+	}
+	if prev != nil && prev.Port != a.Port {
+		if err := s.kv.Delete(portName(prev.Port)); err != nil {
+			return fmt.Errorf("delete %s: %w", portName(prev.Port), err)
+		}
+	}
+	return nil
+}
+
+// release deletes the key record first: a crash in between leaves a port
+// record without its twin, which reconcile repairs back into the allocation
+// (an unacknowledged release is undone, never half done).
+func (s *kvStore) release(a record) error {
+	for _, name := range []string{keyName(a.Key), portName(a.Port), seenName(a.Key)} {
+		if err := s.kv.Delete(name); err != nil {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (s *kvStore) touch(key string, seen time.Time) error {
+	return s.kv.Set(seenName(key), seenRecord{Key: key, LastSeen: seen})
+}
+
+func (s *kvStore) close() error { return s.kv.Close() }
+
+// snapshot is the raw content of a store before reconciliation.
+type snapshot struct {
+	ports    map[int]record
+	keys     map[string]record // by key
+	seen     map[string]time.Time
+	problems []string
+	// discard sets aside a record that reconcile found to be in conflict.
+	discard func(name string) error
+}
+
+func (s *kvStore) load() (loaded, error) {
+	var snap snapshot
+	var err error
+	if s.dir != "" {
+		snap, err = s.listDir()
+	} else {
+		snap, err = s.scan()
+	}
+	if err != nil {
+		return loaded{}, err
+	}
+	return reconcile(snap, s.kv)
+}
+
+// scan reads every possible port record and the key and seen records they
+// name: the way to load from a gokv store that cannot list its keys.
+func (s *kvStore) scan() (snapshot, error) {
+	snap := newSnapshot()
+	snap.discard = s.kv.Delete
+	for port := 1; port <= maxPort; port++ {
+		var r record
+		found, err := s.kv.Get(portName(port), &r)
+		if err != nil {
+			snap.problems = append(snap.problems, fmt.Sprintf("%s unreadable (%v): ignored", portName(port), err))
+			continue
+		}
+		if !found {
+			continue
+		}
+		if !validRecord(r) || r.Port != port {
+			snap.problems = append(snap.problems, fmt.Sprintf("%s holds no valid allocation: ignored", portName(port)))
+			continue
+		}
+		snap.ports[port] = r
+		var k record
+		if found, err := s.kv.Get(keyName(r.Key), &k); err == nil && found && validRecord(k) && k.Key == r.Key {
+			snap.keys[k.Key] = k
+		}
+		var seen seenRecord
+		if found, err := s.kv.Get(seenName(r.Key), &seen); err == nil && found && seen.Key == r.Key {
+			snap.seen[r.Key] = seen.LastSeen
+		}
+	}
+	return snap, nil
+}
+
+func newSnapshot() snapshot {
+	return snapshot{ports: map[int]record{}, keys: map[string]record{}, seen: map[string]time.Time{}}
+}
+
+func validRecord(r record) bool {
+	return r.Key != "" && r.Port >= 1 && r.Port <= maxPort
+}
+
+// quarantineDir is where unreadable files are moved, inside the data directory.
+const quarantineDir = "quarantine"
+
+// listDir reads the gokv file store's directory directly (the allocator
+// has not started yet, so nothing writes concurrently). Files that are
+// empty, truncated or not an allocation go to the quarantine folder; their
+// twins rebuild them in reconcile.
+func (s *kvStore) listDir() (snapshot, error) {
+	snap := newSnapshot()
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return snap, err
+	}
+	snap.discard = func(name string) error {
+		return s.quarantine(url.PathEscape(name)+".json", "in conflict with another record")
+	}
+	files := make(chan string, 256)
+	results := make(chan fileResult, 256)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) * 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for file := range files {
+				results <- s.readRecordFile(file)
+			}
+		}()
+	}
+	go func() {
+		for _, e := range entries {
+			if !e.Type().IsRegular() || !strings.HasSuffix(e.Name(), ".json") {
+				continue
+			}
+			files <- e.Name()
+		}
+		close(files)
+		wg.Wait()
+		close(results)
+	}()
+	for r := range results {
+		if r.problem != "" {
+			snap.problems = append(snap.problems, r.problem)
+			if err := s.quarantine(r.file, r.problem); err != nil {
+				return snap, err
+			}
+			continue
+		}
+		switch {
+		case strings.HasPrefix(r.name, portPrefix):
+			snap.ports[r.rec.Port] = r.rec
+		case strings.HasPrefix(r.name, keyPrefix):
+			snap.keys[r.rec.Key] = r.rec
+		case strings.HasPrefix(r.name, seenPrefix):
+			snap.seen[r.seen.Key] = r.seen.LastSeen
+		}
+	}
+	slices.Sort(snap.problems)
+	return snap, nil
+}
+
+// fileResult is what reading one file of the store directory found.
+type fileResult struct {
+	file    string
+	name    string
+	rec     record
+	seen    seenRecord
+	problem string // set when the file is damaged
+}
+
+// readRecordFile reads and checks one file of the store directory.
+func (s *kvStore) readRecordFile(file string) (r fileResult) {
+	r.file = file
+	name, err := url.PathUnescape(strings.TrimSuffix(file, ".json"))
+	if err != nil {
+		return r // not a name gokv wrote; leave it alone
+	}
+	r.name = name
+	data, err := os.ReadFile(filepath.Join(s.dir, file))
+	if err != nil {
+		r.problem = fmt.Sprintf("%s: unreadable: %v", file, err)
+		return r
+	}
+	bad := func(why string) fileResult {
+		r.problem = fmt.Sprintf("%s: %s", file, why)
+		return r
+	}
+	switch {
+	case strings.HasPrefix(name, portPrefix):
+		port, err := strconv.Atoi(name[len(portPrefix):])
+		if err != nil {
+			return r // not ours
+		}
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.rec); err != nil {
+			return bad("not a valid record: " + err.Error())
+		}
+		if !validRecord(r.rec) || r.rec.Port != port {
+			return bad("record does not match its name")
+		}
+	case strings.HasPrefix(name, keyPrefix):
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.rec); err != nil {
+			return bad("not a valid record: " + err.Error())
+		}
+		if !validRecord(r.rec) || keyName(r.rec.Key) != name {
+			return bad("record does not match its name")
+		}
+	case strings.HasPrefix(name, seenPrefix):
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.seen); err != nil || seenName(r.seen.Key) != name {
+			return bad("not a valid last-seen record")
+		}
+	}
+	return r
+}
+
+// quarantine moves a damaged file out of the store, keeping it for a person
+// to look at.
+func (s *kvStore) quarantine(file, why string) error {
+	qdir := filepath.Join(s.dir, quarantineDir)
+	if err := os.MkdirAll(qdir, 0o700); err != nil {
+		return err
+	}
+	dst := filepath.Join(qdir, fmt.Sprintf("%s.%s", file, time.Now().UTC().Format("20060102T150405.000000000")))
+	if err := os.Rename(filepath.Join(s.dir, file), dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("quarantine %s (%s): %w", file, why, err)
+	}
+	return nil
+}
+
+// reconcile turns a snapshot into one consistent set of allocations and
+// writes the repairs back. Port records decide who owns a port (so no port
+// is ever handed to two keys); key records break ties and restore port
+// records that were lost.
+func reconcile(snap snapshot, kv gokv.Store) (loaded, error) {
+	out := loaded{lastSeen: map[string]time.Time{}, problems: snap.problems}
+	report := func(format string, args ...any) {
+		out.problems = append(out.problems, fmt.Sprintf(format, args...))
+	}
+
+	// Every port record names a key; a key named by several (an interrupted
+	// move) keeps the one its key record agrees with, or else the newest.
+	byKey := map[string][]record{}
+	for _, r := range snap.ports {
+		byKey[r.Key] = append(byKey[r.Key], r)
+	}
+	owner := map[int]string{}
+	for key, recs := range byKey {
+		slices.SortFunc(recs, func(a, b record) int {
+			if c := b.AssignedAt.Compare(a.AssignedAt); c != 0 {
+				return c
+			}
+			return cmp.Compare(a.Port, b.Port)
+		})
+		win := recs[0]
+		if k, ok := snap.keys[key]; ok {
+			for _, r := range recs {
+				if r.Port == k.Port {
+					win = r
+				}
+			}
+		}
+		for _, r := range recs {
+			if r.Port != win.Port {
+				report("%s: %q also holds port %d; dropped the stale port record", portName(r.Port), key, win.Port)
+				if err := kv.Delete(portName(r.Port)); err != nil {
+					return out, err
+				}
+			}
+		}
+		owner[win.Port] = key
+		if k, ok := snap.keys[key]; !ok || !sameRecord(k, win) {
+			report("%s: key record for %q rebuilt from %s", keyName(key), key, portName(win.Port))
+			if err := kv.Set(keyName(key), win); err != nil {
+				return out, err
+			}
+		}
+		out.allocations = append(out.allocations, win)
+	}
+
+	// Key records whose port record is gone: restore the port record when the
+	// port is still free, otherwise the port's own record wins.
+	orphans := make([]record, 0)
+	for key, k := range snap.keys {
+		if _, ok := byKey[key]; !ok {
+			orphans = append(orphans, k)
+		}
+	}
+	slices.SortFunc(orphans, func(a, b record) int { return a.AssignedAt.Compare(b.AssignedAt) })
+	for _, k := range orphans {
+		if holder, taken := owner[k.Port]; taken {
+			report("%s: %q claims port %d, which belongs to %q; set aside", keyName(k.Key), k.Key, k.Port, holder)
+			if err := snap.discard(keyName(k.Key)); err != nil {
+				return out, err
+			}
+			continue
+		}
+		report("%s: port record for %q rebuilt from its key record", portName(k.Port), k.Key)
+		if err := kv.Set(portName(k.Port), k); err != nil {
+			return out, err
+		}
+		owner[k.Port] = k.Key
+		out.allocations = append(out.allocations, k)
+	}
+
+	for key, t := range snap.seen {
+		if _, ok := byKey[key]; ok {
+			out.lastSeen[key] = t
+		} else if _, ok := snap.keys[key]; ok {
+			out.lastSeen[key] = t
+		}
+	}
+	slices.SortFunc(out.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
+	return out, nil
+}
+
+func sameRecord(a, b record) bool {
+	return a.Key == b.Key && a.Port == b.Port && a.User == b.User && a.ProxyName == b.ProxyName &&
+		a.ProxyType == b.ProxyType && a.Group == b.Group &&
+		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt)
+}
