@@ -7,9 +7,11 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // The reasons an allocation is refused. The handler turns each into the
@@ -84,6 +86,21 @@ func (r proxyRequest) key() string {
 		return groupKeyPrefix + r.Group
 	}
 	return r.ProxyName
+}
+
+// validUTF8 replaces each invalid byte with U+FFFD, as encoding/json does
+// when it stores a string: a key must read back as the same key.
+func validUTF8(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		b.WriteRune(r)
+		i += size
+	}
+	return b.String()
 }
 
 // outcome says how a port was decided; it is logged and counted.
@@ -177,6 +194,8 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 // allocate returns the port for req's key: its sticky port, the port it
 // asked for, or a fresh one. A new port is stored before it is returned.
 func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
+	req.User, req.ProxyName, req.Group = validUTF8(req.User), validUTF8(req.ProxyName), validUTF8(req.Group)
+	req.ProxyType = validUTF8(req.ProxyType)
 	key := req.key()
 	now := a.now()
 	a.mu.RLock()
@@ -232,6 +251,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 
 // assign pins key to port on an operator's word: a new key or a move.
 func (a *allocator) assign(key string, port int) (record, error) {
+	key = validUTF8(key)
 	now := a.now()
 	deadline := time.NewTimer(a.timeout)
 	defer deadline.Stop()
@@ -278,6 +298,7 @@ func (a *allocator) assign(key string, port int) (record, error) {
 
 // release forgets key's allocation; its port becomes free once stored.
 func (a *allocator) release(key string) error {
+	key = validUTF8(key)
 	deadline := time.NewTimer(a.timeout)
 	defer deadline.Stop()
 	for {
@@ -420,6 +441,7 @@ func (a *allocator) checkRequested(key string, port int, probe bool) error {
 
 // lookup returns key's allocation.
 func (a *allocator) lookup(key string) (record, time.Time, bool) {
+	key = validUTF8(key)
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	al := a.byKey[key]

@@ -22,6 +22,9 @@ import (
 	"github.com/philippgille/gokv/file"
 )
 
+// version is stamped at build time (make build: git describe).
+var version = "dev"
+
 func main() {
 	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintf(os.Stderr, "frp-port-keeper: %v\n", err)

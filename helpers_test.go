@@ -1,0 +1,167 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/philippgille/gokv"
+	"github.com/philippgille/gokv/file"
+)
+
+// testLogger sends logs to t.Logf, so they show only for failing tests.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Logf("%s", bytes.TrimRight(p, "\n"))
+	return len(p), nil
+}
+
+// newFileKV opens a gokv file store in dir.
+func newFileKV(t testing.TB, dir string) gokv.Store {
+	t.Helper()
+	kv, err := file.NewStore(file.Options{Directory: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
+// newTestAllocator opens an allocator over a file store in dir with pool.
+func newTestAllocator(t testing.TB, dir, pool string, opts allocatorOptions) *allocator {
+	t.Helper()
+	return newAllocatorOn(t, &kvStore{kv: newFileKV(t, dir), dir: dir}, pool, opts)
+}
+
+func newAllocatorOn(t testing.TB, store portStore, pool string, opts allocatorOptions) *allocator {
+	t.Helper()
+	set, err := parsePorts(pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.log == nil {
+		opts.log = testLogger(t)
+	}
+	a, _, err := newAllocator(store, set, opts)
+	if err != nil {
+		t.Fatalf("newAllocator: %v", err)
+	}
+	return a
+}
+
+// post sends a plugin request to h and returns the status and body.
+func post(t testing.TB, h http.Handler, op, body string) (int, string) {
+	t.Helper()
+	req := httptest.NewRequest("POST", pluginPath+"?version=0.1.0&op="+op, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Frp-Reqid", "test")
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec.Code, rec.Body.String()
+}
+
+// newProxyBody is a NewProxy request as frps sends it, with extra content fields.
+func newProxyBody(user, name, typ string, extra string) string {
+	content := `{"user":{"user":"` + user + `","metas":null,"run_id":"r1"},"proxy_name":"` + name + `","proxy_type":"` + typ + `"`
+	if extra != "" {
+		content += "," + extra
+	}
+	return `{"version":"0.1.0","op":"NewProxy","content":` + content + `}}`
+}
+
+// answer is the plugin's reply as frps decodes it.
+type answer struct {
+	Reject       bool                       `json:"reject"`
+	RejectReason string                     `json:"reject_reason"`
+	Unchange     bool                       `json:"unchange"`
+	Content      map[string]json.RawMessage `json:"content"`
+	Error        string                     `json:"error"`
+	Message      string                     `json:"message"`
+}
+
+func decodeAnswer(t testing.TB, body string) answer {
+	t.Helper()
+	var a answer
+	if err := json.Unmarshal([]byte(body), &a); err != nil {
+		t.Fatalf("answer %q is not JSON: %v", body, err)
+	}
+	return a
+}
+
+// portOf returns the remote_port of an allowing answer, failing otherwise.
+func portOf(t testing.TB, body string) int {
+	t.Helper()
+	a := decodeAnswer(t, body)
+	if a.Reject || a.Unchange {
+		t.Fatalf("answer %s: want a port", body)
+	}
+	var port int
+	if err := json.Unmarshal(a.Content["remote_port"], &port); err != nil {
+		t.Fatalf("answer %s: remote_port: %v", body, err)
+	}
+	return port
+}
+
+// faultyKV is a gokv.Store whose writes fail or stall on demand.
+type faultyKV struct {
+	gokv.Store
+	mu    sync.Mutex
+	fail  error         // returned by Set and Delete when set
+	stall chan struct{} // Set and Delete block until it is closed, when set
+}
+
+func (f *faultyKV) set(fail error, stall chan struct{}) {
+	f.mu.Lock()
+	f.fail, f.stall = fail, stall
+	f.mu.Unlock()
+}
+
+func (f *faultyKV) fault() error {
+	f.mu.Lock()
+	fail, stall := f.fail, f.stall
+	f.mu.Unlock()
+	if stall != nil {
+		<-stall
+	}
+	return fail
+}
+
+func (f *faultyKV) Set(k string, v any) error {
+	if err := f.fault(); err != nil {
+		return err
+	}
+	return f.Store.Set(k, v)
+}
+
+func (f *faultyKV) Delete(k string) error {
+	if err := f.fault(); err != nil {
+		return err
+	}
+	return f.Store.Delete(k)
+}
+
+var errDiskFull = errors.New("no space left on device")
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// seedStore allocates name->port in a fresh file store and returns its dir.
+func seedStore(t *testing.T, allocs map[string]int) string {
+	t.Helper()
+	dir := t.TempDir()
+	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+	for name, port := range allocs {
+		r := req("u", name, "tcp")
+		r.RemotePort = port
+		mustAllocate(t, a, r)
+	}
+	return dir
+}
+
+func storeFile(dir, name string) string { return filepath.Join(dir, name+".json") }
+
+func TestLoadRepairsTornFiles(t *testing.T) {
+	allocs := map[string]int{"u.a": 30001, "u.b": 30002, "u.c": 30003, "u.d": 30004, "u.e": 30005}
+	dir := seedStore(t, allocs)
+	// Damage both kinds of record, one side of an allocation at a time.
+	damage := map[string][]byte{
+		storeFile(dir, portName(30001)): {},                         // empty port record
+		storeFile(dir, keyName("u.b")):  []byte(`{"key":"u.b","po`), // truncated key record
+		storeFile(dir, portName(30003)): []byte("\x00\x00garbage"),  // garbage port record
+		storeFile(dir, keyName("u.d")):  []byte(`[]`),               // wrong shape
+	}
+	for path, data := range damage {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store := &kvStore{kv: newFileKV(t, dir), dir: dir}
+	set, _ := parsePorts("30000-30099")
+	a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
+	if err != nil {
+		t.Fatalf("start with torn files: %v", err)
+	}
+	for name, port := range allocs {
+		if r, _, ok := a.lookup(name); !ok || r.Port != port {
+			t.Errorf("%s = %+v (found %v); want port %d", name, r, ok, port)
+		}
+	}
+	// Each damaged file is reported by name and kept in quarantine.
+	report := strings.Join(got.problems, "\n")
+	for path := range damage {
+		if !strings.Contains(report, filepath.Base(path)) {
+			t.Errorf("problems do not name %s:\n%s", filepath.Base(path), report)
+		}
+	}
+	q, _ := os.ReadDir(filepath.Join(dir, quarantineDir))
+	if len(q) != len(damage) {
+		t.Errorf("quarantine holds %d files; want %d", len(q), len(damage))
+	}
+	// The repairs were written: a second start finds nothing to report.
+	_, again, err := newAllocator(&kvStore{kv: newFileKV(t, dir), dir: dir}, set, allocatorOptions{})
+	if err != nil || len(again.problems) != 0 || len(again.allocations) != len(allocs) {
+		t.Fatalf("second start: %v, problems %v, %d allocations", err, again.problems, len(again.allocations))
+	}
+}
+
+// TestLoadTornWithoutTwin: a torn port record whose key record is gone too
+// was never acknowledged; its port is free again and nobody's port moves.
+func TestLoadTornWithoutTwin(t *testing.T) {
+	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
+	os.WriteFile(storeFile(dir, portName(30001)), nil, 0o600)
+	os.Remove(storeFile(dir, keyName("u.a")))
+	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+	if _, _, ok := a.lookup("u.a"); ok {
+		t.Fatal("u.a survived with no intact record")
+	}
+	if r, _, _ := a.lookup("u.b"); r.Port != 30002 {
+		t.Fatalf("u.b = %d; want 30002", r.Port)
+	}
+}
+
+// TestLoadInterruptedMove: every prefix of a move's writes reloads as one
+// allocation, on the old port or the new one, never both.
+func TestLoadInterruptedMove(t *testing.T) {
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	old := record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
+	moved := old
+	moved.Port, moved.AssignedAt = 30009, at.Add(time.Hour)
+	tests := []struct {
+		name     string
+		setup    func(s *kvStore)
+		wantPort int
+	}{
+		{"new port record written", func(s *kvStore) {
+			s.kv.Set(portName(30001), old)
+			s.kv.Set(keyName("u.a"), old)
+			s.kv.Set(portName(30009), moved)
+		}, 30001},
+		{"key record deleted", func(s *kvStore) {
+			s.kv.Set(portName(30001), old)
+			s.kv.Set(portName(30009), moved)
+		}, 30009},
+		{"key record rewritten", func(s *kvStore) {
+			s.kv.Set(portName(30001), old)
+			s.kv.Set(portName(30009), moved)
+			s.kv.Set(keyName("u.a"), moved)
+		}, 30009},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			tt.setup(&kvStore{kv: newFileKV(t, dir), dir: dir})
+			a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+			if r, _, ok := a.lookup("u.a"); !ok || r.Port != tt.wantPort {
+				t.Fatalf("u.a = %+v; want port %d", r, tt.wantPort)
+			}
+			if n := len(a.snapshot()); n != 1 {
+				t.Fatalf("%d allocations; want 1", n)
+			}
+			a2 := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+			if n := len(a2.snapshot()); n != 1 {
+				t.Fatalf("after repair, %d allocations; want 1", n)
+			}
+		})
+	}
+}
+
+// TestLoadConflictingKeyRecord: a key record naming a port that another
+// key's port record holds loses; the port is never handed to two keys.
+func TestLoadConflictingKeyRecord(t *testing.T) {
+	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
+	os.Remove(storeFile(dir, portName(30002)))
+	s := &kvStore{kv: newFileKV(t, dir), dir: dir}
+	// u.b's port record is gone and its key record now points at u.a's port.
+	b := record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
+	s.kv.Set(keyName("u.b"), b)
+	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+	if r, _, _ := a.lookup("u.a"); r.Port != 30001 {
+		t.Fatalf("u.a = %d; want 30001", r.Port)
+	}
+	if _, _, ok := a.lookup("u.b"); ok {
+		t.Fatal("u.b kept a claim on u.a's port")
+	}
+}
+
+// TestLoadScanWithoutListing: a gokv store that cannot list (bbolt, say)
+// loads by scanning port records.
+func TestLoadScanWithoutListing(t *testing.T) {
+	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30099})
+	a := newAllocatorOn(t, &kvStore{kv: newFileKV(t, dir)}, "30000-30099", allocatorOptions{})
+	for key, port := range map[string]int{"u.a": 30001, "u.b": 30099} {
+		if r, _, ok := a.lookup(key); !ok || r.Port != port {
+			t.Errorf("%s = %+v; want %d", key, r, port)
+		}
+	}
+}
+
+func TestLongAndHostileKeysStore(t *testing.T) {
+	dir := t.TempDir()
+	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+	names := []string{strings.Repeat("x", 100<<10), "../../etc/passwd", "a/b\x00c", "%2F..%2F", "\xff\xfe"}
+	ports := map[string]int{}
+	for _, n := range names {
+		p, _ := mustAllocate(t, a, req("u", n, "tcp"))
+		ports[n] = p
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if len(e.Name()) > 255 || strings.ContainsAny(e.Name(), "/\x00") {
+			t.Errorf("store file name %q", e.Name())
+		}
+	}
+	b := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
+	for n, p := range ports {
+		if r, _, ok := b.lookup(n); !ok || r.Port != p {
+			t.Errorf("after restart key of %d bytes = %+v; want %d", len(n), r, p)
+		}
+	}
+}
