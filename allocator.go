@@ -117,6 +117,9 @@ const (
 type allocation struct {
 	record
 	lastSeen atomic.Int64 // unix nanoseconds
+	// storedSeen and seenWrittenAt (unix nanoseconds) keep last_seen writes
+	// to one per key per seenInterval. Guarded by allocator.flushMu.
+	storedSeen, seenWrittenAt int64
 	// settled is non-nil while the store has not yet answered for this
 	// allocation; it is closed when it has. Guarded by allocator.mu.
 	settled chan struct{}
@@ -136,11 +139,14 @@ type allocator struct {
 	timeout  time.Duration
 	now      func() time.Time
 	log      *slog.Logger
+	// storeFailed hears of every store call that failed or timed out.
+	storeFailed func(error)
 
-	mu     sync.RWMutex
-	byKey  map[string]*allocation
-	byPort map[int]*allocation
-	held   portSet // ports of byPort
+	flushMu sync.Mutex // one last_seen flush at a time
+	mu      sync.RWMutex
+	byKey   map[string]*allocation
+	byPort  map[int]*allocation
+	held    portSet // ports of byPort
 }
 
 // allocatorOptions are the allocator's tunables; zero values are defaults.
@@ -150,21 +156,23 @@ type allocatorOptions struct {
 	storeTimeout time.Duration
 	now          func() time.Time
 	log          *slog.Logger
+	storeFailed  func(error)
 }
 
 // newAllocator loads every allocation from store and serves from pool.
 func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*allocator, loaded, error) {
 	a := &allocator{
-		store:    store,
-		pool:     pool,
-		poolStr:  pool.String(),
-		excluded: opts.excluded,
-		probe:    opts.probe,
-		timeout:  opts.storeTimeout,
-		now:      opts.now,
-		log:      opts.log,
-		byKey:    map[string]*allocation{},
-		byPort:   map[int]*allocation{},
+		store:       store,
+		pool:        pool,
+		poolStr:     pool.String(),
+		excluded:    opts.excluded,
+		probe:       opts.probe,
+		timeout:     opts.storeTimeout,
+		now:         opts.now,
+		log:         opts.log,
+		storeFailed: opts.storeFailed,
+		byKey:       map[string]*allocation{},
+		byPort:      map[int]*allocation{},
 	}
 	if a.timeout <= 0 {
 		a.timeout = 2 * time.Second
@@ -175,15 +183,21 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
+	if a.storeFailed == nil {
+		a.storeFailed = func(error) {}
+	}
 	got, err := store.load()
 	if err != nil {
 		return nil, got, fmt.Errorf("load allocations: %w", err)
 	}
 	for _, r := range got.allocations {
 		al := &allocation{record: r}
-		if t, ok := got.lastSeen[r.Key]; ok {
-			al.lastSeen.Store(t.UnixNano())
+		seen := r.CreatedAt
+		if t, ok := got.lastSeen[r.Key]; ok && t.After(seen) {
+			seen = t
 		}
+		al.lastSeen.Store(seen.UnixNano())
+		al.storedSeen = seen.UnixNano()
 		a.byKey[r.Key] = al
 		a.byPort[r.Port] = al
 		a.held.add(r.Port)
@@ -240,6 +254,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 			n.CreatedAt = cur.CreatedAt
 		}
 		n.lastSeen.Store(now.UnixNano())
+		n.storedSeen = now.UnixNano()
 		a.begin(n, cur)
 		a.mu.Unlock()
 		if err := a.persist(deadline.C, n, cur, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
@@ -278,15 +293,19 @@ func (a *allocator) assign(key string, port int) (record, error) {
 			return record{}, err
 		}
 		n := &allocation{record: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}}
-		if cur != nil {
+		seen := now.UnixNano()
+		switch name, isGroup := cutGroupKey(key); {
+		case cur != nil:
 			n.record = cur.record
 			n.Port, n.AssignedAt = port, now
-			n.lastSeen.Store(cur.lastSeen.Load())
-		} else if name, ok := cutGroupKey(key); ok {
+			seen = cur.lastSeen.Load()
+		case isGroup:
 			n.Group = name
-		} else {
+		default:
 			n.ProxyName = key
 		}
+		n.lastSeen.Store(seen)
+		n.storedSeen = seen
 		a.begin(n, cur)
 		a.mu.Unlock()
 		if err := a.persist(deadline.C, n, cur, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
@@ -379,9 +398,10 @@ func (a *allocator) await(deadline <-chan time.Time, call func() error, apply fu
 	case err := <-done:
 		settle(err)
 		if err != nil {
-			return &storeError{kind: errStoreFailed, err: err}
+			err = &storeError{kind: errStoreFailed, err: err}
+			a.storeFailed(err)
 		}
-		return nil
+		return err
 	case <-deadline:
 		go func() {
 			err := <-done
@@ -390,8 +410,48 @@ func (a *allocator) await(deadline <-chan time.Time, call func() error, apply fu
 				a.log.Warn("late store call failed", "err", err)
 			}
 		}()
-		return &storeError{kind: errStoreTimedOut}
+		err := &storeError{kind: errStoreTimedOut}
+		a.storeFailed(err)
+		return err
 	}
+}
+
+// seenInterval is how often at most a key's last_seen is written: sticky
+// hits stay free of disk I/O, and a crash loses at most an hour of it.
+const seenInterval = time.Hour
+
+// flushSeen writes last_seen for keys seen since it was last written, and
+// not written within minGap. The server calls it every minute with
+// seenInterval and once at shutdown with 0.
+func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
+	a.flushMu.Lock()
+	defer a.flushMu.Unlock()
+	now := a.now().UnixNano()
+	a.mu.RLock()
+	var due []*allocation
+	for _, al := range a.byKey {
+		if al.settled == nil && al.lastSeen.Load() > al.storedSeen && now-al.seenWrittenAt >= int64(minGap) {
+			due = append(due, al)
+		}
+	}
+	a.mu.RUnlock()
+	var firstErr error
+	written := 0
+	for _, al := range due {
+		seen := al.lastSeen.Load()
+		timer := time.NewTimer(a.timeout)
+		err := a.await(timer.C, func() error { return a.store.touch(al.Key, time.Unix(0, seen).UTC()) }, func(error) {})
+		timer.Stop()
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		al.storedSeen, al.seenWrittenAt = seen, now
+		written++
+	}
+	return written, firstErr
 }
 
 // choosePort applies the rules for a key that needs a new port. Called with mu held.
@@ -523,4 +583,13 @@ func bindProbe(addr string) func(port int) error {
 		}
 		return pc.Close()
 	}
+}
+
+// outsidePolicy says whether key's port lies outside what the pool would
+// give it today (the pool changed since it was allocated).
+func (a *allocator) outsidePolicy(key string) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	al := a.byKey[key]
+	return al != nil && !a.pool.has(al.Port)
 }

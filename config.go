@@ -24,6 +24,10 @@ type config struct {
 	probe        bool
 	store        string
 	storeTimeout time.Duration
+	tlsCert      string
+	tlsKey       string
+	adminToken   string
+	version      bool
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -45,6 +49,10 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host)")
 	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files) or bbolt (one fsync'd database file)")
 	fs.DurationVar(&c.storeTimeout, "store-timeout", 2*time.Second, "deadline for every store call")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "serve HTTPS with this certificate (PEM; needs -tls-key)")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "private key of -tls-cert (PEM)")
+	fs.StringVar(&c.adminToken, "admin-token", "", "Bearer token for /api, / and /metrics (without it they answer loopback clients only)")
+	fs.BoolVar(&c.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		fs.SetOutput(stderr)
 		fmt.Fprintf(stderr, "usage: frp-port-keeper [flags]\n\nEvery flag can also be set in the environment, e.g. -data-dir as %s.\n\n", envName("data-dir"))
@@ -76,6 +84,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	}
 	if c.store != "file" && c.store != "bbolt" {
 		return c, fmt.Errorf("-store %q: want file or bbolt", c.store)
+	}
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return c, errors.New("-tls-cert and -tls-key go together")
 	}
 	if c.storeTimeout <= 0 {
 		return c, fmt.Errorf("-store-timeout %v: must be positive", c.storeTimeout)

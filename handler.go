@@ -2,11 +2,16 @@ package main
 
 import (
 	"bytes"
+	"crypto/subtle"
+	"encoding/json"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
+	"time"
 )
 
 // maxBodyBytes bounds a plugin request; frps's largest NewProxy is a few KiB.
@@ -15,20 +20,40 @@ const maxBodyBytes = 1 << 20
 // pluginPath is where frps is told to send its plugin calls.
 const pluginPath = "/port-registrations"
 
-// server is the HTTP surface: the plugin endpoint frps calls and the
-// health check.
+// server is the HTTP surface: the plugin endpoint frps calls, the health
+// check, and the operators' API, page and metrics.
 type server struct {
-	alloc *allocator
-	log   *slog.Logger
-	bufs  sync.Pool // *bytes.Buffer, reused between requests
+	alloc   *allocator
+	log     *slog.Logger
+	metrics *metrics
+	// adminToken, when set, is required as a Bearer token on every admin
+	// route; without it only loopback peers may use them.
+	adminToken string
+	started    time.Time
+	bufs       sync.Pool // *bytes.Buffer, reused between requests
 }
 
-// newServer builds every route of the plugin in one place.
-func newServer(alloc *allocator, log *slog.Logger) http.Handler {
-	s := &server{alloc: alloc, log: log}
+// serverOptions are what the operators' side needs beyond the allocator.
+type serverOptions struct {
+	metrics    *metrics
+	adminToken string
+}
+
+// newServer builds every route in one place.
+func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Handler {
+	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken, started: time.Now()}
+	if s.metrics == nil {
+		s.metrics = newMetrics(alloc.stats)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+pluginPath, s.serveRegistration)
 	mux.HandleFunc("GET /ping", s.servePing)
+	mux.HandleFunc("GET /api/allocations", s.admin(s.serveList))
+	mux.HandleFunc("GET /api/allocations/{key}", s.admin(s.serveShow))
+	mux.HandleFunc("PUT /api/allocations/{key}", s.admin(s.serveAssign))
+	mux.HandleFunc("DELETE /api/allocations/{key}", s.admin(s.serveRelease))
+	mux.HandleFunc("GET /metrics", s.admin(s.metrics.handler.ServeHTTP))
+	mux.HandleFunc("GET /{$}", s.admin(s.servePage))
 	return mux
 }
 
@@ -50,15 +75,18 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 			s.bufs.Put(buf)
 		}
 	}()
+	start := time.Now()
 	log := s.log.With("reqid", r.Header.Get("X-Frp-Reqid"))
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, maxBodyBytes)); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			log.Warn("request refused", "outcome", "invalid", "reason", "body over 1 MiB")
+			s.metrics.decided(decisionInvalid, start)
 			writeJSON(w, http.StatusRequestEntityTooLarge, []byte(`{"error":"TOOLARGE","message":"request body is over 1 MiB"}`))
 			return
 		}
 		log.Warn("request refused", "outcome", "invalid", "reason", "body unreadable", "err", err)
+		s.metrics.decided(decisionInvalid, start)
 		writeJSON(w, http.StatusBadRequest, answerInvalid)
 		return
 	}
@@ -66,11 +94,13 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	req, err := decodePluginRequest(body, r.URL.Query().Get("op"))
 	if err != nil {
 		log.Warn("request refused", "op", req.op, "outcome", "invalid", "reason", "not a valid plugin request")
+		s.metrics.decided(decisionInvalid, start)
 		writeJSON(w, http.StatusBadRequest, answerInvalid)
 		return
 	}
 	if req.op != "NewProxy" {
 		log.Debug("passed through", "op", req.op, "outcome", "passthrough")
+		s.metrics.decided(decisionPassthrough, start)
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
@@ -78,6 +108,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	log = log.With("user", p.User, "proxy", p.ProxyName, "type", p.ProxyType)
 	if !req.hasPort {
 		log.Info("decision", "outcome", "passthrough")
+		s.metrics.decided(decisionPassthrough, start)
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
@@ -91,12 +122,155 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		reason := rejectReason(err)
 		log.Warn("decision", "requested", p.RemotePort, "outcome", "rejected", "reason", reason, "err", err)
+		s.metrics.decided(decisionRejected, start)
 		writeJSON(w, http.StatusOK, rejectAnswer(reason))
 		return
 	}
 	log.Info("decision", "port", port, "outcome", how)
 	answer := appendAllowed(make([]byte, 0, len(req.rawContent)+64), req.rawContent, port)
 	writeJSON(w, http.StatusOK, answer)
+	s.metrics.decided(string(how), start)
+}
+
+// admin guards the operators' routes: a Bearer token when one is set,
+// otherwise loopback peers only. The plugin path stays open, as frps needs.
+func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.adminToken != "" {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.adminToken)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="frp-port-keeper"`)
+				writeError(w, http.StatusUnauthorized, "a valid admin token is required (Authorization: Bearer ...)")
+				return
+			}
+		} else if !isLoopback(r.RemoteAddr) {
+			writeError(w, http.StatusForbidden, "without -admin-token the admin API answers loopback clients only")
+			return
+		}
+		h(w, r)
+	}
+}
+
+func isLoopback(remoteAddr string) bool {
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		host = remoteAddr
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// apiAllocation is an allocation as the admin API shows it.
+type apiAllocation struct {
+	Key       string    `json:"key"`
+	ProxyName string    `json:"proxy_name"`
+	User      string    `json:"user"`
+	ProxyType string    `json:"proxy_type"`
+	Group     string    `json:"group"`
+	Port      int       `json:"port"`
+	CreatedAt time.Time `json:"created_at"`
+	LastSeen  time.Time `json:"last_seen"`
+}
+
+func toAPI(v allocationView) apiAllocation {
+	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
+		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC()}
+}
+
+// allocationList is the answer of GET /api/allocations.
+type allocationList struct {
+	Allocations []apiAllocation `json:"allocations"`
+	Pool        poolStats       `json:"pool"`
+}
+
+// listAllocations returns the allocations, sorted by port, of user when
+// user is not empty.
+func (s *server) listAllocations(user string, filterUser bool) allocationList {
+	out := allocationList{Allocations: []apiAllocation{}, Pool: s.alloc.stats()}
+	for _, v := range s.alloc.snapshot() {
+		if !filterUser || v.User == user {
+			out.Allocations = append(out.Allocations, toAPI(v))
+		}
+	}
+	return out
+}
+
+func (s *server) serveList(w http.ResponseWriter, r *http.Request) {
+	user, filter := r.URL.Query()["user"]
+	name := ""
+	if filter && len(user) > 0 {
+		name = user[0]
+	}
+	writeValue(w, http.StatusOK, s.listAllocations(name, filter))
+}
+
+func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {
+	rec, seen, ok := s.alloc.lookup(r.PathValue("key"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "no allocation for this key")
+		return
+	}
+	writeValue(w, http.StatusOK, toAPI(allocationView{record: rec, LastSeen: seen}))
+}
+
+func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Port *int `json:"port"`
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
+	if err := dec.Decode(&body); err != nil || body.Port == nil {
+		writeError(w, http.StatusBadRequest, `the body must be {"port":N}`)
+		return
+	}
+	key := r.PathValue("key")
+	rec, err := s.alloc.assign(key, *body.Port)
+	if err != nil {
+		s.log.Warn("admin assign refused", "key", key, "port", *body.Port, "err", err)
+		status := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, errPortReserved):
+			status = http.StatusConflict
+		case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
+			status = http.StatusUnprocessableEntity
+		case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
+			status = http.StatusServiceUnavailable
+		}
+		writeError(w, status, rejectReason(err))
+		return
+	}
+	s.log.Info("admin assigned", "key", key, "port", rec.Port)
+	rec2, seen, _ := s.alloc.lookup(key)
+	if rec2.Port == rec.Port {
+		rec = rec2
+	}
+	writeValue(w, http.StatusOK, toAPI(allocationView{record: rec, LastSeen: seen}))
+}
+
+func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
+	key := r.PathValue("key")
+	err := s.alloc.release(key)
+	switch {
+	case errors.Is(err, errNoAllocation):
+		writeError(w, http.StatusNotFound, "no allocation for this key")
+	case err != nil:
+		s.log.Warn("admin release failed", "key", key, "err", err)
+		writeError(w, http.StatusServiceUnavailable, rejectReason(err))
+	default:
+		s.log.Info("admin released", "key", key)
+		w.WriteHeader(http.StatusNoContent)
+	}
+}
+
+func writeValue(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":"encoding failed"}`)
+	}
+	writeJSON(w, status, append(b, '\n'))
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeValue(w, status, map[string]string{"error": msg})
 }
 
 // rejectReason maps allocation errors to the reason frps shows the client.

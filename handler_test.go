@@ -87,7 +87,7 @@ func TestPluginProtocol(t *testing.T) {
 			body: newProxyBody("a", "", "tcp", ""), wantStatus: 400, wantBody: invalidAnswer},
 	}
 	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
-	h := newServer(a, testLogger(t))
+	h := newServer(a, testLogger(t), serverOptions{})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			status, body := post(t, h, tt.op, tt.body)
@@ -150,7 +150,7 @@ func TestCapturedRequests(t *testing.T) {
 			}
 			defer f.Close()
 			a := newTestAllocator(t, t.TempDir(), "29000-29999", allocatorOptions{})
-			h := newServer(a, testLogger(t))
+			h := newServer(a, testLogger(t), serverOptions{})
 			sc := bufio.NewScanner(f)
 			sc.Buffer(nil, 1<<20)
 			ports := map[string]int{}
@@ -203,7 +203,7 @@ func TestCapturedRequests(t *testing.T) {
 
 func TestMethodsAndLimits(t *testing.T) {
 	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
-	h := newServer(a, testLogger(t))
+	h := newServer(a, testLogger(t), serverOptions{})
 	for _, method := range []string{"GET", "PUT", "DELETE", "PATCH"} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest(method, pluginPath, nil))
@@ -230,7 +230,7 @@ func TestMethodsAndLimits(t *testing.T) {
 // this program has never heard of must come back untouched, in order.
 func TestUnknownFieldsRoundTrip(t *testing.T) {
 	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
-	h := newServer(a, testLogger(t))
+	h := newServer(a, testLogger(t), serverOptions{})
 	content := `{"user":{"user":"u","metas":{"k":"<v>&"},"run_id":"x"},"proxy_name":"u.p","proxy_type":"tcp",` +
 		`"use_encryption":true,"bandwidth_limit":"2MB","future_field":{"nested":[1,2.50,"\u00e9"]},"remote_port":0,"annotations":{"note":"a b"}}`
 	_, body := post(t, h, "NewProxy", `{"version":"0.1.0","op":"NewProxy","content":`+content+`}`)
@@ -246,7 +246,7 @@ func TestStoreFaultsReject(t *testing.T) {
 	dir := t.TempDir()
 	kv := &faultyKV{Store: newFileKV(t, dir)}
 	a := newAllocatorOn(t, &kvStore{kv: kv, dir: dir}, "30000-30009", allocatorOptions{storeTimeout: 200 * time.Millisecond})
-	h := newServer(a, testLogger(t))
+	h := newServer(a, testLogger(t), serverOptions{})
 
 	kv.set(errDiskFull, nil)
 	_, body := post(t, h, "NewProxy", newProxyBody("a", "a.fail", "tcp", ""))

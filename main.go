@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -33,19 +35,54 @@ func main() {
 }
 
 // run is the whole program; main only reports its error. Tests call it
-// directly with their own context, arguments and environment.
+// directly with their own context, arguments and environment. With no
+// subcommand it serves, so frps-side docs stay one line.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stderr)
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	var err error
+	switch cmd {
+	case "serve":
+		err = serve(ctx, args, getenv, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "frp-port-keeper", version)
+	case "list", "show", "assign", "release":
+		err = runClient(ctx, cmd, args, getenv, stdout, stderr)
+	case "export", "import":
+		err = runStoreTool(cmd, args, getenv, stdout, stderr)
+	default:
+		err = fmt.Errorf("unknown command %q (want serve, list, show, assign, release, export, import or version)", cmd)
+	}
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
 	}
+	return err
+}
+
+// serve runs the plugin server until ctx ends or a signal arrives.
+func serve(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
 	if err != nil {
 		return err
+	}
+	if cfg.version {
+		fmt.Fprintln(stdout, "frp-port-keeper", version)
+		return nil
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 
+	var tlsConfig *tls.Config
+	if cfg.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.tlsCert, cfg.tlsKey)
+		if err != nil {
+			return fmt.Errorf("-tls-cert/-tls-key: %v", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
 	ln, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %v", err)
@@ -60,7 +97,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer unlock()
-	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log}
+	var alloc *allocator
+	m := newMetrics(func() poolStats { return alloc.stats() })
+	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log,
+		storeFailed: func(error) { m.storeErrors.Inc() }}
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
 	}
@@ -72,9 +112,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	for _, p := range got.problems {
 		log.Warn("store repaired", "problem", p)
 	}
+	for _, v := range alloc.snapshot() {
+		if !plan.pool.has(v.Port) {
+			log.Warn("allocation outside the pool stays sticky", "key", v.Key, "port", v.Port)
+		}
+	}
 
 	srv := &http.Server{
-		Handler: newServer(alloc, log),
+		Handler: newServer(alloc, log, serverOptions{metrics: m, adminToken: cfg.adminToken}),
 		// frps waits for the plugin without a timeout of its own, so no
 		// client may hold a connection or a handler open for long.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -86,19 +131,37 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
 		"pool_size", plan.pool.len(), "allocations", len(got.allocations), "store", cfg.store,
-		"data_dir", cfg.dataDir, "probe", cfg.probe)
+		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil)
 	errc := make(chan error, 1)
+	if tlsConfig != nil {
+		srv.TLSConfig = tlsConfig
+		ln = tls.NewListener(ln, tlsConfig)
+	}
 	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		store.close()
-		return err
-	case <-ctx.Done():
+	flush := time.NewTicker(time.Minute)
+	defer flush.Stop()
+	for running := true; running; {
+		select {
+		case err := <-errc:
+			store.close()
+			return err
+		case <-ctx.Done():
+			running = false
+		case <-flush.C:
+			if _, err := alloc.flushSeen(seenInterval); err != nil {
+				log.Warn("writing last_seen failed", "err", err)
+			}
+		}
 	}
 	log.Info("shutting down")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	err = srv.Shutdown(shutdownCtx)
+	if n, ferr := alloc.flushSeen(0); ferr != nil {
+		log.Warn("writing last_seen failed", "err", ferr)
+	} else {
+		log.Info("stored last_seen", "keys", n)
+	}
 	if cerr := store.close(); err == nil {
 		err = cerr
 	}

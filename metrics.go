@@ -1,0 +1,75 @@
+package main
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the counters operators watch: decisions by outcome, how full
+// the pool is, how long frps waits for us, and store trouble. They live in
+// a registry of their own, so tests and several servers never share state.
+type metrics struct {
+	decisions   *prometheus.CounterVec
+	duration    prometheus.Histogram
+	storeErrors prometheus.Counter
+	reclaims    prometheus.Counter
+	handler     http.Handler
+}
+
+// The outcomes counted in frp_port_keeper_decisions_total.
+const (
+	decisionInvalid     = "invalid"
+	decisionPassthrough = "passthrough"
+	decisionRejected    = "rejected"
+)
+
+func newMetrics(pool func() poolStats) *metrics {
+	reg := prometheus.NewRegistry()
+	m := &metrics{
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "frp_port_keeper_decisions_total",
+			Help: "Plugin requests by outcome: hit, new, requested, rejected, invalid, passthrough.",
+		}, []string{"outcome"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "frp_port_keeper_request_duration_seconds",
+			Help:    "Time to answer a plugin request.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}),
+		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "frp_port_keeper_store_errors_total",
+			Help: "Store calls that failed or missed their deadline.",
+		}),
+		reclaims: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "frp_port_keeper_reclaims_total",
+			Help: "Ports taken back from keys not seen for longer than -reclaim-after.",
+		}),
+	}
+	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), decisionRejected, decisionInvalid, decisionPassthrough} {
+		m.decisions.WithLabelValues(o) // every series exists from the start
+	}
+	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state.", []string{"state"}, nil)
+	reg.MustRegister(m.decisions, m.duration, m.storeErrors, m.reclaims, poolCollector{desc: poolPorts, stats: pool})
+	m.handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	return m
+}
+
+func (m *metrics) decided(outcome string, since time.Time) {
+	m.decisions.WithLabelValues(outcome).Inc()
+	m.duration.Observe(time.Since(since).Seconds())
+}
+
+// poolCollector reads the pool's fill at scrape time.
+type poolCollector struct {
+	desc  *prometheus.Desc
+	stats func() poolStats
+}
+
+func (c poolCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.stats()
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(s.Used), "used")
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(s.Free), "free")
+}
