@@ -728,6 +728,7 @@ func waitProxyGone(t testing.TB, env *e2eEnv, typ, name string) {
 // ---------------------------------------------------------------------------
 // Child processes.
 
+// e2eProcess is a started frps or frpc.
 type e2eProcess struct {
 	name     string
 	logPath  string
