@@ -1,9 +1,11 @@
 # Every target works on a fresh machine with Go installed; see README.md.
-GO      ?= go
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -X main.version=$(VERSION)
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+FUZZTIME ?= 5s
+PLATFORMS := linux/amd64 linux/arm64 linux/arm/7 darwin/arm64 windows/amd64
 
-.PHONY: build run test lint bench fuzz dist
+.PHONY: build run test test-deps lint bench fuzz dist
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/frp-port-keeper .
@@ -11,9 +13,38 @@ build:
 run: build
 	./bin/frp-port-keeper
 
-test:
+# test runs every test (unit, end-to-end with real frps/frpc, browser), then
+# each fuzz target for $(FUZZTIME).
+test: test-deps
 	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePorts$$' -fuzztime $(FUZZTIME) .
+
+# test-deps installs what the tests need beyond Go: Debian's chromium for
+# the browser test and systemd-analyze for the unit check.
+test-deps:
+	@if ! command -v chromium >/dev/null || ! command -v systemd-analyze >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium systemd >/dev/null; \
+	  else echo "make test needs chromium and systemd-analyze: sudo apt-get install chromium systemd"; exit 1; fi; \
+	fi
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime 5m .
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePorts$$' -fuzztime 2m .
 
 lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt -l found unformatted files:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# dist cross-compiles static binaries with SHA256SUMS.
+dist:
+	rm -rf dist && mkdir -p dist
+	@set -e; for p in $(PLATFORMS); do \
+	  os=$${p%%/*}; rest=$${p#*/}; arch=$${rest%%/*}; arm=; \
+	  case "$$rest" in */*) arm=$${rest#*/};; esac; \
+	  out=dist/frp-port-keeper-$(VERSION)-$$os-$$arch$${arm:+v$$arm}; [ $$os = windows ] && out=$$out.exe; \
+	  echo "build $$out"; \
+	  CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch GOARM=$$arm $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $$out .; \
+	done
+	cd dist && sha256sum frp-port-keeper-* > SHA256SUMS

@@ -1,0 +1,485 @@
+package main
+
+// End-to-end test of the plugin serving HTTPS (-tls-cert/-tls-key) to a real
+// frps that verifies its certificate (tlsVerify / tls_verify). It reuses the
+// harness in e2e_test.go (frp builds, frpc, dashboard polling, echo servers,
+// port blocks) and adds only what TLS needs: a throwaway PKI, a plugin
+// started with the TLS flags and pinged over HTTPS, and an frps whose trust
+// store is chosen by the test.
+//
+// frp's http plugin client (pkg/plugin/server/http.go, the same code in
+// v0.51.3 and v0.65.0) uses an addr that starts with "https://" as is, and
+// gives its http.Transport a tls.Config{InsecureSkipVerify: !TLSVerify} with
+// no RootCAs, so with tlsVerify the plugin's certificate is checked against
+// Go's system roots. On Linux crypto/x509 reads those from SSL_CERT_FILE and
+// SSL_CERT_DIR when they are set (and only from them), which is how each
+// frps here is made to trust exactly one CA, whatever the machine trusts.
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// e2eTLSRefusalTimeout bounds the wait for frps to refuse a proxy because it
+// cannot verify the plugin's certificate. It takes well under a second: frps
+// calls the plugin as soon as frpc asks for the proxy, and the handshake
+// fails at once.
+const e2eTLSRefusalTimeout = 10 * time.Second
+
+// TestE2ETLSPlugin: with the plugin serving HTTPS and frps verifying its
+// certificate,
+//   - trusted: frps trusts the CA that signed the plugin's certificate; a tcp
+//     proxy without a remote port registers through the plugin, gets a port
+//     from its pool, and bytes flow through that port;
+//   - untrusted: frps trusts only an unrelated CA; frps refuses the proxy
+//     (frpc reports a start error, frps logs the x509 failure), the proxy is
+//     not online, and the plugin allocated nothing.
+func TestE2ETLSPlugin(t *testing.T) {
+	pki := newE2ETLSPKI(t)
+	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
+		t.Run("trusted", func(t *testing.T) {
+			t.Parallel()
+			env := newE2ETLSEnv(t, v, pki, pki.caFile)
+
+			// The plugin port speaks TLS only: net/http answers a plain
+			// HTTP request with 400 "Client sent an HTTP request to an
+			// HTTPS server".
+			if status, body, err := e2ePlainHTTPGet(env.pluginPort, "/ping"); err != nil || status != http.StatusBadRequest {
+				t.Fatalf("plain HTTP GET /ping on the TLS plugin port %d: got status %d, body %q, err %v; want 400", env.pluginPort, status, body, err)
+			}
+
+			echo := startTCPEcho(t)
+			startFrpc(t, env, "alice", proxySpec{Name: "web", Type: "tcp", LocalPort: echo.Port})
+			got := waitProxy(t, env, "tcp", "alice.web")
+			env.requireInPool(t, "alice.web", got.RemotePort)
+
+			// The port is the plugin's decision, not frps's random pick
+			// from allowPorts (which overlaps the pool).
+			var a apiAllocation
+			status, body := e2eTLSGetJSON(t, env, pki, "/api/allocations/alice.web", &a)
+			if status != http.StatusOK || a.Port != got.RemotePort {
+				t.Fatalf("plugin GET /api/allocations/alice.web over HTTPS: got status %d, body %s; want 200 with port %d (frps's remote port)", status, body, got.RemotePort)
+			}
+			checkTCPEchoReaches(t, got.RemotePort, echo)
+		})
+
+		t.Run("untrusted", func(t *testing.T) {
+			t.Parallel()
+			env := newE2ETLSEnv(t, v, pki, pki.otherCAFile)
+			start := time.Now()
+			startFrpc(t, env, "alice", proxySpec{Name: "web", Type: "tcp", LocalPort: startTCPEcho(t).Port})
+
+			// frpc's start error and frps's log line that names the
+			// cause; frpc would retry only after 30s.
+			const x509Failure = "certificate signed by unknown authority"
+			frpsLog := filepath.Join(env.dir, "frps.log")
+			var startErr string
+			deadline := time.Now().Add(e2eTLSRefusalTimeout)
+			for {
+				if env.frps.exited() {
+					t.Fatalf("frps exited: %v", env.frps.waitErr)
+				}
+				if startErr == "" {
+					startErr = frpcStartError(env, "alice.web")
+				}
+				if startErr != "" && e2eFileContains(frpsLog, x509Failure) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("frps not trusting the plugin's CA, after %v: frpc start error for alice.web %q, frps.log mentions %q: %v; want both",
+						e2eTLSRefusalTimeout, startErr, x509Failure, e2eFileContains(frpsLog, x509Failure))
+				}
+				time.Sleep(e2ePollInterval)
+			}
+			t.Logf("refused after %v: frpc: %s", time.Since(start).Round(time.Millisecond), startErr)
+
+			proxies, body, err := getProxies(env, "tcp")
+			if err != nil {
+				t.Fatalf("frps dashboard: %v (body %s)", err, body)
+			}
+			for _, p := range proxies {
+				if p.Name == "alice.web" && p.Status == "online" {
+					t.Fatalf("alice.web in frps dashboard: got online on port %d; want not online (frps cannot verify the plugin)", p.RemotePort)
+				}
+			}
+
+			// frps reached the plugin but gave up in the handshake, so
+			// the plugin never saw the request.
+			var list allocationList
+			if status, body := e2eTLSGetJSON(t, env, pki, "/api/allocations", &list); status != http.StatusOK || len(list.Allocations) != 0 {
+				t.Fatalf("plugin GET /api/allocations over HTTPS: got status %d, body %s; want 200 with no allocations", status, body)
+			}
+			pluginLog := filepath.Join(env.dir, "plugin.log")
+			deadline = time.Now().Add(e2eTLSRefusalTimeout)
+			for !e2eFileContains(pluginLog, "TLS handshake error") {
+				if time.Now().After(deadline) {
+					t.Fatalf("plugin.log after %v: no %q; want the handshake frps aborted logged", e2eTLSRefusalTimeout, "TLS handshake error")
+				}
+				time.Sleep(e2ePollInterval)
+			}
+		})
+	})
+}
+
+// ---------------------------------------------------------------------------
+// PKI.
+
+// e2eTLSPKI is a throwaway CA, a certificate for 127.0.0.1 that it signed,
+// and an unrelated CA, as PEM files.
+type e2eTLSPKI struct {
+	caFile      string // the CA that signed certFile
+	otherCAFile string // a CA that signed nothing here
+	certFile    string // the plugin's certificate: IP SAN 127.0.0.1
+	keyFile     string
+	emptyDir    string         // for SSL_CERT_DIR: no certificates
+	caPool      *x509.CertPool // caFile's CA, for the test's own HTTPS client
+}
+
+// newE2ETLSPKI makes ECDSA P-256 keys and certificates valid for an hour
+// (and five minutes back, for clock skew) and writes them to a temp dir.
+func newE2ETLSPKI(t testing.TB) *e2eTLSPKI {
+	t.Helper()
+	dir := t.TempDir()
+	now := time.Now()
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	serial := func() *big.Int {
+		n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	writePEM := func(name, typ string, der []byte) string {
+		return e2eWriteFile(t, dir, name, string(pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})))
+	}
+	newCA := func(name string) (*x509.Certificate, *ecdsa.PrivateKey, []byte) {
+		key := newKey()
+		tmpl := &x509.Certificate{
+			SerialNumber:          serial(),
+			Subject:               pkix.Name{CommonName: name},
+			NotBefore:             now.Add(-5 * time.Minute),
+			NotAfter:              now.Add(time.Hour),
+			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+			BasicConstraintsValid: true,
+			IsCA:                  true,
+			MaxPathLenZero:        true,
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cert, key, der
+	}
+
+	ca, caKey, caDER := newCA("frp-port-keeper e2e test CA")
+	_, _, otherDER := newCA("frp-port-keeper e2e unrelated CA")
+	key := newKey()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: "frp-port-keeper e2e plugin"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    now.Add(-5 * time.Minute),
+		NotAfter:     now.Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &e2eTLSPKI{
+		caFile:      writePEM("ca.pem", "CERTIFICATE", caDER),
+		otherCAFile: writePEM("other-ca.pem", "CERTIFICATE", otherDER),
+		certFile:    writePEM("plugin.pem", "CERTIFICATE", der),
+		keyFile:     writePEM("plugin-key.pem", "PRIVATE KEY", keyDER),
+		emptyDir:    filepath.Join(dir, "no-certs"),
+		caPool:      x509.NewCertPool(),
+	}
+	p.caPool.AddCert(ca)
+	if err := os.Mkdir(p.emptyDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// ---------------------------------------------------------------------------
+// Environment: plugin over HTTPS, frps verifying it.
+
+// newE2ETLSEnv is newE2EEnv with the plugin serving HTTPS with pki's
+// certificate and frps calling it at https://127.0.0.1:PORT with tlsVerify,
+// trusting only the CA in trustFile.
+func newE2ETLSEnv(t *testing.T, v frpVersion, pki *e2eTLSPKI, trustFile string) *e2eEnv {
+	t.Helper()
+	env := &e2eEnv{
+		v:    v,
+		bins: buildFrp(t, v),
+		dir:  t.TempDir(),
+	}
+	env.dataDir = filepath.Join(env.dir, "plugin-data")
+	if err := os.Mkdir(env.dataDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	block := reservePortBlock(t, e2eFrpsAllowPortsLen)
+	env.allow = block
+	env.pool = e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
+	env.pluginPort, env.bindPort, env.dashPort = e2eFreePort(t), e2eFreePort(t), e2eFreePort(t)
+	t.Cleanup(func() {
+		if t.Failed() {
+			e2eDumpLogs(t, env.dir)
+		}
+	})
+	env.plugin = startTLSPlugin(t, env, pki)
+	env.frps = startTLSFrps(t, env, pki, trustFile)
+	return env
+}
+
+// e2eTLSClient is an HTTPS client that trusts only pki's CA.
+func e2eTLSClient(pki *e2eTLSPKI) *http.Client {
+	return &http.Client{
+		Timeout: 2 * time.Second,
+		Transport: &http.Transport{
+			TLSClientConfig:   &tls.Config{RootCAs: pki.caPool},
+			DisableKeepAlives: true,
+		},
+	}
+}
+
+// startTLSPlugin is startPlugin with -tls-cert/-tls-key, waiting until GET
+// /ping answers over HTTPS with a certificate that verifies against pki's CA
+// for 127.0.0.1.
+func startTLSPlugin(t testing.TB, env *e2eEnv, pki *e2eTLSPKI) *pluginInstance {
+	t.Helper()
+	logFile := e2eOpenLog(t, filepath.Join(env.dir, "plugin.log"))
+	fmt.Fprintf(logFile, "=== e2e: starting plugin (TLS) at %s\n", time.Now().Format(time.RFC3339Nano))
+	args := []string{
+		"-listen", fmt.Sprintf("127.0.0.1:%d", env.pluginPort),
+		"-data-dir", env.dataDir,
+		"-allow-ports", env.pool.String(),
+		"-probe=true",
+		"-tls-cert", pki.certFile,
+		"-tls-key", pki.keyFile,
+	}
+	getenv := func(string) string { return "" }
+
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &pluginInstance{cancel: cancel, done: make(chan error, 1)}
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				p.done <- fmt.Errorf("run panicked: %v", r)
+			}
+		}()
+		p.done <- run(ctx, args, getenv, logFile, logFile)
+	}()
+	t.Cleanup(func() {
+		p.stop(t)
+		logFile.Close()
+	})
+
+	url := fmt.Sprintf("https://127.0.0.1:%d/ping", env.pluginPort)
+	client := e2eTLSClient(pki)
+	deadline := time.Now().Add(e2eReadyTimeout)
+	var last string
+	for {
+		select {
+		case err := <-p.done:
+			p.done <- err // for stop
+			t.Fatalf("plugin run(%q) returned before answering /ping: %v", args, err)
+		default:
+		}
+		resp, err := client.Get(url)
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && strings.TrimSpace(string(body)) == "pong" {
+				return p
+			}
+			last = fmt.Sprintf("status %d, body %q", resp.StatusCode, body)
+		} else {
+			last = err.Error()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin GET %s: got %s after %v; want 200 \"pong\"", url, last, e2eReadyTimeout)
+		}
+		time.Sleep(e2ePollInterval)
+	}
+}
+
+// e2eTLSGetJSON GETs path from the plugin over HTTPS and decodes a 200 body
+// into out.
+func e2eTLSGetJSON(t testing.TB, env *e2eEnv, pki *e2eTLSPKI, path string, out any) (int, string) {
+	t.Helper()
+	resp, err := e2eTLSClient(pki).Get(fmt.Sprintf("https://127.0.0.1:%d%s", env.pluginPort, path))
+	if err != nil {
+		t.Fatalf("plugin GET %s over HTTPS: %v", path, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("plugin GET %s over HTTPS: reading body: %v", path, err)
+	}
+	if resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(body, out); err != nil {
+			t.Fatalf("plugin GET %s over HTTPS: %v (body %s)", path, err, body)
+		}
+	}
+	return resp.StatusCode, string(body)
+}
+
+// e2ePlainHTTPGet is GET path from the plugin over plain HTTP.
+func e2ePlainHTTPGet(port int, path string) (int, string, error) {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d%s", port, path))
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), err
+}
+
+// startTLSFrps is startFrps with the plugin at https://127.0.0.1:PORT,
+// tlsVerify on, and SSL_CERT_FILE=trustFile and an empty SSL_CERT_DIR in
+// frps's environment, so trustFile's CA is the only one frps trusts.
+func startTLSFrps(t testing.TB, env *e2eEnv, pki *e2eTLSPKI, trustFile string) *e2eProcess {
+	t.Helper()
+	var conf, name string
+	if env.v.legacyINI {
+		name = "frps.ini"
+		conf = fmt.Sprintf(`[common]
+bind_addr = 127.0.0.1
+bind_port = %d
+proxy_bind_addr = 127.0.0.1
+allow_ports = %s
+dashboard_addr = 127.0.0.1
+dashboard_port = %d
+dashboard_user = %s
+dashboard_pwd = %s
+log_file = console
+log_level = debug
+disable_log_color = true
+
+[plugin.port-keeper]
+addr = https://127.0.0.1:%d
+path = %s
+ops = NewProxy
+tls_verify = true
+`, env.bindPort, env.allow, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
+	} else {
+		name = "frps.toml"
+		conf = fmt.Sprintf(`bindAddr = "127.0.0.1"
+bindPort = %d
+proxyBindAddr = "127.0.0.1"
+allowPorts = [{ start = %d, end = %d }]
+
+webServer.addr = "127.0.0.1"
+webServer.port = %d
+webServer.user = %q
+webServer.password = %q
+
+log.to = "console"
+log.level = "debug"
+log.disablePrintColor = true
+
+[[httpPlugins]]
+name = "port-keeper"
+addr = "https://127.0.0.1:%d"
+path = %q
+ops = ["NewProxy"]
+tlsVerify = true
+`, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
+	}
+	confPath := e2eWriteFile(t, env.dir, name, conf)
+	var environ []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "SSL_CERT_FILE=") && !strings.HasPrefix(kv, "SSL_CERT_DIR=") {
+			environ = append(environ, kv)
+		}
+	}
+	environ = append(environ, "SSL_CERT_FILE="+trustFile, "SSL_CERT_DIR="+pki.emptyDir)
+	p := startE2EProcessEnv(t, "frps", filepath.Join(env.dir, "frps.log"), env.bins.frps, environ, "-c", confPath)
+
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(e2eReadyTimeout)
+	var last string
+	for {
+		if p.exited() {
+			t.Fatalf("frps exited before its dashboard answered: %v (see frps.log)", p.waitErr)
+		}
+		req, _ := http.NewRequest(http.MethodGet, env.dashboardURL("/api/serverinfo"), nil)
+		req.SetBasicAuth(e2eDashboardUser, e2eDashboardPassword)
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return p
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("frps dashboard GET /api/serverinfo: got %s after %v; want 200 OK", last, e2eReadyTimeout)
+		}
+		time.Sleep(e2ePollInterval)
+	}
+}
+
+// startE2EProcessEnv is startE2EProcess with the child's environment set to
+// environ.
+func startE2EProcessEnv(t testing.TB, name, logPath, bin string, environ []string, args ...string) *e2eProcess {
+	t.Helper()
+	logFile := e2eOpenLog(t, logPath)
+	cmd := exec.Command(bin, args...)
+	cmd.Env = environ
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		t.Fatalf("start %s: %v", name, err)
+	}
+	p := &e2eProcess{name: name, logPath: logPath, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.waitErr = cmd.Wait()
+		logFile.Close()
+		close(p.done)
+	}()
+	t.Cleanup(func() { p.stop(t) })
+	return p
+}
+
+func e2eFileContains(path, s string) bool {
+	data, err := os.ReadFile(path)
+	return err == nil && strings.Contains(string(data), s)
+}
