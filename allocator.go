@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +28,7 @@ var (
 	errStoreTimedOut = errors.New("the port store did not answer in time")
 	errStoreFailed   = errors.New("the port store failed")
 	errKeyBusy       = errors.New("another change to this key is still being stored")
+	errQuota         = errors.New("quota reached")
 )
 
 // portError is a refusal about one specific port.
@@ -76,14 +78,22 @@ type proxyRequest struct {
 	RemotePort int // 0: any port
 }
 
-// groupKeyPrefix marks keys that stand for a load-balancing group: frps
-// insists that every member of a group listens on the same port.
-const groupKeyPrefix = "group:"
+// Key prefixes. Group keys stand for a load-balancing group (frps insists
+// that every member of a group listens on the same port). A proxy whose
+// own name starts with one of these prefixes is keyed as "proxy:NAME", so
+// no proxy name can pass for a group.
+const (
+	groupKeyPrefix = "group:"
+	proxyKeyPrefix = "proxy:"
+)
 
 // key is the name a sticky port is remembered under.
 func (r proxyRequest) key() string {
 	if r.Group != "" {
 		return groupKeyPrefix + r.Group
+	}
+	if strings.HasPrefix(r.ProxyName, groupKeyPrefix) || strings.HasPrefix(r.ProxyName, proxyKeyPrefix) {
+		return proxyKeyPrefix + r.ProxyName
 	}
 	return r.ProxyName
 }
@@ -141,12 +151,21 @@ type allocator struct {
 	log      *slog.Logger
 	// storeFailed hears of every store call that failed or timed out.
 	storeFailed func(error)
+	reclaimed   func(victim record)
 
 	flushMu sync.Mutex // one last_seen flush at a time
 	mu      sync.RWMutex
 	byKey   map[string]*allocation
 	byPort  map[int]*allocation
 	held    portSet // ports of byPort
+	policy  *policy
+	// perUser counts keys by user, for quotas.
+	perUser map[string]int
+	// freed holds ports that were given back; freeQueue orders them by
+	// freedAt (unix nanoseconds), longest free first.
+	freed     portSet
+	freedAt   map[int]int64
+	freeQueue []int
 }
 
 // allocatorOptions are the allocator's tunables; zero values are defaults.
@@ -157,6 +176,10 @@ type allocatorOptions struct {
 	now          func() time.Time
 	log          *slog.Logger
 	storeFailed  func(error)
+	// policy divides the pool; nil: one shared pool, no quota, no reclaim.
+	policy *policy
+	// reclaimed hears of every port taken back from an abandoned key.
+	reclaimed func(victim record)
 }
 
 // newAllocator loads every allocation from store and serves from pool.
@@ -171,8 +194,12 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		now:         opts.now,
 		log:         opts.log,
 		storeFailed: opts.storeFailed,
+		reclaimed:   opts.reclaimed,
+		policy:      opts.policy,
 		byKey:       map[string]*allocation{},
 		byPort:      map[int]*allocation{},
+		perUser:     map[string]int{},
+		freedAt:     map[int]int64{},
 	}
 	if a.timeout <= 0 {
 		a.timeout = 2 * time.Second
@@ -185,6 +212,12 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	}
 	if a.storeFailed == nil {
 		a.storeFailed = func(error) {}
+	}
+	if a.reclaimed == nil {
+		a.reclaimed = func(record) {}
+	}
+	if a.policy == nil {
+		a.policy = &policy{shared: pool}
 	}
 	got, err := store.load()
 	if err != nil {
@@ -201,8 +234,47 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		a.byKey[r.Key] = al
 		a.byPort[r.Port] = al
 		a.held.add(r.Port)
+		a.perUser[r.User]++
+	}
+	freed := make([]int, 0, len(got.freed))
+	for port, t := range got.freed {
+		if !a.held.has(port) {
+			freed = append(freed, port)
+			a.freedAt[port] = t.UnixNano()
+		}
+	}
+	slices.SortFunc(freed, func(x, y int) int { return cmp.Compare(a.freedAt[x], a.freedAt[y]) })
+	for _, port := range freed {
+		a.markFreed(port, a.freedAt[port])
 	}
 	return a, got, nil
+}
+
+// setPolicy replaces the policy (SIGHUP). Allocations it would not make
+// stay where they are.
+func (a *allocator) setPolicy(p *policy) {
+	a.mu.Lock()
+	a.policy = p
+	a.mu.Unlock()
+}
+
+// lockSettled takes mu and returns key's allocation once no store call is
+// in flight for it, or a timeout when the deadline passes first.
+func (a *allocator) lockSettled(key string, deadline <-chan time.Time) (*allocation, error) {
+	for {
+		a.mu.Lock()
+		cur := a.byKey[key]
+		if cur == nil || cur.settled == nil {
+			return cur, nil
+		}
+		wait := cur.settled
+		a.mu.Unlock()
+		select {
+		case <-wait:
+		case <-deadline:
+			return nil, &storeError{kind: errStoreTimedOut, err: errKeyBusy}
+		}
+	}
 }
 
 // allocate returns the port for req's key: its sticky port, the port it
@@ -222,133 +294,118 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 
 	deadline := time.NewTimer(a.timeout)
 	defer deadline.Stop()
-	for {
-		a.mu.Lock()
-		cur := a.byKey[key]
-		if cur != nil && cur.settled != nil {
-			// Another request is storing this key: wait for its answer.
-			wait := cur.settled
-			a.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-deadline.C:
-				return 0, "", &storeError{kind: errStoreTimedOut, err: errKeyBusy}
-			}
-		}
-		if cur != nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
-			cur.lastSeen.Store(now.UnixNano())
-			a.mu.Unlock()
-			return cur.Port, outcomeHit, nil
-		}
-		port, how, err := a.choosePort(key, req.RemotePort)
-		if err != nil {
-			a.mu.Unlock()
-			return 0, "", err
-		}
-		n := &allocation{record: record{
-			Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
-			ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now,
-		}}
-		if cur != nil {
-			n.CreatedAt = cur.CreatedAt
-		}
-		n.lastSeen.Store(now.UnixNano())
-		n.storedSeen = now.UnixNano()
-		a.begin(n, cur)
-		a.mu.Unlock()
-		if err := a.persist(deadline.C, n, cur, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
-			return 0, "", err
-		}
-		return port, how, nil
+	cur, err := a.lockSettled(key, deadline.C)
+	if err != nil {
+		return 0, "", err
 	}
+	if cur != nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
+		cur.lastSeen.Store(now.UnixNano())
+		a.mu.Unlock()
+		return cur.Port, outcomeHit, nil
+	}
+	port, how, victim, err := a.choosePort(key, req, cur == nil)
+	if err != nil {
+		a.mu.Unlock()
+		return 0, "", err
+	}
+	n := &allocation{record: record{
+		Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
+		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now,
+	}}
+	if cur != nil {
+		n.CreatedAt = cur.CreatedAt
+	}
+	n.lastSeen.Store(now.UnixNano())
+	n.storedSeen = now.UnixNano()
+	if victim != nil {
+		victim.settled = make(chan struct{})
+	}
+	a.begin(n, cur)
+	a.mu.Unlock()
+
+	write := func() error { return a.store.claim(n.record, recordOf(cur)) }
+	if victim != nil {
+		write = func() error {
+			if err := a.store.release(victim.record, now); err != nil {
+				return err
+			}
+			return a.store.claim(n.record, nil)
+		}
+	}
+	if err := a.persist(deadline.C, n, cur, victim, write); err != nil {
+		return 0, "", err
+	}
+	if victim != nil {
+		a.log.Warn("port reclaimed", "port", port, "from", victim.Key, "from_user", victim.User,
+			"last_seen", time.Unix(0, victim.lastSeen.Load()).UTC(), "to", key)
+		a.reclaimed(victim.record)
+	}
+	return port, how, nil
 }
 
-// assign pins key to port on an operator's word: a new key or a move.
+// assign pins key to port on an operator's word: a new key or a move. The
+// operator may use any port of the pool, whatever the policy says.
 func (a *allocator) assign(key string, port int) (record, error) {
 	key = validUTF8(key)
 	now := a.now()
 	deadline := time.NewTimer(a.timeout)
 	defer deadline.Stop()
-	for {
-		a.mu.Lock()
-		cur := a.byKey[key]
-		if cur != nil && cur.settled != nil {
-			wait := cur.settled
-			a.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-deadline.C:
-				return record{}, &storeError{kind: errStoreTimedOut, err: errKeyBusy}
-			}
-		}
-		if cur != nil && cur.Port == port {
-			r := cur.record
-			a.mu.Unlock()
-			return r, nil
-		}
-		if err := a.checkRequested(key, port, false); err != nil {
-			a.mu.Unlock()
-			return record{}, err
-		}
-		n := &allocation{record: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}}
-		seen := now.UnixNano()
-		switch name, isGroup := cutGroupKey(key); {
-		case cur != nil:
-			n.record = cur.record
-			n.Port, n.AssignedAt = port, now
-			seen = cur.lastSeen.Load()
-		case isGroup:
-			n.Group = name
-		default:
-			n.ProxyName = key
-		}
-		n.lastSeen.Store(seen)
-		n.storedSeen = seen
-		a.begin(n, cur)
-		a.mu.Unlock()
-		if err := a.persist(deadline.C, n, cur, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
-			return record{}, err
-		}
-		return n.record, nil
+	cur, err := a.lockSettled(key, deadline.C)
+	if err != nil {
+		return record{}, err
 	}
+	if cur != nil && cur.Port == port {
+		r := cur.record
+		a.mu.Unlock()
+		return r, nil
+	}
+	if err := a.checkRequested(key, port); err != nil {
+		a.mu.Unlock()
+		return record{}, err
+	}
+	n := &allocation{record: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}}
+	seen := now.UnixNano()
+	if cur != nil {
+		n.record = cur.record
+		n.Port, n.AssignedAt = port, now
+		seen = cur.lastSeen.Load()
+	} else {
+		n.ProxyName, n.Group = keyNames(key)
+	}
+	n.lastSeen.Store(seen)
+	n.storedSeen = seen
+	a.begin(n, cur)
+	a.mu.Unlock()
+	if err := a.persist(deadline.C, n, cur, nil, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
+		return record{}, err
+	}
+	return n.record, nil
 }
 
 // release forgets key's allocation; its port becomes free once stored.
 func (a *allocator) release(key string) error {
 	key = validUTF8(key)
+	now := a.now()
 	deadline := time.NewTimer(a.timeout)
 	defer deadline.Stop()
-	for {
-		a.mu.Lock()
-		cur := a.byKey[key]
-		if cur == nil {
-			a.mu.Unlock()
-			return errNoAllocation
-		}
-		if cur.settled != nil {
-			wait := cur.settled
-			a.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-deadline.C:
-				return &storeError{kind: errStoreTimedOut, err: errKeyBusy}
-			}
-		}
-		cur.settled = make(chan struct{})
-		a.mu.Unlock()
-		return a.await(deadline.C, func() error { return a.store.release(cur.record) }, func(err error) {
-			if err == nil {
-				delete(a.byKey, key)
-				delete(a.byPort, cur.Port)
-				a.held.remove(cur.Port)
-			}
-			close(cur.settled)
-			cur.settled = nil
-		})
+	cur, err := a.lockSettled(key, deadline.C)
+	if err != nil {
+		return err
 	}
+	if cur == nil {
+		a.mu.Unlock()
+		return errNoAllocation
+	}
+	cur.settled = make(chan struct{})
+	a.mu.Unlock()
+	return a.await(deadline.C, func() error { return a.store.release(cur.record, now) }, func(err error) {
+		if err == nil {
+			a.forget(cur)
+			a.markFreed(cur.Port, now.UnixNano())
+		}
+		close(cur.settled)
+		cur.settled = nil
+	})
 }
 
 // begin puts n in memory, marked unsettled, in place of cur. Called with mu held.
@@ -357,27 +414,84 @@ func (a *allocator) begin(n, cur *allocation) {
 	a.byKey[n.Key] = n
 	a.byPort[n.Port] = n
 	a.held.add(n.Port)
+	if cur == nil {
+		a.perUser[n.User]++
+	}
+}
+
+// forget drops al from memory. Called with mu held.
+func (a *allocator) forget(al *allocation) {
+	if a.byKey[al.Key] == al {
+		delete(a.byKey, al.Key)
+	}
+	if a.byPort[al.Port] == al {
+		delete(a.byPort, al.Port)
+		a.held.remove(al.Port)
+	}
+	if a.perUser[al.User]--; a.perUser[al.User] <= 0 {
+		delete(a.perUser, al.User)
+	}
+}
+
+// markFreed queues a port that was given back, for reuse after every
+// never-used port. Called with mu held.
+func (a *allocator) markFreed(port int, at int64) {
+	a.freedAt[port] = at
+	a.freed.add(port)
+	a.freeQueue = append(a.freeQueue, port)
+}
+
+// unmarkFreed takes a port that is in use again off the free queue. Called with mu held.
+func (a *allocator) unmarkFreed(port int) {
+	if !a.freed.has(port) {
+		return
+	}
+	delete(a.freedAt, port)
+	a.freed.remove(port)
+	if i := slices.Index(a.freeQueue, port); i >= 0 {
+		a.freeQueue = slices.Delete(a.freeQueue, i, i+1)
+	}
 }
 
 // persist runs write and settles n: kept when the store said yes, rolled
-// back to cur when it said no. When the deadline passes first the caller
-// hears a timeout, and n stays reserved until the store answers, so a late
-// write can never land on a port that was meanwhile given to someone else.
-func (a *allocator) persist(deadline <-chan time.Time, n, cur *allocation, write func() error) error {
+// back to cur (and victim) when it said no. When the deadline passes first
+// the caller hears a timeout, and n stays reserved until the store answers,
+// so a late write can never land on a port that was meanwhile given to
+// someone else.
+func (a *allocator) persist(deadline <-chan time.Time, n, cur, victim *allocation, write func() error) error {
 	return a.await(deadline, write, func(err error) {
-		if err == nil {
+		switch {
+		case err == nil:
 			if cur != nil && a.byPort[cur.Port] == cur {
 				delete(a.byPort, cur.Port)
 				a.held.remove(cur.Port)
+				a.markFreed(cur.Port, n.AssignedAt.UnixNano())
 			}
-		} else {
-			delete(a.byPort, n.Port)
-			a.held.remove(n.Port)
+			if victim != nil {
+				if a.byKey[victim.Key] == victim {
+					delete(a.byKey, victim.Key)
+				}
+				if a.perUser[victim.User]--; a.perUser[victim.User] <= 0 {
+					delete(a.perUser, victim.User)
+				}
+			}
+			a.unmarkFreed(n.Port)
+		case victim != nil:
+			// The victim's release may have reached the store; its key loses
+			// the port either way, and the port stays free.
+			a.forget(n)
+			a.forget(victim)
+			a.markFreed(n.Port, n.AssignedAt.UnixNano())
+		default:
+			a.forget(n)
 			if cur != nil {
 				a.byKey[n.Key] = cur
-			} else {
-				delete(a.byKey, n.Key)
+				a.perUser[cur.User]++
 			}
+		}
+		if victim != nil {
+			close(victim.settled)
+			victim.settled = nil
 		}
 		close(n.settled)
 		n.settled = nil
@@ -454,36 +568,83 @@ func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 	return written, firstErr
 }
 
-// choosePort applies the rules for a key that needs a new port. Called with mu held.
-func (a *allocator) choosePort(key string, requested int) (int, outcome, error) {
-	if requested != 0 {
-		if err := a.checkRequested(key, requested, true); err != nil {
-			return 0, "", err
+// choosePort applies the rules for a key that needs a port: quota, then
+// the requested port or a fresh one from the user's pool: never-used ports
+// first (lowest first), then given-back ports (longest free first), then,
+// with reclaim on, the port of the key unseen for longest. victim is that
+// key. Called with mu held.
+func (a *allocator) choosePort(key string, req proxyRequest, newKey bool) (port int, how outcome, victim *allocation, err error) {
+	up := a.policy.forUser(req.User)
+	if newKey && up.maxPorts > 0 && a.perUser[req.User] >= up.maxPorts {
+		return 0, "", nil, &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
+	}
+	if req.RemotePort != 0 {
+		if err := a.checkRequested(key, req.RemotePort); err != nil {
+			return 0, "", nil, err
 		}
-		return requested, outcomeRequested, nil
+		if err := a.checkPolicy(req.User, up, req.RemotePort); err != nil {
+			return 0, "", nil, err
+		}
+		if a.byPort[req.RemotePort] == nil && a.probe != nil && a.probe(req.RemotePort) != nil {
+			return 0, "", nil, &portError{port: req.RemotePort, err: errPortInUse}
+		}
+		return req.RemotePort, outcomeRequested, nil, nil
 	}
 	var busy portSet // ports the bind test refused during this search
-	taken := &a.held
-	for p := a.pool.nextFrom(0, taken); p >= 0; p = a.pool.nextFrom(p+1, taken) {
+	usable := func(p int) bool {
 		if a.probe == nil {
-			return p, outcomeNew, nil
+			return true
 		}
-		err := a.probe(p)
-		if err == nil {
-			return p, outcomeNew, nil
+		if err := a.probe(p); err != nil {
+			a.log.Debug("port failed the bind test", "port", p, "err", err)
+			busy.add(p)
+			return false
 		}
-		a.log.Debug("port failed the bind test", "port", p, "err", err)
-		if taken == &a.held {
-			busy = a.held
-			taken = &busy
-		}
-		busy.add(p)
+		return true
 	}
-	return 0, "", &poolError{pool: a.poolStr}
+	for p := up.ports.nextFree(0, &a.held, &a.freed, &busy); p >= 0; p = up.ports.nextFree(p+1, &a.held, &a.freed, &busy) {
+		if usable(p) {
+			return p, outcomeNew, nil, nil
+		}
+	}
+	for _, p := range a.freeQueue {
+		if up.ports.has(p) && !a.held.has(p) && usable(p) {
+			return p, outcomeNew, nil, nil
+		}
+	}
+	if victim := a.abandoned(up.ports); victim != nil {
+		return victim.Port, outcomeNew, victim, nil
+	}
+	spec := up.portSpec
+	if spec == "" {
+		spec = "(empty)"
+	}
+	if up.rule != nil && up.rule.ports != nil {
+		spec += " of " + up.rule.name()
+	}
+	return 0, "", nil, &poolError{pool: spec}
 }
 
-// checkRequested says whether key may have port. Called with mu held.
-func (a *allocator) checkRequested(key string, port int, probe bool) error {
+// abandoned returns the allocation in ports unseen for longest, if it has
+// been unseen for longer than the policy's reclaimAfter. Called with mu held.
+func (a *allocator) abandoned(ports *portSet) *allocation {
+	if a.policy.reclaimAfter <= 0 {
+		return nil
+	}
+	cutoff := a.now().Add(-a.policy.reclaimAfter).UnixNano()
+	var oldest *allocation
+	for port, al := range a.byPort {
+		seen := al.lastSeen.Load()
+		if al.settled == nil && ports.has(port) && seen < cutoff && (oldest == nil || seen < oldest.lastSeen.Load()) {
+			oldest = al
+		}
+	}
+	return oldest
+}
+
+// checkRequested says whether key may have port as far as the pool goes.
+// Called with mu held.
+func (a *allocator) checkRequested(key string, port int) error {
 	switch holder := a.byPort[port]; {
 	case port < 1 || port > maxPort:
 		return &portError{port: port, err: errPortInvalid}
@@ -493,11 +654,40 @@ func (a *allocator) checkRequested(key string, port int, probe bool) error {
 		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
 	case !a.pool.has(port):
 		return &portError{port: port, err: errPortOutside, detail: "allowed: " + a.poolStr}
-	case holder == nil && probe && a.probe != nil && a.probe(port) != nil:
-		return &portError{port: port, err: errPortInUse}
 	}
 	return nil
 }
+
+// checkPolicy says whether user may ask for port: inside the user's own
+// range, and not inside a range another rule reserves.
+func (a *allocator) checkPolicy(user string, up userPolicy, port int) error {
+	if up.ports.has(port) {
+		return nil
+	}
+	if up.rule != nil && up.rule.ports != nil {
+		return &portError{port: port, err: errPortOutside, detail: fmt.Sprintf("user %q may use %s, by %s", user, up.portSpec, up.rule.name())}
+	}
+	if r := a.policy.reservedFor(port); r != nil {
+		return &portError{port: port, err: errPortReserved, detail: "by " + r.name()}
+	}
+	return nil
+}
+
+// quotaError says a user has as many keys as the policy allows.
+type quotaError struct {
+	user string
+	max  int
+	rule *policyRule
+}
+
+func (e *quotaError) Error() string {
+	by := "-max-ports-per-user"
+	if e.rule != nil && e.rule.maxPorts != nil {
+		by = e.rule.name()
+	}
+	return fmt.Sprintf("user %q has reached its quota of %d ports (%s)", e.user, e.max, by)
+}
+func (e *quotaError) Unwrap() error { return errQuota }
 
 // lookup returns key's allocation.
 func (a *allocator) lookup(key string) (record, time.Time, bool) {
@@ -560,11 +750,15 @@ func recordOf(al *allocation) *record {
 	return &r
 }
 
-func cutGroupKey(key string) (string, bool) {
-	if len(key) > len(groupKeyPrefix) && key[:len(groupKeyPrefix)] == groupKeyPrefix {
-		return key[len(groupKeyPrefix):], true
+// keyNames returns the proxy or group name a key stands for.
+func keyNames(key string) (proxyName, group string) {
+	if g, ok := strings.CutPrefix(key, groupKeyPrefix); ok {
+		return "", g
 	}
-	return "", false
+	if p, ok := strings.CutPrefix(key, proxyKeyPrefix); ok {
+		return p, ""
+	}
+	return key, ""
 }
 
 // bindProbe test-binds a port for tcp and udp on addr the way frps does
@@ -591,5 +785,5 @@ func (a *allocator) outsidePolicy(key string) bool {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	al := a.byKey[key]
-	return al != nil && !a.pool.has(al.Port)
+	return al != nil && !a.policy.forUser(al.User).ports.has(al.Port)
 }

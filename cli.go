@@ -75,10 +75,14 @@ func runClient(ctx context.Context, cmd string, args []string, getenv func(strin
 			return printJSON(stdout, list)
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN")
+		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\t")
 		for _, a := range list.Allocations {
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
-				a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"))
+			note := ""
+			if a.OutsidePolicy {
+				note = "outside policy"
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
+				a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), note)
 		}
 		fmt.Fprintf(tw, "\npool: %d used, %d free, %d ports\n", list.Pool.Used, list.Pool.Free, list.Pool.Size)
 		return tw.Flush()

@@ -28,6 +28,9 @@ type config struct {
 	tlsKey       string
 	adminToken   string
 	version      bool
+	policyFile   string
+	maxPorts     int
+	reclaimAfter time.Duration
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -53,6 +56,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&c.tlsKey, "tls-key", "", "private key of -tls-cert (PEM)")
 	fs.StringVar(&c.adminToken, "admin-token", "", "Bearer token for /api, / and /metrics (without it they answer loopback clients only)")
 	fs.BoolVar(&c.version, "version", false, "print the version and exit")
+	fs.StringVar(&c.policyFile, "policy", "", "policy file (TOML): per-user port ranges and quotas; re-read on SIGHUP")
+	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
+	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
 	fs.Usage = func() {
 		fs.SetOutput(stderr)
 		fmt.Fprintf(stderr, "usage: frp-port-keeper [flags]\n\nEvery flag can also be set in the environment, e.g. -data-dir as %s.\n\n", envName("data-dir"))

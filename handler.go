@@ -170,11 +170,15 @@ type apiAllocation struct {
 	Port      int       `json:"port"`
 	CreatedAt time.Time `json:"created_at"`
 	LastSeen  time.Time `json:"last_seen"`
+	// OutsidePolicy marks a sticky port that today's policy would not
+	// give this user; it stays until an operator moves it.
+	OutsidePolicy bool `json:"outside_policy"`
 }
 
-func toAPI(v allocationView) apiAllocation {
+func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
-		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC()}
+		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
+		OutsidePolicy: s.alloc.outsidePolicy(v.Key)}
 }
 
 // allocationList is the answer of GET /api/allocations.
@@ -189,7 +193,7 @@ func (s *server) listAllocations(user string, filterUser bool) allocationList {
 	out := allocationList{Allocations: []apiAllocation{}, Pool: s.alloc.stats()}
 	for _, v := range s.alloc.snapshot() {
 		if !filterUser || v.User == user {
-			out.Allocations = append(out.Allocations, toAPI(v))
+			out.Allocations = append(out.Allocations, s.toAPI(v))
 		}
 	}
 	return out
@@ -210,7 +214,7 @@ func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no allocation for this key")
 		return
 	}
-	writeValue(w, http.StatusOK, toAPI(allocationView{record: rec, LastSeen: seen}))
+	writeValue(w, http.StatusOK, s.toAPI(allocationView{record: rec, LastSeen: seen}))
 }
 
 func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
@@ -243,7 +247,7 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 	if rec2.Port == rec.Port {
 		rec = rec2
 	}
-	writeValue(w, http.StatusOK, toAPI(allocationView{record: rec, LastSeen: seen}))
+	writeValue(w, http.StatusOK, s.toAPI(allocationView{record: rec, LastSeen: seen}))
 }
 
 func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
@@ -278,7 +282,10 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 func rejectReason(err error) string {
 	var pe *portError
 	var poolErr *poolError
+	var qe *quotaError
 	switch {
+	case errors.As(err, &qe):
+		return qe.Error()
 	case errors.As(err, &pe):
 		return "remote " + pe.Error()
 	case errors.As(err, &poolErr):

@@ -92,6 +92,10 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return err
 	}
+	pol, err := loadPolicy(cfg.policyFile, plan.pool, cfg.maxPorts, cfg.reclaimAfter)
+	if err != nil {
+		return err
+	}
 	store, unlock, err := openStore(cfg)
 	if err != nil {
 		return err
@@ -99,8 +103,8 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	defer unlock()
 	var alloc *allocator
 	m := newMetrics(func() poolStats { return alloc.stats() })
-	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log,
-		storeFailed: func(error) { m.storeErrors.Inc() }}
+	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log, policy: pol,
+		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(record) { m.reclaims.Inc() }}
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
 	}
@@ -131,7 +135,8 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
 		"pool_size", plan.pool.len(), "allocations", len(got.allocations), "store", cfg.store,
-		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil)
+		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "policy_rules", len(pol.rules),
+		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
 	errc := make(chan error, 1)
 	if tlsConfig != nil {
 		srv.TLSConfig = tlsConfig
@@ -140,8 +145,19 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	go func() { errc <- srv.Serve(ln) }()
 	flush := time.NewTicker(time.Minute)
 	defer flush.Stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	for running := true; running; {
 		select {
+		case <-hup:
+			p, err := loadPolicy(cfg.policyFile, plan.pool, cfg.maxPorts, cfg.reclaimAfter)
+			if err != nil {
+				log.Error("policy not reloaded; keeping the old one", "err", err)
+				continue
+			}
+			alloc.setPolicy(p)
+			log.Info("policy reloaded", "file", cfg.policyFile, "rules", len(p.rules))
 		case err := <-errc:
 			store.close()
 			return err

@@ -17,12 +17,6 @@ var pageHTML string
 // JavaScript, so it opens on any router's browser.
 var pageTemplate = template.Must(template.New("page").Parse(pageHTML))
 
-// pageRow is one allocation on the page.
-type pageRow struct {
-	apiAllocation
-	OutsidePolicy bool
-}
-
 // pageData is everything the page shows.
 type pageData struct {
 	Version     string
@@ -31,7 +25,7 @@ type pageData struct {
 	Pool        poolStats
 	UsedPercent int
 	Query       string
-	Allocations []pageRow
+	Allocations []apiAllocation
 	Total       int
 }
 
@@ -51,7 +45,7 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	}
 	for _, a := range list.Allocations {
 		if q == "" || matches(a, q) {
-			data.Allocations = append(data.Allocations, pageRow{apiAllocation: a, OutsidePolicy: s.alloc.outsidePolicy(a.Key)})
+			data.Allocations = append(data.Allocations, a)
 		}
 	}
 	var buf bytes.Buffer

@@ -26,6 +26,26 @@ func forRange(lo, hi int, fn func(int)) {
 	}
 }
 
+// nextFree returns the lowest member >= from that is in none of taken, or -1.
+func (s *portSet) nextFree(from int, taken ...*portSet) int {
+	if from < 0 {
+		from = 0
+	}
+	for i := from >> 6; i < len(s); i++ {
+		w := s[i]
+		for _, t := range taken {
+			w &^= t[i]
+		}
+		if i == from>>6 {
+			w &= ^uint64(0) << (from & 63)
+		}
+		if w != 0 {
+			return i<<6 | bits.TrailingZeros64(w)
+		}
+	}
+	return -1
+}
+
 // len counts the members.
 func (s *portSet) len() int {
 	n := 0

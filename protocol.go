@@ -119,8 +119,11 @@ func decodeNewProxy(content []byte, req *pluginRequest) error {
 			if !ok {
 				return errInvalid
 			}
+			if int64(int(port)) != port { // beyond int on 32-bit platforms
+				port = -1
+			}
 			req.badPort = port < 0 || port > maxPort
-			req.proxy.RemotePort = port
+			req.proxy.RemotePort = int(port)
 		}
 	}
 	if !haveUser || !haveName || !haveType {
@@ -153,15 +156,15 @@ func userName(raw []byte) (name string, found, ok bool) {
 
 // decodePort reads remote_port: absent, null and 0 all mean "any port".
 // Only integer literals are accepted, as frps's decoder would.
-func decodePort(raw []byte) (int, bool) {
+func decodePort(raw []byte) (int64, bool) {
 	if string(raw) == "null" {
 		return 0, true
 	}
-	n, err := strconv.ParseInt(string(raw), 10, 32)
+	n, err := strconv.ParseInt(string(raw), 10, 64)
 	if err != nil {
 		return 0, false
 	}
-	return int(n), true
+	return n, true
 }
 
 // patchRemotePort returns content with every remote_port member set to

@@ -31,8 +31,8 @@ type portStore interface {
 	// claim durably records a new allocation. prev, when not nil, is the
 	// key's current allocation that the new one replaces (a move).
 	claim(a record, prev *record) error
-	// release forgets an allocation; its port becomes free.
-	release(a record) error
+	// release forgets an allocation; its port becomes free, as of at.
+	release(a record, at time.Time) error
 	// touch records when a key was last seen. Losing it is harmless.
 	touch(key string, seen time.Time) error
 	close() error
@@ -60,10 +60,18 @@ type seenRecord struct {
 	LastSeen time.Time `json:"last_seen"`
 }
 
+// freedRecord says since when a port has been free again; it orders
+// reuse. Losing it is harmless: the port then counts as never used.
+type freedRecord struct {
+	Port    int       `json:"port"`
+	FreedAt time.Time `json:"freed_at"`
+}
+
 // loaded is what a store hands the allocator at start.
 type loaded struct {
 	allocations []record
 	lastSeen    map[string]time.Time
+	freed       map[int]time.Time
 	// problems are human-readable reports of what was repaired or set aside.
 	problems []string
 }
@@ -72,9 +80,10 @@ type loaded struct {
 // keys are hashed because proxy names may hold any byte and any length,
 // while file names may not.
 const (
-	portPrefix = "port-"
-	keyPrefix  = "key-"
-	seenPrefix = "seen-"
+	portPrefix  = "port-"
+	keyPrefix   = "key-"
+	seenPrefix  = "seen-"
+	freedPrefix = "freed-"
 )
 
 func portName(port int) string { return fmt.Sprintf("%s%05d", portPrefix, port) }
@@ -83,6 +92,7 @@ func keyName(key string) string {
 	return keyPrefix + hex.EncodeToString(sum[:16])
 }
 func seenName(key string) string { return seenPrefix + keyName(key)[len(keyPrefix):] }
+func freedName(port int) string  { return fmt.Sprintf("%s%05d", freedPrefix, port) }
 
 // kvStore keeps records in any gokv.Store. With dir set (the gokv file
 // store's directory) it lists that directory at start, which finds torn
@@ -114,19 +124,23 @@ func (s *kvStore) claim(a record, prev *record) error {
 		if err := s.kv.Delete(portName(prev.Port)); err != nil {
 			return fmt.Errorf("delete %s: %w", portName(prev.Port), err)
 		}
+		// Best effort: a lost freed record only changes reuse order.
+		s.kv.Set(freedName(prev.Port), freedRecord{Port: prev.Port, FreedAt: a.AssignedAt})
 	}
+	s.kv.Delete(freedName(a.Port))
 	return nil
 }
 
 // release deletes the key record first: a crash in between leaves a port
 // record without its twin, which reconcile repairs back into the allocation
 // (an unacknowledged release is undone, never half done).
-func (s *kvStore) release(a record) error {
+func (s *kvStore) release(a record, at time.Time) error {
 	for _, name := range []string{keyName(a.Key), portName(a.Port), seenName(a.Key)} {
 		if err := s.kv.Delete(name); err != nil {
 			return fmt.Errorf("delete %s: %w", name, err)
 		}
 	}
+	s.kv.Set(freedName(a.Port), freedRecord{Port: a.Port, FreedAt: at.UTC()})
 	return nil
 }
 
@@ -141,6 +155,7 @@ type snapshot struct {
 	ports    map[int]record
 	keys     map[string]record // by key
 	seen     map[string]time.Time
+	freed    map[int]time.Time
 	problems []string
 	// discard sets aside a record that reconcile found to be in conflict.
 	discard func(name string) error
@@ -173,6 +188,10 @@ func (s *kvStore) scan() (snapshot, error) {
 			continue
 		}
 		if !found {
+			var f freedRecord
+			if found, err := s.kv.Get(freedName(port), &f); err == nil && found && f.Port == port {
+				snap.freed[port] = f.FreedAt
+			}
 			continue
 		}
 		if !validRecord(r) || r.Port != port {
@@ -193,7 +212,7 @@ func (s *kvStore) scan() (snapshot, error) {
 }
 
 func newSnapshot() snapshot {
-	return snapshot{ports: map[int]record{}, keys: map[string]record{}, seen: map[string]time.Time{}}
+	return snapshot{ports: map[int]record{}, keys: map[string]record{}, seen: map[string]time.Time{}, freed: map[int]time.Time{}}
 }
 
 func validRecord(r record) bool {
@@ -254,6 +273,8 @@ func (s *kvStore) listDir() (snapshot, error) {
 			snap.keys[r.rec.Key] = r.rec
 		case strings.HasPrefix(r.name, seenPrefix):
 			snap.seen[r.seen.Key] = r.seen.LastSeen
+		case strings.HasPrefix(r.name, freedPrefix):
+			snap.freed[r.freed.Port] = r.freed.FreedAt
 		}
 	}
 	slices.Sort(snap.problems)
@@ -266,6 +287,7 @@ type fileResult struct {
 	name    string
 	rec     record
 	seen    seenRecord
+	freed   freedRecord
 	problem string // set when the file is damaged
 }
 
@@ -318,6 +340,10 @@ func (s *kvStore) readRecordFile(file string) (r fileResult) {
 		if err := json.Unmarshal(data, &r.seen); err != nil || seenName(r.seen.Key) != name {
 			return bad("not a valid last-seen record")
 		}
+	case strings.HasPrefix(name, freedPrefix):
+		if err := json.Unmarshal(data, &r.freed); err != nil || freedName(r.freed.Port) != name {
+			return bad("not a valid freed-port record")
+		}
 	}
 	return r
 }
@@ -341,7 +367,7 @@ func (s *kvStore) quarantine(file, why string) error {
 // is ever handed to two keys); key records break ties and restore port
 // records that were lost.
 func reconcile(snap snapshot, kv gokv.Store) (loaded, error) {
-	out := loaded{lastSeen: map[string]time.Time{}, problems: snap.problems}
+	out := loaded{lastSeen: map[string]time.Time{}, freed: map[int]time.Time{}, problems: snap.problems}
 	report := func(format string, args ...any) {
 		out.problems = append(out.problems, fmt.Sprintf(format, args...))
 	}
@@ -416,6 +442,11 @@ func reconcile(snap snapshot, kv gokv.Store) (loaded, error) {
 			out.lastSeen[key] = t
 		} else if _, ok := snap.keys[key]; ok {
 			out.lastSeen[key] = t
+		}
+	}
+	for port, t := range snap.freed {
+		if _, taken := owner[port]; !taken {
+			out.freed[port] = t
 		}
 	}
 	slices.SortFunc(out.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
