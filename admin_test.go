@@ -407,3 +407,19 @@ func TestExportImportAndLock(t *testing.T) {
 		t.Fatalf("a refused import changed the store:\n%s", out)
 	}
 }
+
+// adminGet decodes a GET of an admin URL (from loopback, no token).
+func adminGet(t testing.TB, url string, v any) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatal(err)
+	}
+}
