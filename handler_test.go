@@ -86,28 +86,32 @@ func TestPluginProtocol(t *testing.T) {
 		{name: "NewProxy with an empty proxy_name", op: "NewProxy",
 			body: newProxyBody("a", "", "tcp", ""), wantStatus: 400, wantBody: invalidAnswer},
 	}
-	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
-	h := newServer(a, testLogger(t), serverOptions{})
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			status, body := post(t, h, tt.op, tt.body)
-			if status != tt.wantStatus {
-				t.Fatalf("status = %d; want %d (body %s)", status, tt.wantStatus, body)
-			}
-			if tt.wantBody != "" && body != tt.wantBody {
-				t.Fatalf("body = %s; want %s", body, tt.wantBody)
-			}
-			if tt.wantPort != 0 {
-				if got := portOf(t, body); got != tt.wantPort {
-					t.Fatalf("remote_port = %d; want %d", got, tt.wantPort)
-				}
-				assertSameContent(t, tt.body, body)
-			}
-			if tt.wantReason != "" {
-				ans := decodeAnswer(t, body)
-				if !ans.Reject || !strings.Contains(ans.RejectReason, tt.wantReason) {
-					t.Fatalf("answer = %s; want reject with reason containing %q", body, tt.wantReason)
-				}
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			a := newAllocatorOn(t, openTestStore(t, kind, t.TempDir()), "30000-30009", allocatorOptions{})
+			h := newServer(a, testLogger(t), serverOptions{})
+			for _, tt := range tests {
+				t.Run(tt.name, func(t *testing.T) {
+					status, body := post(t, h, tt.op, tt.body)
+					if status != tt.wantStatus {
+						t.Fatalf("status = %d; want %d (body %s)", status, tt.wantStatus, body)
+					}
+					if tt.wantBody != "" && body != tt.wantBody {
+						t.Fatalf("body = %s; want %s", body, tt.wantBody)
+					}
+					if tt.wantPort != 0 {
+						if got := portOf(t, body); got != tt.wantPort {
+							t.Fatalf("remote_port = %d; want %d", got, tt.wantPort)
+						}
+						assertSameContent(t, tt.body, body)
+					}
+					if tt.wantReason != "" {
+						ans := decodeAnswer(t, body)
+						if !ans.Reject || !strings.Contains(ans.RejectReason, tt.wantReason) {
+							t.Fatalf("answer = %s; want reject with reason containing %q", body, tt.wantReason)
+						}
+					}
+				})
 			}
 		})
 	}

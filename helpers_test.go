@@ -39,6 +39,21 @@ func newFileKV(t testing.TB, dir string) gokv.Store {
 	return kv
 }
 
+// storeKinds are the backends every core test runs on.
+var storeKinds = []string{"file", "bbolt"}
+
+// openTestStore opens a store of kind in dir the way the server does,
+// lock included.
+func openTestStore(t testing.TB, kind, dir string) portStore {
+	t.Helper()
+	store, unlock, err := openStore(config{dataDir: dir, store: kind})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.close(); unlock() })
+	return store
+}
+
 // newTestAllocator opens an allocator over a file store in dir with pool.
 func newTestAllocator(t testing.TB, dir, pool string, opts allocatorOptions) *allocator {
 	t.Helper()
