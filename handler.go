@@ -2,13 +2,14 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"log/slog"
 	"net"
 	"net/http"
-	"strconv"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -63,52 +64,40 @@ func (s *server) servePing(w http.ResponseWriter, _ *http.Request) {
 }
 
 // serveRegistration answers frps's plugin calls: a port for tcp and udp
-// NewProxy, "unchanged" for everything else.
+// NewProxy, "unchanged" for everything else. It logs one line and counts
+// one outcome per request; a sticky hit allocates little and touches no disk.
 func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
-	buf, _ := s.bufs.Get().(*bytes.Buffer)
-	if buf == nil {
-		buf = new(bytes.Buffer)
-	}
-	defer func() {
-		if buf.Cap() <= 64<<10 {
-			buf.Reset()
-			s.bufs.Put(buf)
-		}
-	}()
 	start := time.Now()
-	log := s.log.With("reqid", r.Header.Get("X-Frp-Reqid"))
-	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, maxBodyBytes)); err != nil {
+	in, out := s.buffer(), s.buffer()
+	defer s.release(in)
+	defer s.release(out)
+	reqid := slog.String("reqid", r.Header.Get("X-Frp-Reqid"))
+	if _, err := in.ReadFrom(http.MaxBytesReader(w, r.Body, maxBodyBytes)); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			log.Warn("request refused", "outcome", "invalid", "reason", "body over 1 MiB")
-			s.metrics.decided(decisionInvalid, start)
+			s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("reason", "body over 1 MiB"))
 			writeJSON(w, http.StatusRequestEntityTooLarge, []byte(`{"error":"TOOLARGE","message":"request body is over 1 MiB"}`))
 			return
 		}
-		log.Warn("request refused", "outcome", "invalid", "reason", "body unreadable", "err", err)
-		s.metrics.decided(decisionInvalid, start)
+		s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("reason", "body unreadable"), slog.Any("err", err))
 		writeJSON(w, http.StatusBadRequest, answerInvalid)
 		return
 	}
-	body := buf.Bytes()
-	req, err := decodePluginRequest(body, r.URL.Query().Get("op"))
+	req, err := decodePluginRequest(in.Bytes(), queryValue(r.URL.RawQuery, "op"))
 	if err != nil {
-		log.Warn("request refused", "op", req.op, "outcome", "invalid", "reason", "not a valid plugin request")
-		s.metrics.decided(decisionInvalid, start)
+		s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("op", req.op), slog.String("reason", "not a valid plugin request"))
 		writeJSON(w, http.StatusBadRequest, answerInvalid)
 		return
 	}
 	if req.op != "NewProxy" {
-		log.Debug("passed through", "op", req.op, "outcome", "passthrough")
-		s.metrics.decided(decisionPassthrough, start)
+		s.decided(start, decisionPassthrough, slog.LevelDebug, reqid, slog.String("op", req.op))
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
 	p := req.proxy
-	log = log.With("user", p.User, "proxy", p.ProxyName, "type", p.ProxyType)
+	who := []slog.Attr{reqid, slog.String("user", p.User), slog.String("proxy", p.ProxyName), slog.String("type", p.ProxyType)}
 	if !req.hasPort {
-		log.Info("decision", "outcome", "passthrough")
-		s.metrics.decided(decisionPassthrough, start)
+		s.decided(start, decisionPassthrough, slog.LevelInfo, who...)
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
@@ -121,15 +110,52 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		reason := rejectReason(err)
-		log.Warn("decision", "requested", p.RemotePort, "outcome", "rejected", "reason", reason, "err", err)
-		s.metrics.decided(decisionRejected, start)
+		s.decided(start, decisionRejected, slog.LevelWarn, append(who, slog.Int("requested", p.RemotePort),
+			slog.String("reason", reason), slog.Any("err", err))...)
 		writeJSON(w, http.StatusOK, rejectAnswer(reason))
 		return
 	}
-	log.Info("decision", "port", port, "outcome", how)
-	answer := appendAllowed(make([]byte, 0, len(req.rawContent)+64), req.rawContent, port)
-	writeJSON(w, http.StatusOK, answer)
-	s.metrics.decided(string(how), start)
+	out.Write(appendAllowed(out.AvailableBuffer(), req.rawContent, port))
+	writeJSON(w, http.StatusOK, out.Bytes())
+	s.decided(start, string(how), slog.LevelInfo, append(who, slog.Int("port", port))...)
+}
+
+// decided logs a plugin decision as one line and counts it.
+func (s *server) decided(start time.Time, outcome string, level slog.Level, attrs ...slog.Attr) {
+	s.metrics.decided(outcome, start)
+	if s.log.Enabled(context.Background(), level) {
+		s.log.LogAttrs(context.Background(), level, "decision", append(attrs, slog.String("outcome", outcome))...)
+	}
+}
+
+// buffer and release recycle request and answer buffers between requests.
+func (s *server) buffer() *bytes.Buffer {
+	if b, ok := s.bufs.Get().(*bytes.Buffer); ok {
+		return b
+	}
+	return new(bytes.Buffer)
+}
+
+func (s *server) release(b *bytes.Buffer) {
+	if b.Cap() <= 64<<10 { // keep the pool small after a huge body
+		b.Reset()
+		s.bufs.Put(b)
+	}
+}
+
+// queryValue reads one parameter of a raw query without building a map.
+func queryValue(rawQuery, name string) string {
+	for rawQuery != "" {
+		var pair string
+		pair, rawQuery, _ = strings.Cut(rawQuery, "&")
+		if k, v, _ := strings.Cut(pair, "="); k == name {
+			if u, err := url.QueryUnescape(v); err == nil {
+				return u
+			}
+			return v
+		}
+	}
+	return ""
 }
 
 // admin guards the operators' routes: a Bearer token when one is set,
@@ -298,10 +324,11 @@ func rejectReason(err error) string {
 	return "frp-port-keeper internal error"
 }
 
+// jsonContentType is shared by every answer; net/http never modifies it.
+var jsonContentType = []string{"application/json"}
+
 func writeJSON(w http.ResponseWriter, status int, body []byte) {
-	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.Header()["Content-Type"] = jsonContentType
 	w.WriteHeader(status)
 	w.Write(body)
 }

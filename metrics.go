@@ -13,6 +13,7 @@ import (
 // a registry of their own, so tests and several servers never share state.
 type metrics struct {
 	decisions   *prometheus.CounterVec
+	byOutcome   map[string]prometheus.Counter // decisions, resolved once
 	duration    prometheus.Histogram
 	storeErrors prometheus.Counter
 	reclaims    prometheus.Counter
@@ -47,8 +48,9 @@ func newMetrics(pool func() poolStats) *metrics {
 			Help: "Ports taken back from keys not seen for longer than -reclaim-after.",
 		}),
 	}
+	m.byOutcome = map[string]prometheus.Counter{}
 	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), decisionRejected, decisionInvalid, decisionPassthrough} {
-		m.decisions.WithLabelValues(o) // every series exists from the start
+		m.byOutcome[o] = m.decisions.WithLabelValues(o) // every series exists from the start
 	}
 	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state.", []string{"state"}, nil)
 	reg.MustRegister(m.decisions, m.duration, m.storeErrors, m.reclaims, poolCollector{desc: poolPorts, stats: pool})
@@ -57,7 +59,7 @@ func newMetrics(pool func() poolStats) *metrics {
 }
 
 func (m *metrics) decided(outcome string, since time.Time) {
-	m.decisions.WithLabelValues(outcome).Inc()
+	m.byOutcome[outcome].Inc()
 	m.duration.Observe(time.Since(since).Seconds())
 }
 
