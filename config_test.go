@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseConfigEnvFallback(t *testing.T) {
+	env := map[string]string{
+		"FRP_PORT_KEEPER_LISTEN":      "127.0.0.1:9999",
+		"FRP_PORT_KEEPER_DATA_DIR":    "/from/env",
+		"FRP_PORT_KEEPER_PROBE":       "false",
+		"FRP_PORT_KEEPER_ALLOW_PORTS": "20000-20010",
+	}
+	cfg, err := parseConfig([]string{"-data-dir", "/from/flag"}, func(k string) string { return env[k] }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.listen != "127.0.0.1:9999" || cfg.dataDir != "/from/flag" || cfg.probe || cfg.allowPorts != "20000-20010" {
+		t.Fatalf("config = %+v; want listen and probe from env, data dir from the flag", cfg)
+	}
+	defaults, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	if defaults.listen != "127.0.0.1:8080" || defaults.dataDir != "gokv" || !defaults.probe || defaults.store != "file" {
+		t.Fatalf("defaults = %+v", defaults)
+	}
+}
+
+// TestStartErrors: every bad setting stops the start with one line naming it.
+func TestStartErrors(t *testing.T) {
+	frpsBad := filepath.Join(t.TempDir(), "frps.toml")
+	os.WriteFile(frpsBad, []byte("bindPort = \"nope\"\n"), 0o600)
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{"unknown flag", []string{"-nope"}, nil, "flag provided but not defined: -nope"},
+		{"bad range", []string{"-allow-ports", "7000-6000"}, nil, "-allow-ports: port list item \"7000-6000\": range end is below its start"},
+		{"not a port", []string{"-allow-ports", "http"}, nil, "-allow-ports: port list item \"http\""},
+		{"missing frps config", []string{"-frps-config", "/nonexistent/frps.toml"}, nil, "-frps-config /nonexistent/frps.toml"},
+		{"broken frps config", []string{"-frps-config", frpsBad}, nil, "-frps-config " + frpsBad},
+		{"bad env", nil, map[string]string{"FRP_PORT_KEEPER_PROBE": "maybe"}, `FRP_PORT_KEEPER_PROBE="maybe"`},
+		{"bad store", []string{"-store", "etcd"}, nil, `-store "etcd": want file or bbolt`},
+		{"lonely cert", []string{"-tls-cert", "x.pem"}, nil, "-tls-cert and -tls-key go together"},
+		{"bad listen", []string{"-listen", "256.0.0.1:1"}, nil, "-listen:"},
+		{"unknown command", []string{"frobnicate"}, nil, `unknown command "frobnicate"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"-data-dir", t.TempDir(), "-listen", "127.0.0.1:0"}, tt.args...)
+			if tt.name == "unknown command" {
+				args = tt.args
+			}
+			err := run(context.Background(), args, func(k string) string { return tt.env[k] }, io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("run(%q) = %v; want one line containing %q", args, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestPlanPoolFromFrpsConfig reads frps's own config, in each format frps
+// reads, with frp's loader.
+func TestPlanPoolFromFrpsConfig(t *testing.T) {
+	tests := []struct {
+		name, file, body string
+		allow            string // -allow-ports
+		wantPool         string
+		wantExcluded     []int
+		wantBind         string
+	}{
+		{name: "toml", file: "frps.toml", body: `
+bindPort = 7000
+vhostHTTPPort = 7080
+proxyBindAddr = "127.0.0.1"
+webServer.port = 7500
+allowPorts = [{ start = 7000, end = 7010 }, { single = 7500 }, { start = 20000, end = 20002 }]
+`, wantPool: "7001-7010,20000-20002", wantExcluded: []int{7000, 7080, 7500}, wantBind: "127.0.0.1"},
+		{name: "legacy ini", file: "frps.ini", body: `[common]
+bind_port = 7000
+kcp_bind_port = 7000
+dashboard_port = 7500
+allow_ports = 7000-7005,7500
+`, wantPool: "7001-7005", wantExcluded: []int{7000, 7500}, wantBind: "0.0.0.0"},
+		{name: "yaml", file: "frps.yaml", body: "bindPort: 7100\nallowPorts:\n  - start: 7100\n    end: 7103\n", wantPool: "7101-7103", wantExcluded: []int{7100}, wantBind: "0.0.0.0"},
+		{name: "json", file: "frps.json", body: `{"bindPort": 7200, "allowPorts": [{"start": 7200, "end": 7202}]}`, wantPool: "7201-7202", wantExcluded: []int{7200}, wantBind: "0.0.0.0"},
+		{name: "narrowed by -allow-ports", file: "frps.toml", body: "bindPort = 7000\nallowPorts = [{ start = 7000, end = 7100 }]\n",
+			allow: "7050-7200", wantPool: "7050-7100", wantExcluded: []int{7000}, wantBind: "0.0.0.0"},
+		{name: "no allowPorts: the default pool minus frps's ports", file: "frps.toml", body: "bindPort = 10001\n",
+			wantPool: "10000,10002-32767", wantExcluded: []int{10001}, wantBind: "0.0.0.0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), tt.file)
+			if err := os.WriteFile(path, []byte(tt.body), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			plan, err := planPool(config{frpsConfig: path, allowPorts: tt.allow}, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := plan.pool.String(); got != tt.wantPool {
+				t.Errorf("pool = %s; want %s", got, tt.wantPool)
+			}
+			for _, p := range tt.wantExcluded {
+				if plan.excluded[p] == "" || plan.pool.has(p) {
+					t.Errorf("port %d not excluded (%v)", p, plan.excluded)
+				}
+			}
+			if plan.probeAddr != tt.wantBind {
+				t.Errorf("probe address = %q; want %q", plan.probeAddr, tt.wantBind)
+			}
+		})
+	}
+	// The plugin's own port never enters the pool.
+	plan, err := planPool(config{allowPorts: "8000-8002"}, 8001)
+	if err != nil || plan.pool.String() != "8000,8002" || plan.excluded[8001] == "" {
+		t.Fatalf("own port: %v %v", plan.pool, err)
+	}
+	if _, err := planPool(config{allowPorts: "8001"}, 8001); err == nil || !strings.Contains(err.Error(), "pool is empty") {
+		t.Fatalf("empty pool: %v", err)
+	}
+}
