@@ -324,15 +324,17 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	a.mu.Unlock()
 
 	write := func() error { return a.store.claim(n.record, recordOf(cur)) }
+	var victimReleased bool // set before write returns, read after
 	if victim != nil {
 		write = func() error {
 			if err := a.store.release(victim.record, now); err != nil {
 				return err
 			}
+			victimReleased = true
 			return a.store.claim(n.record, nil)
 		}
 	}
-	if err := a.persist(deadline.C, n, cur, victim, write); err != nil {
+	if err := a.persist(deadline.C, n, cur, victim, &victimReleased, write); err != nil {
 		return 0, "", err
 	}
 	if victim != nil {
@@ -376,7 +378,7 @@ func (a *allocator) assign(key string, port int) (record, error) {
 	n.storedSeen = seen
 	a.begin(n, cur)
 	a.mu.Unlock()
-	if err := a.persist(deadline.C, n, cur, nil, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
+	if err := a.persist(deadline.C, n, cur, nil, nil, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
 		return record{}, err
 	}
 	return n.record, nil
@@ -454,11 +456,11 @@ func (a *allocator) unmarkFreed(port int) {
 }
 
 // persist runs write and settles n: kept when the store said yes, rolled
-// back to cur (and victim) when it said no. When the deadline passes first
+// back to cur (and to victim, unless victimReleased) when it said no. When the deadline passes first
 // the caller hears a timeout, and n stays reserved until the store answers,
 // so a late write can never land on a port that was meanwhile given to
 // someone else.
-func (a *allocator) persist(deadline <-chan time.Time, n, cur, victim *allocation, write func() error) error {
+func (a *allocator) persist(deadline <-chan time.Time, n, cur, victim *allocation, victimReleased *bool, write func() error) error {
 	return a.await(deadline, write, func(err error) {
 		switch {
 		case err == nil:
@@ -476,12 +478,17 @@ func (a *allocator) persist(deadline <-chan time.Time, n, cur, victim *allocatio
 				}
 			}
 			a.unmarkFreed(n.Port)
-		case victim != nil:
-			// The victim's release may have reached the store; its key loses
-			// the port either way, and the port stays free.
+		case victim != nil && *victimReleased:
+			// The victim's release reached the store but the new claim did
+			// not: the victim has lost its port, which is free again.
 			a.forget(n)
 			a.forget(victim)
 			a.markFreed(n.Port, n.AssignedAt.UnixNano())
+		case victim != nil:
+			// Nothing was stored: the victim keeps its port.
+			a.forget(n)
+			a.byPort[victim.Port] = victim
+			a.held.add(victim.Port)
 		default:
 			a.forget(n)
 			if cur != nil {

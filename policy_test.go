@@ -264,3 +264,33 @@ func TestPolicyReload(t *testing.T) {
 		t.Fatalf("list does not mark lab-1.a outside policy:\n%s", out)
 	}
 }
+
+// TestReclaimStoreFailure: a reclaim the store refuses leaves the victim
+// its port.
+func TestReclaimStoreFailure(t *testing.T) {
+	dir := t.TempDir()
+	kv := &faultyKV{Store: newFileKV(t, dir)}
+	clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var mu sync.Mutex
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	a := newAllocatorOn(t, &kvStore{kv: kv, dir: dir}, "30000-30000",
+		allocatorOptions{policy: mustPolicy(t, "", "30000-30000", 0, time.Hour), now: now})
+	mustAllocate(t, a, req("u", "old", "tcp"))
+	mu.Lock()
+	clock = clock.Add(2 * time.Hour)
+	mu.Unlock()
+	kv.set(errDiskFull, nil)
+	if _, _, err := a.allocate(req("u", "new", "tcp")); !errors.Is(err, errStoreFailed) {
+		t.Fatalf("reclaim with a failing store: %v", err)
+	}
+	if r, _, ok := a.lookup("old"); !ok || r.Port != 30000 {
+		t.Fatalf("victim after a failed reclaim = %+v, %v; want it on 30000", r, ok)
+	}
+	kv.set(nil, nil)
+	if port, _ := mustAllocate(t, a, req("u", "new", "tcp")); port != 30000 {
+		t.Fatalf("reclaim once the store works = %d", port)
+	}
+	if _, _, ok := a.lookup("old"); ok {
+		t.Fatal("victim kept its port after the reclaim")
+	}
+}
