@@ -258,14 +258,24 @@ type e2eEnv struct {
 	bindPort   int
 	dashPort   int
 
+	// Variations, set by newE2EEnv's options before anything starts (see
+	// newE2ETLSEnv). The zero values are a plain-HTTP plugin and an frps
+	// that inherits the test's environment.
+	pluginArgs     []string     // extra flags for run()
+	pluginScheme   string       // "https" for a TLS plugin; "" is plain HTTP
+	pluginClient   *http.Client // for talking to the plugin; nil is a plain client
+	frpsPluginINI  string       // extra lines for frps.ini's [plugin.port-keeper]
+	frpsPluginTOML string       // extra lines for frps.toml's [[httpPlugins]]
+	frpsEnv        []string     // frps's environment; nil inherits the test's
+
 	plugin *pluginInstance
 	frps   *e2eProcess
 	frpcs  []*e2eProcess // every frpc started, running or not
 }
 
-// newE2EEnv builds frp (once per test binary), then starts the plugin and
-// frps. Their logs are printed if the test fails.
-func newE2EEnv(t *testing.T, v frpVersion) *e2eEnv {
+// newE2EEnv builds frp (once per test binary), applies opts, then starts the
+// plugin and frps. Their logs are printed if the test fails.
+func newE2EEnv(t *testing.T, v frpVersion, opts ...func(*e2eEnv)) *e2eEnv {
 	t.Helper()
 	env := &e2eEnv{
 		v:    v,
@@ -280,6 +290,12 @@ func newE2EEnv(t *testing.T, v frpVersion) *e2eEnv {
 	env.allow = block
 	env.pool = e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
 	env.pluginPort, env.bindPort, env.dashPort = e2eFreePort(t), e2eFreePort(t), e2eFreePort(t)
+	if env.pluginClient == nil {
+		env.pluginClient = &http.Client{Timeout: time.Second}
+	}
+	for _, opt := range opts {
+		opt(env)
+	}
 
 	// Registered first, so it runs last: after every process has stopped
 	// and flushed its log.
@@ -317,6 +333,25 @@ func (env *e2eEnv) dashboardURL(path string) string {
 	return fmt.Sprintf("http://127.0.0.1:%d%s", env.dashPort, path)
 }
 
+// pluginURL is the URL of path on the plugin, with the env's scheme.
+func (env *e2eEnv) pluginURL(path string) string {
+	scheme := env.pluginScheme
+	if scheme == "" {
+		scheme = "http"
+	}
+	return fmt.Sprintf("%s://127.0.0.1:%d%s", scheme, env.pluginPort, path)
+}
+
+// frpsPluginAddr is the plugin's addr in frps's config: host:port for plain
+// HTTP (frp adds "http://"), scheme://host:port otherwise.
+func (env *e2eEnv) frpsPluginAddr() string {
+	addr := fmt.Sprintf("127.0.0.1:%d", env.pluginPort)
+	if env.pluginScheme != "" {
+		addr = env.pluginScheme + "://" + addr
+	}
+	return addr
+}
+
 // ---------------------------------------------------------------------------
 // The plugin, in this process.
 
@@ -326,18 +361,23 @@ type pluginInstance struct {
 	stopOnce sync.Once
 }
 
-// startPlugin calls run() in a goroutine with the env's flags and waits until
-// it answers GET /ping. Its stdout and stderr go to plugin.log.
+// startPlugin calls run() in a goroutine with the env's flags (and
+// env.pluginArgs) and waits until it answers GET /ping, at env.pluginURL with
+// env.pluginClient. Its stdout and stderr go to plugin.log.
 func startPlugin(t testing.TB, env *e2eEnv) *pluginInstance {
 	t.Helper()
 	logFile := e2eOpenLog(t, filepath.Join(env.dir, "plugin.log"))
-	fmt.Fprintf(logFile, "=== e2e: starting plugin at %s\n", time.Now().Format(time.RFC3339Nano))
-	args := []string{
+	label := ""
+	if env.pluginScheme == "https" {
+		label = " (TLS)"
+	}
+	fmt.Fprintf(logFile, "=== e2e: starting plugin%s at %s\n", label, time.Now().Format(time.RFC3339Nano))
+	args := append([]string{
 		"-listen", fmt.Sprintf("127.0.0.1:%d", env.pluginPort),
 		"-data-dir", env.dataDir,
 		"-allow-ports", env.pool.String(),
 		"-probe=true",
-	}
+	}, env.pluginArgs...)
 	getenv := func(string) string { return "" } // hermetic: no settings from the environment
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -355,8 +395,8 @@ func startPlugin(t testing.TB, env *e2eEnv) *pluginInstance {
 		logFile.Close()
 	})
 
-	url := fmt.Sprintf("http://127.0.0.1:%d/ping", env.pluginPort)
-	client := &http.Client{Timeout: time.Second}
+	url := env.pluginURL("/ping")
+	client := env.pluginClient
 	deadline := time.Now().Add(e2eReadyTimeout)
 	var last string
 	for {
@@ -378,7 +418,7 @@ func startPlugin(t testing.TB, env *e2eEnv) *pluginInstance {
 			last = err.Error()
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("plugin GET /ping: got %s after %v; want 200 \"pong\"", last, e2eReadyTimeout)
+			t.Fatalf("plugin GET %s: got %s after %v; want 200 \"pong\"", url, last, e2eReadyTimeout)
 		}
 		time.Sleep(e2ePollInterval)
 	}
@@ -403,8 +443,9 @@ func (p *pluginInstance) stop(t testing.TB) {
 // ---------------------------------------------------------------------------
 // frps and frpc.
 
-// startFrps writes frps's config and starts it, waiting until its dashboard
-// API answers.
+// startFrps writes frps's config (with env.frpsPluginAddr and
+// env.frpsPluginINI/TOML) and starts it in env.frpsEnv, waiting until its
+// dashboard API answers.
 func startFrps(t testing.TB, env *e2eEnv) *e2eProcess {
 	t.Helper()
 	var conf, name string
@@ -424,10 +465,10 @@ log_level = debug
 disable_log_color = true
 
 [plugin.port-keeper]
-addr = 127.0.0.1:%d
+addr = %s
 path = %s
 ops = NewProxy
-`, env.bindPort, env.allow, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
+`, env.bindPort, env.allow, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.frpsPluginAddr(), e2ePluginPath) + env.frpsPluginINI
 	} else {
 		name = "frps.toml"
 		conf = fmt.Sprintf(`bindAddr = "127.0.0.1"
@@ -446,13 +487,13 @@ log.disablePrintColor = true
 
 [[httpPlugins]]
 name = "port-keeper"
-addr = "127.0.0.1:%d"
+addr = %q
 path = %q
 ops = ["NewProxy"]
-`, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
+`, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.frpsPluginAddr(), e2ePluginPath) + env.frpsPluginTOML
 	}
 	confPath := e2eWriteFile(t, env.dir, name, conf)
-	p := startE2EProcess(t, "frps", filepath.Join(env.dir, "frps.log"), env.bins.frps, "-c", confPath)
+	p := startE2EProcess(t, "frps", filepath.Join(env.dir, "frps.log"), env.bins.frps, env.frpsEnv, "-c", confPath)
 
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(e2eReadyTimeout)
@@ -549,7 +590,7 @@ log.disablePrintColor = true
 	}
 	base := fmt.Sprintf("frpc-%d-%s", len(env.frpcs)+1, user)
 	confPath := e2eWriteFile(t, env.dir, base+"."+ext, b.String())
-	p := startE2EProcess(t, "frpc "+user, filepath.Join(env.dir, base+".log"), env.bins.frpc, "-c", confPath)
+	p := startE2EProcess(t, "frpc "+user, filepath.Join(env.dir, base+".log"), env.bins.frpc, nil, "-c", confPath)
 	env.frpcs = append(env.frpcs, p)
 	return p
 }
@@ -739,11 +780,12 @@ type e2eProcess struct {
 }
 
 // startE2EProcess starts bin with its stdout and stderr appended to logPath and
-// stops it in t.Cleanup.
-func startE2EProcess(t testing.TB, name, logPath, bin string, args ...string) *e2eProcess {
+// stops it in t.Cleanup. A nil environ inherits the test's environment.
+func startE2EProcess(t testing.TB, name, logPath, bin string, environ []string, args ...string) *e2eProcess {
 	t.Helper()
 	logFile := e2eOpenLog(t, logPath)
 	cmd := exec.Command(bin, args...)
+	cmd.Env = environ
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		logFile.Close()

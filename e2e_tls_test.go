@@ -16,7 +16,6 @@ package main
 // frps here is made to trust exactly one CA, whatever the machine trusts.
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -31,7 +30,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -238,31 +236,25 @@ func newE2ETLSPKI(t testing.TB) *e2eTLSPKI {
 // Environment: plugin over HTTPS, frps verifying it.
 
 // newE2ETLSEnv is newE2EEnv with the plugin serving HTTPS with pki's
-// certificate and frps calling it at https://127.0.0.1:PORT with tlsVerify,
-// trusting only the CA in trustFile.
+// certificate (and polled with a client that trusts pki's CA) and frps
+// calling it at https://127.0.0.1:PORT with tlsVerify, with
+// SSL_CERT_FILE=trustFile and an empty SSL_CERT_DIR in its environment, so
+// trustFile's CA is the only one frps trusts.
 func newE2ETLSEnv(t *testing.T, v frpVersion, pki *e2eTLSPKI, trustFile string) *e2eEnv {
 	t.Helper()
-	env := &e2eEnv{
-		v:    v,
-		bins: buildFrp(t, v),
-		dir:  t.TempDir(),
-	}
-	env.dataDir = filepath.Join(env.dir, "plugin-data")
-	if err := os.Mkdir(env.dataDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	block := reservePortBlock(t, e2eFrpsAllowPortsLen)
-	env.allow = block
-	env.pool = e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
-	env.pluginPort, env.bindPort, env.dashPort = e2eFreePort(t), e2eFreePort(t), e2eFreePort(t)
-	t.Cleanup(func() {
-		if t.Failed() {
-			e2eDumpLogs(t, env.dir)
+	return newE2EEnv(t, v, func(env *e2eEnv) {
+		env.pluginArgs = []string{"-tls-cert", pki.certFile, "-tls-key", pki.keyFile}
+		env.pluginScheme = "https"
+		env.pluginClient = e2eTLSClient(pki)
+		env.frpsPluginINI = "tls_verify = true\n"
+		env.frpsPluginTOML = "tlsVerify = true\n"
+		for _, kv := range os.Environ() {
+			if !strings.HasPrefix(kv, "SSL_CERT_FILE=") && !strings.HasPrefix(kv, "SSL_CERT_DIR=") {
+				env.frpsEnv = append(env.frpsEnv, kv)
+			}
 		}
+		env.frpsEnv = append(env.frpsEnv, "SSL_CERT_FILE="+trustFile, "SSL_CERT_DIR="+pki.emptyDir)
 	})
-	env.plugin = startTLSPlugin(t, env, pki)
-	env.frps = startTLSFrps(t, env, pki, trustFile)
-	return env
 }
 
 // e2eTLSClient is an HTTPS client that trusts only pki's CA.
@@ -273,67 +265,6 @@ func e2eTLSClient(pki *e2eTLSPKI) *http.Client {
 			TLSClientConfig:   &tls.Config{RootCAs: pki.caPool},
 			DisableKeepAlives: true,
 		},
-	}
-}
-
-// startTLSPlugin is startPlugin with -tls-cert/-tls-key, waiting until GET
-// /ping answers over HTTPS with a certificate that verifies against pki's CA
-// for 127.0.0.1.
-func startTLSPlugin(t testing.TB, env *e2eEnv, pki *e2eTLSPKI) *pluginInstance {
-	t.Helper()
-	logFile := e2eOpenLog(t, filepath.Join(env.dir, "plugin.log"))
-	fmt.Fprintf(logFile, "=== e2e: starting plugin (TLS) at %s\n", time.Now().Format(time.RFC3339Nano))
-	args := []string{
-		"-listen", fmt.Sprintf("127.0.0.1:%d", env.pluginPort),
-		"-data-dir", env.dataDir,
-		"-allow-ports", env.pool.String(),
-		"-probe=true",
-		"-tls-cert", pki.certFile,
-		"-tls-key", pki.keyFile,
-	}
-	getenv := func(string) string { return "" }
-
-	ctx, cancel := context.WithCancel(context.Background())
-	p := &pluginInstance{cancel: cancel, done: make(chan error, 1)}
-	go func() {
-		defer func() {
-			if r := recover(); r != nil {
-				p.done <- fmt.Errorf("run panicked: %v", r)
-			}
-		}()
-		p.done <- run(ctx, args, getenv, logFile, logFile)
-	}()
-	t.Cleanup(func() {
-		p.stop(t)
-		logFile.Close()
-	})
-
-	url := fmt.Sprintf("https://127.0.0.1:%d/ping", env.pluginPort)
-	client := e2eTLSClient(pki)
-	deadline := time.Now().Add(e2eReadyTimeout)
-	var last string
-	for {
-		select {
-		case err := <-p.done:
-			p.done <- err // for stop
-			t.Fatalf("plugin run(%q) returned before answering /ping: %v", args, err)
-		default:
-		}
-		resp, err := client.Get(url)
-		if err == nil {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK && strings.TrimSpace(string(body)) == "pong" {
-				return p
-			}
-			last = fmt.Sprintf("status %d, body %q", resp.StatusCode, body)
-		} else {
-			last = err.Error()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("plugin GET %s: got %s after %v; want 200 \"pong\"", url, last, e2eReadyTimeout)
-		}
-		time.Sleep(e2ePollInterval)
 	}
 }
 
@@ -368,115 +299,6 @@ func e2ePlainHTTPGet(port int, path string) (int, string, error) {
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(body), err
-}
-
-// startTLSFrps is startFrps with the plugin at https://127.0.0.1:PORT,
-// tlsVerify on, and SSL_CERT_FILE=trustFile and an empty SSL_CERT_DIR in
-// frps's environment, so trustFile's CA is the only one frps trusts.
-func startTLSFrps(t testing.TB, env *e2eEnv, pki *e2eTLSPKI, trustFile string) *e2eProcess {
-	t.Helper()
-	var conf, name string
-	if env.v.legacyINI {
-		name = "frps.ini"
-		conf = fmt.Sprintf(`[common]
-bind_addr = 127.0.0.1
-bind_port = %d
-proxy_bind_addr = 127.0.0.1
-allow_ports = %s
-dashboard_addr = 127.0.0.1
-dashboard_port = %d
-dashboard_user = %s
-dashboard_pwd = %s
-log_file = console
-log_level = debug
-disable_log_color = true
-
-[plugin.port-keeper]
-addr = https://127.0.0.1:%d
-path = %s
-ops = NewProxy
-tls_verify = true
-`, env.bindPort, env.allow, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
-	} else {
-		name = "frps.toml"
-		conf = fmt.Sprintf(`bindAddr = "127.0.0.1"
-bindPort = %d
-proxyBindAddr = "127.0.0.1"
-allowPorts = [{ start = %d, end = %d }]
-
-webServer.addr = "127.0.0.1"
-webServer.port = %d
-webServer.user = %q
-webServer.password = %q
-
-log.to = "console"
-log.level = "debug"
-log.disablePrintColor = true
-
-[[httpPlugins]]
-name = "port-keeper"
-addr = "https://127.0.0.1:%d"
-path = %q
-ops = ["NewProxy"]
-tlsVerify = true
-`, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.pluginPort, e2ePluginPath)
-	}
-	confPath := e2eWriteFile(t, env.dir, name, conf)
-	var environ []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "SSL_CERT_FILE=") && !strings.HasPrefix(kv, "SSL_CERT_DIR=") {
-			environ = append(environ, kv)
-		}
-	}
-	environ = append(environ, "SSL_CERT_FILE="+trustFile, "SSL_CERT_DIR="+pki.emptyDir)
-	p := startE2EProcessEnv(t, "frps", filepath.Join(env.dir, "frps.log"), env.bins.frps, environ, "-c", confPath)
-
-	client := &http.Client{Timeout: time.Second}
-	deadline := time.Now().Add(e2eReadyTimeout)
-	var last string
-	for {
-		if p.exited() {
-			t.Fatalf("frps exited before its dashboard answered: %v (see frps.log)", p.waitErr)
-		}
-		req, _ := http.NewRequest(http.MethodGet, env.dashboardURL("/api/serverinfo"), nil)
-		req.SetBasicAuth(e2eDashboardUser, e2eDashboardPassword)
-		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return p
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("frps dashboard GET /api/serverinfo: got %s after %v; want 200 OK", last, e2eReadyTimeout)
-		}
-		time.Sleep(e2ePollInterval)
-	}
-}
-
-// startE2EProcessEnv is startE2EProcess with the child's environment set to
-// environ.
-func startE2EProcessEnv(t testing.TB, name, logPath, bin string, environ []string, args ...string) *e2eProcess {
-	t.Helper()
-	logFile := e2eOpenLog(t, logPath)
-	cmd := exec.Command(bin, args...)
-	cmd.Env = environ
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
-		logFile.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	p := &e2eProcess{name: name, logPath: logPath, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.waitErr = cmd.Wait()
-		logFile.Close()
-		close(p.done)
-	}()
-	t.Cleanup(func() { p.stop(t) })
-	return p
 }
 
 func e2eFileContains(path, s string) bool {
