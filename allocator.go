@@ -223,7 +223,21 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	if err != nil {
 		return nil, got, fmt.Errorf("load allocations: %w", err)
 	}
+	intern := map[string]string{}
+	share := func(s string) string {
+		if v, ok := intern[s]; ok {
+			return v
+		}
+		intern[s] = s
+		return s
+	}
 	for _, r := range got.allocations {
+		// Tens of thousands of records repeat a few users and types, and a
+		// proxy's name is usually its key: share those strings.
+		r.User, r.ProxyType = share(r.User), share(r.ProxyType)
+		if r.ProxyName == r.Key {
+			r.ProxyName = r.Key
+		}
 		al := &allocation{record: r}
 		seen := r.CreatedAt
 		if t, ok := got.lastSeen[r.Key]; ok && t.After(seen) {
@@ -535,6 +549,27 @@ func (a *allocator) await(deadline <-chan time.Time, call func() error, apply fu
 		a.storeFailed(err)
 		return err
 	}
+}
+
+// saveCheckpoint hands the store everything in memory, for a fast next
+// start. It holds mu throughout, so no store write can begin meanwhile, and
+// skips the checkpoint while a late store write is still unsettled.
+func (a *allocator) saveCheckpoint() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := loaded{lastSeen: make(map[string]time.Time, len(a.byKey)), freed: make(map[int]time.Time, len(a.freedAt))}
+	for _, al := range a.byPort {
+		if al.settled != nil {
+			return errors.New("a store write is still in flight")
+		}
+		l.allocations = append(l.allocations, al.record)
+		l.lastSeen[al.Key] = time.Unix(0, al.lastSeen.Load()).UTC()
+	}
+	for port, at := range a.freedAt {
+		l.freed[port] = time.Unix(0, at).UTC()
+	}
+	slices.SortFunc(l.allocations, func(x, y record) int { return cmp.Compare(x.Port, y.Port) })
+	return a.store.saveCheckpoint(l)
 }
 
 // seenInterval is how often at most a key's last_seen is written: sticky

@@ -16,6 +16,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -116,6 +118,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	for _, p := range got.problems {
 		log.Warn("store repaired", "problem", p)
 	}
+	count, warm := len(got.allocations), got.fromCheckpoint
+	got = loaded{}
+	// Loading made garbage many times the size of what stays: hand it back
+	// now rather than carry it until the heap grows again.
+	runtime.GC()
+	debug.FreeOSMemory()
 	for _, v := range alloc.snapshot() {
 		if !plan.pool.has(v.Port) {
 			log.Warn("allocation outside the pool stays sticky", "key", v.Key, "port", v.Port)
@@ -134,7 +142,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
-		"pool_size", plan.pool.len(), "allocations", len(got.allocations), "store", cfg.store,
+		"pool_size", plan.pool.len(), "allocations", count, "from_checkpoint", warm, "store", cfg.store,
 		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
 	errc := make(chan error, 1)
@@ -178,6 +186,9 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	} else {
 		log.Info("stored last_seen", "keys", n)
 	}
+	if cerr := alloc.saveCheckpoint(); cerr != nil {
+		log.Warn("checkpoint not written; the next start reads every record", "err", cerr)
+	}
 	if cerr := store.close(); err == nil {
 		err = cerr
 	}
@@ -195,20 +206,30 @@ func openStore(cfg config) (portStore, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// The checkpoint lives in a folder of its own, so writing it never
+	// touches the mtime of the record directory it vouches for.
+	cpDir := filepath.Join(cfg.dataDir, checkpointDir)
+	if err := os.MkdirAll(cpDir, 0o700); err != nil {
+		unlock()
+		return nil, nil, fmt.Errorf("-data-dir: %v", err)
+	}
 	switch cfg.store {
 	case "bbolt":
-		kv, err := bbolt.NewStore(bbolt.Options{Path: filepath.Join(cfg.dataDir, "allocations.bbolt")})
+		path := filepath.Join(cfg.dataDir, "allocations.bbolt")
+		mtime, _ := mtimeOf(path)
+		kv, err := bbolt.NewStore(bbolt.Options{Path: path})
 		if err != nil {
 			unlock()
 			return nil, nil, fmt.Errorf("open bbolt store: %v", err)
 		}
-		return &kvStore{kv: kv}, unlock, nil
+		return &kvStore{kv: kv, checkpoint: filepath.Join(cpDir, "bbolt.json"), watch: path, openedMtime: mtime}, unlock, nil
 	default:
 		kv, err := file.NewStore(file.Options{Directory: cfg.dataDir})
 		if err != nil {
 			unlock()
 			return nil, nil, fmt.Errorf("open file store: %v", err)
 		}
-		return &kvStore{kv: kv, dir: cfg.dataDir}, unlock, nil
+		mtime, _ := mtimeOf(cfg.dataDir)
+		return &kvStore{kv: kv, dir: cfg.dataDir, checkpoint: filepath.Join(cpDir, "file.json"), watch: cfg.dataDir, openedMtime: mtime}, unlock, nil
 	}
 }
