@@ -289,7 +289,7 @@ func newE2EEnv(t *testing.T, v frpVersion, opts ...func(*e2eEnv)) *e2eEnv {
 	block := reservePortBlock(t, e2eFrpsAllowPortsLen)
 	env.allow = block
 	env.pool = e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
-	env.pluginPort, env.bindPort, env.dashPort = e2eFreePort(t), e2eFreePort(t), e2eFreePort(t)
+	env.pluginPort, env.bindPort, env.dashPort = freePort(t), freePort(t), freePort(t)
 	if env.pluginClient == nil {
 		env.pluginClient = &http.Client{Timeout: time.Second}
 	}
@@ -908,17 +908,6 @@ func doBuildFrp(t testing.TB, v frpVersion) (frpBinaries, error) {
 
 // ---------------------------------------------------------------------------
 // Ports.
-
-// e2eFreePort returns a loopback TCP port that was free a moment ago.
-func e2eFreePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
 
 // e2ePortRange is an inclusive range of ports.
 type e2ePortRange struct{ lo, hi int }

@@ -18,7 +18,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -38,32 +37,12 @@ const (
 )
 
 func TestKillRestart(t *testing.T) {
-	bin := buildKeeperBinary(t)
+	bin := binary(t)
 	for _, store := range []string{"file", "bbolt"} {
 		t.Run(store, func(t *testing.T) {
 			killRestartRounds(t, bin, store, killRounds)
 		})
 	}
-}
-
-// buildKeeperBinary builds the program once into a temporary directory.
-func buildKeeperBinary(t testing.TB) string {
-	t.Helper()
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	bin := filepath.Join(t.TempDir(), "frp-port-keeper")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, goBin, "build", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	start := time.Now()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	t.Logf("built %s in %v", bin, time.Since(start).Round(time.Millisecond))
-	return bin
 }
 
 // keeperProc is one run of the binary.
@@ -85,7 +64,7 @@ func startKeeperProc(t testing.TB, bin, logPath string, args ...string) *keeperP
 		t.Fatal(err)
 	}
 	defer logFile.Close() // the child holds its own descriptor
-	port := freeLoopbackPort(t)
+	port := freePort(t)
 	args = append([]string{"-listen", fmt.Sprintf("127.0.0.1:%d", port)}, args...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile

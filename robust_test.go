@@ -27,17 +27,6 @@ import (
 // ---------------------------------------------------------------------------
 // Helpers shared by robust_test.go and kill_test.go.
 
-// freeLoopbackPort returns a loopback TCP port that was free a moment ago.
-func freeLoopbackPort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // syncBuffer is a bytes.Buffer that the server's log and the test may use
 // at the same time.
 type syncBuffer struct {
@@ -73,7 +62,7 @@ const inProcTimeout = 10 * time.Second // start and stop bounds
 // it answers /ping.
 func startInProc(t testing.TB, args ...string) *inProcServer {
 	t.Helper()
-	port := freeLoopbackPort(t)
+	port := freePort(t)
 	args = append([]string{"-listen", fmt.Sprintf("127.0.0.1:%d", port)}, args...)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &inProcServer{
