@@ -161,11 +161,19 @@ type allocator struct {
 	policy  *policy
 	// perUser counts keys by user, for quotas.
 	perUser map[string]int
-	// freed holds ports that were given back; freeQueue orders them by
-	// freedAt (unix nanoseconds), longest free first.
+	// freed holds ports that were given back, since freedAt (unix
+	// nanoseconds); freeQueue orders them, longest free first. Entries of
+	// ports reused since are skipped and dropped lazily.
 	freed     portSet
 	freedAt   map[int]int64
-	freeQueue []int
+	freeQueue []freedPort
+}
+
+// freedPort is an entry of the free queue; it is stale once the port's
+// freedAt differs.
+type freedPort struct {
+	port int
+	at   int64
 }
 
 // allocatorOptions are the allocator's tunables; zero values are defaults.
@@ -454,19 +462,25 @@ func (a *allocator) forget(al *allocation) {
 func (a *allocator) markFreed(port int, at int64) {
 	a.freedAt[port] = at
 	a.freed.add(port)
-	a.freeQueue = append(a.freeQueue, port)
+	a.freeQueue = append(a.freeQueue, freedPort{port, at})
 }
 
-// unmarkFreed takes a port that is in use again off the free queue. Called with mu held.
+// unmarkFreed takes a port that is in use again off the free queue, in
+// constant time: its queue entry goes stale. Called with mu held.
 func (a *allocator) unmarkFreed(port int) {
 	if !a.freed.has(port) {
 		return
 	}
 	delete(a.freedAt, port)
 	a.freed.remove(port)
-	if i := slices.Index(a.freeQueue, port); i >= 0 {
-		a.freeQueue = slices.Delete(a.freeQueue, i, i+1)
+	if stale := len(a.freeQueue) - len(a.freedAt); stale > 64 && stale > len(a.freedAt) {
+		a.freeQueue = slices.DeleteFunc(a.freeQueue, a.staleFreed)
 	}
+}
+
+func (a *allocator) staleFreed(f freedPort) bool {
+	at, ok := a.freedAt[f.port]
+	return !ok || at != f.at
 }
 
 // persist runs write and settles n: kept when the store said yes, rolled
@@ -649,8 +663,8 @@ func (a *allocator) choosePort(key string, req proxyRequest, newKey bool) (port 
 			return p, outcomeNew, nil, nil
 		}
 	}
-	for _, p := range a.freeQueue {
-		if up.ports.has(p) && !a.held.has(p) && usable(p) {
+	for _, f := range a.freeQueue {
+		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.staleFreed(f) && usable(p) {
 			return p, outcomeNew, nil, nil
 		}
 	}

@@ -406,9 +406,23 @@ func killVerify(t *testing.T, p *keeperProc, ledger *portLedger, round int, keys
 
 	// Acknowledged keys must have been hits, not new ports that happen to
 	// match: the log says how each port was decided.
-	outcomes, err := decisionOutcomes(p.logPath)
-	if err != nil {
-		t.Fatal(err)
+	// Log lines are written by a goroutine of their own: wait until every
+	// acknowledged request's line is there (bounded).
+	var outcomes map[string]string
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var err error
+		if outcomes, err = decisionOutcomes(p.logPath); err != nil {
+			t.Fatal(err)
+		}
+		missing := 0
+		for reqid, w := range reqs {
+			if _, ok := outcomes[reqid]; !ok && w.port != 0 {
+				missing++
+			}
+		}
+		if missing == 0 || time.Now().After(deadline) {
+			break
+		}
 	}
 	for reqid, w := range reqs {
 		if w.port == 0 {

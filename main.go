@@ -75,7 +75,9 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	logOut := newBatchWriter(stderr)
+	defer logOut.close()
+	log := slog.New(slog.NewTextHandler(logOut, nil))
 
 	var tlsConfig *tls.Config
 	if cfg.tlsCert != "" {
@@ -145,6 +147,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		"pool_size", plan.pool.len(), "allocations", count, "from_checkpoint", warm, "store", cfg.store,
 		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
+	logOut.sync() // the start-up report is out before the first answer
 	errc := make(chan error, 1)
 	if tlsConfig != nil {
 		srv.TLSConfig = tlsConfig
