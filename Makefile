@@ -5,7 +5,7 @@ LDFLAGS  := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
 PLATFORMS := linux/amd64 linux/arm64 linux/arm/7 darwin/arm64 windows/amd64
 
-.PHONY: build run test test-deps lint bench fuzz dist
+.PHONY: build run test test-deps lint bench bench-profile fuzz dist
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/frp-port-keeper .
@@ -28,6 +28,14 @@ test-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium systemd >/dev/null; \
 	  else echo "make test needs chromium and systemd-analyze: sudo apt-get install chromium systemd"; exit 1; fi; \
 	fi
+
+# bench measures speed and memory against a bare net/http baseline and
+# frps alone, and rewrites BENCHMARKS.md (a few minutes; not part of test).
+bench:
+	bench/run.sh
+
+bench-profile:
+	bench/run.sh profile
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime 5m .

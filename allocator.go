@@ -225,7 +225,7 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		a.reclaimed = func(record) {}
 	}
 	if a.policy == nil {
-		a.policy = &policy{shared: pool}
+		a.policy = &policy{shared: pool, sharedSpec: a.poolStr}
 	}
 	got, err := store.load()
 	if err != nil {

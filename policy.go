@@ -19,7 +19,8 @@ type policy struct {
 	rules []policyRule
 	// shared is the pool minus every rule's range: where users without a
 	// range of their own get ports.
-	shared *portSet
+	shared     *portSet
+	sharedSpec string // shared, rendered once
 	// maxPorts is the quota for users whose rule does not set one; 0: none.
 	maxPorts int
 	// reclaimAfter is how long a key must be unseen before its port may be
@@ -60,7 +61,7 @@ type userPolicy struct {
 
 // forUser applies the rules to user.
 func (p *policy) forUser(user string) userPolicy {
-	up := userPolicy{ports: p.shared, maxPorts: p.maxPorts}
+	up := userPolicy{ports: p.shared, portSpec: p.sharedSpec, maxPorts: p.maxPorts}
 	for i := range p.rules {
 		r := &p.rules[i]
 		if !r.matches(user) {
@@ -74,9 +75,6 @@ func (p *policy) forUser(user string) userPolicy {
 			up.maxPorts = *r.maxPorts
 		}
 		break
-	}
-	if up.portSpec == "" {
-		up.portSpec = up.ports.String()
 	}
 	return up
 }
@@ -103,7 +101,7 @@ type policyFile struct {
 // loadPolicy reads and checks a policy file against the pool. Every error
 // is one line that names the file and the rule.
 func loadPolicy(file string, pool *portSet, maxPorts int, reclaimAfter time.Duration) (*policy, error) {
-	p := &policy{shared: pool, maxPorts: maxPorts, reclaimAfter: reclaimAfter}
+	p := &policy{shared: pool, sharedSpec: pool.String(), maxPorts: maxPorts, reclaimAfter: reclaimAfter}
 	if maxPorts < 0 {
 		return nil, fmt.Errorf("-max-ports-per-user %d: must be 0 (unlimited) or more", maxPorts)
 	}
@@ -182,6 +180,6 @@ func loadPolicy(file string, pool *portSet, maxPorts int, reclaimAfter time.Dura
 		}
 		p.rules = append(p.rules, r)
 	}
-	p.shared = &shared
+	p.shared, p.sharedSpec = &shared, shared.String()
 	return p, nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
@@ -485,9 +486,13 @@ func sameRecord(a, b record) bool {
 // watched path (the record directory, or the bbolt file) had when it was
 // written, and any record created, deleted or committed afterwards moves
 // that mtime. After a crash the records themselves are read and repaired.
+type checkpointHeader struct {
+	Version    int   `json:"version"`
+	WatchMtime int64 `json:"watch_mtime_ns"`
+}
+
+// checkpointFile is the second line of a checkpoint, after its header.
 type checkpointFile struct {
-	Version     int               `json:"version"`
-	WatchMtime  int64             `json:"watch_mtime_ns"`
 	Allocations []exportRecord    `json:"allocations"`
 	Freed       map[int]time.Time `json:"freed,omitempty"`
 }
@@ -509,15 +514,22 @@ func mtimeOf(path string) (int64, error) {
 
 // loadCheckpoint returns the checkpoint when it still describes the store.
 func (s *kvStore) loadCheckpoint() (loaded, bool) {
-	if s.checkpoint == "" {
+	if s.checkpoint == "" || s.openedMtime == 0 {
 		return loaded{}, false
 	}
 	data, err := os.ReadFile(s.checkpoint)
-	if err != nil || s.openedMtime == 0 {
+	if err != nil {
+		return loaded{}, false
+	}
+	// The first line says what the checkpoint vouches for; after a crash
+	// it no longer matches and the rest is not even decoded.
+	header, body, _ := bytes.Cut(data, []byte("\n"))
+	var h checkpointHeader
+	if json.Unmarshal(header, &h) != nil || h.Version != 1 || h.WatchMtime != s.openedMtime {
 		return loaded{}, false
 	}
 	var cp checkpointFile
-	if json.Unmarshal(data, &cp) != nil || cp.Version != 1 || cp.WatchMtime != s.openedMtime {
+	if json.Unmarshal(body, &cp) != nil {
 		return loaded{}, false
 	}
 	l := loaded{lastSeen: make(map[string]time.Time, len(cp.Allocations)), freed: map[int]time.Time{}, fromCheckpoint: true}
@@ -550,14 +562,19 @@ func (s *kvStore) saveCheckpoint(l loaded) error {
 	if wait := time.Until(time.Unix(0, mtime).Add(checkpointQuiet)); wait > 0 {
 		time.Sleep(wait)
 	}
-	cp := checkpointFile{Version: 1, WatchMtime: mtime, Allocations: make([]exportRecord, 0, len(l.allocations)), Freed: l.freed}
+	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(l.allocations)), Freed: l.freed}
 	for _, r := range l.allocations {
 		cp.Allocations = append(cp.Allocations, exportRecord{record: r, LastSeen: l.lastSeen[r.Key]})
 	}
-	data, err := json.Marshal(cp)
+	header, err := json.Marshal(checkpointHeader{Version: 1, WatchMtime: mtime})
 	if err != nil {
 		return err
 	}
+	body, err := json.Marshal(cp)
+	if err != nil {
+		return err
+	}
+	data := append(append(header, '\n'), body...)
 	tmp := s.checkpoint + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {

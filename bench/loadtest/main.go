@@ -1,0 +1,330 @@
+// Command loadtest is the load half of `make bench` (see bench/run.sh and
+// BENCHMARKS.md). It runs the real frp-port-keeper binary, each time on a
+// temporary data directory, and measures:
+//
+//   - storm:   K allocations, then a reconnect storm of R sticky NewProxy
+//     requests over C keep-alive connections, against the plugin and
+//     against a bare net/http baseline process with an answer of the same
+//     size;
+//   - fresh:   fresh allocations one at a time into an empty store and into
+//     one that already holds 50,000;
+//   - startup: exec to the first 200 on /ping and VmRSS with 60,000
+//     allocations in the data directory;
+//   - e2e:     real frps and frpc v0.65.0, 500 tcp proxies registering with
+//     and without the plugin.
+//
+// Everything listens on 127.0.0.1, every wait is bounded, and every child
+// process is ended (by its pid) before the tool exits. With -md it writes
+// BENCHMARKS.md from the figures and the micro-benchmark output (-micro).
+//
+// `loadtest baseline ...` is the baseline server itself.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type config struct {
+	bin, frps, frpc, self string
+	pool                  string
+
+	keys, requests, conns, runs int
+	stormRuns, e2eRuns          int
+	freshKeys, freshExisting    int
+	startupRuns                 int
+	e2eProxies, e2ePoolSize     int
+	e2ePoll                     time.Duration
+
+	phases     map[string]bool
+	tmpRoot    string
+	keep       bool
+	jsonOut    string
+	mdOut      string
+	micro      string
+	microCmd   string
+	command    string
+	cpuprofile string
+	profileDir string
+	testBin    string
+}
+
+// results is everything one run measured; -json writes it as is.
+type results struct {
+	Machine  machine            `json:"machine"`
+	Started  time.Time          `json:"started"`
+	Finished time.Time          `json:"finished"`
+	Phases   map[string]float64 `json:"phase_seconds"`
+	Storm    *stormResults      `json:"storm,omitempty"`
+	Fresh    *freshResults      `json:"fresh,omitempty"`
+	Startup  *startupResults    `json:"startup,omitempty"`
+	E2E      *e2eResults        `json:"e2e,omitempty"`
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "baseline" {
+		if err := serveBaseline(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
+	err := run()
+	killAll()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "loadtest: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var cfg config
+	var phases string
+	flag.StringVar(&cfg.bin, "bin", "bin/frp-port-keeper", "the frp-port-keeper binary")
+	flag.StringVar(&cfg.frps, "frps", "bin/frp-v0.65.0/frps", "frps v0.65.0")
+	flag.StringVar(&cfg.frpc, "frpc", "bin/frp-v0.65.0/frpc", "frpc v0.65.0")
+	flag.StringVar(&cfg.pool, "pool", "1024-65535", "the plugin's -allow-ports for the storm, fresh and start-up phases")
+	flag.IntVar(&cfg.keys, "k", 20000, "storm: keys allocated before the storm")
+	flag.IntVar(&cfg.requests, "r", 200000, "storm: sticky requests per storm")
+	flag.IntVar(&cfg.conns, "c", 64, "storm: keep-alive connections (one goroutine each)")
+	flag.IntVar(&cfg.runs, "runs", 3, "repetitions of the fresh measurements (medians are reported)")
+	flag.IntVar(&cfg.stormRuns, "storm-runs", 5, "repetitions of the storms, each against the plugin and the baseline")
+	flag.IntVar(&cfg.e2eRuns, "e2e-runs", 5, "repetitions of the e2e measurement, each with and without the plugin")
+	flag.IntVar(&cfg.freshKeys, "fresh", 10000, "fresh: new keys per measurement")
+	flag.IntVar(&cfg.freshExisting, "fresh-existing", 50000, "fresh: allocations already in the full store")
+	flag.IntVar(&cfg.startupRuns, "startup-runs", 5, "start-up: repetitions")
+	flag.IntVar(&cfg.e2eProxies, "e2e-proxies", 500, "e2e: tcp proxies in the one frpc")
+	flag.IntVar(&cfg.e2ePoolSize, "e2e-pool", 2000, "e2e: ports in frps's allowPorts and the plugin's pool")
+	flag.DurationVar(&cfg.e2ePoll, "e2e-poll", 20*time.Millisecond, "e2e: dashboard poll interval")
+	flag.StringVar(&phases, "phases", "storm,fresh,startup,e2e", "phases to run (startup needs fresh's store)")
+	flag.StringVar(&cfg.tmpRoot, "tmp", "", "parent of the temporary directory (default: the system's)")
+	flag.BoolVar(&cfg.keep, "keep", false, "keep the temporary directory (data, configs, logs)")
+	flag.StringVar(&cfg.jsonOut, "json", "", "write the results as JSON to this file")
+	flag.StringVar(&cfg.mdOut, "md", "", "write BENCHMARKS.md here")
+	flag.StringVar(&cfg.micro, "micro", "", "go test -bench output to include in -md")
+	flag.StringVar(&cfg.microCmd, "micro-cmd", "", "the command that produced -micro, for -md")
+	flag.StringVar(&cfg.command, "command", "", "the command that ran the whole suite, for -md")
+	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write the load tool's own CPU profile here")
+	flag.StringVar(&cfg.profileDir, "profile", "", "profile the plugin: run -test-bin's TestBenchServe (same run() as the binary) with a CPU profile per plugin start in this directory")
+	flag.StringVar(&cfg.testBin, "test-bin", "bench/out/frp-port-keeper.test", "with -profile: the package's test binary (go test -c)")
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", flag.Arg(0))
+	}
+	cfg.phases = map[string]bool{}
+	for _, p := range strings.Split(phases, ",") {
+		switch p = strings.TrimSpace(p); p {
+		case "storm", "fresh", "startup", "e2e":
+			cfg.phases[p] = true
+		case "":
+		default:
+			return fmt.Errorf("-phases: unknown phase %q", p)
+		}
+	}
+	if cfg.phases["startup"] && !cfg.phases["fresh"] {
+		return fmt.Errorf("-phases: startup uses the store the fresh phase leaves behind")
+	}
+	if cfg.runs < 1 || cfg.stormRuns < 1 || cfg.e2eRuns < 1 || cfg.startupRuns < 1 || cfg.conns < 1 || cfg.keys < 1 || cfg.requests < 1 || cfg.freshKeys < 1 {
+		return fmt.Errorf("counts must be positive")
+	}
+	var err error
+	if cfg.self, err = os.Executable(); err != nil {
+		return err
+	}
+	if cfg.profileDir != "" {
+		if cfg.mdOut != "" {
+			return fmt.Errorf("-profile slows the plugin down: its figures do not go into -md")
+		}
+		if err := os.MkdirAll(cfg.profileDir, 0o755); err != nil {
+			return err
+		}
+	}
+	for _, p := range []*string{&cfg.bin, &cfg.frps, &cfg.frpc, &cfg.testBin, &cfg.profileDir} {
+		if *p == "" {
+			continue
+		}
+		if *p, err = filepath.Abs(*p); err != nil {
+			return err
+		}
+	}
+	need := []string{cfg.bin}
+	if cfg.profileDir != "" {
+		need = []string{cfg.testBin}
+	}
+	if cfg.phases["e2e"] {
+		need = append(need, cfg.frps, cfg.frpc)
+	}
+	for _, p := range need {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("%v (build it first: bench/run.sh does)", err)
+		}
+	}
+
+	// Children die with us: on a signal, end them by pid and leave.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		fmt.Fprintf(os.Stderr, "loadtest: %v: stopping every child process\n", s)
+		killAll()
+		os.Exit(2)
+	}()
+
+	if cfg.cpuprofile != "" {
+		f, err := os.Create(cfg.cpuprofile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
+
+	tmp, err := os.MkdirTemp(cfg.tmpRoot, "frp-port-keeper-bench-")
+	if err != nil {
+		return err
+	}
+	if cfg.keep {
+		logf("keeping %s", tmp)
+	} else {
+		defer os.RemoveAll(tmp)
+	}
+
+	res := results{Machine: describeMachine(tmp, cfg.bin), Started: time.Now(), Phases: map[string]float64{}}
+	logf("%d cores, %s, %s, load average %s", res.Machine.Cores, res.Machine.CPU, res.Machine.Go, res.Machine.LoadStart)
+	timed := func(name string, fn func() error) error {
+		start := time.Now()
+		err := fn()
+		res.Phases[name] = time.Since(start).Seconds()
+		return err
+	}
+	if cfg.phases["storm"] {
+		if err := timed("storm", func() (err error) { res.Storm, err = phaseStorm(cfg, tmp); return }); err != nil {
+			return fmt.Errorf("storm: %v", err)
+		}
+	}
+	var fullData string
+	if cfg.phases["fresh"] {
+		if err := timed("fresh", func() (err error) { res.Fresh, fullData, err = phaseFresh(cfg, tmp); return }); err != nil {
+			return fmt.Errorf("fresh: %v", err)
+		}
+	}
+	if cfg.phases["startup"] {
+		want := cfg.freshExisting + cfg.freshKeys
+		if err := timed("startup", func() (err error) { res.Startup, err = phaseStartup(cfg, tmp, fullData, want); return }); err != nil {
+			return fmt.Errorf("start-up: %v", err)
+		}
+	}
+	if cfg.phases["e2e"] {
+		if err := timed("e2e", func() (err error) { res.E2E, err = phaseE2E(cfg, tmp); return }); err != nil {
+			return fmt.Errorf("e2e: %v", err)
+		}
+	}
+	res.Finished = time.Now()
+	res.Machine.LoadEnd = loadAvg()
+
+	printSummary(os.Stdout, cfg, &res)
+	if cfg.jsonOut != "" {
+		data, _ := json.MarshalIndent(res, "", "  ")
+		if err := os.WriteFile(cfg.jsonOut, append(data, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	if cfg.mdOut != "" {
+		micro, err := readMicro(cfg.micro)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(cfg.mdOut, []byte(markdown(cfg, &res, micro)), 0o644); err != nil {
+			return err
+		}
+		logf("wrote %s", cfg.mdOut)
+	}
+	return nil
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s %s\n", time.Now().Format("15:04:05.000"), fmt.Sprintf(format, args...))
+}
+
+// machine is what BENCHMARKS.md says about where the figures come from.
+type machine struct {
+	Cores      int    `json:"cores"`
+	GOMAXPROCS int    `json:"gomaxprocs"`
+	CPU        string `json:"cpu"`
+	MemTotal   string `json:"mem_total"`
+	Kernel     string `json:"kernel"`
+	Go         string `json:"go"`
+	FS         string `json:"tmp_fs"` // filesystem of the data directories
+	Binary     string `json:"binary"`
+	LoadStart  string `json:"load_start"`
+	LoadEnd    string `json:"load_end"`
+}
+
+func describeMachine(tmp, bin string) machine {
+	m := machine{Cores: runtime.NumCPU(), GOMAXPROCS: runtime.GOMAXPROCS(0), Go: runtime.Version(),
+		CPU: "unknown", MemTotal: "unknown", Kernel: "unknown", FS: "unknown", Binary: bin, LoadStart: loadAvg()}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if name, val, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(name) == "model name" {
+				m.CPU = strings.TrimSpace(val)
+				break
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if name, val, ok := strings.Cut(line, ":"); ok && name == "MemTotal" {
+				m.MemTotal = strings.TrimSpace(val)
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(data))
+	}
+	m.FS = fsType(tmp)
+	return m
+}
+
+func loadAvg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// fsType names the filesystem holding dir, from /proc/self/mounts (the
+// longest mount point that prefixes it).
+func fsType(dir string) string {
+	data, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "unknown"
+	}
+	best, typ := "", "unknown"
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			continue
+		}
+		mp := f[1]
+		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) > len(best) {
+			best, typ = mp, f[2]+" ("+f[0]+" on "+mp+")"
+		}
+	}
+	return typ
+}

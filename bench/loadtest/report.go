@@ -1,0 +1,500 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// median of xs (the mean of the middle two for an even count).
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// pairedRatio is the median over runs of f(a[i]) / f(b[i]): each run
+// measured a and b back to back, so the pairing cancels what drifts on the
+// machine between runs.
+func pairedRatio[T any](a, b []T, f func(T) float64) float64 {
+	var rs []float64
+	for i := range min(len(a), len(b)) {
+		rs = append(rs, f(a[i])/f(b[i]))
+	}
+	return median(rs)
+}
+
+func field[T any](xs []T, f func(T) float64) []float64 {
+	out := make([]float64, len(xs))
+	for i, x := range xs {
+		out[i] = f(x)
+	}
+	return out
+}
+
+// ---------------------------------------------------------------------------
+// Micro-benchmarks: `go test -bench` output, several counts per benchmark.
+
+type microResult struct {
+	Name   string
+	Runs   int
+	NsOp   []float64
+	BOp    float64 // median
+	Allocs float64 // median
+	Other  map[string]float64
+}
+
+var benchLine = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s+(\d+)\s+(.+)$`)
+
+func readMicro(path string) ([]microResult, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	byName := map[string]*microResult{}
+	var order []string
+	bops, allocs, others := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		m := benchLine.FindStringSubmatch(strings.TrimSpace(sc.Text()))
+		if m == nil {
+			continue
+		}
+		name := m[1]
+		r := byName[name]
+		if r == nil {
+			r = &microResult{Name: name, Other: map[string]float64{}}
+			byName[name] = r
+			order = append(order, name)
+		}
+		r.Runs++
+		f := strings.Fields(m[3])
+		for i := 0; i+1 < len(f); i += 2 {
+			v, err := strconv.ParseFloat(f[i], 64)
+			if err != nil {
+				continue
+			}
+			switch f[i+1] {
+			case "ns/op":
+				r.NsOp = append(r.NsOp, v)
+			case "B/op":
+				bops[name] = append(bops[name], v)
+			case "allocs/op":
+				allocs[name] = append(allocs[name], v)
+			default:
+				others[name+"\x00"+f[i+1]] = append(others[name+"\x00"+f[i+1]], v)
+			}
+		}
+	}
+	out := make([]microResult, 0, len(order))
+	for _, name := range order {
+		r := byName[name]
+		r.BOp, r.Allocs = median(bops[name]), median(allocs[name])
+		for k, v := range others {
+			if metric, ok := strings.CutPrefix(k, name+"\x00"); ok {
+				r.Other[metric] = median(v)
+			}
+		}
+		out = append(out, *r)
+	}
+	return out, sc.Err()
+}
+
+// n formats a count with thousands separators: 60,000.
+func n(v int) string {
+	s := strconv.Itoa(v)
+	for i := len(s) - 3; i > 0 && s[i-1] != '-'; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
+
+// rate formats requests per second.
+func rate(v float64) string { return n(int(math.Round(v))) }
+
+func fmtNs(ns float64) string {
+	switch {
+	case math.IsNaN(ns):
+		return "–"
+	case ns >= 1e9:
+		return fmt.Sprintf("%.2f s", ns/1e9)
+	case ns >= 1e6:
+		return fmt.Sprintf("%.2f ms", ns/1e6)
+	case ns >= 1e3:
+		return fmt.Sprintf("%.1f µs", ns/1e3)
+	default:
+		return fmt.Sprintf("%.0f ns", ns)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Targets.
+
+type target struct {
+	What     string
+	Measured string
+	Pass     bool
+	Missing  bool // the phase did not run
+}
+
+func status(t target) string {
+	switch {
+	case t.Missing:
+		return "not measured"
+	case t.Pass:
+		return "**pass**"
+	default:
+		return "**MISS**"
+	}
+}
+
+func targets(res *results) []target {
+	var ts []target
+	if s := res.Storm; s != nil {
+		prps, brps := median(field(s.Plugin, rps)), median(field(s.Baseline, rps))
+		pl99, bl99 := median(field(s.Plugin, p99)), median(field(s.Baseline, p99))
+		ratio := pairedRatio(s.Plugin, s.Baseline, rps)
+		ts = append(ts,
+			target{What: "Sticky hits: ≥ 0.8× the baseline's requests/s",
+				Measured: fmt.Sprintf("%.3f× (median of %d paired runs; medians %s vs %s req/s)", ratio, len(s.Plugin), rate(prps), rate(brps)), Pass: ratio >= 0.8},
+			target{What: fmt.Sprintf("Sticky hits: p99 < 2 ms at C = %d", s.Conns),
+				Measured: fmt.Sprintf("p99 %.2f ms (baseline %.2f ms)", pl99, bl99), Pass: pl99 < 2})
+	} else {
+		ts = append(ts, target{What: "Sticky hits: ≥ 0.8× baseline req/s, p99 < 2 ms", Missing: true})
+	}
+	if f := res.Fresh; f != nil {
+		e, full := median(field(f.Empty, p50)), median(field(f.Full, p50))
+		ratio := pairedRatio(f.Full, f.Empty, p50)
+		ts = append(ts, target{What: fmt.Sprintf("Fresh allocation: p50 at %s existing ≤ 1.5× p50 at 0", n(f.Existing)),
+			Measured: fmt.Sprintf("%.3f× (median of %d paired runs; medians %.3f ms vs %.3f ms)", ratio, len(f.Full), full, e), Pass: ratio <= 1.5})
+	} else {
+		ts = append(ts, target{What: "Fresh allocation: p50 at 50,000 ≤ 1.5× p50 at 0", Missing: true})
+	}
+	if s := res.Startup; s != nil {
+		for _, c := range []struct {
+			when string
+			runs []startupRun
+		}{{"after a crash (every record read)", s.Cold}, {"after a clean shutdown", s.Warm}} {
+			ready := median(field(c.runs, readyMS))
+			rss := median(field(c.runs, func(r startupRun) float64 { return float64(r.RSS) }))
+			ts = append(ts,
+				target{What: fmt.Sprintf("Start-up with %s allocations < 1 s, %s", n(s.Allocations), c.when),
+					Measured: fmt.Sprintf("%.0f ms", ready), Pass: ready < 1000},
+				target{What: fmt.Sprintf("Resident memory after start < 64 MiB, %s", c.when),
+					Measured: fmt.Sprintf("%.1f MiB VmRSS", rss/(1<<20)), Pass: rss < 64<<20})
+		}
+	} else {
+		ts = append(ts, target{What: "Start-up < 1 s, VmRSS < 64 MiB with 60,000 allocations", Missing: true})
+	}
+	if e := res.E2E; e != nil {
+		a, p := median(field(e.Alone, firstMS)), median(field(e.Plugin, firstMS))
+		ratio := pairedRatio(e.Plugin, e.Alone, firstMS)
+		ts = append(ts, target{What: fmt.Sprintf("Registration of %s proxies through frps with the plugin ≤ 1.1× frps alone", n(e.Proxies)),
+			Measured: fmt.Sprintf("%.3f× (median of %d paired runs; medians %.0f ms vs %.0f ms; a no-op plugin: %.2f×)", ratio, len(e.Plugin), p, a,
+				pairedRatio(e.Noop, e.Alone, firstMS)), Pass: ratio <= 1.1})
+	} else {
+		ts = append(ts, target{What: "Registration through frps with the plugin ≤ 1.1× frps alone", Missing: true})
+	}
+	return ts
+}
+
+// printSummary is the short report on stdout.
+func printSummary(w io.Writer, cfg config, res *results) {
+	fmt.Fprintf(w, "\n== frp-port-keeper benchmarks (%d cores, %s, %s) ==\n", res.Machine.Cores, res.Machine.CPU, res.Machine.Go)
+	if s := res.Storm; s != nil {
+		p, b := s.Plugin, s.Baseline
+		fmt.Fprintf(w, "storm (K=%d R=%d C=%d, median of %d):\n", s.Keys, s.Requests, s.Conns, len(p))
+		fmt.Fprintf(w, "  plugin   %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms\n", median(field(p, rps)), median(field(p, p50)), median(field(p, p99)))
+		fmt.Fprintf(w, "  baseline %8.0f req/s  p50 %6.2f ms  p99 %6.2f ms\n", median(field(b, rps)), median(field(b, p50)), median(field(b, p99)))
+		fmt.Fprintf(w, "  plugin/baseline req/s: %.2f (median of the per-run ratios)\n", pairedRatio(p, b, rps))
+	}
+	if f := res.Fresh; f != nil {
+		fmt.Fprintf(w, "fresh (%d keys, one at a time, median of %d):\n", f.Keys, len(f.Empty))
+		fmt.Fprintf(w, "  empty store     p50 %.3f ms  p99 %.3f ms\n", median(field(f.Empty, p50)), median(field(f.Empty, p99)))
+		fmt.Fprintf(w, "  %6d existing p50 %.3f ms  p99 %.3f ms\n", f.Existing, median(field(f.Full, p50)), median(field(f.Full, p99)))
+		fmt.Fprintf(w, "  ratio p50 %.2f, p99 %.2f\n", median(field(f.Full, p50))/median(field(f.Empty, p50)), median(field(f.Full, p99))/median(field(f.Empty, p99)))
+	}
+	if s := res.Startup; s != nil {
+		fmt.Fprintf(w, "start-up with %d allocations (median of %d): after a crash %.0f ms, VmRSS %.1f MiB; after a clean shutdown %.0f ms, VmRSS %.1f MiB; empty store %.0f ms, %.1f MiB\n",
+			s.Allocations, len(s.Cold), median(field(s.Cold, readyMS)), median(field(s.Cold, rssMiB)),
+			median(field(s.Warm, readyMS)), median(field(s.Warm, rssMiB)), median(field(s.Empty, readyMS)), median(field(s.Empty, rssMiB)))
+	}
+	if e := res.E2E; e != nil {
+		a, p := median(field(e.Alone, firstMS)), median(field(e.Plugin, firstMS))
+		fmt.Fprintf(w, "e2e, %d tcp proxies (median of %d): frps alone %.0f ms, with the plugin %.0f ms, ratio %.2f, no-op plugin %.0f ms; again after a client crash: %.0f ms vs %.0f ms (no-op %.0f ms)\n",
+			e.Proxies, len(e.Alone), a, p, p/a, median(field(e.Noop, firstMS)), median(field(e.Alone, reconnectMS)), median(field(e.Plugin, reconnectMS)), median(field(e.Noop, reconnectMS)))
+	}
+	fmt.Fprintln(w, "targets:")
+	for _, t := range targets(res) {
+		fmt.Fprintf(w, "  %-12s %s: %s\n", strings.Trim(status(t), "*"), t.What, t.Measured)
+	}
+	fmt.Fprintf(w, "load average: %s at the start, %s at the end\n", res.Machine.LoadStart, res.Machine.LoadEnd)
+}
+
+func rps(r loadResult) float64     { return r.RPS }
+func p50(r loadResult) float64     { return r.P50 }
+func p99(r loadResult) float64     { return r.P99 }
+func readyMS(r startupRun) float64 { return r.ReadyMS }
+func rssMiB(r startupRun) float64  { return mib(r.RSS) }
+func hwmMiB(r startupRun) float64  { return mib(r.HWM) }
+func firstMS(r e2eRun) float64     { return r.FirstMS }
+func reconnectMS(r e2eRun) float64 { return r.ReconnectMS }
+
+// ---------------------------------------------------------------------------
+// BENCHMARKS.md
+
+func markdown(cfg config, res *results, micro []microResult) string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	m := res.Machine
+
+	p("# Benchmarks\n\n")
+	p("Written by `make bench` (bench/run.sh) on %s; every figure below is from that run. Do not edit by hand: run it again.\n\n",
+		res.Started.UTC().Format("2006-01-02 15:04 MST"))
+
+	p("## How to run\n\n")
+	p("```sh\nmake bench            # bench/run.sh: micro-benchmarks, then the load tool; rewrites this file\n")
+	p("bench/run.sh profile  # the same loads against a CPU-profiled copy of the server; profiles in bench/out/profiles\n```\n\n")
+	p("`make bench` is not part of `make test`. On this machine it took %s from start to writing this file (load tool phases: %s).\n\n",
+		suiteDuration(res), phaseTimes(res))
+	p("The exact commands it ran:\n\n```sh\n")
+	if cfg.command != "" {
+		p("%s\n", cfg.command)
+	}
+	if cfg.microCmd != "" {
+		p("%s\n", cfg.microCmd)
+	}
+	p("%s\n```\n\n", strings.Join(quoteArgs(os.Args), " "))
+	p("Parts run alone too, e.g. `go test -run XXX -bench HandlerStickyHit -benchmem .` or ")
+	p("`go run ./bench/loadtest -bin bin/frp-port-keeper -phases storm -storm-runs 1` (`-keep` keeps the data directories and logs; `-h` lists the knobs).\n\n")
+
+	p("## Machine\n\n| | |\n|---|---|\n")
+	p("| Cores | %d (GOMAXPROCS %d) |\n| CPU | %s |\n| Memory | %s |\n| Kernel | Linux %s |\n| Go | %s |\n| Data directories on | %s |\n",
+		m.Cores, m.GOMAXPROCS, m.CPU, memTotal(m.MemTotal), m.Kernel, m.Go, m.FS)
+	p("| Load average (1, 5, 15 min) | %s at the start, %s at the end |\n\n", m.LoadStart, m.LoadEnd)
+	p("Everything shares these cores: the load generator, the plugin or the baseline, frps and frpc. ")
+	p("Other work on the machine shows in the load average above. Figures that swing from run to run are the median of several runs, and every run is listed.\n\n")
+
+	p("## Targets\n\n| Target | Measured (medians) | Status |\n|---|---|---|\n")
+	for _, t := range targets(res) {
+		p("| %s | %s | %s |\n", t.What, t.Measured, status(t))
+	}
+	p("\n")
+
+	p("## 1. Micro-benchmarks\n\n")
+	if len(micro) == 0 {
+		p("Not run.\n\n")
+	} else {
+		runs := micro[0].Runs
+		p("`go test -run XXX -bench . -benchmem -count %d` (bench_test.go). The median of the %d counts, and their range.\n\n", runs, runs)
+		p("| Benchmark | time/op | range | B/op | allocs/op | heap kept |\n|---|---|---|---|---|---|\n")
+		for _, r := range micro {
+			lo, hi := slices.Min(r.NsOp), slices.Max(r.NsOp)
+			heap := ""
+			if v, ok := r.Other["heap-MiB"]; ok {
+				heap = fmt.Sprintf("%.1f MiB", v)
+			}
+			p("| %s | %s | %s – %s | %s | %s | %s |\n", strings.TrimPrefix(r.Name, "Benchmark"), fmtNs(median(r.NsOp)), fmtNs(lo), fmtNs(hi),
+				n(int(r.BOp)), n(int(r.Allocs)), heap)
+		}
+		p("\n- **HandlerStickyHit**: `newServer(...).ServeHTTP` with an httptest recorder, for a key that has its port; the request body is reused. ")
+		p("The log line is formatted by a slog TextHandler into io.Discard, so its cost counts. *Parallel*: the same on every core, one key per goroutine.\n")
+		p("- **Allocator/existing=N/load**: `newAllocator` over the file store holding N allocations, which is the server's start: every record file read and checked, the maps built. ")
+		p("*heap kept* is the live heap of one loaded allocator.\n")
+		p("- **Allocator/existing=N/hit**: `allocate()` of keys that have their port, cycling through the N seeded keys (one key when N = 0).\n")
+		p("- **Allocator/existing=N/fresh**: `allocate()` of new keys: port search, then the two record files written before the answer. ")
+		p("The store in `b.TempDir()` is seeded through `kvStore.claim` outside the timer. ")
+		p("After every 1,000 fresh keys the timer stops and they are released, so the store keeps its size and the pool never runs dry. ")
+		p("Nearly all of a fresh allocation is the kernel creating the two files (openat with O_CREAT in the data directory). ")
+		p("What that costs depends on the filesystem, the directory's size and other disk activity, and on this shared machine it swings between runs. ")
+		p("So the store sizes are compared in section 3, where they are interleaved.\n\n")
+	}
+
+	if s := res.Storm; s != nil {
+		p("## 2. Reconnect storm: sticky hits against a bare net/http baseline\n\n")
+		p("The real binary (`-probe=false -allow-ports %s`, log lines to a file) starts on an empty data directory and gets K = %s allocations: ", cfg.pool, n(s.Keys))
+		p("K NewProxy requests for new keys over %d connections (%s allocations/s, p50 %.2f ms, p99 %.2f ms", s.Conns, rate(s.Alloc.RPS), s.Alloc.P50, s.Alloc.P99)
+		if s.Alloc.Retries > 0 {
+			p("; **%d answers were \"the port store did not answer in time; try again\"** (the plugin's 2 s store deadline) and were sent again, as frpc would", s.Alloc.Retries)
+		} else {
+			p("; no store timeouts")
+		}
+		p("). ")
+		p("Then the storm: R = %s NewProxy requests for those keys over C = %d keep-alive connections, one goroutine and one `http.Transport` each. ", n(s.Requests), s.Conns)
+		p("Every answer is checked for the key's port. ")
+		p("The baseline is a separate process (`loadtest baseline`): a bare net/http server that reads the body and answers a fixed JSON of the plugin's answer size (%d bytes). ", s.AnswerBytes)
+		p("Each storm starts after 20 untimed requests per connection, and the two alternate which goes first.\n\n")
+		stormTable(p, s.Baseline, s.Plugin, true)
+		p("Connections opened per storm, warm-up included: %d for the plugin, %d for the baseline. So every request after the first on a connection reused it.\n\n",
+			s.Plugin[0].Dials, s.Baseline[0].Dials)
+		bRPS := median(field(s.Baseline, rps))
+		p("This is a closed loop: %d requests are always outstanding. By Little's law the mean latency is then C / throughput ", s.Conns)
+		p("(%d / %s req/s = %.2f ms for the baseline), whatever the server does per request.\n\n", s.Conns, rate(bRPS), float64(s.Conns)/bRPS*1000)
+		if len(s.PacedPlugin) > 0 {
+			p("**Paced storm.** The same %d connections, %s requests sent at %s requests/s in total (half the baseline's closed-loop median), so requests do not queue behind each other:\n\n",
+				s.Conns, n(s.Requests/4), rate(s.PacedRate))
+			stormTable(p, s.PacedBaseline, s.PacedPlugin, false)
+		}
+	}
+
+	if f := res.Fresh; f != nil {
+		p("## 3. Fresh allocations\n\n")
+		p("%s NewProxy requests for new keys, one at a time over one keep-alive connection. So each latency is one allocation: ", n(f.Keys))
+		p("HTTP round trip, port search, two record files written. They go into an empty store and into a store that already holds %s allocations ", n(f.Existing))
+		p("(imported with `frp-port-keeper import` in %.1f s). Between runs the full store's new keys are released through the admin API, so every run starts from %s.\n\n", f.SeedSeconds, n(f.Existing))
+		p("| Run | Empty: p50 | p99 | allocations/s | %s existing: p50 | p99 | allocations/s | p50 ratio |\n|---|---|---|---|---|---|---|---|\n", n(f.Existing))
+		for i := range f.Empty {
+			e, full := f.Empty[i], f.Full[i]
+			p("| %d | %.3f ms | %.3f ms | %s | %.3f ms | %.3f ms | %s | %.2f |\n", i+1, e.P50, e.P99, rate(e.RPS), full.P50, full.P99, rate(full.RPS), full.P50/e.P50)
+		}
+		e50, f50 := median(field(f.Empty, p50)), median(field(f.Full, p50))
+		e99, f99 := median(field(f.Empty, p99)), median(field(f.Full, p99))
+		p("| **median** | **%.3f ms** | **%.3f ms** | | **%.3f ms** | **%.3f ms** | | **%.2f** |\n\n", e50, e99, f50, f99, pairedRatio(f.Full, f.Empty, p50))
+		p("Ratio %s existing / empty: p50 **%.2f** (median of the per-run ratios; of the medians: %.2f), p99 **%.2f** (of the medians).\n\n",
+			n(f.Existing), pairedRatio(f.Full, f.Empty, p50), f50/e50, f99/e99)
+	}
+
+	if s := res.Startup; s != nil {
+		p("## 4. Start-up\n\n")
+		p("The binary on a data directory holding %s allocations (the full store of section 3) with the pool %s. ", n(s.Allocations), cfg.pool)
+		p("Measured: the time from exec to the first 200 on `GET /ping` (polled every millisecond), and VmRSS and VmHWM from /proc/PID/status at that moment. Three starts per run:\n\n")
+		p("- **after a crash**: a file is created in and removed from the data directory before the start, as a record written before a crash would. ")
+		p("Whatever the plugin saved at its last clean shutdown no longer describes the store, so it must read every record.\n")
+		p("- **after a clean shutdown**: the previous instance stopped on SIGTERM and nothing changed since.\n")
+		p("- **empty store**, for comparison.\n\n")
+		p("*checkpoint* is the `from_checkpoint` field of the plugin's start-up log line (– when it has none).\n\n")
+		p("| Run | After a crash: ready | VmRSS | VmHWM | checkpoint | After a clean shutdown: ready | VmRSS | VmHWM | checkpoint | Empty store: ready | VmRSS |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+		dash := func(s string) string {
+			if s == "" {
+				return "–"
+			}
+			return s
+		}
+		for i := range s.Cold {
+			c, w, e := s.Cold[i], s.Warm[i], s.Empty[i]
+			p("| %d | %.0f ms | %.1f MiB | %.1f MiB | %s | %.0f ms | %.1f MiB | %.1f MiB | %s | %.0f ms | %.1f MiB |\n", i+1,
+				c.ReadyMS, mib(c.RSS), mib(c.HWM), dash(c.FromCheckpoint), w.ReadyMS, mib(w.RSS), mib(w.HWM), dash(w.FromCheckpoint), e.ReadyMS, mib(e.RSS))
+		}
+		p("| **median** | **%.0f ms** | **%.1f MiB** | **%.1f MiB** | | **%.0f ms** | **%.1f MiB** | **%.1f MiB** | | **%.0f ms** | **%.1f MiB** |\n\n",
+			median(field(s.Cold, readyMS)), median(field(s.Cold, rssMiB)), median(field(s.Cold, hwmMiB)),
+			median(field(s.Warm, readyMS)), median(field(s.Warm, rssMiB)), median(field(s.Warm, hwmMiB)),
+			median(field(s.Empty, readyMS)), median(field(s.Empty, rssMiB)))
+		if s.LaterSeconds > 0 {
+			p("After the last start after a crash the plugin idled %.0f s: VmRSS was then **%.1f MiB**. ", s.LaterSeconds, mib(s.RSSLater))
+			p("Compare the live heap of a loaded allocator in section 1 (*Allocator/existing=50000/load*, heap kept).\n\n")
+		}
+		p("The data directory was written moments before, so its files are in the page cache: these are warm-cache starts.\n\n")
+	}
+
+	if e := res.E2E; e != nil {
+		p("## 5. End to end with frps and frpc v0.65.0\n\n")
+		p("One frpc with %s tcp proxies without `remotePort` logs in to frps, which has `allowPorts` %s and `maxPortsPerClient = 0` (no limit). Three set-ups, in turn:\n\n", n(e.Proxies), e.Pool)
+		p("- **frps alone**: frps picks its own random ports.\n")
+		p("- **with the plugin**: frps calls it for every NewProxy. The plugin runs with `-allow-ports %s -probe=false` on an empty data directory, so every proxy is a fresh allocation.\n", e.Pool)
+		p("- **with a no-op plugin** (reference): the bare baseline server of section 2 as frps's plugin, answering `{\"reject\":false,\"unchange\":true}` at once. It shows what any HTTP plugin call costs frps.\n\n")
+		p("The time runs from frpc's exec until frps's dashboard (`GET /api/proxy/tcp`, polled every %.0f ms) lists all %s online. ", e.PollInterval, n(e.Proxies))
+		p("Then frpc is killed, the proxies go offline, and a new frpc registers them again (\"again\"). With the plugin those are %s sticky hits.\n\n", n(e.Proxies))
+		p("| Run | frps alone | with the plugin | ratio | no-op plugin | again: frps alone | again: with the plugin | ratio | again: no-op plugin |\n|---|---|---|---|---|---|---|---|---|\n")
+		for i := range e.Alone {
+			a, pl := e.Alone[i], e.Plugin[i]
+			noop, noopAgain := "–", "–"
+			if i < len(e.Noop) {
+				noop, noopAgain = fmt.Sprintf("%.0f ms", e.Noop[i].FirstMS), fmt.Sprintf("%.0f ms", e.Noop[i].ReconnectMS)
+			}
+			p("| %d | %.0f ms | %.0f ms | %.2f | %s | %.0f ms | %.0f ms | %.2f | %s |\n", i+1, a.FirstMS, pl.FirstMS, pl.FirstMS/a.FirstMS, noop,
+				a.ReconnectMS, pl.ReconnectMS, pl.ReconnectMS/a.ReconnectMS, noopAgain)
+		}
+		a1, p1, n1 := median(field(e.Alone, firstMS)), median(field(e.Plugin, firstMS)), median(field(e.Noop, firstMS))
+		a2, p2, n2 := median(field(e.Alone, reconnectMS)), median(field(e.Plugin, reconnectMS)), median(field(e.Noop, reconnectMS))
+		p("| **median** | **%.0f ms** | **%.0f ms** | **%.2f** | **%.0f ms** | **%.0f ms** | **%.0f ms** | **%.2f** | **%.0f ms** |\n\n",
+			a1, p1, pairedRatio(e.Plugin, e.Alone, firstMS), n1, a2, p2, pairedRatio(e.Plugin, e.Alone, reconnectMS), n2)
+		p("Ratios in the median row are medians of the per-run ratios.\n\n")
+		pf, pr := median(field(e.Plugin, func(r e2eRun) float64 { return r.PluginFirstMS })), median(field(e.Plugin, func(r e2eRun) float64 { return r.PluginReconnectMS }))
+		p("frps sends one client's NewProxy requests to its plugin one after another, so whatever a plugin adds per request adds up %s times. ", n(e.Proxies))
+		p("The no-op plugin's column is that floor: %.2f× frps alone for the first registration, %.2f× for the second (medians of the per-run ratios). ",
+			pairedRatio(e.Noop, e.Alone, firstMS), pairedRatio(e.Noop, e.Alone, reconnectMS))
+		p("The plugin's own handler time for the %s requests (the sum of its `frp_port_keeper_request_duration_seconds` histogram, median over the runs) was ", n(e.Proxies))
+		p("**%.0f ms** for the first registration (%.2f ms per fresh allocation) of the %.0f ms it added to frps alone, ", pf, pf/float64(e.Proxies), p1-a1)
+		p("and **%.0f ms** for the second (%.3f ms per sticky hit) of the %.0f ms added. ", pr, pr/float64(e.Proxies), p2-a2)
+		p("The rest is outside the plugin's handler: frps's plugin call (request built, sent over loopback HTTP, answer read) and the switching between the processes.\n\n")
+		p("With the plugin every proxy got its first port back on the second registration (checked).\n\n")
+	}
+	return b.String()
+}
+
+// stormTable lists storms against the baseline and the plugin, run by run.
+func stormTable(p func(string, ...any), base, plug []loadResult, closed bool) {
+	p("| Run | Baseline req/s | p50 | p99 | max | Plugin req/s | p50 | p99 | max | Plugin/baseline req/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+	for i := range plug {
+		bl, pl := base[i], plug[i]
+		p("| %d | %s | %.2f ms | %.2f ms | %.1f ms | %s | %.2f ms | %.2f ms | %.1f ms | %.2f |\n", i+1,
+			rate(bl.RPS), bl.P50, bl.P99, bl.Max, rate(pl.RPS), pl.P50, pl.P99, pl.Max, pl.RPS/bl.RPS)
+	}
+	bRPS, pRPS := median(field(base, rps)), median(field(plug, rps))
+	p("| **median** | **%s** | **%.2f ms** | **%.2f ms** | | **%s** | **%.2f ms** | **%.2f ms** | | **%.2f** |\n\n",
+		rate(bRPS), median(field(base, p50)), median(field(base, p99)), rate(pRPS), median(field(plug, p50)), median(field(plug, p99)), pairedRatio(plug, base, rps))
+	if closed {
+		p("The last column's median is the median of the per-run ratios (each run pairs the two storms back to back); the ratio of the two median throughputs is %.2f.\n\n", pRPS/bRPS)
+	}
+}
+
+// memTotal turns /proc/meminfo's "24684092 kB" into GiB.
+func memTotal(s string) string {
+	f := strings.Fields(s)
+	if len(f) != 2 || f[1] != "kB" {
+		return s
+	}
+	kb, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return s
+	}
+	return fmt.Sprintf("%.1f GiB", kb/(1<<20))
+}
+
+func phaseTimes(res *results) string {
+	var parts []string
+	for _, name := range []string{"storm", "fresh", "startup", "e2e"} {
+		if s, ok := res.Phases[name]; ok {
+			parts = append(parts, fmt.Sprintf("%s %.0f s", name, s))
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
+// suiteDuration is the time since bench/run.sh started (BENCH_START, unix
+// seconds), else the load tool's own run time.
+func suiteDuration(res *results) string {
+	d := res.Finished.Sub(res.Started)
+	if s, err := strconv.ParseInt(os.Getenv("BENCH_START"), 10, 64); err == nil {
+		d = time.Since(time.Unix(s, 0))
+	}
+	return fmt.Sprintf("%.1f minutes", d.Minutes())
+}
+
+func quoteArgs(args []string) []string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		if a == "" || strings.ContainsAny(a, " \t\"'$`\\|&;<>()*?") {
+			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+		out[i] = a
+	}
+	return out
+}

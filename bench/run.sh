@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The benchmark suite of issue 6 (`make bench`; not part of `make test`).
+#
+#   bench/run.sh            micro-benchmarks, then the load tool; rewrites BENCHMARKS.md
+#   bench/run.sh profile    the same loads, once each, against a copy of the server with CPU,
+#                           mutex and block profiles (the package's test binary running run()
+#                           in TestBenchServe), plus profiled micro-benchmarks; profiles and
+#                           `pprof -top` summaries go to bench/out/profiles (BENCHMARKS.md is
+#                           left alone: profiling slows the server down)
+#
+# Knobs (environment): BENCH_COUNT (micro-benchmark -count, default 3),
+# BENCH_RUNS (load-tool repetitions, default 3), BENCH_TMP (parent of the
+# temporary data directories, default the system's temp directory).
+# Everything listens on 127.0.0.1 only; every process it starts is gone when it ends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/go/bin:$PATH"
+export BENCH_START="$(date +%s)"
+mode="${1:-run}"
+OUT=bench/out
+COUNT="${BENCH_COUNT:-3}"
+RUNS="${BENCH_RUNS:-3}"
+TMPARG=()
+if [ -n "${BENCH_TMP:-}" ]; then TMPARG=(-tmp "$BENCH_TMP"); fi
+mkdir -p "$OUT"
+
+echo "== building the plugin (as make build does), frps/frpc v0.65.0 and the load tool"
+CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$OUT/frp-port-keeper" .
+(cd tools/frp-v0.65.0 && GOWORK=off go build -o "../../$OUT/frp-v0.65.0/" \
+	github.com/fatedier/frp/cmd/frps github.com/fatedier/frp/cmd/frpc)
+go build -o "$OUT/loadtest" ./bench/loadtest
+LOADTEST=("$OUT/loadtest" -bin "$OUT/frp-port-keeper" -frps "$OUT/frp-v0.65.0/frps" -frpc "$OUT/frp-v0.65.0/frpc" "${TMPARG[@]}")
+
+case "$mode" in
+run)
+	MICRO=(go test -run XXX -bench . -benchmem -count "$COUNT" -timeout 30m .)
+	echo "== micro-benchmarks: ${MICRO[*]}"
+	"${MICRO[@]}" | tee "$OUT/micro.txt"
+	echo "== load tool"
+	"${LOADTEST[@]}" -runs "$RUNS" -json "$OUT/results.json" \
+		-micro "$OUT/micro.txt" -micro-cmd "${MICRO[*]}" -command "make bench   # = bench/run.sh" -md BENCHMARKS.md
+	echo "== done in $(($(date +%s) - BENCH_START)) s; figures in BENCHMARKS.md and $OUT/results.json"
+	;;
+profile)
+	P="$OUT/profiles"
+	rm -rf "$P" && mkdir -p "$P"
+	go test -tags benchserve -c -o "$OUT/frp-port-keeper.test" .
+	echo "== profiled micro-benchmarks"
+	for b in 'HandlerStickyHit$' 'Allocator/existing=50000/(load|fresh)$'; do
+		name="$(echo "$b" | tr -c 'a-zA-Z0-9=\n' '_')"
+		"$OUT/frp-port-keeper.test" -test.run XXX -test.bench "$b" -test.benchmem -test.count 1 \
+			-test.cpuprofile "$P/micro-$name.cpu.prof" -test.memprofile "$P/micro-$name.mem.prof" | grep -E '^Benchmark|^ok|FAIL' || true
+	done
+	echo "== load tool against the profiled server (figures are slowed by profiling: not for BENCHMARKS.md)"
+	"${LOADTEST[@]}" -runs 1 -storm-runs 1 -e2e-runs 2 -startup-runs 2 -profile "$P" \
+		-test-bin "$OUT/frp-port-keeper.test" -cpuprofile "$P/loadtest.cpu.prof"
+	for f in "$P"/*.prof; do
+		case "$f" in *.mem.prof) continue ;; esac
+		go tool pprof -top -nodecount 40 "$f" > "${f%.prof}.top.txt" 2>/dev/null || true
+		go tool pprof -top -cum -nodecount 60 "$f" > "${f%.prof}.cum.txt" 2>/dev/null || true
+	done
+	for f in "$P"/*.mem.prof; do
+		go tool pprof -sample_index=alloc_space -top -cum -nodecount 60 "$f" > "${f%.prof}.alloc.txt" 2>/dev/null || true
+	done
+	echo "== profiles and pprof -top summaries in $P"
+	;;
+*)
+	echo "usage: bench/run.sh [run|profile]" >&2
+	exit 2
+	;;
+esac
