@@ -50,6 +50,7 @@ type config struct {
 	keep       bool
 	jsonOut    string
 	mdOut      string
+	notes      string
 	micro      string
 	microCmd   string
 	command    string
@@ -110,6 +111,7 @@ func run() error {
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temporary directory (data, configs, logs)")
 	flag.StringVar(&cfg.jsonOut, "json", "", "write the results as JSON to this file")
 	flag.StringVar(&cfg.mdOut, "md", "", "write BENCHMARKS.md here")
+	flag.StringVar(&cfg.notes, "notes", "bench/misses.md", "hand-written notes appended to -md")
 	flag.StringVar(&cfg.micro, "micro", "", "go test -bench output to include in -md")
 	flag.StringVar(&cfg.microCmd, "micro-cmd", "", "the command that produced -micro, for -md")
 	flag.StringVar(&cfg.command, "command", "", "the command that ran the whole suite, for -md")
@@ -245,7 +247,13 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		if err := os.WriteFile(cfg.mdOut, []byte(markdown(cfg, &res, micro)), 0o644); err != nil {
+		md := markdown(cfg, &res, micro)
+		// The explanation of each missed target is written by people, from
+		// the profiles; it is kept beside the tool and appended as is.
+		if notes, err := os.ReadFile(cfg.notes); err == nil {
+			md += "\n" + string(notes)
+		}
+		if err := os.WriteFile(cfg.mdOut, []byte(md), 0o644); err != nil {
 			return err
 		}
 		logf("wrote %s", cfg.mdOut)
