@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -417,5 +418,62 @@ func adminGet(t testing.TB, url string, v any) {
 	}
 	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSignalsAndSecondServer runs the real binary: a second server on the
+// same directory exits at once with one clear line (gokv's bbolt would
+// otherwise wait forever for the first one's file lock), and SIGTERM stops
+// the first cleanly, writing its checkpoint.
+func TestSignalsAndSecondServer(t *testing.T) {
+	for _, store := range storeKinds {
+		t.Run(store, func(t *testing.T) {
+			dir := t.TempDir()
+			addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			var stderr bytes.Buffer
+			first := exec.Command(binary(t), "-listen", addr, "-data-dir", dir, "-store", store, "-probe=false", "-allow-ports", "31000-31009")
+			first.Stderr = &stderr
+			if err := first.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { first.Process.Kill(); first.Wait() })
+			base := "http://" + addr
+			waitFor(t, "the first server", 10*time.Second, func() bool {
+				resp, err := http.Get(base + "/ping")
+				if err == nil {
+					resp.Body.Close()
+				}
+				return err == nil
+			})
+			port := register(t, base, "a", "a.p", "tcp")
+
+			start := time.Now()
+			_, errOut := cli(t, true, "", "-listen", "127.0.0.1:0", "-data-dir", dir, "-store", store)
+			if !strings.Contains(errOut, "in use by another frp-port-keeper") || time.Since(start) > 10*time.Second {
+				t.Fatalf("second server: %q after %v; want a prompt refusal", errOut, time.Since(start))
+			}
+
+			first.Process.Signal(syscall.SIGTERM)
+			done := make(chan error, 1)
+			go func() { done <- first.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("SIGTERM: exit %v; want 0\n%s", err, stderr.String())
+				}
+			case <-time.After(15 * time.Second):
+				t.Fatal("SIGTERM: the server did not stop")
+			}
+			if !strings.Contains(stderr.String(), "shutting down") {
+				t.Fatalf("no shutdown in the log:\n%s", stderr.String())
+			}
+			if _, err := os.Stat(filepath.Join(dir, checkpointDir, store+".json")); err != nil {
+				t.Fatalf("no checkpoint after SIGTERM: %v", err)
+			}
+			base2, _ := startServer(t, "-data-dir", dir, "-store", store, "-allow-ports", "31000-31009")
+			if got := register(t, base2, "a", "a.p", "tcp"); got != port {
+				t.Fatalf("after SIGTERM and restart a.p = %d; want %d", got, port)
+			}
+		})
 	}
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -262,6 +264,15 @@ func TestPolicyReload(t *testing.T) {
 	}
 	if !strings.Contains(outside, "outside policy") {
 		t.Fatalf("list does not mark lab-1.a outside policy:\n%s", out)
+	}
+	resp, err := http.Get(base + "/?q=lab-1.a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(page), `<span class="warn">outside policy</span>`) {
+		t.Fatalf("the page does not mark lab-1.a outside policy:\n%s", page)
 	}
 }
 
