@@ -164,8 +164,8 @@ func (s *kvStore) touch(key string, seen time.Time) error {
 
 func (s *kvStore) close() error { return s.kv.Close() }
 
-// snapshot is the raw content of a store before reconciliation.
-type snapshot struct {
+// rawRecords is the raw content of a store before reconciliation.
+type rawRecords struct {
 	ports    map[int]record
 	keys     map[string]record // by key
 	seen     map[string]time.Time
@@ -179,7 +179,7 @@ func (s *kvStore) load() (loaded, error) {
 	if l, ok := s.loadCheckpoint(); ok {
 		return l, nil
 	}
-	var snap snapshot
+	var snap rawRecords
 	var err error
 	if s.dir != "" {
 		snap, err = s.listDir()
@@ -194,8 +194,8 @@ func (s *kvStore) load() (loaded, error) {
 
 // scan reads every possible port record and the key and seen records they
 // name: the way to load from a gokv store that cannot list its keys.
-func (s *kvStore) scan() (snapshot, error) {
-	snap := newSnapshot()
+func (s *kvStore) scan() (rawRecords, error) {
+	snap := newRawRecords()
 	snap.discard = s.kv.Delete
 	for port := 1; port <= maxPort; port++ {
 		var r record
@@ -228,8 +228,8 @@ func (s *kvStore) scan() (snapshot, error) {
 	return snap, nil
 }
 
-func newSnapshot() snapshot {
-	return snapshot{ports: map[int]record{}, keys: map[string]record{}, seen: map[string]time.Time{}, freed: map[int]time.Time{}}
+func newRawRecords() rawRecords {
+	return rawRecords{ports: map[int]record{}, keys: map[string]record{}, seen: map[string]time.Time{}, freed: map[int]time.Time{}}
 }
 
 func validRecord(r record) bool {
@@ -246,8 +246,8 @@ const checkpointDir = "checkpoint"
 // has not started yet, so nothing writes concurrently). Files that are
 // empty, truncated or not an allocation go to the quarantine folder; their
 // twins rebuild them in reconcile.
-func (s *kvStore) listDir() (snapshot, error) {
-	snap := newSnapshot()
+func (s *kvStore) listDir() (rawRecords, error) {
+	snap := newRawRecords()
 	entries, err := os.ReadDir(s.dir)
 	if err != nil {
 		return snap, err
@@ -382,11 +382,11 @@ func (s *kvStore) quarantine(file, why string) error {
 	return nil
 }
 
-// reconcile turns a snapshot into one consistent set of allocations and
+// reconcile turns raw records into one consistent set of allocations and
 // writes the repairs back. Port records decide who owns a port (so no port
 // is ever handed to two keys); key records break ties and restore port
 // records that were lost.
-func reconcile(snap snapshot, kv gokv.Store) (loaded, error) {
+func reconcile(snap rawRecords, kv gokv.Store) (loaded, error) {
 	out := loaded{lastSeen: map[string]time.Time{}, freed: map[int]time.Time{}, problems: snap.problems}
 	report := func(format string, args ...any) {
 		out.problems = append(out.problems, fmt.Sprintf(format, args...))
