@@ -559,6 +559,11 @@ func (s *kvStore) saveCheckpoint(l loaded) error {
 	if err != nil {
 		return err
 	}
+	if mtime%int64(time.Second) == 0 {
+		// Whole seconds: a file system whose timestamps are too coarse for
+		// a later change to be sure to move them.
+		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
+	}
 	if wait := time.Until(time.Unix(0, mtime).Add(checkpointQuiet)); wait > 0 {
 		time.Sleep(wait)
 	}
