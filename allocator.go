@@ -785,7 +785,7 @@ func (a *allocator) snapshot() []allocationView {
 		if al.settled != nil {
 			continue
 		}
-		out = append(out, allocationView{record: al.record, LastSeen: time.Unix(0, al.lastSeen.Load())})
+		out = append(out, a.view(al))
 	}
 	a.mu.RUnlock()
 	slices.SortFunc(out, func(x, y allocationView) int { return x.Port - y.Port })
@@ -796,6 +796,26 @@ func (a *allocator) snapshot() []allocationView {
 type allocationView struct {
 	record
 	LastSeen time.Time `json:"last_seen"`
+	// OutsidePolicy marks a sticky port that today's policy would not give
+	// this user (the policy changed since); it stays until an operator moves it.
+	OutsidePolicy bool `json:"outside_policy"`
+}
+
+// view describes al. Called with mu held.
+func (a *allocator) view(al *allocation) allocationView {
+	return allocationView{record: al.record, LastSeen: time.Unix(0, al.lastSeen.Load()),
+		OutsidePolicy: !a.policy.forUser(al.User).ports.has(al.Port)}
+}
+
+// find returns key's settled allocation as operators see it.
+func (a *allocator) find(key string) (allocationView, bool) {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	al := a.byKey[validUTF8(key)]
+	if al == nil || al.settled != nil {
+		return allocationView{}, false
+	}
+	return a.view(al), true
 }
 
 func recordOf(al *allocation) *record {
@@ -833,13 +853,4 @@ func bindProbe(addr string) func(port int) error {
 		}
 		return pc.Close()
 	}
-}
-
-// outsidePolicy says whether key's port lies outside what the pool would
-// give it today (the pool changed since it was allocated).
-func (a *allocator) outsidePolicy(key string) bool {
-	a.mu.RLock()
-	defer a.mu.RUnlock()
-	al := a.byKey[key]
-	return al != nil && !a.policy.forUser(al.User).ports.has(al.Port)
 }

@@ -204,7 +204,7 @@ type apiAllocation struct {
 func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
 		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
-		OutsidePolicy: s.alloc.outsidePolicy(v.Key)}
+		OutsidePolicy: v.OutsidePolicy}
 }
 
 // allocationList is the answer of GET /api/allocations.
@@ -235,12 +235,12 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {
-	rec, seen, ok := s.alloc.lookup(r.PathValue("key"))
+	v, ok := s.alloc.find(r.PathValue("key"))
 	if !ok {
 		writeError(w, http.StatusNotFound, "no allocation for this key")
 		return
 	}
-	writeValue(w, http.StatusOK, s.toAPI(allocationView{record: rec, LastSeen: seen}))
+	writeValue(w, http.StatusOK, s.toAPI(v))
 }
 
 func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
@@ -269,11 +269,11 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("admin assigned", "key", key, "port", rec.Port)
-	rec2, seen, _ := s.alloc.lookup(key)
-	if rec2.Port == rec.Port {
-		rec = rec2
+	v, ok := s.alloc.find(key)
+	if !ok || v.Port != rec.Port { // changed again meanwhile: answer what was assigned
+		v = allocationView{record: rec, LastSeen: rec.AssignedAt}
 	}
-	writeValue(w, http.StatusOK, s.toAPI(allocationView{record: rec, LastSeen: seen}))
+	writeValue(w, http.StatusOK, s.toAPI(v))
 }
 
 func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
