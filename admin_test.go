@@ -161,10 +161,10 @@ func TestLastSeen(t *testing.T) {
 // TestMetricsMove scrapes /metrics before and after some decisions.
 func TestMetricsMove(t *testing.T) {
 	dir := t.TempDir()
-	kv := &faultyKV{Store: newFileKV(t, dir)}
+	store, kv := newFaultyStore(t, dir)
 	var a *allocator
 	m := newMetrics(func() poolStats { return a.stats() })
-	a = newAllocatorOn(t, &kvStore{kv: kv, dir: dir}, "30000-30001", allocatorOptions{storeFailed: func(error) { m.storeErrors.Inc() }})
+	a = newAllocatorOn(t, store, "30000-30001", allocatorOptions{storeFailed: func(error) { m.storeErrors.Inc() }})
 	h := newServer(a, testLogger(t), serverOptions{metrics: m})
 	scrape := func() string {
 		rec := httptest.NewRecorder()
@@ -467,7 +467,7 @@ func TestSignalsAndSecondServer(t *testing.T) {
 			if !strings.Contains(stderr.String(), "shutting down") {
 				t.Fatalf("no shutdown in the log:\n%s", stderr.String())
 			}
-			if _, err := os.Stat(filepath.Join(dir, checkpointDir, store+".json")); err != nil {
+			if _, err := os.Stat(filepath.Join(dir, checkpointName)); store == "file" && err != nil {
 				t.Fatalf("no checkpoint after SIGTERM: %v", err)
 			}
 			base2, _ := startServer(t, "-data-dir", dir, "-store", store, "-allow-ports", "31000-31009")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -67,7 +68,7 @@ func (e *storeError) Error() string {
 	}
 	return e.kind.Error() + ": " + e.err.Error()
 }
-func (e *storeError) Unwrap() error { return e.kind }
+func (e *storeError) Unwrap() []error { return []error{e.kind, e.err} }
 
 // proxyRequest is what the allocation rules need from a NewProxy.
 type proxyRequest struct {
@@ -122,22 +123,22 @@ const (
 	outcomeRequested outcome = "requested" // the port the client asked for
 )
 
-// allocation is a record held in memory, with the fields that change
-// without a store write.
+// allocation is a record the store holds, in memory, with the fields that
+// change without a store write.
 type allocation struct {
 	record
+	rev      int64        // the store's revision of record (0: a store without revisions)
 	lastSeen atomic.Int64 // unix nanoseconds
 	// storedSeen and seenWrittenAt (unix nanoseconds) keep last_seen writes
-	// to one per key per seenInterval. Guarded by allocator.flushMu.
+	// to one per key per seenInterval. Guarded by allocator.mu.
 	storedSeen, seenWrittenAt int64
-	// settled is non-nil while the store has not yet answered for this
-	// allocation; it is closed when it has. Guarded by allocator.mu.
-	settled chan struct{}
 }
 
-// allocator holds the allocation rules. Every allocation lives in memory,
-// so a sticky hit touches no disk; the store is written before a new port
-// is announced, and no lock is held while the store works.
+// allocator holds the allocation rules. Every allocation the store holds
+// lives in memory, so a sticky hit touches no disk. byKey, byPort, held,
+// perUser and the free queue change only through apply, whether the change
+// is this instance's own store write or one that watch brought in from
+// another instance, so none of them can drift from the records.
 type allocator struct {
 	store   portStore
 	pool    *portSet
@@ -167,6 +168,20 @@ type allocator struct {
 	freed     portSet
 	freedAt   map[int]int64
 	freeQueue []freedPort
+
+	// busy marks keys with a store call in flight (closed when it ends);
+	// reserved, the ports such calls or a bind test are about to take;
+	// pendingUser, new keys in flight per user (for quotas).
+	busy        map[string]chan struct{}
+	reserved    portSet
+	pendingUser map[string]int
+	// tombs remembers the revision of deletes a watch may still echo an
+	// older put for; watchRev is how far the watch has delivered.
+	tombs    map[string]int64
+	watchRev int64
+	rev      int64 // the newest revision applied
+
+	online onlineProxies
 }
 
 // freedPort is an entry of the free queue; it is stale once the port's
@@ -190,8 +205,12 @@ type allocatorOptions struct {
 	reclaimed func(victim record)
 }
 
+// maxClaimAttempts bounds how often a claim that lost a race to another
+// instance is decided again with the winner's state.
+const maxClaimAttempts = 4
+
 // newAllocator loads every allocation from store and serves from pool.
-func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*allocator, loaded, error) {
+func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*allocator, snapshot, error) {
 	a := &allocator{
 		store:       store,
 		pool:        pool,
@@ -204,10 +223,9 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		storeFailed: opts.storeFailed,
 		reclaimed:   opts.reclaimed,
 		policy:      opts.policy,
-		byKey:       map[string]*allocation{},
-		byPort:      map[int]*allocation{},
-		perUser:     map[string]int{},
-		freedAt:     map[int]int64{},
+		busy:        map[string]chan struct{}{},
+		pendingUser: map[string]int{},
+		tombs:       map[string]int64{},
 	}
 	if a.timeout <= 0 {
 		a.timeout = 2 * time.Second
@@ -227,10 +245,33 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	if a.policy == nil {
 		a.policy = &policy{shared: pool, sharedSpec: a.poolStr}
 	}
-	got, err := store.load()
+	a.online.init()
+	// A first load may read every record of a large directory, or wait for
+	// an etcd cluster to answer: more than one store call's deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*a.timeout)
+	defer cancel()
+	got, err := store.load(ctx)
 	if err != nil {
 		return nil, got, fmt.Errorf("load allocations: %w", err)
 	}
+	a.mu.Lock()
+	a.reset(got)
+	a.mu.Unlock()
+	return a, got, nil
+}
+
+// reset replaces what memory holds with snap: at start, and when a watch
+// fell too far behind. Called with mu held.
+func (a *allocator) reset(snap snapshot) {
+	old := a.byKey
+	a.byKey = make(map[string]*allocation, len(snap.allocations))
+	a.byPort = make(map[int]*allocation, len(snap.allocations))
+	a.held = portSet{}
+	a.perUser = map[string]int{}
+	a.freed, a.freedAt, a.freeQueue = portSet{}, map[int]int64{}, nil
+	a.tombs = map[string]int64{}
+	a.rev, a.watchRev = snap.rev, snap.rev
+	now := a.now().UnixNano()
 	intern := map[string]string{}
 	share := func(s string) string {
 		if v, ok := intern[s]; ok {
@@ -239,37 +280,161 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		intern[s] = s
 		return s
 	}
-	for _, r := range got.allocations {
+	for _, r := range snap.allocations {
 		// Tens of thousands of records repeat a few users and types, and a
 		// proxy's name is usually its key: share those strings.
 		r.User, r.ProxyType = share(r.User), share(r.ProxyType)
 		if r.ProxyName == r.Key {
 			r.ProxyName = r.Key
 		}
-		al := &allocation{record: r}
-		seen := r.CreatedAt
-		if t, ok := got.lastSeen[r.Key]; ok && t.After(seen) {
-			seen = t
+		al := &allocation{record: r, rev: snap.rev}
+		// A time from the future (a clock that was ahead) would pin the
+		// key as seen forever: no time from disk is later than now.
+		seen := r.CreatedAt.UnixNano()
+		if t, ok := snap.lastSeen[r.Key]; ok && t.UnixNano() > seen {
+			seen = t.UnixNano()
 		}
-		al.lastSeen.Store(seen.UnixNano())
-		al.storedSeen = seen.UnixNano()
-		a.byKey[r.Key] = al
-		a.byPort[r.Port] = al
-		a.held.add(r.Port)
-		a.perUser[r.User]++
+		seen = min(seen, now)
+		if prev := old[r.Key]; prev != nil {
+			seen = max(seen, prev.lastSeen.Load())
+		}
+		al.lastSeen.Store(seen)
+		al.storedSeen = seen
+		a.add(al)
+		if snap.online[r.Key] {
+			a.online.restore(r.Key)
+		}
 	}
-	freed := make([]int, 0, len(got.freed))
-	for port, t := range got.freed {
+	freed := make([]int, 0, len(snap.freed))
+	for port, t := range snap.freed {
 		if !a.held.has(port) {
 			freed = append(freed, port)
-			a.freedAt[port] = t.UnixNano()
+			a.freedAt[port] = min(t.UnixNano(), now)
 		}
 	}
 	slices.SortFunc(freed, func(x, y int) int { return cmp.Compare(a.freedAt[x], a.freedAt[y]) })
 	for _, port := range freed {
 		a.markFreed(port, a.freedAt[port])
 	}
-	return a, got, nil
+}
+
+// follow applies the changes the store's watch delivers until ctx ends.
+func (a *allocator) follow(ctx context.Context) error {
+	a.mu.RLock()
+	rev := a.rev
+	a.mu.RUnlock()
+	return a.store.watch(ctx, rev, func(c change) {
+		a.mu.Lock()
+		a.apply(c)
+		if c.rev > a.watchRev {
+			a.watchRev = c.rev
+		}
+		a.mu.Unlock()
+	})
+}
+
+// apply brings memory in line with one change of the store. Local outcomes
+// and watched changes both come through here; a change older than what
+// memory already holds for its key or port is an echo and is skipped.
+// Called with mu held.
+func (a *allocator) apply(c change) {
+	if c.rev > a.rev {
+		a.rev = c.rev
+	}
+	switch c.kind {
+	case changePut:
+		r := c.rec
+		cur := a.byKey[r.Key]
+		if c.rev != 0 && ((cur != nil && c.rev <= cur.rev) || c.rev <= a.tombs[r.Key]) {
+			return
+		}
+		if h := a.byPort[r.Port]; h != nil && h.Key != r.Key {
+			if c.rev != 0 && c.rev <= h.rev {
+				return
+			}
+			// The holder's own delete or move is on its way; it lost the port.
+			a.drop(h, r.AssignedAt.UnixNano())
+		}
+		n := &allocation{record: r, rev: c.rev}
+		seen := min(r.AssignedAt.UnixNano(), a.now().UnixNano())
+		if cur != nil {
+			seen = max(seen, cur.lastSeen.Load())
+			n.storedSeen, n.seenWrittenAt = cur.storedSeen, cur.seenWrittenAt
+			a.drop(cur, r.AssignedAt.UnixNano())
+		} else {
+			n.storedSeen = seen
+		}
+		n.lastSeen.Store(seen)
+		a.add(n)
+		delete(a.tombs, r.Key)
+	case changeDelete:
+		cur := a.byKey[c.key]
+		if c.rev != 0 {
+			if cur != nil && c.rev <= cur.rev {
+				return
+			}
+			a.tombs[c.key] = max(a.tombs[c.key], c.rev)
+			a.pruneTombs()
+		}
+		if cur != nil {
+			at := c.at
+			if at.IsZero() {
+				at = a.now()
+			}
+			a.drop(cur, at.UnixNano())
+		}
+	case changeSeen:
+		if cur := a.byKey[c.key]; cur != nil {
+			seen := min(c.seen.UnixNano(), a.now().UnixNano())
+			for old := cur.lastSeen.Load(); seen > old && !cur.lastSeen.CompareAndSwap(old, seen); old = cur.lastSeen.Load() {
+			}
+			if seen > cur.storedSeen {
+				cur.storedSeen, cur.seenWrittenAt = seen, a.now().UnixNano()
+			}
+		}
+	case changeReset:
+		if c.reset != nil {
+			a.reset(*c.reset)
+		}
+	}
+}
+
+// pruneTombs forgets deletes older than what the watch has delivered: no
+// echo older than them can arrive any more. Called with mu held.
+func (a *allocator) pruneTombs() {
+	if len(a.tombs) < 1024 {
+		return
+	}
+	for k, rev := range a.tombs {
+		if rev <= a.watchRev {
+			delete(a.tombs, k)
+		}
+	}
+}
+
+// add puts al in memory. Called with mu held.
+func (a *allocator) add(al *allocation) {
+	a.byKey[al.Key] = al
+	a.byPort[al.Port] = al
+	a.held.add(al.Port)
+	a.perUser[al.User]++
+	a.unmarkFreed(al.Port)
+}
+
+// drop takes al out of memory; its port is free as of at unless another
+// key holds it. Called with mu held.
+func (a *allocator) drop(al *allocation, at int64) {
+	if a.byKey[al.Key] == al {
+		delete(a.byKey, al.Key)
+	}
+	if a.byPort[al.Port] == al {
+		delete(a.byPort, al.Port)
+		a.held.remove(al.Port)
+		a.markFreed(al.Port, at)
+	}
+	if a.perUser[al.User]--; a.perUser[al.User] <= 0 {
+		delete(a.perUser, al.User)
+	}
 }
 
 // setPolicy replaces the policy (SIGHUP). Allocations it would not make
@@ -280,22 +445,34 @@ func (a *allocator) setPolicy(p *policy) {
 	a.mu.Unlock()
 }
 
-// lockSettled takes mu and returns key's allocation once no store call is
-// in flight for it, or a timeout when the deadline passes first.
-func (a *allocator) lockSettled(key string, deadline <-chan time.Time) (*allocation, error) {
+// lockKey takes mu and returns key's allocation once no store call is in
+// flight for it, or a timeout when ctx ends first.
+func (a *allocator) lockKey(ctx context.Context, key string) (*allocation, error) {
 	for {
 		a.mu.Lock()
-		cur := a.byKey[key]
-		if cur == nil || cur.settled == nil {
-			return cur, nil
+		wait := a.busy[key]
+		if wait == nil {
+			return a.byKey[key], nil
 		}
-		wait := cur.settled
 		a.mu.Unlock()
 		select {
 		case <-wait:
-		case <-deadline:
+		case <-ctx.Done():
 			return nil, &storeError{kind: errStoreTimedOut, err: errKeyBusy}
 		}
+	}
+}
+
+// markBusy marks key as having a store call in flight and returns what
+// ends it. Called with mu held; the returned func takes mu itself.
+func (a *allocator) markBusy(key string) (settled func()) {
+	ch := make(chan struct{})
+	a.busy[key] = ch
+	return func() {
+		if a.busy[key] == ch {
+			delete(a.busy, key)
+		}
+		close(ch)
 	}
 }
 
@@ -307,16 +484,37 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	key := req.key()
 	now := a.now()
 	a.mu.RLock()
-	if cur := a.byKey[key]; cur != nil && cur.settled == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
+	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
 		cur.lastSeen.Store(now.UnixNano())
 		a.mu.RUnlock()
 		return cur.Port, outcomeHit, nil
 	}
 	a.mu.RUnlock()
 
-	deadline := time.NewTimer(a.timeout)
-	defer deadline.Stop()
-	cur, err := a.lockSettled(key, deadline.C)
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	for attempt := 1; ; attempt++ {
+		port, how, err := a.allocateOnce(ctx, key, req, now)
+		var lost *conflictError
+		if !errors.As(err, &lost) || lost.quota {
+			if lost != nil {
+				up := a.policy.forUser(req.User)
+				err = &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
+			}
+			return port, how, err
+		}
+		if attempt == maxClaimAttempts {
+			err = &storeError{kind: errStoreFailed, err: fmt.Errorf("lost %d races to other instances: %w", attempt, err)}
+			a.storeFailed(err)
+			return 0, "", err
+		}
+	}
+}
+
+// allocateOnce decides and claims once; a *conflictError means another
+// instance won a race and memory now holds its result.
+func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyRequest, now time.Time) (int, outcome, error) {
+	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return 0, "", err
 	}
@@ -325,46 +523,194 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 		a.mu.Unlock()
 		return cur.Port, outcomeHit, nil
 	}
-	port, how, victim, err := a.choosePort(key, req, cur == nil)
+	up := a.policy.forUser(req.User)
+	newKey := cur == nil
+	if newKey && up.maxPorts > 0 && a.perUser[req.User]+a.pendingUser[req.User] >= up.maxPorts {
+		a.mu.Unlock()
+		return 0, "", &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
+	}
+	settled := a.markBusy(key)
+	if newKey {
+		a.pendingUser[req.User]++
+	}
+	a.mu.Unlock()
+	done := func() {
+		settled()
+		if newKey {
+			if a.pendingUser[req.User]--; a.pendingUser[req.User] <= 0 {
+				delete(a.pendingUser, req.User)
+			}
+		}
+	}
+
+	port, how, victim, err := a.choose(key, req, up, now)
 	if err != nil {
+		a.mu.Lock()
+		done()
 		a.mu.Unlock()
 		return 0, "", err
 	}
-	n := &allocation{record: record{
-		Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
-		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now,
-	}}
+	want := record{Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
+		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now}
+	c := claim{want: want, at: now}
 	if cur != nil {
-		n.CreatedAt = cur.CreatedAt
+		c.want.CreatedAt = cur.CreatedAt
+		c.old = &cur.record
+	} else {
+		c.maxKeys = up.maxPorts
 	}
-	n.lastSeen.Store(now.UnixNano())
-	n.storedSeen = now.UnixNano()
+	var victimDone func()
 	if victim != nil {
-		victim.settled = make(chan struct{})
+		c.victim = &victim.rec
+		victimDone = victim.settled
 	}
-	a.begin(n, cur)
-	a.mu.Unlock()
-
-	write := func() error { return a.store.claim(n.record, recordOf(cur)) }
-	var victimReleased bool // set before write returns, read after
-	if victim != nil {
-		write = func() error {
-			if err := a.store.release(victim.record, now); err != nil {
-				return err
-			}
-			victimReleased = true
-			return a.store.claim(n.record, nil)
+	_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+		done()
+		a.reserved.remove(port)
+		if victimDone != nil {
+			victimDone()
 		}
-	}
-	if err := a.persist(deadline.C, n, cur, victim, &victimReleased, write); err != nil {
+	})
+	if err != nil {
 		return 0, "", err
 	}
 	if victim != nil {
-		a.log.Warn("port reclaimed", "port", port, "from", victim.Key, "from_user", victim.User,
-			"last_seen", time.Unix(0, victim.lastSeen.Load()).UTC(), "to", key)
-		a.reclaimed(victim.record)
+		a.log.Warn("port reclaimed", "port", port, "from", victim.rec.Key, "from_user", victim.rec.User,
+			"last_seen", time.Unix(0, victim.lastSeen).UTC(), "to", key)
+		a.reclaimed(victim.rec)
 	}
 	return port, how, nil
+}
+
+// reclaimVictim is an abandoned key chosen to give up its port; its key is
+// kept busy (no hit for it is answered) until the claim settles.
+type reclaimVictim struct {
+	rec      record
+	lastSeen int64
+	settled  func()
+}
+
+// choose picks key's port, with mu not held: the requested one, else a
+// fresh one from the user's pool (never-used ports first, lowest first,
+// then given-back ports, longest free first), else, with reclaim on, the
+// port of the key unseen for longest. Candidates are test-bound outside
+// the lock, so sticky hits never wait on bind syscalls. The port comes
+// back reserved.
+func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time.Time) (int, outcome, *reclaimVictim, error) {
+	if port := req.RemotePort; port != 0 {
+		a.mu.Lock()
+		err := a.checkRequested(key, port)
+		if err == nil {
+			err = a.checkPolicy(req.User, up, port)
+		}
+		if err == nil && a.reserved.has(port) {
+			err = &portError{port: port, err: errPortReserved}
+		}
+		probe := err == nil && a.byPort[port] == nil && a.probe != nil
+		if err == nil {
+			a.reserved.add(port)
+		}
+		a.mu.Unlock()
+		if err != nil {
+			return 0, "", nil, err
+		}
+		if probe && a.probe(port) != nil {
+			a.unreserve(port)
+			return 0, "", nil, &portError{port: port, err: errPortInUse}
+		}
+		return port, outcomeRequested, nil, nil
+	}
+	var refused portSet // ports the bind test refused during this search
+	for {
+		a.mu.Lock()
+		p := a.nextCandidate(up, &refused)
+		if p >= 0 {
+			a.reserved.add(p)
+			a.mu.Unlock()
+			if a.probe == nil {
+				return p, outcomeNew, nil, nil
+			}
+			if err := a.probe(p); err != nil {
+				a.log.Debug("port failed the bind test", "port", p, "err", err)
+				a.mu.Lock()
+				a.reserved.remove(p)
+				refused.add(p)
+				a.mu.Unlock()
+				continue
+			}
+			return p, outcomeNew, nil, nil
+		}
+		v := a.abandoned(up.ports, &refused)
+		if v == nil {
+			a.mu.Unlock()
+			break
+		}
+		victim := &reclaimVictim{rec: v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key)}
+		a.reserved.add(v.Port)
+		a.mu.Unlock()
+		// A port frps still listens on belongs to a proxy that is online,
+		// whatever last_seen says: not abandoned.
+		if a.probe != nil {
+			if err := a.probe(v.Port); err != nil {
+				a.log.Info("reclaim skipped: the port is still in use", "port", v.Port, "key", v.Key, "err", err)
+				a.mu.Lock()
+				v.lastSeen.Store(now.UnixNano())
+				a.reserved.remove(v.Port)
+				refused.add(v.Port)
+				victim.settled()
+				a.mu.Unlock()
+				continue
+			}
+		}
+		return v.Port, outcomeNew, victim, nil
+	}
+	spec := up.portSpec
+	if spec == "" {
+		spec = "(empty)"
+	}
+	if up.rule != nil && up.rule.ports != nil {
+		spec += " of " + up.rule.name()
+	}
+	return 0, "", nil, &poolError{pool: spec}
+}
+
+func (a *allocator) unreserve(port int) {
+	a.mu.Lock()
+	a.reserved.remove(port)
+	a.mu.Unlock()
+}
+
+// nextCandidate is the first port of up's pool that nobody holds or is
+// about to take. Called with mu held.
+func (a *allocator) nextCandidate(up userPolicy, refused *portSet) int {
+	if p := up.ports.nextFree(0, &a.held, &a.freed, &a.reserved, refused); p >= 0 {
+		return p
+	}
+	for _, f := range a.freeQueue {
+		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.reserved.has(p) && !refused.has(p) && !a.staleFreed(f) {
+			return p
+		}
+	}
+	return -1
+}
+
+// abandoned returns the allocation in ports unseen for longest, if it has
+// been unseen for longer than the policy's reclaimAfter and its proxy is
+// not online. Called with mu held.
+func (a *allocator) abandoned(ports, refused *portSet) *allocation {
+	if a.policy.reclaimAfter <= 0 {
+		return nil
+	}
+	cutoff := a.now().Add(-a.policy.reclaimAfter).UnixNano()
+	var oldest *allocation
+	for port, al := range a.byPort {
+		seen := al.lastSeen.Load()
+		if ports.has(port) && seen < cutoff && !refused.has(port) && !a.reserved.has(port) && a.busy[al.Key] == nil &&
+			(oldest == nil || seen < oldest.lastSeen.Load()) && !a.online.has(al.Key) {
+			oldest = al
+		}
+	}
+	return oldest
 }
 
 // assign pins key to port on an operator's word: a new key or a move. The
@@ -372,9 +718,22 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 func (a *allocator) assign(key string, port int) (record, error) {
 	key = validUTF8(key)
 	now := a.now()
-	deadline := time.NewTimer(a.timeout)
-	defer deadline.Stop()
-	cur, err := a.lockSettled(key, deadline.C)
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	for attempt := 1; ; attempt++ {
+		rec, err := a.assignOnce(ctx, key, port, now)
+		var lost *conflictError
+		if !errors.As(err, &lost) {
+			return rec, err
+		}
+		if attempt == maxClaimAttempts {
+			return record{}, &storeError{kind: errStoreFailed, err: err}
+		}
+	}
+}
+
+func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time) (record, error) {
+	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return record{}, err
 	}
@@ -387,73 +746,119 @@ func (a *allocator) assign(key string, port int) (record, error) {
 		a.mu.Unlock()
 		return record{}, err
 	}
-	n := &allocation{record: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}}
-	seen := now.UnixNano()
-	if cur != nil {
-		n.record = cur.record
-		n.Port, n.AssignedAt = port, now
-		seen = cur.lastSeen.Load()
-	} else {
-		n.ProxyName, n.Group = keyNames(key)
+	if a.reserved.has(port) {
+		a.mu.Unlock()
+		return record{}, &portError{port: port, err: errPortReserved}
 	}
-	n.lastSeen.Store(seen)
-	n.storedSeen = seen
-	a.begin(n, cur)
+	c := claim{want: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, at: now}
+	if cur != nil {
+		c.old = &cur.record
+		c.want = cur.record
+		c.want.Port, c.want.AssignedAt = port, now
+	} else {
+		c.want.ProxyName, c.want.Group = keyNames(key)
+	}
+	settled := a.markBusy(key)
+	a.reserved.add(port)
 	a.mu.Unlock()
-	if err := a.persist(deadline.C, n, cur, nil, nil, func() error { return a.store.claim(n.record, recordOf(cur)) }); err != nil {
+	_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+		settled()
+		a.reserved.remove(port)
+	})
+	if err != nil {
 		return record{}, err
 	}
-	return n.record, nil
+	return c.want, nil
 }
 
 // release forgets key's allocation; its port becomes free once stored.
 func (a *allocator) release(key string) error {
 	key = validUTF8(key)
 	now := a.now()
-	deadline := time.NewTimer(a.timeout)
-	defer deadline.Stop()
-	cur, err := a.lockSettled(key, deadline.C)
-	if err != nil {
-		return err
-	}
-	if cur == nil {
-		a.mu.Unlock()
-		return errNoAllocation
-	}
-	cur.settled = make(chan struct{})
-	a.mu.Unlock()
-	return a.await(deadline.C, func() error { return a.store.release(cur.record, now) }, func(err error) {
-		if err == nil {
-			a.forget(cur)
-			a.markFreed(cur.Port, now.UnixNano())
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	for attempt := 1; ; attempt++ {
+		cur, err := a.lockKey(ctx, key)
+		if err != nil {
+			return err
 		}
-		close(cur.settled)
-		cur.settled = nil
-	})
-}
-
-// begin puts n in memory, marked unsettled, in place of cur. Called with mu held.
-func (a *allocator) begin(n, cur *allocation) {
-	n.settled = make(chan struct{})
-	a.byKey[n.Key] = n
-	a.byPort[n.Port] = n
-	a.held.add(n.Port)
-	if cur == nil {
-		a.perUser[n.User]++
+		if cur == nil {
+			a.mu.Unlock()
+			return errNoAllocation
+		}
+		settled := a.markBusy(key)
+		a.mu.Unlock()
+		r := cur.record
+		_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.release(ctx, r, now) }, settled)
+		var lost *conflictError
+		if !errors.As(err, &lost) {
+			return err
+		}
+		if attempt == maxClaimAttempts {
+			return &storeError{kind: errStoreFailed, err: err}
+		}
 	}
 }
 
-// forget drops al from memory. Called with mu held.
-func (a *allocator) forget(al *allocation) {
-	if a.byKey[al.Key] == al {
-		delete(a.byKey, al.Key)
+// write runs one store call bounded by ctx. Its outcome is applied under
+// mu whenever it arrives, and then settle runs (freeing the key and the
+// port the call held): a call that outlives its caller's deadline keeps
+// them until the store has answered, so a late write can never land on a
+// port that was meanwhile given to someone else. The caller hears a
+// timeout in that case; a conflict comes back as *conflictError, with
+// memory already brought up to date.
+func (a *allocator) write(ctx context.Context, call func(context.Context) ([]change, error), settle func()) ([]change, error) {
+	type result struct {
+		changes []change
+		err     error
 	}
-	if a.byPort[al.Port] == al {
-		delete(a.byPort, al.Port)
-		a.held.remove(al.Port)
+	done := make(chan result, 1)
+	go func() {
+		changes, err := call(ctx)
+		done <- result{changes, err}
+	}()
+	finish := func(r result) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		var lost *conflictError
+		switch {
+		case r.err == nil:
+			for _, c := range r.changes {
+				a.apply(c)
+			}
+		case errors.As(r.err, &lost):
+			for _, c := range lost.current {
+				a.apply(c)
+			}
+		}
+		settle()
 	}
-	if a.perUser[al.User]--; a.perUser[al.User] <= 0 {
-		delete(a.perUser, al.User)
+	select {
+	case r := <-done:
+		finish(r)
+		var lost *conflictError
+		switch {
+		case r.err == nil, errors.As(r.err, &lost):
+			return r.changes, r.err
+		case errors.Is(r.err, errOutcomeUnknown), errors.Is(r.err, context.DeadlineExceeded):
+			err := &storeError{kind: errStoreTimedOut, err: r.err}
+			a.storeFailed(err)
+			return nil, err
+		}
+		err := &storeError{kind: errStoreFailed, err: r.err}
+		a.storeFailed(err)
+		return nil, err
+	case <-ctx.Done():
+		go func() {
+			r := <-done
+			finish(r)
+			if r.err != nil {
+				a.log.Warn("late store call failed", "err", r.err)
+			}
+		}()
+		err := &storeError{kind: errStoreTimedOut}
+		a.storeFailed(err)
+		return nil, err
 	}
 }
 
@@ -483,219 +888,133 @@ func (a *allocator) staleFreed(f freedPort) bool {
 	return !ok || at != f.at
 }
 
-// persist runs write and settles n: kept when the store said yes, rolled
-// back to cur (and to victim, unless victimReleased) when it said no. When the deadline passes first
-// the caller hears a timeout, and n stays reserved until the store answers,
-// so a late write can never land on a port that was meanwhile given to
-// someone else.
-func (a *allocator) persist(deadline <-chan time.Time, n, cur, victim *allocation, victimReleased *bool, write func() error) error {
-	return a.await(deadline, write, func(err error) {
-		switch {
-		case err == nil:
-			if cur != nil && a.byPort[cur.Port] == cur {
-				delete(a.byPort, cur.Port)
-				a.held.remove(cur.Port)
-				a.markFreed(cur.Port, n.AssignedAt.UnixNano())
-			}
-			if victim != nil {
-				if a.byKey[victim.Key] == victim {
-					delete(a.byKey, victim.Key)
-				}
-				if a.perUser[victim.User]--; a.perUser[victim.User] <= 0 {
-					delete(a.perUser, victim.User)
-				}
-			}
-			a.unmarkFreed(n.Port)
-		case victim != nil && *victimReleased:
-			// The victim's release reached the store but the new claim did
-			// not: the victim has lost its port, which is free again.
-			a.forget(n)
-			a.forget(victim)
-			a.markFreed(n.Port, n.AssignedAt.UnixNano())
-		case victim != nil:
-			// Nothing was stored: the victim keeps its port.
-			a.forget(n)
-			a.byPort[victim.Port] = victim
-			a.held.add(victim.Port)
-		default:
-			a.forget(n)
-			if cur != nil {
-				a.byKey[n.Key] = cur
-				a.perUser[cur.User]++
-			}
-		}
-		if victim != nil {
-			close(victim.settled)
-			victim.settled = nil
-		}
-		close(n.settled)
-		n.settled = nil
-	})
-}
-
-// await runs a store call with a deadline and applies its result under mu
-// whenever it arrives.
-func (a *allocator) await(deadline <-chan time.Time, call func() error, apply func(error)) error {
-	done := make(chan error, 1)
-	go func() { done <- call() }()
-	settle := func(err error) {
-		a.mu.Lock()
-		apply(err)
-		a.mu.Unlock()
-	}
-	select {
-	case err := <-done:
-		settle(err)
-		if err != nil {
-			err = &storeError{kind: errStoreFailed, err: err}
-			a.storeFailed(err)
-		}
-		return err
-	case <-deadline:
-		go func() {
-			err := <-done
-			settle(err)
-			if err != nil {
-				a.log.Warn("late store call failed", "err", err)
-			}
-		}()
-		err := &storeError{kind: errStoreTimedOut}
-		a.storeFailed(err)
-		return err
-	}
-}
-
-// saveCheckpoint hands the store everything in memory, for a fast next
-// start. It holds mu throughout, so no store write can begin meanwhile, and
-// skips the checkpoint while a late store write is still unsettled.
-func (a *allocator) saveCheckpoint() error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	l := loaded{lastSeen: make(map[string]time.Time, len(a.byKey)), freed: make(map[int]time.Time, len(a.freedAt))}
-	for _, al := range a.byPort {
-		if al.settled != nil {
-			return errors.New("a store write is still in flight")
-		}
-		l.allocations = append(l.allocations, al.record)
-		l.lastSeen[al.Key] = time.Unix(0, al.lastSeen.Load()).UTC()
-	}
-	for port, at := range a.freedAt {
-		l.freed[port] = time.Unix(0, at).UTC()
-	}
-	slices.SortFunc(l.allocations, func(x, y record) int { return cmp.Compare(x.Port, y.Port) })
-	return a.store.saveCheckpoint(l)
-}
-
 // seenInterval is how often at most a key's last_seen is written: sticky
-// hits stay free of disk I/O, and a crash loses at most an hour of it.
+// hits stay free of store writes, and a crash loses at most an hour of it.
 const seenInterval = time.Hour
 
 // flushSeen writes last_seen for keys seen since it was last written, and
-// not written within minGap. The server calls it every minute with
-// seenInterval and once at shutdown with 0.
+// not written within minGap, in batches. A key whose proxy is online counts
+// as seen now: a proxy connected for longer than -reclaim-after is in use,
+// not abandoned. The server calls it every minute with seenInterval and
+// once at shutdown with 0.
 func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 	a.flushMu.Lock()
 	defer a.flushMu.Unlock()
 	now := a.now().UnixNano()
 	a.mu.RLock()
+	var marks []seenMark
 	var due []*allocation
-	for _, al := range a.byKey {
-		if al.settled == nil && al.lastSeen.Load() > al.storedSeen && now-al.seenWrittenAt >= int64(minGap) {
+	for key, al := range a.byKey {
+		online := a.online.has(key)
+		if online {
+			al.lastSeen.Store(max(al.lastSeen.Load(), now))
+		}
+		if a.busy[key] == nil && al.lastSeen.Load() > al.storedSeen && now-al.seenWrittenAt >= int64(minGap) {
 			due = append(due, al)
+			marks = append(marks, seenMark{key: key, seen: time.Unix(0, al.lastSeen.Load()).UTC(), online: online})
 		}
 	}
 	a.mu.RUnlock()
 	var firstErr error
 	written := 0
-	for _, al := range due {
-		seen := al.lastSeen.Load()
-		timer := time.NewTimer(a.timeout)
-		err := a.await(timer.C, func() error { return a.store.touch(al.Key, time.Unix(0, seen).UTC()) }, func(error) {})
-		timer.Stop()
+	const batch = 256
+	for i := 0; i < len(marks); i += batch {
+		j := min(i+batch, len(marks))
+		ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+		err := a.store.touch(ctx, marks[i:j])
+		cancel()
 		if err != nil {
 			if firstErr == nil {
 				firstErr = err
 			}
 			continue
 		}
-		al.storedSeen, al.seenWrittenAt = seen, now
-		written++
+		a.mu.Lock()
+		for k := i; k < j; k++ {
+			due[k].storedSeen, due[k].seenWrittenAt = marks[k].seen.UnixNano(), now
+		}
+		a.mu.Unlock()
+		written += j - i
 	}
 	return written, firstErr
 }
 
-// choosePort applies the rules for a key that needs a port: quota, then
-// the requested port or a fresh one from the user's pool: never-used ports
-// first (lowest first), then given-back ports (longest free first), then,
-// with reclaim on, the port of the key unseen for longest. victim is that
-// key. Called with mu held.
-func (a *allocator) choosePort(key string, req proxyRequest, newKey bool) (port int, how outcome, victim *allocation, err error) {
-	up := a.policy.forUser(req.User)
-	if newKey && up.maxPorts > 0 && a.perUser[req.User] >= up.maxPorts {
-		return 0, "", nil, &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
-	}
-	if req.RemotePort != 0 {
-		if err := a.checkRequested(key, req.RemotePort); err != nil {
-			return 0, "", nil, err
-		}
-		if err := a.checkPolicy(req.User, up, req.RemotePort); err != nil {
-			return 0, "", nil, err
-		}
-		if a.byPort[req.RemotePort] == nil && a.probe != nil && a.probe(req.RemotePort) != nil {
-			return 0, "", nil, &portError{port: req.RemotePort, err: errPortInUse}
-		}
-		return req.RemotePort, outcomeRequested, nil, nil
-	}
-	var busy portSet // ports the bind test refused during this search
-	usable := func(p int) bool {
-		if a.probe == nil {
-			return true
-		}
-		if err := a.probe(p); err != nil {
-			a.log.Debug("port failed the bind test", "port", p, "err", err)
-			busy.add(p)
-			return false
-		}
-		return true
-	}
-	for p := up.ports.nextFree(0, &a.held, &a.freed, &busy); p >= 0; p = up.ports.nextFree(p+1, &a.held, &a.freed, &busy) {
-		if usable(p) {
-			return p, outcomeNew, nil, nil
-		}
-	}
-	for _, f := range a.freeQueue {
-		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.staleFreed(f) && usable(p) {
-			return p, outcomeNew, nil, nil
-		}
-	}
-	if victim := a.abandoned(up.ports); victim != nil {
-		return victim.Port, outcomeNew, victim, nil
-	}
-	spec := up.portSpec
-	if spec == "" {
-		spec = "(empty)"
-	}
-	if up.rule != nil && up.rule.ports != nil {
-		spec += " of " + up.rule.name()
-	}
-	return 0, "", nil, &poolError{pool: spec}
+// proxyID names one proxy of one client, as CloseProxy names it.
+type proxyID struct{ user, name string }
+
+// onlineProxies tracks which proxies frps reported as registered and not
+// yet closed (NewProxy allowed, CloseProxy not seen), per key: a group key
+// is online while any member is. restored keys were online when the
+// previous run last wrote their last_seen; they stay online until their
+// proxy closes or registers again (frps re-sends nothing for proxies that
+// stayed connected through a restart of this plugin).
+type onlineProxies struct {
+	mu       sync.Mutex
+	proxies  map[proxyID]string // -> key
+	keys     map[string]int     // key -> proxies online
+	restored map[string]bool
 }
 
-// abandoned returns the allocation in ports unseen for longest, if it has
-// been unseen for longer than the policy's reclaimAfter. Called with mu held.
-func (a *allocator) abandoned(ports *portSet) *allocation {
-	if a.policy.reclaimAfter <= 0 {
-		return nil
-	}
-	cutoff := a.now().Add(-a.policy.reclaimAfter).UnixNano()
-	var oldest *allocation
-	for port, al := range a.byPort {
-		seen := al.lastSeen.Load()
-		if al.settled == nil && ports.has(port) && seen < cutoff && (oldest == nil || seen < oldest.lastSeen.Load()) {
-			oldest = al
+func (o *onlineProxies) init() {
+	o.proxies, o.keys, o.restored = map[proxyID]string{}, map[string]int{}, map[string]bool{}
+}
+
+// opened records that frps registered req's proxy under key.
+func (o *onlineProxies) opened(id proxyID, key string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	delete(o.restored, key)
+	if old, ok := o.proxies[id]; ok {
+		if old == key {
+			return
 		}
+		o.closeKey(old)
 	}
-	return oldest
+	o.proxies[id] = key
+	o.keys[key]++
+}
+
+// closed records frps's CloseProxy of id.
+func (o *onlineProxies) closed(id proxyID) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if key, ok := o.proxies[id]; ok {
+		delete(o.proxies, id)
+		o.closeKey(key)
+		return
+	}
+	// A proxy registered before this plugin restarted: CloseProxy carries
+	// no group, so only a proxy keyed by its own name can be matched.
+	delete(o.restored, proxyRequest{User: id.user, ProxyName: id.name}.key())
+}
+
+func (o *onlineProxies) closeKey(key string) {
+	if o.keys[key]--; o.keys[key] <= 0 {
+		delete(o.keys, key)
+	}
+}
+
+func (o *onlineProxies) restore(key string) {
+	o.mu.Lock()
+	o.restored[key] = true
+	o.mu.Unlock()
+}
+
+func (o *onlineProxies) has(key string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.keys[key] > 0 || o.restored[key]
+}
+
+// proxyOpened and proxyClosed are what the handler tells of frps's
+// NewProxy (once allowed) and CloseProxy.
+func (a *allocator) proxyOpened(req proxyRequest) {
+	a.online.opened(proxyID{validUTF8(req.User), validUTF8(req.ProxyName)}, proxyRequest{User: validUTF8(req.User),
+		ProxyName: validUTF8(req.ProxyName), Group: validUTF8(req.Group)}.key())
+}
+
+func (a *allocator) proxyClosed(user, name string) {
+	a.online.closed(proxyID{validUTF8(user), validUTF8(name)})
 }
 
 // checkRequested says whether key may have port as far as the pool goes.
@@ -777,14 +1096,11 @@ func (a *allocator) stats() poolStats {
 	return s
 }
 
-// snapshot lists every settled allocation, sorted by port.
+// snapshot lists every allocation, sorted by port.
 func (a *allocator) snapshot() []allocationView {
 	a.mu.RLock()
 	out := make([]allocationView, 0, len(a.byPort))
 	for _, al := range a.byPort {
-		if al.settled != nil {
-			continue
-		}
 		out = append(out, a.view(al))
 	}
 	a.mu.RUnlock()
@@ -807,23 +1123,15 @@ func (a *allocator) view(al *allocation) allocationView {
 		OutsidePolicy: !a.policy.forUser(al.User).ports.has(al.Port)}
 }
 
-// find returns key's settled allocation as operators see it.
+// find returns key's allocation as operators see it.
 func (a *allocator) find(key string) (allocationView, bool) {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	al := a.byKey[validUTF8(key)]
-	if al == nil || al.settled != nil {
+	if al == nil {
 		return allocationView{}, false
 	}
 	return a.view(al), true
-}
-
-func recordOf(al *allocation) *record {
-	if al == nil {
-		return nil
-	}
-	r := al.record
-	return &r
 }
 
 // keyNames returns the proxy or group name a key stands for.

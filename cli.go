@@ -176,6 +176,7 @@ type exportFile struct {
 type exportRecord struct {
 	record
 	LastSeen time.Time `json:"last_seen,omitzero"`
+	Online   bool      `json:"online,omitempty"`
 }
 
 // runStoreTool exports or imports the allocations of a data directory. It
@@ -191,13 +192,14 @@ func runStoreTool(cmd string, args []string, getenv func(string) string, stdout,
 	if cfg.store != "file" && cfg.store != "bbolt" {
 		return fmt.Errorf("-store %q: want file or bbolt", cfg.store)
 	}
-	store, unlock, err := openStore(cfg)
+	store, unlock, err := openStore(cfg, nil)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	defer store.close()
-	got, err := store.load()
+	ctx := context.Background()
+	got, err := store.load(ctx)
 	if err != nil {
 		return err
 	}
@@ -246,25 +248,26 @@ func runStoreTool(cmd string, args []string, getenv func(string) string, stdout,
 		byPort[r.Port] = r.Key
 	}
 	imported := 0
+	now := time.Now().UTC()
 	for _, r := range file.Allocations {
 		if r.CreatedAt.IsZero() {
-			r.CreatedAt = time.Now().UTC()
+			r.CreatedAt = now
 		}
 		if r.AssignedAt.IsZero() {
 			r.AssignedAt = r.CreatedAt
 		}
-		var prev *record
+		c := claim{want: r.record, at: now}
 		if old, ok := byKey[r.Key]; ok {
 			if old.Port == r.Port {
 				continue
 			}
-			prev = &old
+			c.old = &old
 		}
-		if err := store.claim(r.record, prev); err != nil {
+		if _, err := store.claim(ctx, c); err != nil {
 			return fmt.Errorf("import %q: %v", r.Key, err)
 		}
 		if !r.LastSeen.IsZero() {
-			if err := store.touch(r.Key, r.LastSeen); err != nil {
+			if err := store.touch(ctx, []seenMark{{key: r.Key, seen: r.LastSeen}}); err != nil {
 				return fmt.Errorf("import %q: %v", r.Key, err)
 			}
 		}

@@ -4,10 +4,12 @@ go 1.26
 
 require (
 	github.com/fatedier/frp v0.65.0
+	github.com/pelletier/go-toml/v2 v2.2.0
 	github.com/philippgille/gokv v0.7.0
 	github.com/philippgille/gokv/bbolt v0.7.0
 	github.com/philippgille/gokv/file v0.7.0
 	github.com/prometheus/client_golang v1.23.2
+	go.etcd.io/bbolt v1.3.8
 	golang.org/x/sys v0.35.0
 )
 
@@ -18,7 +20,6 @@ require (
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
 	github.com/kr/text v0.2.0 // indirect
 	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect
-	github.com/pelletier/go-toml/v2 v2.2.0 // indirect
 	github.com/philippgille/gokv/encoding v0.7.0 // indirect
 	github.com/philippgille/gokv/util v0.7.0 // indirect
 	github.com/prometheus/client_model v0.6.2 // indirect
@@ -27,7 +28,6 @@ require (
 	github.com/samber/lo v1.47.0 // indirect
 	github.com/spf13/cobra v1.8.0 // indirect
 	github.com/spf13/pflag v1.0.5 // indirect
-	go.etcd.io/bbolt v1.3.8 // indirect
 	go.yaml.in/yaml/v2 v2.4.2 // indirect
 	golang.org/x/text v0.28.0 // indirect
 	google.golang.org/protobuf v1.36.8 // indirect

@@ -89,6 +89,9 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, answerInvalid)
 		return
 	}
+	if req.op == "CloseProxy" && req.proxy.ProxyName != "" {
+		s.alloc.proxyClosed(req.proxy.User, req.proxy.ProxyName)
+	}
 	if req.op != "NewProxy" {
 		s.decided(start, decisionPassthrough, slog.LevelDebug, reqid, slog.String("op", req.op))
 		writeJSON(w, http.StatusOK, answerUnchanged)
@@ -115,6 +118,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, rejectAnswer(reason))
 		return
 	}
+	s.alloc.proxyOpened(p)
 	out.Write(appendAllowed(out.AvailableBuffer(), req.rawContent, port))
 	writeJSON(w, http.StatusOK, out.Bytes())
 	s.decided(start, string(how), slog.LevelInfo, append(who, slog.Int("port", port))...)
@@ -319,7 +323,13 @@ func rejectReason(err error) string {
 	case errors.Is(err, errStoreTimedOut):
 		return "frp-port-keeper could not store the port allocation: " + errStoreTimedOut.Error() + "; try again"
 	case errors.Is(err, errStoreFailed):
-		return "frp-port-keeper could not store the port allocation: " + errStoreFailed.Error() + "; try again"
+		why := errStoreFailed.Error()
+		for _, known := range []error{errStoreFull, errStoreReadOnly, errStoreGone} {
+			if errors.Is(err, known) {
+				why += " (" + known.Error() + ")"
+			}
+		}
+		return "frp-port-keeper could not store the port allocation: " + why + "; try again"
 	}
 	return "frp-port-keeper internal error"
 }

@@ -248,8 +248,8 @@ func TestUnknownFieldsRoundTrip(t *testing.T) {
 // with a reason, within the deadline.
 func TestStoreFaultsReject(t *testing.T) {
 	dir := t.TempDir()
-	kv := &faultyKV{Store: newFileKV(t, dir)}
-	a := newAllocatorOn(t, &kvStore{kv: kv, dir: dir}, "30000-30009", allocatorOptions{storeTimeout: 200 * time.Millisecond})
+	store, kv := newFaultyStore(t, dir)
+	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{storeTimeout: 200 * time.Millisecond})
 	h := newServer(a, testLogger(t), serverOptions{})
 
 	kv.set(errDiskFull, nil)

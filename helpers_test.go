@@ -47,7 +47,7 @@ var storeKinds = []string{"file", "bbolt"}
 // lock included.
 func openTestStore(t testing.TB, kind, dir string) portStore {
 	t.Helper()
-	store, unlock, err := openStore(config{dataDir: dir, store: kind})
+	store, unlock, err := openStore(config{dataDir: dir, store: kind}, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +58,7 @@ func openTestStore(t testing.TB, kind, dir string) portStore {
 // newTestAllocator opens an allocator over a file store in dir with pool.
 func newTestAllocator(t testing.TB, dir, pool string, opts allocatorOptions) *allocator {
 	t.Helper()
-	return newAllocatorOn(t, &kvStore{kv: newFileKV(t, dir), dir: dir}, pool, opts)
+	return newAllocatorOn(t, newTestStore(t, dir), pool, opts)
 }
 
 func newAllocatorOn(t testing.TB, store portStore, pool string, opts allocatorOptions) *allocator {
@@ -130,42 +130,80 @@ func portOf(t testing.TB, body string) int {
 	return port
 }
 
-// faultyKV is a gokv.Store whose writes fail or stall on demand.
-type faultyKV struct {
-	gokv.Store
+// faultyOps are a file store's writes, failing or stalling on demand.
+type faultyOps struct {
+	fileOps
 	mu    sync.Mutex
-	fail  error         // returned by Set and Delete when set
-	stall chan struct{} // Set and Delete block until it is closed, when set
+	fail  error         // returned by every write when set
+	stall chan struct{} // writes block until it is closed, when set
+	// failOn, when set, picks the writes that fail with fail.
+	failOn func(op, name string) bool
 }
 
-func (f *faultyKV) set(fail error, stall chan struct{}) {
+func (f *faultyOps) set(fail error, stall chan struct{}) {
 	f.mu.Lock()
-	f.fail, f.stall = fail, stall
+	f.fail, f.stall, f.failOn = fail, stall, nil
 	f.mu.Unlock()
 }
 
-func (f *faultyKV) fault() error {
+// failWhen makes only the writes that pick chooses fail with err.
+func (f *faultyOps) failWhen(err error, pick func(op, name string) bool) {
 	f.mu.Lock()
-	fail, stall := f.fail, f.stall
+	f.fail, f.stall, f.failOn = err, nil, pick
+	f.mu.Unlock()
+}
+
+func (f *faultyOps) fault(op, name string) error {
+	f.mu.Lock()
+	fail, stall, pick := f.fail, f.stall, f.failOn
 	f.mu.Unlock()
 	if stall != nil {
 		<-stall
 	}
+	if pick != nil && !pick(op, name) {
+		return nil
+	}
 	return fail
 }
 
-func (f *faultyKV) Set(k string, v any) error {
-	if err := f.fault(); err != nil {
+func (f *faultyOps) writeFile(name string, data []byte) error {
+	if err := f.fault("write", name); err != nil {
 		return err
 	}
-	return f.Store.Set(k, v)
+	return f.fileOps.writeFile(name, data)
 }
 
-func (f *faultyKV) Delete(k string) error {
-	if err := f.fault(); err != nil {
+func (f *faultyOps) rename(from, to string) error {
+	if err := f.fault("rename", to); err != nil {
 		return err
 	}
-	return f.Store.Delete(k)
+	return f.fileOps.rename(from, to)
+}
+
+func (f *faultyOps) remove(name string) error {
+	if err := f.fault("remove", name); err != nil {
+		return err
+	}
+	return f.fileOps.remove(name)
+}
+
+// newTestStore opens a file store on dir without the directory lock.
+func newTestStore(t testing.TB, dir string) *fileStore {
+	t.Helper()
+	s, err := openFileStore(dir, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// newFaultyStore is a file store on dir whose writes fail on demand.
+func newFaultyStore(t testing.TB, dir string) (*fileStore, *faultyOps) {
+	t.Helper()
+	s := newTestStore(t, dir)
+	f := &faultyOps{fileOps: s.ops}
+	s.ops = f
+	return s, f
 }
 
 var errDiskFull = errors.New("no space left on device")
@@ -191,4 +229,13 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// fakeClock is a clock that moves only when told to.
+func fakeClock(start time.Time) (now func() time.Time, advance func(time.Duration)) {
+	var mu sync.Mutex
+	clock := start
+	now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	advance = func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+	return now, advance
 }

@@ -3,10 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // lockFile is the data directory's lock; it holds the owner's pid.
@@ -21,6 +23,15 @@ var errLocked = errors.New("locked by another process")
 func lockDir(dir string) (unlock func(), err error) {
 	path := filepath.Join(dir, lockFile)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	readOnly := err != nil && (errors.Is(err, syscall.EROFS) || errors.Is(err, fs.ErrPermission))
+	if readOnly {
+		// A directory nobody can write: the lock is still taken on the
+		// existing file, and without one no writer can start either.
+		f, err = os.Open(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return func() {}, nil
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("lock data directory: %v", err)
 	}
@@ -32,6 +43,9 @@ func lockDir(dir string) (unlock func(), err error) {
 			return nil, fmt.Errorf("data directory %s is in use by another frp-port-keeper (pid %s); one server per directory", dir, pid)
 		}
 		return nil, fmt.Errorf("lock data directory: %v", err)
+	}
+	if readOnly {
+		return func() { f.Close() }, nil
 	}
 	f.Truncate(0)
 	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)

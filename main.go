@@ -21,9 +21,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/philippgille/gokv/bbolt"
-	"github.com/philippgille/gokv/file"
 )
 
 // version is stamped at build time (make build: git describe).
@@ -100,7 +97,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return err
 	}
-	store, unlock, err := openStore(cfg)
+	store, unlock, err := openStore(cfg, log)
 	if err != nil {
 		return err
 	}
@@ -120,8 +117,11 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	for _, p := range got.problems {
 		log.Warn("store repaired", "problem", p)
 	}
-	count, warm := len(got.allocations), got.fromCheckpoint
-	got = loaded{}
+	if got.degraded != "" {
+		log.Error("the store cannot take writes: serving the allocations it holds, refusing new keys", "why", got.degraded)
+	}
+	count, from := len(got.allocations), got.from
+	got = snapshot{}
 	// Loading made garbage many times the size of what stays: hand it back
 	// now rather than carry it until the heap grows again.
 	runtime.GC()
@@ -144,7 +144,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
-		"pool_size", plan.pool.len(), "allocations", count, "from_checkpoint", warm, "store", cfg.store,
+		"pool_size", plan.pool.len(), "allocations", count, "loaded_from", from, "store", cfg.store,
 		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
 	logOut.sync() // the start-up report is out before the first answer
@@ -154,6 +154,9 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		ln = tls.NewListener(ln, tlsConfig)
 	}
 	go func() { errc <- srv.Serve(ln) }()
+	followCtx, stopFollow := context.WithCancel(context.Background())
+	defer stopFollow()
+	go alloc.follow(followCtx)
 	flush := time.NewTicker(time.Minute)
 	defer flush.Stop()
 	hup := make(chan os.Signal, 1)
@@ -189,19 +192,18 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	} else {
 		log.Info("stored last_seen", "keys", n)
 	}
-	if cerr := alloc.saveCheckpoint(); cerr != nil {
-		log.Warn("checkpoint not written; the next start reads every record", "err", cerr)
-	}
+	stopFollow()
 	if cerr := store.close(); err == nil {
 		err = cerr
 	}
 	return err
 }
 
-// openStore locks the data directory and opens the chosen backend in it.
-// The lock comes first: two servers on one directory would hand out the
-// same ports, and gokv's bbolt would wait forever for the other's lock.
-func openStore(cfg config) (portStore, func(), error) {
+// openStore opens the chosen backend. For file and bbolt it locks the data
+// directory first: two servers on one directory would hand out the same
+// ports. A directory that cannot be written is opened all the same, so the
+// allocations it holds are still served.
+func openStore(cfg config, log *slog.Logger) (portStore, func(), error) {
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("-data-dir: %v", err)
 	}
@@ -209,30 +211,20 @@ func openStore(cfg config) (portStore, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	// The checkpoint lives in a folder of its own, so writing it never
-	// touches the mtime of the record directory it vouches for.
-	cpDir := filepath.Join(cfg.dataDir, checkpointDir)
-	if err := os.MkdirAll(cpDir, 0o700); err != nil {
-		unlock()
-		return nil, nil, fmt.Errorf("-data-dir: %v", err)
-	}
 	switch cfg.store {
 	case "bbolt":
-		path := filepath.Join(cfg.dataDir, "allocations.bbolt")
-		mtime, _ := mtimeOf(path)
-		kv, err := bbolt.NewStore(bbolt.Options{Path: path})
+		store, err := openBoltStore(filepath.Join(cfg.dataDir, "allocations.bbolt"), log)
 		if err != nil {
 			unlock()
-			return nil, nil, fmt.Errorf("open bbolt store: %v", err)
+			return nil, nil, err
 		}
-		return &kvStore{kv: kv, checkpoint: filepath.Join(cpDir, "bbolt.json"), watch: path, openedMtime: mtime}, unlock, nil
+		return store, unlock, nil
 	default:
-		kv, err := file.NewStore(file.Options{Directory: cfg.dataDir})
+		store, err := openFileStore(cfg.dataDir, log)
 		if err != nil {
 			unlock()
-			return nil, nil, fmt.Errorf("open file store: %v", err)
+			return nil, nil, err
 		}
-		mtime, _ := mtimeOf(cfg.dataDir)
-		return &kvStore{kv: kv, dir: cfg.dataDir, checkpoint: filepath.Join(cpDir, "file.json"), watch: cfg.dataDir, openedMtime: mtime}, unlock, nil
+		return store, unlock, nil
 	}
 }

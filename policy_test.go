@@ -280,11 +280,11 @@ func TestPolicyReload(t *testing.T) {
 // its port.
 func TestReclaimStoreFailure(t *testing.T) {
 	dir := t.TempDir()
-	kv := &faultyKV{Store: newFileKV(t, dir)}
+	store, kv := newFaultyStore(t, dir)
 	clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var mu sync.Mutex
 	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	a := newAllocatorOn(t, &kvStore{kv: kv, dir: dir}, "30000-30000",
+	a := newAllocatorOn(t, store, "30000-30000",
 		allocatorOptions{policy: mustPolicy(t, "", "30000-30000", 0, time.Hour), now: now})
 	mustAllocate(t, a, req("u", "old", "tcp"))
 	mu.Lock()

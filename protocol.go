@@ -67,6 +67,10 @@ func decodePluginRequest(body []byte, queryOp string) (pluginRequest, error) {
 			content = body[m.start:m.end]
 		}
 	}
+	if req.op == "CloseProxy" {
+		decodeCloseProxy(content, &req)
+		return req, nil
+	}
 	if req.op != "NewProxy" {
 		return req, nil
 	}
@@ -131,6 +135,32 @@ func decodeNewProxy(content []byte, req *pluginRequest) error {
 	}
 	req.hasPort = proxyTypesWithPort[req.proxy.ProxyType]
 	return nil
+}
+
+// decodeCloseProxy reads who closed which proxy. CloseProxy only feeds
+// the online state, so a body it cannot read is passed through unchanged:
+// req.proxy.ProxyName stays empty.
+func decodeCloseProxy(content []byte, req *pluginRequest) {
+	var members [16]member
+	fields, ok := objectMembers(content, members[:0])
+	if !ok {
+		return
+	}
+	var user, name string
+	for _, m := range fields {
+		raw := content[m.start:m.end]
+		switch {
+		case nameIs(m.name, "user"):
+			if u, _, ok := userName(raw); ok {
+				user = u
+			}
+		case nameIs(m.name, "proxy_name"):
+			if s, ok := decodeString(raw); ok {
+				name = s
+			}
+		}
+	}
+	req.proxy.User, req.proxy.ProxyName = user, name
 }
 
 // userName reads content.user, an object {user, metas, run_id} in NewProxy.

@@ -2,6 +2,9 @@ package main
 
 import (
 	"os"
+
+	"github.com/philippgille/gokv"
+	gokvbbolt "github.com/philippgille/gokv/bbolt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -38,7 +41,7 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	store := &kvStore{kv: newFileKV(t, dir), dir: dir}
+	store := newTestStore(t, dir)
 	set, _ := parsePorts("30000-30099")
 	a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
 	if err != nil {
@@ -61,7 +64,7 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 		t.Errorf("quarantine holds %d files; want %d", len(q), len(damage))
 	}
 	// The repairs were written: a second start finds nothing to report.
-	_, again, err := newAllocator(&kvStore{kv: newFileKV(t, dir), dir: dir}, set, allocatorOptions{})
+	_, again, err := newAllocator(newTestStore(t, dir), set, allocatorOptions{})
 	if err != nil || len(again.problems) != 0 || len(again.allocations) != len(allocs) {
 		t.Fatalf("second start: %v, problems %v, %d allocations", err, again.problems, len(again.allocations))
 	}
@@ -83,7 +86,8 @@ func TestLoadTornWithoutTwin(t *testing.T) {
 }
 
 // TestLoadInterruptedMove: every prefix of a move's writes reloads as one
-// allocation, on the old port or the new one, never both.
+// allocation, on the old port until the key record is replaced, on the
+// new one after, never both.
 func TestLoadInterruptedMove(t *testing.T) {
 	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	old := record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
@@ -91,28 +95,28 @@ func TestLoadInterruptedMove(t *testing.T) {
 	moved.Port, moved.AssignedAt = 30009, at.Add(time.Hour)
 	tests := []struct {
 		name     string
-		setup    func(s *kvStore)
+		setup    func(kv gokv.Store)
 		wantPort int
 	}{
-		{"new port record written", func(s *kvStore) {
-			s.kv.Set(portName(30001), old)
-			s.kv.Set(keyName("u.a"), old)
-			s.kv.Set(portName(30009), moved)
+		{"new port record written", func(kv gokv.Store) {
+			kv.Set(portName(30001), old)
+			kv.Set(keyName("u.a"), old)
+			kv.Set(portName(30009), moved)
 		}, 30001},
-		{"key record deleted", func(s *kvStore) {
-			s.kv.Set(portName(30001), old)
-			s.kv.Set(portName(30009), moved)
+		{"key record replaced", func(kv gokv.Store) {
+			kv.Set(portName(30001), old)
+			kv.Set(portName(30009), moved)
+			kv.Set(keyName("u.a"), moved)
 		}, 30009},
-		{"key record rewritten", func(s *kvStore) {
-			s.kv.Set(portName(30001), old)
-			s.kv.Set(portName(30009), moved)
-			s.kv.Set(keyName("u.a"), moved)
+		{"old port record deleted", func(kv gokv.Store) {
+			kv.Set(portName(30009), moved)
+			kv.Set(keyName("u.a"), moved)
 		}, 30009},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
-			tt.setup(&kvStore{kv: newFileKV(t, dir), dir: dir})
+			tt.setup(newFileKV(t, dir))
 			a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 			if r, _, ok := a.lookup("u.a"); !ok || r.Port != tt.wantPort {
 				t.Fatalf("u.a = %+v; want port %d", r, tt.wantPort)
@@ -124,6 +128,9 @@ func TestLoadInterruptedMove(t *testing.T) {
 			if n := len(a2.snapshot()); n != 1 {
 				t.Fatalf("after repair, %d allocations; want 1", n)
 			}
+			if _, err := os.Stat(storeFile(dir, portName(30001+30009-tt.wantPort))); !os.IsNotExist(err) {
+				t.Fatalf("the losing port record is still there (%v)", err)
+			}
 		})
 	}
 }
@@ -133,10 +140,9 @@ func TestLoadInterruptedMove(t *testing.T) {
 func TestLoadConflictingKeyRecord(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
 	os.Remove(storeFile(dir, portName(30002)))
-	s := &kvStore{kv: newFileKV(t, dir), dir: dir}
 	// u.b's port record is gone and its key record now points at u.a's port.
 	b := record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
-	s.kv.Set(keyName("u.b"), b)
+	newFileKV(t, dir).Set(keyName("u.b"), b)
 	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if r, _, _ := a.lookup("u.a"); r.Port != 30001 {
 		t.Fatalf("u.a = %d; want 30001", r.Port)
@@ -146,15 +152,48 @@ func TestLoadConflictingKeyRecord(t *testing.T) {
 	}
 }
 
-// TestLoadScanWithoutListing: a gokv store that cannot list (bbolt, say)
-// loads by scanning port records.
-func TestLoadScanWithoutListing(t *testing.T) {
-	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30099})
-	a := newAllocatorOn(t, &kvStore{kv: newFileKV(t, dir)}, "30000-30099", allocatorOptions{})
-	for key, port := range map[string]int{"u.a": 30001, "u.b": 30099} {
-		if r, _, ok := a.lookup(key); !ok || r.Port != port {
-			t.Errorf("%s = %+v; want %d", key, r, port)
+// TestStoresReadGokvLayout: records written by gokv itself (as every
+// earlier version wrote them, file and bbolt) load unchanged.
+func TestStoresReadGokvLayout(t *testing.T) {
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	recs := []record{
+		{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at},
+		{Key: "group:web", Port: 30099, User: "v", ProxyName: "v.w1", ProxyType: "tcp", Group: "web", CreatedAt: at, AssignedAt: at},
+	}
+	write := func(t *testing.T, kv gokv.Store) {
+		for _, r := range recs {
+			if err := kv.Set(portName(r.Port), r); err != nil {
+				t.Fatal(err)
+			}
+			if err := kv.Set(keyName(r.Key), r); err != nil {
+				t.Fatal(err)
+			}
 		}
+		kv.Set(seenName("u.a"), seenRecord{Key: "u.a", LastSeen: at.Add(time.Hour)})
+		kv.Close()
+	}
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			dir := t.TempDir()
+			if kind == "bbolt" {
+				kv, err := gokvbbolt.NewStore(gokvbbolt.Options{Path: filepath.Join(dir, "allocations.bbolt")})
+				if err != nil {
+					t.Fatal(err)
+				}
+				write(t, kv)
+			} else {
+				write(t, newFileKV(t, dir))
+			}
+			a := newAllocatorOn(t, openTestStore(t, kind, dir), "30000-30099", allocatorOptions{})
+			for _, r := range recs {
+				if got, _, ok := a.lookup(r.Key); !ok || !sameRecord(got, r) {
+					t.Errorf("%s = %+v; want %+v", r.Key, got, r)
+				}
+			}
+			if _, seen, _ := a.lookup("u.a"); !seen.Equal(at.Add(time.Hour)) {
+				t.Errorf("u.a last seen %v; want %v", seen, at.Add(time.Hour))
+			}
+		})
 	}
 }
 
@@ -181,68 +220,91 @@ func TestLongAndHostileKeysStore(t *testing.T) {
 	}
 }
 
-// TestCheckpoint: a clean shutdown's checkpoint makes the next start read
-// one file; any store change after it makes the start read every record.
+// TestCheckpoint: a clean stop's checkpoint makes the next start read one
+// file; that start deletes it before any write, so a crash after it reads
+// every record again and finds every write made since.
 func TestCheckpoint(t *testing.T) {
-	for _, kind := range storeKinds {
-		t.Run(kind, func(t *testing.T) {
-			cfg := config{dataDir: t.TempDir(), store: kind}
-			open := func() (*allocator, loaded, func()) {
-				t.Helper()
-				store, unlock, err := openStore(cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				set, _ := parsePorts("30000-30099")
-				a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
-				if err != nil {
-					t.Fatal(err)
-				}
-				return a, got, func() { store.close(); unlock() }
-			}
-			a, got, done := open()
-			if got.fromCheckpoint {
-				t.Fatal("an empty directory loaded from a checkpoint")
-			}
-			mustAllocate(t, a, req("u", "u.a", "tcp"))
-			mustAllocate(t, a, req("u", "u.b", "udp"))
-			mustAllocate(t, a, req("u", "u.c", "tcp"))
-			if err := a.release("u.b"); err != nil {
-				t.Fatal(err)
-			}
-			_, seenA, _ := a.lookup("u.a")
-			if err := a.saveCheckpoint(); err != nil {
-				t.Fatal(err)
-			}
-			done()
+	cfg := config{dataDir: t.TempDir(), store: "file"}
+	open := func() (*allocator, snapshot, portStore, func()) {
+		t.Helper()
+		store, unlock, err := openStore(cfg, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		set, _ := parsePorts("30000-30099")
+		a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a, got, store, unlock
+	}
+	crash := func(store portStore, unlock func()) { store.(*fileStore).root.Close(); unlock() }
+	stop := func(a *allocator, store portStore, unlock func()) {
+		if _, err := a.flushSeen(0); err != nil {
+			t.Fatal(err)
+		}
+		store.close()
+		unlock()
+	}
+	a, got, store, unlock := open()
+	if got.from == "checkpoint" {
+		t.Fatal("an empty directory loaded from a checkpoint")
+	}
+	mustAllocate(t, a, req("u", "u.a", "tcp"))
+	mustAllocate(t, a, req("u", "u.b", "udp"))
+	mustAllocate(t, a, req("u", "u.c", "tcp"))
+	if err := a.release("u.b"); err != nil {
+		t.Fatal(err)
+	}
+	_, seenA, _ := a.lookup("u.a")
+	stop(a, store, unlock)
 
-			a, got, done = open()
-			if !got.fromCheckpoint {
-				t.Fatal("a clean restart read every record; want the checkpoint")
-			}
-			if r, seen, ok := a.lookup("u.a"); !ok || r.Port != 30000 || !seen.Equal(seenA) {
-				t.Fatalf("u.a from the checkpoint = %+v %v; want 30000 seen %v", r, seen, seenA)
-			}
-			if _, _, ok := a.lookup("u.b"); ok {
-				t.Fatal("released u.b came back from the checkpoint")
-			}
-			// 30001 was given back: never-used 30003 comes first, then 30001.
-			if p, _ := mustAllocate(t, a, req("u", "u.d", "tcp")); p != 30003 {
-				t.Fatalf("after a warm start u.d = %d; want 30003", p)
-			}
-			// The process dies here without a checkpoint.
-			done()
+	a, got, store, unlock = open()
+	if got.from != "checkpoint" {
+		t.Fatalf("a clean restart loaded from %q; want the checkpoint", got.from)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.dataDir, checkpointName)); !os.IsNotExist(err) {
+		t.Fatalf("the checkpoint outlived the start that used it (%v)", err)
+	}
+	if r, seen, ok := a.lookup("u.a"); !ok || r.Port != 30000 || !seen.Equal(seenA) {
+		t.Fatalf("u.a from the checkpoint = %+v %v; want 30000 seen %v", r, seen, seenA)
+	}
+	if _, _, ok := a.lookup("u.b"); ok {
+		t.Fatal("released u.b came back from the checkpoint")
+	}
+	// 30001 was given back: never-used 30003 comes first, then 30001.
+	if p, _ := mustAllocate(t, a, req("u", "u.d", "tcp")); p != 30003 {
+		t.Fatalf("after a warm start u.d = %d; want 30003", p)
+	}
+	stop(a, store, unlock)
 
-			a, got, done = open()
-			defer done()
-			if got.fromCheckpoint {
-				t.Fatal("a start after a crash trusted a checkpoint older than the store")
-			}
-			for key, port := range map[string]int{"u.a": 30000, "u.c": 30002, "u.d": 30003} {
-				if r, _, ok := a.lookup(key); !ok || r.Port != port {
-					t.Errorf("after the crash %s = %+v; want %d", key, r, port)
-				}
-			}
-		})
+	a, got, store, unlock = open()
+	if got.from != "checkpoint" {
+		t.Fatalf("the second clean restart loaded from %q; want the checkpoint", got.from)
+	}
+	// A record rewritten in place leaves the directory's mtime alone: a
+	// checkpoint trusted by mtime would hide it after a crash.
+	later := time.Now().Round(0)
+	a.now = func() time.Time { return later }
+	if p, how, _ := a.allocate(req("u", "u.c", "tcp")); p != 30002 || how != outcomeHit {
+		t.Fatalf("u.c = %d %s; want a hit on 30002", p, how)
+	}
+	if _, err := a.flushSeen(0); err != nil {
+		t.Fatal(err)
+	}
+	crash(store, unlock)
+
+	a, got, store, unlock = open()
+	defer crash(store, unlock)
+	if got.from == "checkpoint" {
+		t.Fatal("a start after a crash trusted a checkpoint")
+	}
+	for key, port := range map[string]int{"u.a": 30000, "u.c": 30002, "u.d": 30003} {
+		if r, _, ok := a.lookup(key); !ok || r.Port != port {
+			t.Errorf("after the crash %s = %+v; want %d", key, r, port)
+		}
+	}
+	if _, seen, _ := a.lookup("u.c"); !seen.Equal(later) {
+		t.Errorf("after the crash u.c last seen %v; want %v (written after the warm start)", seen, later)
 	}
 }

@@ -1,0 +1,623 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// fileStore keeps every record as a JSON file in the data directory, laid
+// out as gokv's file store lays them out (url.PathEscape(name)+".json"), so
+// a person can read them and gokv can still open them. It does its own
+// writes, through a handle on the directory it loaded (os.Root): a key
+// record is replaced whole (temporary file, then rename), which makes it
+// the commit point of every change, and a directory removed or replaced
+// while the server runs is never written to.
+//
+// What is on disk after each step of each write, and what a start makes of
+// it (resolve in store.go is the rule):
+//
+//	new key K on P:   1 port-P{K}          -> unfinished: dropped, P free
+//	                  2 key-K{P} (rename)  -> K on P (committed)
+//	move K, P to Q:   1 port-Q{K}          -> K on P; port-Q dropped
+//	                  2 key-K{Q} (rename)  -> K on Q; port-P dropped
+//	                  3 port-P deleted     -> K on Q
+//	reclaim V's P:    1 port-P{K}          -> V on P; port-P rewritten for V
+//	                  2 key-K{P} (rename)  -> K on P; key-V set aside
+//	                  3 key-V deleted      -> K on P
+//	release K on P:   1 key-K deleted      -> P free; port-P dropped
+//	                  2 port-P deleted     -> P free
+//
+// A step that fails leaves the state of the step before it: nothing is
+// acknowledged until step 2 (release: 1) succeeded, and leftovers of later
+// steps are deleted at the next write or start.
+type fileStore struct {
+	dir  string
+	root *os.Root
+	ops  fileOps // the root's writes; tests wrap it to inject faults
+	log  *slog.Logger
+
+	mu  sync.Mutex
+	idx localIndex
+	// leftovers are record files of finished writes still to delete.
+	leftovers map[string]bool
+	loaded    bool
+	goneNoted bool
+}
+
+// fileOps are the writes a file store makes, relative to its directory.
+type fileOps interface {
+	writeFile(name string, data []byte) error
+	rename(from, to string) error
+	remove(name string) error
+}
+
+type rootOps struct{ root *os.Root }
+
+func (r rootOps) writeFile(name string, data []byte) error {
+	return r.root.WriteFile(name, data, 0o600)
+}
+func (r rootOps) rename(from, to string) error { return r.root.Rename(from, to) }
+func (r rootOps) remove(name string) error {
+	if err := r.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// quarantineDir is where unreadable files are moved, inside the data directory.
+const quarantineDir = "quarantine"
+
+// checkpointDir holds the shutdown checkpoint, inside the data directory.
+const checkpointDir = "checkpoint"
+
+// checkpointName is the checkpoint file, relative to the data directory.
+var checkpointName = filepath.Join(checkpointDir, "file.json")
+
+func openFileStore(dir string, log *slog.Logger) (*fileStore, error) {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open file store: %v", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &fileStore{dir: dir, root: root, ops: rootOps{root}, log: log, leftovers: map[string]bool{}}, nil
+}
+
+func fileOf(name string) string { return url.PathEscape(name) + ".json" }
+
+func (s *fileStore) load(ctx context.Context) (snapshot, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var problems []string
+	if snap, ok, why := s.loadCheckpoint(); ok {
+		s.idx, s.loaded = newLocalIndex(snap), true
+		snap.from = "checkpoint"
+		return snap, nil
+	} else if why != "" {
+		problems = append(problems, why)
+	}
+	raw, readProblems, err := s.readRecords()
+	if err != nil {
+		return snapshot{}, err
+	}
+	problems = append(problems, readProblems...)
+	res := resolve(raw)
+	problems = append(problems, res.problems...)
+	// Repairs make the records say what resolve decided; the decision
+	// stands whether or not they can be written.
+	var failed []string
+	note := func(what string, err error) {
+		if err != nil {
+			failed = append(failed, fmt.Sprintf("could not %s: %v", what, err))
+		}
+	}
+	for _, r := range res.rewrite {
+		note("rewrite "+portName(r.Port), s.writeRecord(portName(r.Port), r))
+	}
+	for _, r := range res.rewriteKeys {
+		note("rebuild "+keyName(r.Key), s.commitRecord(keyName(r.Key), r))
+	}
+	for _, port := range res.drop {
+		note("delete "+portName(port), s.ops.remove(fileOf(portName(port))))
+	}
+	for _, key := range res.setAside {
+		note("set aside "+keyName(key), s.quarantine(fileOf(keyName(key)), "in conflict with another record"))
+	}
+	snap := res.snapshot(raw)
+	snap.problems = append(problems, snap.problems...)
+	snap.problems = append(snap.problems, failed...)
+	if why := s.writable(); why != nil {
+		snap.degraded = why.Error()
+	}
+	snap.from = "records"
+	s.idx, s.loaded = newLocalIndex(snap), true
+	snap.rev = s.idx.rev
+	return snap, nil
+}
+
+// writable says why the directory cannot take writes, if it cannot.
+func (s *fileStore) writable() error {
+	const probe = ".write-test.tmp"
+	if err := s.ops.writeFile(probe, []byte("x")); err != nil {
+		return classify(err)
+	}
+	return s.ops.remove(probe)
+}
+
+// readRecords reads every record file (the allocator has not started yet,
+// so nothing writes meanwhile). Damaged files go to the quarantine folder.
+func (s *fileStore) readRecords() (rawRecords, []string, error) {
+	raw := newRawRecords()
+	var problems []string
+	d, err := s.root.Open(".")
+	if err != nil {
+		return raw, nil, fmt.Errorf("read data directory: %v", err)
+	}
+	entries, err := d.ReadDir(-1)
+	d.Close()
+	if err != nil {
+		return raw, nil, fmt.Errorf("read data directory: %v", err)
+	}
+	files := make(chan string, 256)
+	results := make(chan fileResult, 256)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) * 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for file := range files {
+				results <- s.readRecordFile(file)
+			}
+		}()
+	}
+	go func() {
+		for _, e := range entries {
+			name := e.Name()
+			if !e.Type().IsRegular() {
+				continue
+			}
+			if strings.HasSuffix(name, ".tmp") { // a write that never finished
+				s.ops.remove(name)
+				continue
+			}
+			if strings.HasSuffix(name, ".json") {
+				files <- name
+			}
+		}
+		close(files)
+		wg.Wait()
+		close(results)
+	}()
+	for r := range results {
+		if r.problem != "" {
+			problems = append(problems, r.problem)
+			if strings.HasPrefix(r.name, keyPrefix) {
+				raw.damagedKeys[r.name] = true
+			}
+			if err := s.quarantine(r.file, r.problem); err != nil {
+				problems = append(problems, fmt.Sprintf("could not quarantine %s: %v", r.file, err))
+			}
+			continue
+		}
+		switch {
+		case strings.HasPrefix(r.name, portPrefix):
+			raw.ports[r.rec.Port] = r.rec
+		case strings.HasPrefix(r.name, keyPrefix):
+			raw.keys[r.rec.Key] = r.rec
+		case strings.HasPrefix(r.name, seenPrefix):
+			raw.seen[r.seen.Key] = r.seen
+		case strings.HasPrefix(r.name, freedPrefix):
+			raw.freed[r.freed.Port] = r.freed.FreedAt
+		}
+	}
+	slices.Sort(problems)
+	return raw, problems, nil
+}
+
+// fileResult is what reading one file of the store directory found.
+type fileResult struct {
+	file    string
+	name    string
+	rec     record
+	seen    seenRecord
+	freed   freedRecord
+	problem string // set when the file is damaged
+}
+
+// readRecordFile reads and checks one file of the store directory.
+func (s *fileStore) readRecordFile(file string) (r fileResult) {
+	r.file = file
+	name, err := url.PathUnescape(strings.TrimSuffix(file, ".json"))
+	if err != nil {
+		return r // not a name we wrote; leave it alone
+	}
+	r.name = name
+	data, err := s.root.ReadFile(file)
+	if err != nil {
+		r.problem = fmt.Sprintf("%s: unreadable: %v", file, err)
+		return r
+	}
+	bad := func(why string) fileResult {
+		r.problem = fmt.Sprintf("%s: %s", file, why)
+		return r
+	}
+	switch {
+	case strings.HasPrefix(name, portPrefix):
+		port, err := strconv.Atoi(name[len(portPrefix):])
+		if err != nil {
+			return r // not ours
+		}
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.rec); err != nil {
+			return bad("not a valid record: " + err.Error())
+		}
+		if !validRecord(r.rec) || r.rec.Port != port {
+			return bad("record does not match its name")
+		}
+	case strings.HasPrefix(name, keyPrefix):
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.rec); err != nil {
+			return bad("not a valid record: " + err.Error())
+		}
+		if !validRecord(r.rec) || keyName(r.rec.Key) != name {
+			return bad("record does not match its name")
+		}
+	case strings.HasPrefix(name, seenPrefix):
+		if len(data) == 0 {
+			return bad("empty file")
+		}
+		if err := json.Unmarshal(data, &r.seen); err != nil || seenName(r.seen.Key) != name {
+			return bad("not a valid last-seen record")
+		}
+	case strings.HasPrefix(name, freedPrefix):
+		if err := json.Unmarshal(data, &r.freed); err != nil || freedName(r.freed.Port) != name {
+			return bad("not a valid freed-port record")
+		}
+	}
+	return r
+}
+
+// quarantine moves a damaged file out of the store, keeping it for a person
+// to look at.
+func (s *fileStore) quarantine(file, why string) error {
+	if err := s.root.MkdirAll(quarantineDir, 0o700); err != nil {
+		return err
+	}
+	dst := filepath.Join(quarantineDir, fmt.Sprintf("%s.%s", file, time.Now().UTC().Format("20060102T150405.000000000")))
+	if err := s.ops.rename(file, dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("quarantine %s (%s): %w", file, why, err)
+	}
+	return nil
+}
+
+// writeRecord writes a record file in place: for records whose loss or
+// tearing resolve repairs (port, seen and freed records).
+func (s *fileStore) writeRecord(name string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return classify(s.ops.writeFile(fileOf(name), data))
+}
+
+// commitRecord replaces a record file whole: a key record is either the
+// old one or the new one, whatever happens meanwhile.
+func (s *fileStore) commitRecord(name string, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	file := fileOf(name)
+	if err := s.ops.writeFile(file+".tmp", data); err != nil {
+		s.ops.remove(file + ".tmp")
+		return classify(err)
+	}
+	if err := s.ops.rename(file+".tmp", file); err != nil {
+		s.ops.remove(file + ".tmp")
+		return classify(err)
+	}
+	return nil
+}
+
+// ready checks that the store may write: loaded, and its directory is still
+// the one it loaded. Called with mu held.
+func (s *fileStore) ready() error {
+	if !s.loaded {
+		return errors.New("store not loaded")
+	}
+	if err := s.sameDir(); err != nil {
+		if !s.goneNoted {
+			s.goneNoted = true
+			s.log.Error("the data directory was removed or replaced: new keys are refused and no checkpoint will be written; restart frp-port-keeper",
+				"dir", s.dir, "err", err)
+		}
+		return err
+	}
+	s.sweep()
+	return nil
+}
+
+// sameDir says whether s.dir is still the directory the store opened.
+func (s *fileStore) sameDir() error {
+	opened, err := s.root.Stat(".")
+	if err != nil {
+		return fmt.Errorf("%w: %v", errStoreGone, err)
+	}
+	now, err := os.Stat(s.dir)
+	if err != nil || !os.SameFile(opened, now) {
+		return fmt.Errorf("%w (%s)", errStoreGone, s.dir)
+	}
+	return nil
+}
+
+// sweep deletes leftovers of finished writes. Called with mu held.
+func (s *fileStore) sweep() {
+	for name := range s.leftovers {
+		if s.ops.remove(name) == nil {
+			delete(s.leftovers, name)
+		}
+	}
+}
+
+// retire deletes a file that a committed write left behind, or remembers
+// it for later. Called with mu held.
+func (s *fileStore) retire(name string) {
+	if s.ops.remove(fileOf(name)) != nil {
+		s.leftovers[fileOf(name)] = true
+	}
+}
+
+func (s *fileStore) claim(_ context.Context, c claim) ([]change, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ready(); err != nil {
+		return nil, err
+	}
+	if err := s.idx.check(c); err != nil {
+		return nil, err
+	}
+	want := c.want
+	// Steps 1 and 2: the port record, then the commit.
+	delete(s.leftovers, fileOf(portName(want.Port)))
+	if err := s.writeRecord(portName(want.Port), want); err != nil {
+		s.undoPort(c)
+		return nil, err
+	}
+	if err := s.commitRecord(keyName(want.Key), want); err != nil {
+		s.undoPort(c)
+		return nil, err
+	}
+	// Committed; what follows only tidies up.
+	if c.victim != nil {
+		s.retire(keyName(c.victim.Key))
+		s.retire(seenName(c.victim.Key))
+	}
+	if c.old != nil && c.old.Port != want.Port {
+		s.retire(portName(c.old.Port))
+		s.writeRecord(freedName(c.old.Port), freedRecord{Port: c.old.Port, FreedAt: c.at.UTC()})
+	}
+	s.retire(freedName(want.Port))
+	return s.idx.claimed(c), nil
+}
+
+// undoPort puts the port record back as the index holds it after a claim
+// that did not commit, so no unfinished write lingers. Called with mu held.
+func (s *fileStore) undoPort(c claim) {
+	port := c.want.Port
+	if holder, ok := s.idx.byPort[port]; ok {
+		if s.writeRecord(portName(port), s.idx.byKey[holder]) != nil {
+			s.log.Warn("could not restore a port record; the next start repairs it", "port", port)
+		}
+		return
+	}
+	s.retire(portName(port))
+}
+
+func (s *fileStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ready(); err != nil {
+		return nil, err
+	}
+	if cur, ok := s.idx.byKey[r.Key]; !ok || !sameRecord(cur, r) {
+		return nil, &conflictError{current: s.idx.current(r.Key, r.Port)}
+	}
+	if err := s.ops.remove(fileOf(keyName(r.Key))); err != nil {
+		return nil, classify(err)
+	}
+	s.retire(portName(r.Port))
+	s.retire(seenName(r.Key))
+	s.writeRecord(freedName(r.Port), freedRecord{Port: r.Port, FreedAt: at.UTC()})
+	return s.idx.released(r, at), nil
+}
+
+func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ready(); err != nil {
+		return err
+	}
+	var firstErr error
+	for _, m := range marks {
+		if _, ok := s.idx.byKey[m.key]; !ok {
+			continue
+		}
+		rec := seenRecord{Key: m.key, LastSeen: m.seen.UTC(), Online: m.online}
+		if err := s.writeRecord(seenName(m.key), rec); err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		s.idx.seen[m.key] = rec
+	}
+	return firstErr
+}
+
+// watch has nothing to deliver: only this process writes the directory,
+// and each write's outcome reaches its caller.
+func (s *fileStore) watch(ctx context.Context, _ int64, _ func(change)) error {
+	<-ctx.Done()
+	return nil
+}
+
+// close writes the checkpoint of a clean stop, unless the directory is no
+// longer the one that was loaded.
+func (s *fileStore) close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.root.Close()
+	if !s.loaded {
+		return nil
+	}
+	s.loaded = false
+	if err := s.sameDir(); err != nil {
+		s.log.Warn("checkpoint not written", "err", err)
+		return nil
+	}
+	if err := s.saveCheckpoint(); err != nil {
+		s.log.Warn("checkpoint not written; the next start reads every record", "err", err)
+	}
+	return nil
+}
+
+// A checkpoint holds every allocation in one file, written at a clean
+// stop: reading one file instead of two per allocation is what makes a
+// start with tens of thousands of allocations fast. It is good for one
+// start only: the start that uses it deletes it before any write can
+// follow, so no write after it can ever be hidden by it (a start that
+// cannot delete it reads the records instead). It also carries the
+// directory's mtime, so records changed by hand after the stop are read.
+type checkpointHeader struct {
+	Version    int   `json:"version"`
+	WatchMtime int64 `json:"watch_mtime_ns"`
+}
+
+// checkpointVersion 2 is one-shot; version 1 files (trusted by mtime
+// alone) are never used.
+const checkpointVersion = 2
+
+// checkpointFile is the second line of a checkpoint, after its header.
+type checkpointFile struct {
+	Allocations []exportRecord    `json:"allocations"`
+	Freed       map[int]time.Time `json:"freed,omitempty"`
+}
+
+func (s *fileStore) dirMtime() (int64, error) {
+	fi, err := s.root.Stat(".")
+	if err != nil {
+		return 0, err
+	}
+	return fi.ModTime().UnixNano(), nil
+}
+
+// loadCheckpoint returns the checkpoint when it still describes the store
+// and could be deleted; why says why an existing one was not used.
+func (s *fileStore) loadCheckpoint() (snap snapshot, ok bool, why string) {
+	data, err := s.root.ReadFile(checkpointName)
+	if err != nil {
+		return snap, false, ""
+	}
+	mtime, err := s.dirMtime()
+	if err != nil {
+		return snap, false, ""
+	}
+	header, body, _ := bytes.Cut(data, []byte("\n"))
+	var h checkpointHeader
+	if json.Unmarshal(header, &h) != nil || h.Version != checkpointVersion || h.WatchMtime != mtime {
+		s.ops.remove(checkpointName)
+		return snap, false, ""
+	}
+	var cp checkpointFile
+	if json.Unmarshal(body, &cp) != nil {
+		return snap, false, "checkpoint unreadable; read every record"
+	}
+	snap = snapshot{lastSeen: make(map[string]time.Time, len(cp.Allocations)), online: map[string]bool{}, freed: map[int]time.Time{}}
+	snap.allocations = make([]record, 0, len(cp.Allocations))
+	for _, r := range cp.Allocations {
+		if !validRecord(r.record) {
+			return snapshot{}, false, "checkpoint holds an invalid record; read every record"
+		}
+		snap.allocations = append(snap.allocations, r.record)
+		if !r.LastSeen.IsZero() {
+			snap.lastSeen[r.Key] = r.LastSeen
+		}
+		if r.Online {
+			snap.online[r.Key] = true
+		}
+	}
+	for port, t := range cp.Freed {
+		snap.freed[port] = t
+	}
+	if err := s.root.Remove(checkpointName); err != nil {
+		return snapshot{}, false, fmt.Sprintf("checkpoint not used: it cannot be deleted (%v), and a checkpoint is good for one start only", err)
+	}
+	return snap, true, ""
+}
+
+// saveCheckpoint writes the index atomically (temporary file, fsync,
+// rename). Called with mu held, when no write can follow.
+func (s *fileStore) saveCheckpoint() error {
+	// The folder first: creating it moves the directory's mtime.
+	if err := s.root.MkdirAll(checkpointDir, 0o700); err != nil {
+		return err
+	}
+	mtime, err := s.dirMtime()
+	if err != nil {
+		return err
+	}
+	if mtime%int64(time.Second) == 0 {
+		// Whole seconds: a file system whose timestamps are too coarse for
+		// a change by hand to be sure to move them.
+		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
+	}
+	snap := s.idx.snapshot()
+	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.allocations)), Freed: snap.freed}
+	for _, r := range snap.allocations {
+		cp.Allocations = append(cp.Allocations, exportRecord{record: r, LastSeen: snap.lastSeen[r.Key], Online: snap.online[r.Key]})
+	}
+	header, err := json.Marshal(checkpointHeader{Version: checkpointVersion, WatchMtime: mtime})
+	if err != nil {
+		return err
+	}
+	body, err := json.Marshal(cp)
+	if err != nil {
+		return err
+	}
+	tmp := checkpointName + ".tmp"
+	f, err := s.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(append(header, '\n'), body...))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		s.root.Remove(tmp)
+		return err
+	}
+	return s.root.Rename(tmp, checkpointName)
+}
