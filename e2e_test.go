@@ -223,6 +223,57 @@ func TestE2ELoadBalancingGroupSharesPort(t *testing.T) {
 	})
 }
 
+// TestE2EReclaimSparesConnectedProxy: with a two-port pool and
+// -reclaim-after 3s, alice's two proxies stay connected past 3 s; bob's new
+// proxy is refused (the pool is full) instead of taking a port alice still
+// carries traffic on, also after the plugin restarts. Once alice's frpc
+// stops (frps sends CloseProxy), bob gets one of her ports.
+func TestE2EReclaimSparesConnectedProxy(t *testing.T) {
+	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
+		var env *e2eEnv
+		env = newE2EEnv(t, v, func(e *e2eEnv) {
+			e.pluginArgs = []string{"-allow-ports", fmt.Sprintf("%d-%d", e.pool.lo, e.pool.lo+1), "-reclaim-after", "3s"}
+		})
+		echo0, echo1, bobEcho := startTCPEcho(t), startTCPEcho(t), startTCPEcho(t)
+		alice := startFrpc(t, env, "alice",
+			proxySpec{Name: "p0", Type: "tcp", LocalPort: echo0.Port},
+			proxySpec{Name: "p1", Type: "tcp", LocalPort: echo1.Port})
+		p0, p1 := waitProxy(t, env, "tcp", "alice.p0"), waitProxy(t, env, "tcp", "alice.p1")
+		bobRefused := func(when string) {
+			t.Helper()
+			time.Sleep(4 * time.Second) // past -reclaim-after, alice still connected
+			bob := startFrpc(t, env, "bob", proxySpec{Name: "p", Type: "tcp", LocalPort: bobEcho.Port})
+			deadline := time.Now().Add(e2eProxyOnlineTimeout)
+			for frpcStartError(env, "bob.p") == "" {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: bob.p was not refused while alice's proxies are connected", when)
+				}
+				time.Sleep(e2ePollInterval)
+			}
+			if msg := frpcStartError(env, "bob.p"); !strings.Contains(msg, "no free port") {
+				t.Fatalf("%s: bob.p refused with %q; want the pool exhausted", when, msg)
+			}
+			checkTCPEchoReaches(t, p0.RemotePort, echo0)
+			checkTCPEchoReaches(t, p1.RemotePort, echo1)
+			bob.stop(t)
+		}
+		bobRefused("first")
+		env.restartPlugin(t)
+		bobRefused("after a plugin restart")
+
+		alice.stop(t)
+		waitProxyGone(t, env, "tcp", "alice.p0")
+		waitProxyGone(t, env, "tcp", "alice.p1")
+		time.Sleep(4 * time.Second)
+		startFrpc(t, env, "bob", proxySpec{Name: "p", Type: "tcp", LocalPort: bobEcho.Port})
+		got := waitProxy(t, env, "tcp", "bob.p")
+		if got.RemotePort != p0.RemotePort && got.RemotePort != p1.RemotePort {
+			t.Fatalf("bob.p = %d after alice left; want one of her ports %d, %d", got.RemotePort, p0.RemotePort, p1.RemotePort)
+		}
+		checkTCPEchoReaches(t, got.RemotePort, bobEcho)
+	})
+}
+
 // TestE2ETransportOptionsKept: the plugin's answer keeps the proxy's other
 // settings: frps's effective conf still has the bandwidth limit and
 // encryption, and encrypted traffic flows.
@@ -467,7 +518,7 @@ disable_log_color = true
 [plugin.port-keeper]
 addr = %s
 path = %s
-ops = NewProxy
+ops = NewProxy,CloseProxy
 `, env.bindPort, env.allow, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.frpsPluginAddr(), e2ePluginPath) + env.frpsPluginINI
 	} else {
 		name = "frps.toml"
@@ -489,7 +540,7 @@ log.disablePrintColor = true
 name = "port-keeper"
 addr = %q
 path = %q
-ops = ["NewProxy"]
+ops = ["NewProxy", "CloseProxy"]
 `, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.frpsPluginAddr(), e2ePluginPath) + env.frpsPluginTOML
 	}
 	confPath := e2eWriteFile(t, env.dir, name, conf)
