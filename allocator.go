@@ -30,7 +30,20 @@ var (
 	errStoreFailed   = errors.New("the port store failed")
 	errKeyBusy       = errors.New("another change to this key is still being stored")
 	errQuota         = errors.New("quota reached")
+	errPinned        = errors.New("pinned by an operator")
 )
+
+// pinError refuses a device's request to move a key an operator pinned.
+type pinError struct {
+	key        string
+	port, want int
+}
+
+func (e *pinError) Error() string {
+	return fmt.Sprintf("remote port %d refused: %q is pinned to port %d by an operator (frp-port-keeper release %s lifts the pin)",
+		e.want, e.key, e.port, e.key)
+}
+func (e *pinError) Unwrap() error { return errPinned }
 
 // portError is a refusal about one specific port.
 type portError struct {
@@ -484,7 +497,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	key := req.key()
 	now := a.now()
 	a.mu.RLock()
-	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
+	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) && cur.ProxyType != "" {
 		cur.lastSeen.Store(now.UnixNano())
 		a.mu.RUnlock()
 		return cur.Port, outcomeHit, nil
@@ -520,8 +533,15 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 	}
 	if cur != nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
 		cur.lastSeen.Store(now.UnixNano())
+		if cur.ProxyType == "" && req.ProxyType != "" {
+			return a.fillIn(ctx, cur, req, now)
+		}
 		a.mu.Unlock()
 		return cur.Port, outcomeHit, nil
+	}
+	if cur != nil && cur.Pinned {
+		a.mu.Unlock()
+		return 0, "", &pinError{key: key, port: cur.Port, want: req.RemotePort}
 	}
 	up := a.policy.forUser(req.User)
 	newKey := cur == nil
@@ -580,6 +600,22 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		a.reclaimed(victim.rec)
 	}
 	return port, how, nil
+}
+
+// fillIn completes a key an operator assigned before its device ever
+// registered: user, type and proxy name come from the first registration.
+// The port stays; if the write fails the device still gets its port (the
+// details are filled in at its next registration). Called with mu held;
+// returns with it released.
+func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
+	c := claim{want: cur.record, old: &cur.record, at: now}
+	c.want.User, c.want.ProxyName, c.want.ProxyType, c.want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
+	settled := a.markBusy(cur.Key)
+	a.mu.Unlock()
+	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
+		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
+	}
+	return cur.Port, outcomeHit, nil
 }
 
 // reclaimVictim is an abandoned key chosen to give up its port; its key is
@@ -742,13 +778,9 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 		a.mu.Unlock()
 		return r, nil
 	}
-	if err := a.checkRequested(key, port); err != nil {
+	if err := a.checkOperatorPort(key, port); err != nil {
 		a.mu.Unlock()
 		return record{}, err
-	}
-	if a.reserved.has(port) {
-		a.mu.Unlock()
-		return record{}, &portError{port: port, err: errPortReserved}
 	}
 	c := claim{want: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, at: now}
 	if cur != nil {
@@ -758,6 +790,7 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 	} else {
 		c.want.ProxyName, c.want.Group = keyNames(key)
 	}
+	c.want.Pinned = true
 	settled := a.markBusy(key)
 	a.reserved.add(port)
 	a.mu.Unlock()
@@ -1033,6 +1066,24 @@ func (a *allocator) checkRequested(key string, port int) error {
 	return nil
 }
 
+// checkOperatorPort says whether an operator may put key on port (assign,
+// import, adopt). The rule for ports outside the pool is one for every
+// operator action: allowed, since an operator may keep a device on the
+// port it had before the plugin (frps's allowPorts still has the last
+// word), and shown as "outside pool"; frps's own ports and another key's
+// port never. Called with mu held.
+func (a *allocator) checkOperatorPort(key string, port int) error {
+	switch holder := a.byPort[port]; {
+	case port < 1 || port > maxPort:
+		return &portError{port: port, err: errPortInvalid}
+	case holder != nil && holder.Key != key, a.reserved.has(port):
+		return &portError{port: port, err: errPortReserved}
+	case a.excluded[port] != "":
+		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
+	}
+	return nil
+}
+
 // checkPolicy says whether user may ask for port: inside the user's own
 // range, and not inside a range another rule reserves.
 func (a *allocator) checkPolicy(user string, up userPolicy, port int) error {
@@ -1112,15 +1163,19 @@ func (a *allocator) snapshot() []allocationView {
 type allocationView struct {
 	record
 	LastSeen time.Time `json:"last_seen"`
-	// OutsidePolicy marks a sticky port that today's policy would not give
-	// this user (the policy changed since); it stays until an operator moves it.
+	// OutsidePool marks a port outside the pool (an operator put it there,
+	// or the pool shrank); it stays until an operator moves it.
+	OutsidePool bool `json:"outside_pool"`
+	// OutsidePolicy marks a port of the pool that today's policy would not
+	// give this user (the policy changed since).
 	OutsidePolicy bool `json:"outside_policy"`
 }
 
 // view describes al. Called with mu held.
 func (a *allocator) view(al *allocation) allocationView {
+	inPool := a.pool.has(al.Port)
 	return allocationView{record: al.record, LastSeen: time.Unix(0, al.lastSeen.Load()),
-		OutsidePolicy: !a.policy.forUser(al.User).ports.has(al.Port)}
+		OutsidePool: !inPool, OutsidePolicy: inPool && !a.policy.forUser(al.User).ports.has(al.Port)}
 }
 
 // find returns key's allocation as operators see it.

@@ -214,8 +214,13 @@ func TestReleaseAndAssign(t *testing.T) {
 	if _, err := a.assign("c.p", 30005); !errors.Is(err, errPortReserved) {
 		t.Fatalf("assign taken port: %v", err)
 	}
-	if _, err := a.assign("c.p", 40000); !errors.Is(err, errPortOutside) {
-		t.Fatalf("assign outside pool: %v", err)
+	// An operator may keep a key outside the pool (as adopt does); it is
+	// shown as such, never handed out by the pool.
+	if r, err := a.assign("c.p", 40000); err != nil || r.Port != 40000 {
+		t.Fatalf("assign outside pool: %+v, %v", r, err)
+	}
+	if v, _ := a.find("c.p"); !v.OutsidePool || v.OutsidePolicy {
+		t.Fatalf("c.p outside the pool is shown as %+v; want outside pool, not outside policy", v)
 	}
 	b := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
 	if r, _, ok := b.lookup("b.p"); !ok || r.Port != 30005 {
@@ -253,5 +258,41 @@ func TestParsePorts(t *testing.T) {
 		if err != nil || set.String() != tt.want {
 			t.Errorf("parsePorts(%q) = %v, %v; want %s", tt.in, set, err, tt.want)
 		}
+	}
+}
+
+// TestOperatorPin: an operator's assign wins over the device's own
+// remote_port until the operator releases the key; a key assigned before
+// its device ever registered gets its user, type and proxy name from the
+// first registration.
+func TestOperatorPin(t *testing.T) {
+	dir := t.TempDir()
+	a := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
+	if _, err := a.assign("myiphone.ssh", 30003); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := a.find("myiphone.ssh"); v.User != "" || !v.Pinned {
+		t.Fatalf("assigned key = %+v; want anonymous and pinned", v)
+	}
+	asks := req("myiphone", "myiphone.ssh", "tcp")
+	asks.RemotePort = 30007
+	_, _, err := a.allocate(asks)
+	if !errors.Is(err, errPinned) || !strings.Contains(rejectReason(err), "pinned to port 30003") {
+		t.Fatalf("device asking for 30007 while pinned to 30003: %v (%q)", err, rejectReason(err))
+	}
+	p, how := mustAllocate(t, a, req("myiphone", "myiphone.ssh", "tcp"))
+	if p != 30003 || how != outcomeHit {
+		t.Fatalf("plain registration = %d %s; want a hit on 30003", p, how)
+	}
+	b := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
+	v, _ := b.find("myiphone.ssh")
+	if v.User != "myiphone" || v.ProxyType != "tcp" || v.ProxyName != "myiphone.ssh" || !v.Pinned || v.Port != 30003 {
+		t.Fatalf("after the first registration and a restart = %+v; want user, type and name filled in, still pinned", v)
+	}
+	if err := b.release("myiphone.ssh"); err != nil {
+		t.Fatal(err)
+	}
+	if p, how := mustAllocate(t, b, asks); p != 30007 || how != outcomeRequested {
+		t.Fatalf("after release the device's request = %d %s; want 30007", p, how)
 	}
 }

@@ -77,10 +77,17 @@ func runClient(ctx context.Context, cmd string, args []string, getenv func(strin
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\t")
 		for _, a := range list.Allocations {
-			note := ""
-			if a.OutsidePolicy {
-				note = "outside policy"
+			var notes []string
+			if a.Pinned {
+				notes = append(notes, "pinned")
 			}
+			if a.OutsidePool {
+				notes = append(notes, "outside pool")
+			}
+			if a.OutsidePolicy {
+				notes = append(notes, "outside policy")
+			}
+			note := strings.Join(notes, ", ")
 			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
 				a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), note)
 		}

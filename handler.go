@@ -200,15 +200,19 @@ type apiAllocation struct {
 	Port      int       `json:"port"`
 	CreatedAt time.Time `json:"created_at"`
 	LastSeen  time.Time `json:"last_seen"`
-	// OutsidePolicy marks a sticky port that today's policy would not
-	// give this user; it stays until an operator moves it.
+	// Pinned: an operator assigned this port; the device cannot move it.
+	Pinned bool `json:"pinned"`
+	// OutsidePool marks a port outside the pool; OutsidePolicy one of the
+	// pool that today's policy would not give this user. Both stay until
+	// an operator moves them.
+	OutsidePool   bool `json:"outside_pool"`
 	OutsidePolicy bool `json:"outside_policy"`
 }
 
 func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
 		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
-		OutsidePolicy: v.OutsidePolicy}
+		Pinned: v.Pinned, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
 }
 
 // allocationList is the answer of GET /api/allocations.
@@ -313,9 +317,12 @@ func rejectReason(err error) string {
 	var pe *portError
 	var poolErr *poolError
 	var qe *quotaError
+	var pin *pinError
 	switch {
 	case errors.As(err, &qe):
 		return qe.Error()
+	case errors.As(err, &pin):
+		return pin.Error()
 	case errors.As(err, &pe):
 		return "remote " + pe.Error()
 	case errors.As(err, &poolErr):

@@ -56,6 +56,9 @@ type record struct {
 	CreatedAt time.Time `json:"created_at"`
 	// AssignedAt is when the key got this port.
 	AssignedAt time.Time `json:"assigned_at"`
+	// Pinned is set by an operator's assign: the device's own request for
+	// another port is refused until the operator releases the key.
+	Pinned bool `json:"pinned,omitempty"`
 }
 
 // snapshot is what load hands the allocator.
@@ -186,7 +189,7 @@ func validRecord(r record) bool {
 func sameRecord(a, b record) bool {
 	return a.Key == b.Key && a.Port == b.Port && a.User == b.User && a.ProxyName == b.ProxyName &&
 		a.ProxyType == b.ProxyType && a.Group == b.Group &&
-		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt)
+		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt) && a.Pinned == b.Pinned
 }
 
 // rawRecords is what a two-record store (file, bbolt) holds before
