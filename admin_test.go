@@ -187,7 +187,7 @@ func TestMetricsMove(t *testing.T) {
 	post(t, h, "NewProxy", newProxyBody("a", "a.h", "http", ""))
 	post(t, h, "NewProxy", `nope`)
 	kv.set(errDiskFull, nil)
-	a.release("a.1")
+	a.release("a.1", "test")
 	after := scrape()
 	for _, want := range []string{
 		`frp_port_keeper_decisions_total{outcome="hit"} 1`,

@@ -90,6 +90,8 @@ type proxyRequest struct {
 	ProxyType  string
 	Group      string
 	RemotePort int // 0: any port
+	// By says who asked, for the history ("frps reqid=…"); not part of the key.
+	By string
 }
 
 // Key prefixes. Group keys stand for a load-balancing group (frps insists
@@ -166,6 +168,7 @@ type allocator struct {
 	// storeFailed hears of every store call that failed or timed out.
 	storeFailed func(error)
 	reclaimed   func(victim record)
+	changed     func(historyEntry)
 
 	flushMu sync.Mutex // one last_seen flush at a time
 	mu      sync.RWMutex
@@ -216,6 +219,8 @@ type allocatorOptions struct {
 	policy *policy
 	// reclaimed hears of every port taken back from an abandoned key.
 	reclaimed func(victim record)
+	// changed hears of every change this instance made (history, events).
+	changed func(historyEntry)
 }
 
 // maxClaimAttempts bounds how often a claim that lost a race to another
@@ -235,6 +240,7 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		log:         opts.log,
 		storeFailed: opts.storeFailed,
 		reclaimed:   opts.reclaimed,
+		changed:     opts.changed,
 		policy:      opts.policy,
 		busy:        map[string]chan struct{}{},
 		pendingUser: map[string]int{},
@@ -254,6 +260,9 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	}
 	if a.reclaimed == nil {
 		a.reclaimed = func(record) {}
+	}
+	if a.changed == nil {
+		a.changed = func(historyEntry) {}
 	}
 	if a.policy == nil {
 		a.policy = &policy{shared: pool, sharedSpec: a.poolStr}
@@ -574,7 +583,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now}
 	c := claim{want: want, at: now}
 	if cur != nil {
-		c.want.CreatedAt = cur.CreatedAt
+		c.want.CreatedAt, c.want.Note = cur.CreatedAt, cur.Note
 		c.old = &cur.record
 	} else {
 		c.maxKeys = up.maxPorts
@@ -594,11 +603,23 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 	if err != nil {
 		return 0, "", err
 	}
-	if victim != nil {
-		a.log.Warn("port reclaimed", "port", port, "from", victim.rec.Key, "from_user", victim.rec.User,
-			"last_seen", time.Unix(0, victim.lastSeen).UTC(), "to", key)
-		a.reclaimed(victim.rec)
+	e := historyEntry{Time: now, Key: key, User: req.User, ProxyType: req.ProxyType, Port: port, Change: histNew, By: req.By, Note: c.want.Note}
+	switch {
+	case cur != nil:
+		e.Change, e.OldPort = histMoved, cur.Port
+	case how == outcomeRequested:
+		e.Change = histRequested
 	}
+	if victim != nil {
+		lastSeen := time.Unix(0, victim.lastSeen).UTC()
+		a.log.Warn("port reclaimed", "port", port, "from", victim.rec.Key, "from_user", victim.rec.User,
+			"last_seen", lastSeen, "to", key)
+		a.reclaimed(victim.rec)
+		e.Change, e.Victim = histReclaimed, victim.rec.Key
+		e.Reason = fmt.Sprintf("%s (user %q) unseen since %s, longer than -reclaim-after %s", victim.rec.Key, victim.rec.User,
+			lastSeen.Format(time.RFC3339), a.policy.reclaimAfter)
+	}
+	a.changed(e)
 	return port, how, nil
 }
 
@@ -614,6 +635,9 @@ func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyReques
 	a.mu.Unlock()
 	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
+	} else {
+		a.changed(historyEntry{Time: now, Key: c.want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.want.Port,
+			Change: histFilledIn, By: req.By, Note: c.want.Note})
 	}
 	return cur.Port, outcomeHit, nil
 }
@@ -749,15 +773,23 @@ func (a *allocator) abandoned(ports, refused *portSet) *allocation {
 	return oldest
 }
 
+// operatorChange is what an operator's assign or note carries besides
+// the key: a note to set (nil: keep it), and who asked, for the history.
+type operatorChange struct {
+	note   *string
+	by     string
+	change historyChange // histAssigned unless an import or adopt
+}
+
 // assign pins key to port on an operator's word: a new key or a move. The
 // operator may use any port of the pool, whatever the policy says.
-func (a *allocator) assign(key string, port int) (record, error) {
+func (a *allocator) assign(key string, port int, op operatorChange) (record, error) {
 	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
-		rec, err := a.assignOnce(ctx, key, port, now)
+		rec, err := a.assignOnce(ctx, key, port, now, op)
 		var lost *conflictError
 		if !errors.As(err, &lost) {
 			return rec, err
@@ -768,12 +800,12 @@ func (a *allocator) assign(key string, port int) (record, error) {
 	}
 }
 
-func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time) (record, error) {
+func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time, op operatorChange) (record, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return record{}, err
 	}
-	if cur != nil && cur.Port == port {
+	if cur != nil && cur.Port == port && cur.Pinned && (op.note == nil || *op.note == cur.Note) {
 		r := cur.record
 		a.mu.Unlock()
 		return r, nil
@@ -791,6 +823,9 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 		c.want.ProxyName, c.want.Group = keyNames(key)
 	}
 	c.want.Pinned = true
+	if op.note != nil {
+		c.want.Note = *op.note
+	}
 	settled := a.markBusy(key)
 	a.reserved.add(port)
 	a.mu.Unlock()
@@ -801,11 +836,62 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 	if err != nil {
 		return record{}, err
 	}
+	e := historyEntry{Time: now, Key: key, User: c.want.User, ProxyType: c.want.ProxyType, Port: port, Change: histAssigned, By: op.by, Note: c.want.Note}
+	if op.change != "" {
+		e.Change = op.change
+	}
+	if cur != nil {
+		e.OldPort = cur.Port
+		if cur.Port == port {
+			e.Change = histNoted
+		}
+	}
+	a.changed(e)
 	return c.want, nil
 }
 
+// setNote changes the note of key's allocation, keeping its port.
+func (a *allocator) setNote(key, note, by string) (record, error) {
+	r, ok := a.current(key)
+	if !ok {
+		return record{}, errNoAllocation
+	}
+	now := a.now()
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	cur, err := a.lockKey(ctx, validUTF8(key))
+	if err != nil {
+		return record{}, err
+	}
+	if cur == nil || cur.Port != r.Port {
+		a.mu.Unlock()
+		return record{}, errNoAllocation
+	}
+	c := claim{want: cur.record, old: &cur.record, at: now}
+	c.want.Note = note
+	settled := a.markBusy(cur.Key)
+	a.mu.Unlock()
+	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
+		return record{}, err
+	}
+	a.changed(historyEntry{Time: now, Key: c.want.Key, User: c.want.User, ProxyType: c.want.ProxyType, Port: c.want.Port,
+		Change: histNoted, By: by, Note: note})
+	return c.want, nil
+}
+
+// current returns key's record.
+func (a *allocator) current(key string) (record, bool) {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	al := a.byKey[validUTF8(key)]
+	if al == nil {
+		return record{}, false
+	}
+	return al.record, true
+}
+
 // release forgets key's allocation; its port becomes free once stored.
-func (a *allocator) release(key string) error {
+func (a *allocator) release(key, by string) error {
 	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
@@ -823,6 +909,10 @@ func (a *allocator) release(key string) error {
 		a.mu.Unlock()
 		r := cur.record
 		_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.release(ctx, r, now) }, settled)
+		if err == nil {
+			a.changed(historyEntry{Time: now, Key: r.Key, User: r.User, ProxyType: r.ProxyType, OldPort: r.Port,
+				Change: histReleased, By: by, Note: r.Note})
+		}
 		var lost *conflictError
 		if !errors.As(err, &lost) {
 			return err

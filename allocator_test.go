@@ -198,25 +198,25 @@ func TestReleaseAndAssign(t *testing.T) {
 	dir := t.TempDir()
 	a := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
 	p, _ := mustAllocate(t, a, req("a", "a.p", "tcp"))
-	if err := a.release("a.p"); err != nil {
+	if err := a.release("a.p", "test"); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.release("a.p"); !errors.Is(err, errNoAllocation) {
+	if err := a.release("a.p", "test"); !errors.Is(err, errNoAllocation) {
 		t.Fatalf("second release: %v; want errNoAllocation", err)
 	}
 	// A given-back port waits until every never-used port is gone.
 	if q, _ := mustAllocate(t, a, req("b", "b.p", "tcp")); q == p {
 		t.Fatalf("released port %d reused while never-used ports are left", p)
 	}
-	if _, err := a.assign("b.p", 30005); err != nil {
+	if _, err := a.assign("b.p", 30005, operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.assign("c.p", 30005); !errors.Is(err, errPortReserved) {
+	if _, err := a.assign("c.p", 30005, operatorChange{}); !errors.Is(err, errPortReserved) {
 		t.Fatalf("assign taken port: %v", err)
 	}
 	// An operator may keep a key outside the pool (as adopt does); it is
 	// shown as such, never handed out by the pool.
-	if r, err := a.assign("c.p", 40000); err != nil || r.Port != 40000 {
+	if r, err := a.assign("c.p", 40000, operatorChange{}); err != nil || r.Port != 40000 {
 		t.Fatalf("assign outside pool: %+v, %v", r, err)
 	}
 	if v, _ := a.find("c.p"); !v.OutsidePool || v.OutsidePolicy {
@@ -268,7 +268,7 @@ func TestParsePorts(t *testing.T) {
 func TestOperatorPin(t *testing.T) {
 	dir := t.TempDir()
 	a := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
-	if _, err := a.assign("myiphone.ssh", 30003); err != nil {
+	if _, err := a.assign("myiphone.ssh", 30003, operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
 	if v, _ := a.find("myiphone.ssh"); v.User != "" || !v.Pinned {
@@ -289,7 +289,7 @@ func TestOperatorPin(t *testing.T) {
 	if v.User != "myiphone" || v.ProxyType != "tcp" || v.ProxyName != "myiphone.ssh" || !v.Pinned || v.Port != 30003 {
 		t.Fatalf("after the first registration and a restart = %+v; want user, type and name filled in, still pinned", v)
 	}
-	if err := b.release("myiphone.ssh"); err != nil {
+	if err := b.release("myiphone.ssh", "test"); err != nil {
 		t.Fatal(err)
 	}
 	if p, how := mustAllocate(t, b, asks); p != 30007 || how != outcomeRequested {

@@ -191,7 +191,7 @@ func BenchmarkAllocator(b *testing.B) {
 				if _, _, err := a.allocate(r); err != nil {
 					b.Fatal(err)
 				}
-				defer a.release(r.ProxyName)
+				defer a.release(r.ProxyName, "bench")
 				reqs = append(reqs, r)
 			}
 			b.ReportAllocs()
@@ -211,7 +211,7 @@ func BenchmarkAllocator(b *testing.B) {
 			var added []string
 			releaseAdded := func() {
 				for _, key := range added {
-					if err := a.release(key); err != nil {
+					if err := a.release(key, "bench"); err != nil {
 						b.Fatalf("release %s: %v", key, err)
 					}
 				}

@@ -54,7 +54,7 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 				if via == "plugin" {
 					_, _, err = a.allocate(moveTo)
 				} else {
-					_, err = a.assign("u.m-0", 61005)
+					_, err = a.assign("u.m-0", 61005, operatorChange{})
 				}
 				if tt.moved != (err == nil) {
 					t.Fatalf("move with a failing %s: %v; want success %v", tt.name, err, tt.moved)

@@ -104,6 +104,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
+	p.By = "frps reqid=" + r.Header.Get("X-Frp-Reqid")
 	if req.badPort {
 		err = &portError{port: p.RemotePort, err: errPortInvalid}
 	}
@@ -181,6 +182,16 @@ func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// adminActor names who made an admin change, for the history: the peer,
+// and the CLI when it says so.
+func adminActor(r *http.Request) string {
+	by := "admin " + r.RemoteAddr
+	if c := r.Header.Get("X-Frp-Port-Keeper-Client"); c != "" {
+		by += " (" + c + ")"
+	}
+	return by
+}
+
 func isLoopback(remoteAddr string) bool {
 	host, _, err := net.SplitHostPort(remoteAddr)
 	if err != nil {
@@ -253,7 +264,8 @@ func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 	var body struct {
-		Port *int `json:"port"`
+		Port *int    `json:"port"`
+		Note *string `json:"note"`
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 	if err := dec.Decode(&body); err != nil || body.Port == nil {
@@ -261,7 +273,7 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	key := r.PathValue("key")
-	rec, err := s.alloc.assign(key, *body.Port)
+	rec, err := s.alloc.assign(key, *body.Port, operatorChange{note: body.Note, by: adminActor(r)})
 	if err != nil {
 		s.log.Warn("admin assign refused", "key", key, "port", *body.Port, "err", err)
 		status := http.StatusInternalServerError
@@ -286,7 +298,7 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
 	key := r.PathValue("key")
-	err := s.alloc.release(key)
+	err := s.alloc.release(key, adminActor(r))
 	switch {
 	case errors.Is(err, errNoAllocation):
 		writeError(w, http.StatusNotFound, "no allocation for this key")

@@ -114,7 +114,7 @@ func TestPolicyQuota(t *testing.T) {
 		mustAllocate(t, a, req("vip", "vip."+string(rune('a'+i)), "tcp"))
 	}
 	// A released key frees quota.
-	if err := a.release("bob.a"); err != nil {
+	if err := a.release("bob.a", "test"); err != nil {
 		t.Fatal(err)
 	}
 	mustAllocate(t, a, req("bob", "bob.z", "tcp"))
@@ -182,9 +182,9 @@ func TestPolicyReuseOrderAndReclaim(t *testing.T) {
 		advance(time.Hour)
 	}
 	// Give back 30003 first, then 30001: 30003 has been free longest.
-	a.release("k3")
+	a.release("k3", "test")
 	advance(time.Hour)
-	a.release("k1")
+	a.release("k1", "test")
 	advance(time.Hour)
 	if port, _ := mustAllocate(t, a, req("u", "n1", "tcp")); port != 30003 {
 		t.Fatalf("first reuse = %d; want 30003, free the longest", port)

@@ -59,6 +59,8 @@ type record struct {
 	// Pinned is set by an operator's assign: the device's own request for
 	// another port is refused until the operator releases the key.
 	Pinned bool `json:"pinned,omitempty"`
+	// Note is an operator's note ("Alice's NAS"); it stays across moves.
+	Note string `json:"note,omitempty"`
 }
 
 // snapshot is what load hands the allocator.
@@ -189,7 +191,7 @@ func validRecord(r record) bool {
 func sameRecord(a, b record) bool {
 	return a.Key == b.Key && a.Port == b.Port && a.User == b.User && a.ProxyName == b.ProxyName &&
 		a.ProxyType == b.ProxyType && a.Group == b.Group &&
-		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt) && a.Pinned == b.Pinned
+		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt) && a.Pinned == b.Pinned && a.Note == b.Note
 }
 
 // rawRecords is what a two-record store (file, bbolt) holds before

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -284,4 +286,95 @@ func (s *boltStore) close() error {
 	defer s.mu.Unlock()
 	s.loaded = false
 	return s.db.Close()
+}
+
+// historyBucket holds the history, keyed by entry ID (time order).
+var historyBucket = []byte("history")
+
+// boltHistory is the bbolt store's history log.
+type boltHistory struct{ s *boltStore }
+
+func (s *boltStore) history() historyLog { return boltHistory{s} }
+
+func (h boltHistory) appendEntries(_ context.Context, entries []historyEntry) error {
+	if h.s.db.IsReadOnly() {
+		return errStoreReadOnly
+	}
+	return classify(h.s.db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(historyBucket)
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := putJSON(b, e.ID, e); err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+}
+
+func (h boltHistory) entries(_ context.Context, q historyQuery) ([]historyEntry, error) {
+	var out []historyEntry
+	err := h.s.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(historyBucket)
+		if b == nil {
+			return nil
+		}
+		c := b.Cursor()
+		var k, v []byte
+		if q.before != "" {
+			k, v = c.Seek([]byte(q.before))
+			if k == nil {
+				k, v = c.Last()
+			}
+		} else {
+			k, v = c.Last()
+		}
+		for ; k != nil; k, v = c.Prev() {
+			var e historyEntry
+			if json.Unmarshal(v, &e) != nil {
+				continue
+			}
+			if !q.since.IsZero() && e.Time.Before(q.since) {
+				break
+			}
+			if q.match(e) {
+				out = append(out, e)
+				if q.limit > 0 && len(out) >= q.limit {
+					break
+				}
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+func (h boltHistory) prune(_ context.Context, before time.Time) (int, error) {
+	if h.s.db.IsReadOnly() {
+		return 0, errStoreReadOnly
+	}
+	cutoff := []byte(fmt.Sprintf("%019d", before.UnixNano()))
+	pruned := 0
+	err := h.s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(historyBucket)
+		if b == nil {
+			return nil
+		}
+		// Collected first: deleting under a cursor skips entries.
+		var old [][]byte
+		c := b.Cursor()
+		for k, _ := c.First(); k != nil && bytes.Compare(k, cutoff) < 0; k, _ = c.Next() {
+			old = append(old, slices.Clone(k))
+		}
+		for _, k := range old {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		pruned = len(old)
+		return nil
+	})
+	return pruned, err
 }

@@ -56,6 +56,7 @@ type fileStore struct {
 	leftovers map[string]bool
 	loaded    bool
 	goneNoted bool
+	hist      *fileHistory
 }
 
 // fileOps are the writes a file store makes, relative to its directory.
@@ -620,4 +621,187 @@ func (s *fileStore) saveCheckpoint() error {
 		return err
 	}
 	return s.root.Rename(tmp, checkpointName)
+}
+
+// historyDir holds the history, one file a month ("2026-03.jsonl"), one
+// JSON line an entry, appended to and never rewritten: a crash can only
+// tear the last line, which reading skips (and the next append starts on
+// a line of its own).
+const historyDir = "history"
+
+// fileHistory is the file store's history log.
+type fileHistory struct {
+	s       *fileStore
+	mu      sync.Mutex
+	checked map[string]bool // files whose last byte was checked this run
+}
+
+func (s *fileStore) history() historyLog {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.hist == nil {
+		s.hist = &fileHistory{s: s, checked: map[string]bool{}}
+	}
+	return s.hist
+}
+
+func historyFile(t time.Time) string { return t.UTC().Format("2006-01") + ".jsonl" }
+
+func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := h.s.sameDir(); err != nil {
+		return err
+	}
+	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
+		return classify(err)
+	}
+	byFile := map[string][]byte{}
+	var order []string
+	for _, e := range entries {
+		line, err := json.Marshal(e)
+		if err != nil {
+			return err
+		}
+		name := filepath.Join(historyDir, historyFile(e.Time))
+		if _, ok := byFile[name]; !ok {
+			order = append(order, name)
+		}
+		byFile[name] = append(append(byFile[name], line...), '\n')
+	}
+	for _, name := range order {
+		if err := h.appendFile(name, byFile[name]); err != nil {
+			return classify(err)
+		}
+	}
+	return nil
+}
+
+func (h *fileHistory) appendFile(name string, data []byte) error {
+	f, err := h.s.root.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if !h.checked[name] {
+		if fi, err := f.Stat(); err == nil && fi.Size() > 0 {
+			last := make([]byte, 1)
+			if r, err := h.s.root.Open(name); err == nil {
+				r.ReadAt(last, fi.Size()-1)
+				r.Close()
+			}
+			if last[0] != '\n' { // a line torn by a crash: end it
+				data = append([]byte{'\n'}, data...)
+			}
+		}
+		h.checked[name] = true
+	}
+	_, err = f.Write(data)
+	return err
+}
+
+// files lists the history's month files, newest first.
+func (h *fileHistory) files() ([]string, error) {
+	d, err := h.s.root.Open(historyDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
+	if err != nil {
+		return nil, err
+	}
+	names = slices.DeleteFunc(names, func(n string) bool { return !strings.HasSuffix(n, ".jsonl") })
+	slices.Sort(names)
+	slices.Reverse(names)
+	return names, nil
+}
+
+// monthOf is the first instant of a month file's month.
+func monthOf(name string) (time.Time, bool) {
+	t, err := time.Parse("2006-01", strings.TrimSuffix(name, ".jsonl"))
+	return t, err == nil
+}
+
+// read returns the entries of one month file; lines that do not decode
+// (a torn last line) are skipped.
+func (h *fileHistory) read(name string) ([]historyEntry, int) {
+	data, err := h.s.root.ReadFile(filepath.Join(historyDir, name))
+	if err != nil {
+		return nil, 0
+	}
+	var out []historyEntry
+	skipped := 0
+	for line := range bytes.SplitSeq(data, []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		var e historyEntry
+		if json.Unmarshal(line, &e) != nil || e.ID == "" {
+			skipped++
+			continue
+		}
+		out = append(out, e)
+	}
+	return out, skipped
+}
+
+func (h *fileHistory) entries(_ context.Context, q historyQuery) ([]historyEntry, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	names, err := h.files()
+	if err != nil {
+		return nil, err
+	}
+	var out []historyEntry
+	for _, name := range names {
+		month, ok := monthOf(name)
+		if !ok {
+			continue
+		}
+		if !q.until.IsZero() && month.After(q.until) {
+			continue
+		}
+		if !q.since.IsZero() && month.AddDate(0, 1, 0).Before(q.since) {
+			break
+		}
+		got, _ := h.read(name)
+		var keep []historyEntry
+		for _, e := range got {
+			if q.match(e) {
+				keep = append(keep, e)
+			}
+		}
+		slices.SortFunc(keep, func(a, b historyEntry) int { return strings.Compare(b.ID, a.ID) })
+		out = append(out, keep...)
+		if q.limit > 0 && len(out) >= q.limit {
+			return out[:q.limit], nil
+		}
+	}
+	return out, nil
+}
+
+func (h *fileHistory) prune(_ context.Context, before time.Time) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	names, err := h.files()
+	if err != nil {
+		return 0, err
+	}
+	pruned := 0
+	for _, name := range names {
+		month, ok := monthOf(name)
+		if !ok || !month.AddDate(0, 1, 0).Before(before) {
+			continue
+		}
+		got, skipped := h.read(name)
+		if err := h.s.ops.remove(filepath.Join(historyDir, name)); err != nil {
+			return pruned, err
+		}
+		pruned += len(got) + skipped
+	}
+	return pruned, nil
 }

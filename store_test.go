@@ -253,7 +253,7 @@ func TestCheckpoint(t *testing.T) {
 	mustAllocate(t, a, req("u", "u.a", "tcp"))
 	mustAllocate(t, a, req("u", "u.b", "udp"))
 	mustAllocate(t, a, req("u", "u.c", "tcp"))
-	if err := a.release("u.b"); err != nil {
+	if err := a.release("u.b", "test"); err != nil {
 		t.Fatal(err)
 	}
 	_, seenA, _ := a.lookup("u.a")
