@@ -16,14 +16,14 @@ func TestParseConfigEnvFallback(t *testing.T) {
 		"FRP_PORT_KEEPER_PROBE":       "false",
 		"FRP_PORT_KEEPER_ALLOW_PORTS": "20000-20010",
 	}
-	cfg, err := parseConfig([]string{"-data-dir", "/from/flag"}, func(k string) string { return env[k] }, io.Discard)
+	cfg, err := parseConfig([]string{"-data-dir", "/from/flag"}, func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.listen != "127.0.0.1:9999" || cfg.dataDir != "/from/flag" || cfg.probe || cfg.allowPorts != "20000-20010" {
 		t.Fatalf("config = %+v; want listen and probe from env, data dir from the flag", cfg)
 	}
-	defaults, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	defaults, _ := parseConfig(nil, func(string) string { return "" })
 	if defaults.listen != "127.0.0.1:8080" || defaults.dataDir != "gokv" || !defaults.probe || defaults.store != "file" {
 		t.Fatalf("defaults = %+v", defaults)
 	}
