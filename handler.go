@@ -83,20 +83,26 @@ func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Hand
 	return mux
 }
 
-// serveUnmatched answers a request no route matched as strict does, and
-// logs (rate-limited) a POST answered 404 with the plugin path it likely
-// meant: frps's plugin calls are POSTs.
+// serveUnmatched answers a request no route matched as strict does (404,
+// or 405 on a known path), and logs, rate-limited, a POST that was likely
+// meant for the plugin with the path frps should use: any POST answered
+// 404, and one that carries frps's op parameter or X-Frp-Reqid header
+// (a frps without `path` calls "/", which only has GET).
 func (s *server) serveUnmatched(strict http.Handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		sw := &statusWriter{ResponseWriter: w}
 		strict.ServeHTTP(sw, r)
-		if sw.status != http.StatusNotFound || r.Method != http.MethodPost {
+		if r.Method != http.MethodPost || r.URL.Path == pluginPath {
+			return
+		}
+		op := queryValue(r.URL.RawQuery, "op")
+		if sw.status != http.StatusNotFound && op == "" && r.Header.Get("X-Frp-Reqid") == "" {
 			return
 		}
 		if ok, repeats := s.quiet.allow("path " + r.URL.Path); ok {
-			s.log.Warn("POST to an unknown path answered 404: frps's plugin path is "+pluginPath,
-				"path", r.URL.Path, "peer", r.RemoteAddr, "op", queryValue(r.URL.RawQuery, "op"), "repeats", repeats,
-				"hint", `set path = "`+pluginPath+`" in frps's [[httpPlugins]] (frps.ini: [plugin.NAME] path = `+pluginPath+`)`)
+			s.log.Warn("plugin call to a wrong path: frps's plugin path is "+pluginPath,
+				"path", r.URL.Path, "status", sw.status, "peer", peerHost(r.RemoteAddr), "op", op, "repeats", repeats,
+				"hint", `set path = "`+pluginPath+`" in frps's [[httpPlugins]] (frps.ini: path = `+pluginPath+`)`)
 		}
 	}
 }
@@ -124,10 +130,7 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 // refusePeer answers a plugin call from outside -plugin-allow with 403 and
 // says so in the log, at most once a minute per peer address.
 func (s *server) refusePeer(w http.ResponseWriter, r *http.Request) {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
-	}
+	host := peerHost(r.RemoteAddr)
 	if ok, repeats := s.quiet.allow("peer " + host); ok {
 		s.log.Warn("plugin call refused: peer not in -plugin-allow", "peer", host, "plugin_allow", s.pluginAllow.String(),
 			"repeats", repeats, "hint", "add frps's address to -plugin-allow (FRP_PORT_KEEPER_PLUGIN_ALLOW)")
@@ -256,6 +259,15 @@ func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// peerHost is the address of a request's peer, without its port.
+func peerHost(remoteAddr string) string {
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		return remoteAddr
+	}
+	return host
 }
 
 func isLoopback(remoteAddr string) bool {
