@@ -493,6 +493,8 @@ func unreachable(base string, err error) error {
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
 		reason = "connection refused"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		reason = "the connection was closed without an answer"
 	case errors.As(err, &dnsErr):
 		reason = "no such host " + dnsErr.Name
 	case errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, context.DeadlineExceeded):

@@ -4,7 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"strings"
@@ -189,23 +190,12 @@ func TestCLIServerAddress(t *testing.T) {
 
 // TestCLIHealthAnswer: health refuses a server that is not frp-port-keeper.
 func TestCLIHealthAnswer(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"))
-			c.Close()
-		}
-	}()
-	_, _, err = runCLI(nil, "health", "-server", ln.Addr().String())
-	want := fmt.Sprintf(`http://%s/ping answered 404 Not Found "not found", not 200 pong: is frp-port-keeper the server there? set -server`, ln.Addr())
+	stranger := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "not found", http.StatusNotFound)
+	}))
+	defer stranger.Close()
+	_, _, err := runCLI(nil, "health", "-server", stranger.URL)
+	want := stranger.URL + `/ping answered 404 Not Found "not found\n", not 200 pong: is frp-port-keeper the server there? set -server`
 	if err == nil || err.Error() != want {
 		t.Fatalf("health against a stranger = %v; want %q", err, want)
 	}
