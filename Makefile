@@ -4,14 +4,21 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
 PLATFORMS := linux/amd64 linux/arm64 linux/arm/7 darwin/arm64 windows/amd64
+IMAGE    ?= frp-port-keeper
 
-.PHONY: build run test test-deps lint bench bench-profile fuzz dist
+.PHONY: build run test test-deps lint bench bench-profile fuzz dist image
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/frp-port-keeper .
 
 run: build
 	./bin/frp-port-keeper
+
+# image builds $(IMAGE):$(VERSION) and $(IMAGE):latest FROM scratch around
+# the static binary, from a context of just that binary and an empty /data.
+image: build
+	rm -rf bin/image && mkdir -p bin/image/data && chmod 0700 bin/image/data && cp bin/frp-port-keeper bin/image/
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) -t $(IMAGE):latest -f Dockerfile bin/image
 
 # test runs every test (unit, end-to-end with real frps/frpc, browser), then
 # each fuzz target for $(FUZZTIME).

@@ -90,8 +90,8 @@ type proxyRequest struct {
 	ProxyType  string
 	Group      string
 	RemotePort int // 0: any port
-	// By says who asked, for the history ("frps reqid=…"); not part of the key.
-	By string
+	// ReqID is frps's X-Frp-Reqid, for the history; not part of the key.
+	ReqID string
 }
 
 // Key prefixes. Group keys stand for a load-balancing group (frps insists
@@ -603,7 +603,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 	if err != nil {
 		return 0, "", err
 	}
-	e := historyEntry{Time: now, Key: key, User: req.User, ProxyType: req.ProxyType, Port: port, Change: histNew, By: req.By, Note: c.want.Note}
+	e := historyEntry{Time: now, Key: key, User: req.User, ProxyType: req.ProxyType, Port: port, Change: histNew, By: "frps reqid=" + req.ReqID, Note: c.want.Note}
 	switch {
 	case cur != nil:
 		e.Change, e.OldPort = histMoved, cur.Port
@@ -637,7 +637,7 @@ func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyReques
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
 	} else {
 		a.changed(historyEntry{Time: now, Key: c.want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.want.Port,
-			Change: histFilledIn, By: req.By, Note: c.want.Note})
+			Change: histFilledIn, By: "frps reqid=" + req.ReqID, Note: c.want.Note})
 	}
 	return cur.Port, outcomeHit, nil
 }

@@ -3,15 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 )
@@ -19,19 +23,154 @@ import (
 // The operator's commands. list, show, assign and release talk to a running
 // server over its admin API (so they go through the same allocator, locks
 // and store); export and import work on a data directory while no server
-// holds it.
+// holds it; health asks a server for /ping.
 
-// newCommandFlags is a flag set for a subcommand, with env fallbacks like serve's.
-func newCommandFlags(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("frp-port-keeper "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+// command is one subcommand: what help says about it, how many arguments
+// it takes, and its own flags.
+type command struct {
+	name    string
+	args    string // the arguments after the flags, as help shows them: "KEY PORT"
+	minArgs int
+	maxArgs int
+	summary string // one line in the command list
+	about   string // a paragraph in the command's own help
+	// setup declares the command's flags on fs and returns what runs the
+	// command with its arguments once fs is parsed. It has no other
+	// effect, so help can call it to list the flags.
+	setup func(fs *flag.FlagSet, e cmdEnv) func(args []string) error
+}
+
+// cmdEnv is what a command gets from run.
+type cmdEnv struct {
+	ctx            context.Context
+	getenv         func(string) string
+	stdout, stderr io.Writer
+}
+
+const serverAbout = "The running server is -server (a URL or host:port), else the server's own FRP_PORT_KEEPER_LISTEN, else " + defaultListen + "."
+
+// commands lists every subcommand in the order help shows them.
+func commands() []command {
+	return []command{
+		{name: "serve", summary: "run the plugin server (the default command)",
+			about: "Runs the plugin server: frps asks it on " + pluginPath + " which remote port a proxy gets. The admin API, the web page and the metrics share its listener.",
+			setup: setupServe},
+		{name: "list", summary: "every allocation of the running server, by port",
+			about: "Lists the allocations of the running server, sorted by port; \"outside policy\" marks a sticky port today's policy would not give. " + serverAbout,
+			setup: setupList},
+		{name: "show", args: "KEY", minArgs: 1, maxArgs: 1, summary: "one allocation as JSON",
+			about: "Prints one allocation of the running server as JSON. KEY is the proxy name as frps sends it (user.proxy), or group:NAME for a load-balancing group. " + serverAbout,
+			setup: setupShow},
+		{name: "assign", args: "KEY PORT", minArgs: 2, maxArgs: 2, summary: "pin a key to a port of the pool",
+			about: "Pins KEY (new or existing) to PORT, a port of the running server's pool; the key's old port becomes free. " + serverAbout,
+			setup: setupAssign},
+		{name: "release", args: "KEY", minArgs: 1, maxArgs: 1, summary: "forget a key; its port becomes free",
+			about: "Forgets KEY on the running server; its port becomes free. " + serverAbout,
+			setup: setupRelease},
+		{name: "export", summary: "write every allocation of -data-dir as JSON",
+			about: "Writes every allocation of -data-dir as JSON to stdout. Refuses while a server holds the directory.",
+			setup: setupStoreTool("export")},
+		{name: "import", args: "[FILE]", maxArgs: 1, summary: "read that JSON (default stdin) into -data-dir",
+			about: "Reads export's JSON from FILE (default, or -, stdin) into -data-dir, all or nothing. Refuses while a server holds the directory.",
+			setup: setupStoreTool("import")},
+		{name: "health", summary: "exit 0 when the server answers /ping, 1 when not",
+			about: "Asks the server for /ping and exits 0 when it answers, 1 when not, with one line either way: the container image's HEALTHCHECK. " + serverAbout,
+			setup: setupHealth},
+		{name: "version", summary: "print the version",
+			about: "Prints the version stamped at build time.",
+			setup: func(_ *flag.FlagSet, e cmdEnv) func([]string) error {
+				return func([]string) error { _, err := fmt.Fprintln(e.stdout, "frp-port-keeper", version); return err }
+			}},
+		{name: "help", args: "[COMMAND]", maxArgs: 1, summary: "this list, or one command's usage and flags",
+			about: "Lists the commands, or shows one command's usage and flags.",
+			setup: func(_ *flag.FlagSet, e cmdEnv) func([]string) error {
+				return func(args []string) error {
+					if len(args) == 0 {
+						return printHelp(e.stdout)
+					}
+					cmd, ok := findCommand(args[0])
+					if !ok {
+						return unknownCommand(args[0])
+					}
+					return printUsage(e.stdout, cmd)
+				}
+			}},
+	}
+}
+
+func findCommand(name string) (command, bool) {
+	for _, c := range commands() {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return command{}, false
+}
+
+func unknownCommand(name string) error {
+	return fmt.Errorf("unknown command %q: run 'frp-port-keeper help' for the list", name)
+}
+
+// runCommand runs the named command. implicit is a serve that was not
+// named: its -h shows the whole help, as `frp-port-keeper -h` should.
+func runCommand(name string, implicit bool, args []string, e cmdEnv) error {
+	cmd, ok := findCommand(name)
+	if !ok {
+		return unknownCommand(name)
+	}
+	invocation := "frp-port-keeper " + name
+	if implicit {
+		invocation = "frp-port-keeper"
+	}
+	fs := newFlagSet(invocation)
+	exec := cmd.setup(fs, e)
+	pos, err := parseArgs(fs, args, e.getenv)
+	switch {
+	case errors.Is(err, flag.ErrHelp) && implicit:
+		return printHelp(e.stdout)
+	case errors.Is(err, flag.ErrHelp):
+		return printUsage(e.stdout, cmd)
+	case err != nil:
+		return err
+	case len(pos) < cmd.minArgs:
+		return fmt.Errorf("%s needs %s (usage: %s)", name, strings.Fields(cmd.args)[len(pos)], usageLine(cmd))
+	case len(pos) > cmd.maxArgs:
+		return fmt.Errorf("unexpected argument %q (usage: %s)", pos[cmd.maxArgs], usageLine(cmd))
+	}
+	return exec(pos)
+}
+
+// newFlagSet is a flag set that prints nothing itself: run decides what
+// goes where (help to stdout, one line per error).
+func newFlagSet(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	return fs
 }
 
-// parseCommand parses args and fills unset flags from the environment.
-func parseCommand(fs *flag.FlagSet, args []string, getenv func(string) string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
+// parseArgs parses flags wherever they stand among the arguments
+// ("release KEY -server URL" as well as "release -server URL KEY"; after
+// "--" everything is an argument), then fills every flag not given from its
+// environment variable. It returns the arguments.
+func parseArgs(fs *flag.FlagSet, args []string, getenv func(string) string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%v (run '%s -h' for usage)", err, fs.Name())
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			pos = append(pos, rest...)
+			break
+		}
+		pos, args = append(pos, rest[0]), rest[1:]
 	}
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
@@ -43,38 +182,198 @@ func parseCommand(fs *flag.FlagSet, args []string, getenv func(string) string) e
 			}
 		}
 	})
+	return pos, err
+}
+
+// usageLine is a command's synopsis.
+func usageLine(cmd command) string {
+	line := "frp-port-keeper " + cmd.name
+	if cmd.name == "serve" {
+		line = "frp-port-keeper [serve]"
+	}
+	if hasFlags(cmd) {
+		line += " [flags]"
+	}
+	if cmd.args != "" {
+		line += " " + cmd.args
+	}
+	return line
+}
+
+func hasFlags(cmd command) bool {
+	fs := newFlagSet(cmd.name)
+	cmd.setup(fs, cmdEnv{})
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	return n > 0
+}
+
+// printHelp is `frp-port-keeper help`: the commands, then serve's flags,
+// since serve is what runs without a command.
+func printHelp(w io.Writer) error {
+	var b strings.Builder
+	b.WriteString("frp-port-keeper is an frps server plugin that gives every tcp and udp proxy\n" +
+		"the same remote port on every connection.\n\n" +
+		"usage: frp-port-keeper [COMMAND] [flags] [ARGS]\n\ncommands:\n")
+	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+	for _, c := range commands() {
+		fmt.Fprintf(tw, "  %s\t%s\n", strings.TrimSpace(c.name+" "+c.args), c.summary)
+	}
+	tw.Flush()
+	b.WriteString("\nFlags may come before or after the arguments. Every flag can also be set in\n" +
+		"the environment: -data-dir as " + envName("data-dir") + ", and so on.\n" +
+		"Run 'frp-port-keeper help COMMAND' (or COMMAND -h) for a command's own flags.\n\nflags of serve:\n")
+	serve, _ := findCommand("serve")
+	writeFlags(&b, serve)
+	_, err := io.WriteString(w, b.String())
 	return err
 }
 
-func runClient(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := newCommandFlags(cmd, stderr)
-	serverURL := fs.String("server", "http://127.0.0.1:8080", "address of the running frp-port-keeper")
-	token := fs.String("admin-token", "", "admin token of the server")
+// printUsage is one command's help: its synopsis, what it does, its flags.
+func printUsage(w io.Writer, cmd command) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "usage: %s\n\n%s\n", usageLine(cmd), wrap(cmd.about, 76))
+	if hasFlags(cmd) {
+		fs := newFlagSet(cmd.name)
+		cmd.setup(fs, cmdEnv{})
+		var first string
+		fs.VisitAll(func(f *flag.Flag) {
+			if first == "" {
+				first = f.Name
+			}
+		})
+		fmt.Fprintf(&b, "\nflags (each also from the environment, e.g. -%s as %s):\n", first, envName(first))
+		writeFlags(&b, cmd)
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// writeFlags writes a command's flags as the flag package prints them.
+func writeFlags(w io.Writer, cmd command) {
+	fs := newFlagSet(cmd.name)
+	cmd.setup(fs, cmdEnv{})
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+}
+
+// wrap breaks text into lines of at most width bytes, at spaces.
+func wrap(text string, width int) string {
+	var b strings.Builder
+	n := 0
+	for _, word := range strings.Fields(text) {
+		if n > 0 && n+1+len(word) > width {
+			b.WriteByte('\n')
+			n = 0
+		} else if n > 0 {
+			b.WriteByte(' ')
+			n++
+		}
+		b.WriteString(word)
+		n += len(word)
+	}
+	return b.String()
+}
+
+// setupServe declares serve's flags; running it checks them and serves.
+func setupServe(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var c config
+	c.declare(fs)
+	return func([]string) error {
+		if c.version {
+			_, err := fmt.Fprintln(e.stdout, "frp-port-keeper", version)
+			return err
+		}
+		if err := c.check(); err != nil {
+			return err
+		}
+		return serve(e.ctx, c, e.stderr)
+	}
+}
+
+// clientFlags are the flags of every command that talks to a running server.
+type clientFlags struct {
+	server, token string
+}
+
+func (f *clientFlags) declare(fs *flag.FlagSet) {
+	fs.StringVar(&f.server, "server", "", "the running server: URL or host:port (default $"+envName("listen")+", else "+defaultListen+")")
+	fs.StringVar(&f.token, "admin-token", "", "the server's admin token")
+}
+
+// client is the admin client for the server the flags and environment name.
+func (f *clientFlags) client(getenv func(string) string) (adminClient, error) {
+	base, err := serverBase(f.server, getenv)
+	if err != nil {
+		return adminClient{}, err
+	}
+	return adminClient{base: base, token: f.token, http: &http.Client{Timeout: 10 * time.Second}}, nil
+}
+
+// serverBase is the base URL of the server the client commands talk to:
+// the -server flag (or FRP_PORT_KEEPER_SERVER), else the server's own
+// FRP_PORT_KEEPER_LISTEN, else the default listen address. A host:port
+// gets http:// (https:// when it comes from FRP_PORT_KEEPER_LISTEN and
+// FRP_PORT_KEEPER_TLS_CERT is set, as the server then serves TLS), and an
+// unspecified host (":8080", "0.0.0.0:8080") means this host.
+func serverBase(server string, getenv func(string) string) (string, error) {
+	scheme := "http"
+	if server == "" {
+		server = getenv(envName("listen"))
+		if server != "" && getenv(envName("tls-cert")) != "" {
+			scheme = "https"
+		}
+	}
+	if server == "" {
+		server = defaultListen
+	}
+	if !strings.Contains(server, "://") {
+		host, port, err := net.SplitHostPort(server)
+		if err != nil {
+			host, port = server, ""
+		}
+		if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+			host = "127.0.0.1"
+			if ip != nil && ip.To4() == nil {
+				host = "::1"
+			}
+		}
+		if port != "" {
+			host = net.JoinHostPort(host, port)
+		} else if strings.Contains(host, ":") {
+			host = "[" + host + "]"
+		}
+		server = scheme + "://" + host
+	}
+	u, err := url.Parse(server)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("-server %q: want a URL (http://127.0.0.1:8080) or host:port", server)
+	}
+	return strings.TrimRight(server, "/"), nil
+}
+
+func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	user := fs.String("user", "", "list only this user's allocations")
-	if err := parseCommand(fs, args, getenv); err != nil {
-		return err
-	}
-	c := adminClient{base: strings.TrimRight(*serverURL, "/"), token: *token, http: &http.Client{Timeout: 10 * time.Second}}
-	want := map[string]int{"list": 0, "show": 1, "assign": 2, "release": 1}[cmd]
-	if fs.NArg() != want {
-		usage := map[string]string{"list": "list [-json] [-user U]", "show": "show KEY", "assign": "assign KEY PORT", "release": "release KEY"}[cmd]
-		return fmt.Errorf("usage: frp-port-keeper %s", usage)
-	}
-	switch cmd {
-	case "list":
+	return func([]string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
 		path := "/api/allocations"
 		if *user != "" {
 			path += "?user=" + url.QueryEscape(*user)
 		}
 		var list allocationList
-		if err := c.do(ctx, "GET", path, nil, &list); err != nil {
+		if err := c.do(e.ctx, "GET", path, nil, &list); err != nil {
 			return err
 		}
 		if *asJSON {
-			return printJSON(stdout, list)
+			return printJSON(e.stdout, list)
 		}
-		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\t")
 		for _, a := range list.Allocations {
 			var notes []string
@@ -93,29 +392,131 @@ func runClient(ctx context.Context, cmd string, args []string, getenv func(strin
 		}
 		fmt.Fprintf(tw, "\npool: %d used, %d free, %d ports\n", list.Pool.Used, list.Pool.Free, list.Pool.Size)
 		return tw.Flush()
-	case "show":
-		var a apiAllocation
-		if err := c.do(ctx, "GET", "/api/allocations/"+url.PathEscape(fs.Arg(0)), nil, &a); err != nil {
-			return err
-		}
-		return printJSON(stdout, a)
-	case "assign":
-		port, err := strconv.Atoi(fs.Arg(1))
-		if err != nil {
-			return fmt.Errorf("port %q is not a number", fs.Arg(1))
-		}
-		var a apiAllocation
-		if err := c.do(ctx, "PUT", "/api/allocations/"+url.PathEscape(fs.Arg(0)), map[string]int{"port": port}, &a); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "%s now holds port %d\n", a.Key, a.Port)
-	case "release":
-		if err := c.do(ctx, "DELETE", "/api/allocations/"+url.PathEscape(fs.Arg(0)), nil, nil); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "released %s\n", fs.Arg(0))
 	}
-	return nil
+}
+
+func setupShow(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	return func(args []string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		var a apiAllocation
+		if err := c.do(e.ctx, "GET", "/api/allocations/"+url.PathEscape(args[0]), nil, &a); err != nil {
+			return err
+		}
+		return printJSON(e.stdout, a)
+	}
+}
+
+func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	return func(args []string) error {
+		port, err := strconv.Atoi(args[1])
+		if err != nil {
+			return fmt.Errorf("port %q is not a number (usage: frp-port-keeper assign [flags] KEY PORT)", args[1])
+		}
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		var a apiAllocation
+		if err := c.do(e.ctx, "PUT", "/api/allocations/"+url.PathEscape(args[0]), map[string]int{"port": port}, &a); err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(e.stdout, "%s now holds port %d\n", a.Key, a.Port)
+		return err
+	}
+}
+
+func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	return func(args []string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(e.stdout, "released %s\n", args[0])
+		return err
+	}
+}
+
+// healthTimeout bounds health's whole check, below Docker's default
+// HEALTHCHECK timeout.
+const healthTimeout = 5 * time.Second
+
+func setupHealth(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	server := fs.String("server", "", "the server to check: URL or host:port (default $"+envName("listen")+", else "+defaultListen+")")
+	return func([]string) error {
+		base, err := serverBase(*server, e.getenv)
+		if err != nil {
+			return err
+		}
+		return checkHealth(e.ctx, base, e.stdout)
+	}
+}
+
+// checkHealth GETs base/ping. Over HTTPS to a loopback address it does not
+// verify the certificate, which names the host frps dials rather than
+// 127.0.0.1: it sends nothing secret and only wants "pong" back.
+func checkHealth(ctx context.Context, base string, stdout io.Writer) error {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	if u, err := url.Parse(base); err == nil && u.Scheme == "https" {
+		if ip := net.ParseIP(u.Hostname()); ip != nil && ip.IsLoopback() || u.Hostname() == "localhost" {
+			transport.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
+		}
+	}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{Timeout: healthTimeout, Transport: transport}
+	req, err := http.NewRequestWithContext(ctx, "GET", base+"/ping", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return unreachable(base, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64))
+	if resp.StatusCode != http.StatusOK || string(body) != "pong" {
+		return fmt.Errorf("%s/ping answered %s %q, not 200 pong: is frp-port-keeper the server there? set -server", base, resp.Status, body)
+	}
+	_, err = fmt.Fprintf(stdout, "ok: frp-port-keeper at %s answers /ping\n", base)
+	return err
+}
+
+// unreachable is a failed connection to a server as a sentence with the fix.
+func unreachable(base string, err error) error {
+	var dnsErr *net.DNSError
+	var netErr net.Error
+	reason := ""
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		reason = "connection refused"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		reason = "the connection was closed without an answer"
+	case errors.As(err, &dnsErr):
+		reason = "no such host " + dnsErr.Name
+	case errors.As(err, &netErr) && netErr.Timeout(), errors.Is(err, context.DeadlineExceeded):
+		reason = "timed out"
+	default:
+		for {
+			next := errors.Unwrap(err)
+			if next == nil {
+				break
+			}
+			err = next
+		}
+		reason = err.Error()
+	}
+	return fmt.Errorf("cannot reach frp-port-keeper at %s (%s): is it running? set -server", base, reason)
 }
 
 func dash(s string) string {
@@ -152,7 +553,7 @@ func (c adminClient) do(ctx context.Context, method, path string, in, out any) e
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return err
+		return unreachable(c.base, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
@@ -186,16 +587,20 @@ type exportRecord struct {
 	Online   bool      `json:"online,omitempty"`
 }
 
-// runStoreTool exports or imports the allocations of a data directory. It
-// takes the directory's lock, so it refuses while a server runs on it.
-func runStoreTool(cmd string, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := newCommandFlags(cmd, stderr)
-	var cfg config
-	fs.StringVar(&cfg.dataDir, "data-dir", "gokv", "data directory")
-	fs.StringVar(&cfg.store, "store", "file", "store backend: file or bbolt")
-	if err := parseCommand(fs, args, getenv); err != nil {
-		return err
+// setupStoreTool declares the flags of export or import; running it
+// exports or imports the allocations of a data directory. It takes the
+// directory's lock, so it refuses while a server runs on it.
+func setupStoreTool(cmd string) func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	return func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+		var cfg config
+		fs.StringVar(&cfg.dataDir, "data-dir", "gokv", "data directory")
+		fs.StringVar(&cfg.store, "store", "file", "store backend: file or bbolt")
+		return func(args []string) error { return runStoreTool(cmd, cfg, args, e.stdout, e.stderr) }
 	}
+}
+
+// runStoreTool exports or imports the allocations of cfg's data directory.
+func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Writer) error {
 	if cfg.store != "file" && cfg.store != "bbolt" {
 		return fmt.Errorf("-store %q: want file or bbolt", cfg.store)
 	}
@@ -222,8 +627,8 @@ func runStoreTool(cmd string, args []string, getenv func(string) string, stdout,
 	}
 
 	in := io.Reader(os.Stdin)
-	if fs.NArg() > 0 && fs.Arg(0) != "-" {
-		f, err := os.Open(fs.Arg(0))
+	if len(args) > 0 && args[0] != "-" {
+		f, err := os.Open(args[0])
 		if err != nil {
 			return err
 		}

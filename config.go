@@ -4,7 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,6 +14,10 @@ import (
 // defaultPool avoids privileged ports and stays below Linux's ephemeral
 // range (32768-60999), where outgoing connections would collide with it.
 const defaultPool = "10000-32767"
+
+// defaultListen is where the server listens, and where the client
+// commands look for it, when nothing else is said.
+const defaultListen = "127.0.0.1:8080"
 
 // config is everything the command line and environment decide.
 type config struct {
@@ -27,10 +31,13 @@ type config struct {
 	tlsCert      string
 	tlsKey       string
 	adminToken   string
+	pluginAllow  string
 	version      bool
 	policyFile   string
 	maxPorts     int
 	reclaimAfter time.Duration
+
+	allowNets allowList // pluginAllow, parsed by check
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -39,65 +46,60 @@ func envName(flagName string) string {
 	return "FRP_PORT_KEEPER_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// parseConfig reads flags, then fills every flag not given on the command
-// line from its environment variable.
-func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
-	var c config
-	fs := flag.NewFlagSet("frp-port-keeper", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.StringVar(&c.listen, "listen", "127.0.0.1:8080", "address to serve the plugin on")
+// declare puts serve's flags on fs, bound to c.
+func (c *config) declare(fs *flag.FlagSet) {
+	fs.StringVar(&c.listen, "listen", defaultListen, "address to serve the plugin on")
 	fs.StringVar(&c.dataDir, "data-dir", "gokv", "directory that holds the allocations")
 	fs.StringVar(&c.allowPorts, "allow-ports", "", `ports to hand out, frps syntax "6000-7000,8080" (default `+defaultPool+`)`)
 	fs.StringVar(&c.frpsConfig, "frps-config", "", "frps config file (toml, yaml, json or ini): take allowPorts and frps's own ports from it")
-	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host)")
+	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host or network namespace)")
 	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files) or bbolt (one fsync'd database file)")
 	fs.DurationVar(&c.storeTimeout, "store-timeout", 2*time.Second, "deadline for every store call")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "serve HTTPS with this certificate (PEM; needs -tls-key)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "private key of -tls-cert (PEM)")
 	fs.StringVar(&c.adminToken, "admin-token", "", "Bearer token for /api, / and /metrics (without it they answer loopback clients only)")
+	fs.StringVar(&c.pluginAllow, "plugin-allow", defaultPluginAllow, "addresses that may call the plugin path (frps's): comma-separated CIDRs")
 	fs.BoolVar(&c.version, "version", false, "print the version and exit")
 	fs.StringVar(&c.policyFile, "policy", "", "policy file (TOML): per-user port ranges and quotas; re-read on SIGHUP")
 	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
 	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
-	fs.Usage = func() {
-		fs.SetOutput(stderr)
-		fmt.Fprintf(stderr, "usage: frp-port-keeper [flags]\n\nEvery flag can also be set in the environment, e.g. -data-dir as %s.\n\n", envName("data-dir"))
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-		}
-		return c, err
-	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		v := getenv(envName(f.Name))
-		if given[f.Name] || v == "" || envErr != nil {
-			return
-		}
-		if err := fs.Set(f.Name, v); err != nil {
-			envErr = fmt.Errorf("%s=%q: %v", envName(f.Name), v, err)
-		}
-	})
-	if envErr != nil {
-		return c, envErr
-	}
+}
+
+// check rejects settings that cannot work together and parses the ones
+// that need it.
+func (c *config) check() error {
 	if c.store != "file" && c.store != "bbolt" {
-		return c, fmt.Errorf("-store %q: want file or bbolt", c.store)
+		return fmt.Errorf("-store %q: want file or bbolt", c.store)
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
-		return c, errors.New("-tls-cert and -tls-key go together")
+		return errors.New("-tls-cert and -tls-key go together")
 	}
 	if c.storeTimeout <= 0 {
-		return c, fmt.Errorf("-store-timeout %v: must be positive", c.storeTimeout)
+		return fmt.Errorf("-store-timeout %v: must be positive", c.storeTimeout)
 	}
-	return c, nil
+	nets, err := parseAllowList(c.pluginAllow)
+	if err != nil {
+		return fmt.Errorf("-plugin-allow: %v", err)
+	}
+	c.allowNets = nets
+	return nil
+}
+
+// parseConfig reads serve's flags, then fills every flag not given on the
+// command line from its environment variable, and checks the result: the
+// serve command's parse, for tests.
+func parseConfig(args []string, getenv func(string) string) (config, error) {
+	var c config
+	fs := newFlagSet("frp-port-keeper")
+	c.declare(fs)
+	pos, err := parseArgs(fs, args, getenv)
+	if err != nil {
+		return c, err
+	}
+	if len(pos) > 0 {
+		return c, fmt.Errorf("unexpected argument %q", pos[0])
+	}
+	return c, c.check()
 }
 
 // poolPlan is the pool the allocator serves and the ports kept out of it.
@@ -109,16 +111,19 @@ type poolPlan struct {
 
 // planPool works out the pool: the allowed ports (from -allow-ports, frps's
 // allowPorts, or the default; both when both are given), minus frps's own
-// listeners and the plugin's port.
+// listeners and the plugin's port. frps's listeners are known only from
+// -frps-config: with -allow-ports alone, frps's bindPort stays in the pool
+// if -allow-ports names it (the probe then skips it while frps holds it).
 func planPool(c config, listenPort int) (poolPlan, error) {
 	plan := poolPlan{excluded: map[int]string{}, probeAddr: "0.0.0.0"}
 	var allowed *portSet
+	from := "the default pool " + defaultPool // where the allowed ports came from, for errors
 	if c.allowPorts != "" {
 		set, err := parsePorts(c.allowPorts)
 		if err != nil {
 			return plan, fmt.Errorf("-allow-ports: %w", err)
 		}
-		allowed = set
+		allowed, from = set, "-allow-ports "+set.String()
 	}
 	if c.frpsConfig != "" {
 		frps, err := readFrpsConfig(c.frpsConfig)
@@ -131,11 +136,15 @@ func planPool(c config, listenPort int) (poolPlan, error) {
 		}
 		switch {
 		case frps.allowPorts != nil && allowed != nil:
+			from += " and frps's allowPorts " + frps.allowPorts.String()
 			for i := range allowed {
 				allowed[i] &= frps.allowPorts[i]
 			}
+			if allowed.len() == 0 {
+				return plan, fmt.Errorf("the port pool is empty: %s have no port in common", from)
+			}
 		case frps.allowPorts != nil:
-			allowed = frps.allowPorts
+			allowed, from = frps.allowPorts, "frps's allowPorts "+frps.allowPorts.String()
 		}
 	}
 	if allowed == nil {
@@ -144,11 +153,23 @@ func planPool(c config, listenPort int) (poolPlan, error) {
 	if listenPort > 0 {
 		plan.excluded[listenPort] = "the plugin's own port"
 	}
+	var removed []int
 	for port := range plan.excluded {
-		allowed.remove(port)
+		if allowed.has(port) {
+			removed = append(removed, port)
+			allowed.remove(port)
+		}
 	}
 	if allowed.len() == 0 {
-		return plan, errors.New("the port pool is empty: check -allow-ports and frps's allowPorts")
+		if len(removed) == 0 {
+			return plan, fmt.Errorf("the port pool is empty: %s", from)
+		}
+		slices.Sort(removed)
+		why := make([]string, len(removed))
+		for i, port := range removed {
+			why[i] = fmt.Sprintf("%d (%s)", port, plan.excluded[port])
+		}
+		return plan, fmt.Errorf("the port pool is empty: %s minus %s", from, strings.Join(why, ", "))
 	}
 	plan.pool = allowed
 	return plan, nil

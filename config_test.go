@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,14 +17,14 @@ func TestParseConfigEnvFallback(t *testing.T) {
 		"FRP_PORT_KEEPER_PROBE":       "false",
 		"FRP_PORT_KEEPER_ALLOW_PORTS": "20000-20010",
 	}
-	cfg, err := parseConfig([]string{"-data-dir", "/from/flag"}, func(k string) string { return env[k] }, io.Discard)
+	cfg, err := parseConfig([]string{"-data-dir", "/from/flag"}, func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.listen != "127.0.0.1:9999" || cfg.dataDir != "/from/flag" || cfg.probe || cfg.allowPorts != "20000-20010" {
 		t.Fatalf("config = %+v; want listen and probe from env, data dir from the flag", cfg)
 	}
-	defaults, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	defaults, _ := parseConfig(nil, func(string) string { return "" })
 	if defaults.listen != "127.0.0.1:8080" || defaults.dataDir != "gokv" || !defaults.probe || defaults.store != "file" {
 		t.Fatalf("defaults = %+v", defaults)
 	}
@@ -124,5 +125,60 @@ allow_ports = 7000-7005,7500
 	}
 	if _, err := planPool(config{allowPorts: "8001"}, 8001); err == nil || !strings.Contains(err.Error(), "pool is empty") {
 		t.Fatalf("empty pool: %v", err)
+	}
+}
+
+// TestPoolEmptySaysWhy: frps's own ports leave the pool only when
+// -frps-config says what they are, and an empty pool names the ports that
+// were taken out and why.
+func TestPoolEmptySaysWhy(t *testing.T) {
+	dir := t.TempDir()
+	frps := func(body string) string {
+		path := filepath.Join(dir, fmt.Sprintf("frps-%d.toml", len(body)))
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	bind7000 := frps("bindPort = 7000\n")
+	bindAndDash := frps("bindPort = 7000\nwebServer.port = 7500\nallowPorts = [{ start = 7000, end = 7000 }, { single = 7500 }]\n")
+	narrow := frps("bindPort = 7100\nallowPorts = [{ start = 7000, end = 7001 }]\n")
+	tests := []struct {
+		name       string
+		cfg        config
+		listenPort int
+		wantPool   string // when the pool is not empty
+		wantErr    string
+	}{
+		{name: "-allow-ports alone keeps frps's bindPort", cfg: config{allowPorts: "7000"}, wantPool: "7000"},
+		{name: "-frps-config takes it out", cfg: config{allowPorts: "7000", frpsConfig: bind7000},
+			wantErr: "the port pool is empty: -allow-ports 7000 minus 7000 (frps bindPort)"},
+		{name: "and the plugin's own port", cfg: config{allowPorts: "7000-7001", frpsConfig: bind7000}, listenPort: 7001,
+			wantErr: "the port pool is empty: -allow-ports 7000-7001 minus 7000 (frps bindPort), 7001 (the plugin's own port)"},
+		{name: "frps's allowPorts alone", cfg: config{frpsConfig: bindAndDash},
+			wantErr: "the port pool is empty: frps's allowPorts 7000,7500 minus 7000 (frps bindPort), 7500 (frps webServer.port)"},
+		{name: "no port in common", cfg: config{allowPorts: "6000", frpsConfig: narrow},
+			wantErr: "the port pool is empty: -allow-ports 6000 and frps's allowPorts 7000-7001 have no port in common"},
+		{name: "both, minus frps's ports", cfg: config{allowPorts: "7000-7100", frpsConfig: narrow}, wantPool: "7000-7001"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			plan, err := planPool(tt.cfg, tt.listenPort)
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr {
+					t.Fatalf("planPool(-allow-ports %q) = %v; want %q", tt.cfg.allowPorts, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || plan.pool.String() != tt.wantPool {
+				t.Fatalf("planPool(-allow-ports %q) = %v, %v; want pool %s", tt.cfg.allowPorts, plan.pool, err, tt.wantPool)
+			}
+		})
+	}
+	// The same line stops a real start.
+	err := run(context.Background(), []string{"-listen", "127.0.0.1:0", "-data-dir", t.TempDir(), "-allow-ports", "7000", "-frps-config", bind7000},
+		func(string) string { return "" }, io.Discard, io.Discard)
+	if want := "the port pool is empty: -allow-ports 7000 minus 7000 (frps bindPort)"; err == nil || err.Error() != want {
+		t.Fatalf("run = %v; want %q", err, want)
 	}
 }

@@ -4,8 +4,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	frpconfig "github.com/fatedier/frp/pkg/config"
 )
 
 // TestSystemdUnit checks the shipped unit with systemd's own verifier. The
@@ -35,5 +38,44 @@ func TestSystemdUnit(t *testing.T) {
 	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
 	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// TestDockerComposeFiles: deploy/docker-compose.yml runs both services on
+// the host network with the data volume and frps's config mounted
+// read-only, and deploy/frps.toml calls the plugin where compose makes it
+// listen and leaves it a pool. (TestDockerImage runs the image itself.)
+func TestDockerComposeFiles(t *testing.T) {
+	compose, err := os.ReadFile("deploy/docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"image: frp-port-keeper:latest", "image: fatedier/frps:v0.65.0",
+		`command: ["-frps-config", "/etc/frp/frps.toml"]`, `FRP_PORT_KEEPER_LISTEN: "127.0.0.1:8080"`,
+		"- port-keeper-data:/data", "/etc/frp/frps.toml:/etc/frp/frps.toml:ro",
+	} {
+		if !strings.Contains(string(compose), want) {
+			t.Errorf("docker-compose.yml lacks %q", want)
+		}
+	}
+	if n := strings.Count(string(compose), "network_mode: host"); n != 2 {
+		t.Errorf("docker-compose.yml has network_mode: host %d times; want 2 (frps and the plugin)", n)
+	}
+	if n := strings.Count(string(compose), "/etc/frp/frps.toml:ro"); n != 2 {
+		t.Errorf("docker-compose.yml mounts frps.toml read-only %d times; want 2", n)
+	}
+
+	cfg, _, err := frpconfig.LoadServerConfig("deploy/frps.toml", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.HTTPPlugins) != 1 || cfg.HTTPPlugins[0].Addr != "127.0.0.1:8080" || cfg.HTTPPlugins[0].Path != pluginPath ||
+		!slices.Equal(cfg.HTTPPlugins[0].Ops, []string{"NewProxy"}) {
+		t.Errorf("deploy/frps.toml httpPlugins = %+v; want one at 127.0.0.1:8080%s for NewProxy", cfg.HTTPPlugins, pluginPath)
+	}
+	plan, err := planPool(config{frpsConfig: "deploy/frps.toml"}, 8080)
+	if err != nil || plan.pool.len() == 0 || plan.excluded[cfg.BindPort] == "" {
+		t.Errorf("pool from deploy/frps.toml = %v, %v; want a pool without frps's bindPort", plan.pool, err)
 	}
 }

@@ -30,32 +30,112 @@ type server struct {
 	// adminToken, when set, is required as a Bearer token on every admin
 	// route; without it only loopback peers may use them.
 	adminToken string
-	started    time.Time
-	bufs       sync.Pool // *bytes.Buffer, reused between requests
+	// pluginAllow is who may call the plugin path; nil lets everyone (the
+	// command line always sets it, by default to loopback).
+	pluginAllow allowList
+	// quiet rate-limits the warnings a peer can trigger at will.
+	quiet   *logLimiter
+	started time.Time
+	bufs    sync.Pool // *bytes.Buffer, reused between requests
 }
 
 // serverOptions are what the operators' side needs beyond the allocator.
 type serverOptions struct {
-	metrics    *metrics
-	adminToken string
+	metrics     *metrics
+	adminToken  string
+	pluginAllow allowList
 }
+
+// peerWarnEvery is how often one peer (or one wrong path) may put a
+// warning in the log.
+const peerWarnEvery = time.Minute
 
 // newServer builds every route in one place.
 func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Handler {
-	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken, started: time.Now()}
+	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken,
+		pluginAllow: opts.pluginAllow, quiet: newLogLimiter(peerWarnEvery), started: time.Now()}
 	if s.metrics == nil {
 		s.metrics = newMetrics(alloc.stats)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+pluginPath, s.serveRegistration)
-	mux.HandleFunc("GET /ping", s.servePing)
-	mux.HandleFunc("GET /api/allocations", s.admin(s.serveList))
-	mux.HandleFunc("GET /api/allocations/{key}", s.admin(s.serveShow))
-	mux.HandleFunc("PUT /api/allocations/{key}", s.admin(s.serveAssign))
-	mux.HandleFunc("DELETE /api/allocations/{key}", s.admin(s.serveRelease))
-	mux.HandleFunc("GET /metrics", s.admin(s.metrics.handler.ServeHTTP))
-	mux.HandleFunc("GET /{$}", s.admin(s.servePage))
+	routes := []struct {
+		pattern string
+		handler http.HandlerFunc
+	}{
+		{"POST " + pluginPath, s.serveRegistration},
+		{"GET /ping", s.servePing},
+		{"GET /api/allocations", s.admin(s.serveList)},
+		{"GET /api/allocations/{key}", s.admin(s.serveShow)},
+		{"PUT /api/allocations/{key}", s.admin(s.serveAssign)},
+		{"DELETE /api/allocations/{key}", s.admin(s.serveRelease)},
+		{"GET /metrics", s.admin(s.metrics.handler.ServeHTTP)},
+		{"GET /{$}", s.admin(s.servePage)},
+	}
+	// strict answers exactly the routes (404, or 405 for a known path);
+	// mux adds a catch-all that hands what matches no route to strict and
+	// logs a plugin call that went to the wrong path, so a typo in frps's
+	// config is not a silent 404. Matched requests never pass through it.
+	strict, mux := http.NewServeMux(), http.NewServeMux()
+	for _, r := range routes {
+		strict.HandleFunc(r.pattern, r.handler)
+		mux.HandleFunc(r.pattern, r.handler)
+	}
+	mux.HandleFunc("/", s.serveUnmatched(strict))
 	return mux
+}
+
+// serveUnmatched answers a request no route matched as strict does (404,
+// or 405 on a known path), and logs, rate-limited, a POST that was likely
+// meant for the plugin with the path frps should use: any POST answered
+// 404, and one that carries frps's op parameter or X-Frp-Reqid header
+// (a frps without `path` calls "/", which only has GET).
+func (s *server) serveUnmatched(strict http.Handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sw := &statusWriter{ResponseWriter: w}
+		strict.ServeHTTP(sw, r)
+		if r.Method != http.MethodPost || r.URL.Path == pluginPath {
+			return
+		}
+		op := queryValue(r.URL.RawQuery, "op")
+		if sw.status != http.StatusNotFound && op == "" && r.Header.Get("X-Frp-Reqid") == "" {
+			return
+		}
+		if ok, repeats := s.quiet.allow("path " + r.URL.Path); ok {
+			s.log.Warn("plugin call to a wrong path: frps's plugin path is "+pluginPath,
+				"path", r.URL.Path, "status", sw.status, "peer", peerHost(r.RemoteAddr), "op", op, "repeats", repeats,
+				"hint", `set path = "`+pluginPath+`" in frps's [[httpPlugins]] (frps.ini: path = `+pluginPath+`)`)
+		}
+	}
+}
+
+// statusWriter remembers the status of an answer.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// refusePeer answers a plugin call from outside -plugin-allow with 403 and
+// says so in the log, at most once a minute per peer address.
+func (s *server) refusePeer(w http.ResponseWriter, r *http.Request) {
+	host := peerHost(r.RemoteAddr)
+	if ok, repeats := s.quiet.allow("peer " + host); ok {
+		s.log.Warn("plugin call refused: peer not in -plugin-allow", "peer", host, "plugin_allow", s.pluginAllow.String(),
+			"repeats", repeats, "hint", "add frps's address to -plugin-allow (FRP_PORT_KEEPER_PLUGIN_ALLOW)")
+	}
+	writeError(w, http.StatusForbidden, "this address may not call the plugin (see -plugin-allow)")
 }
 
 func (s *server) servePing(w http.ResponseWriter, _ *http.Request) {
@@ -67,6 +147,10 @@ func (s *server) servePing(w http.ResponseWriter, _ *http.Request) {
 // NewProxy, "unchanged" for everything else. It logs one line and counts
 // one outcome per request; a sticky hit allocates little and touches no disk.
 func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
+	if s.pluginAllow != nil && !s.pluginAllow.allows(r.RemoteAddr) {
+		s.refusePeer(w, r)
+		return
+	}
 	start := time.Now()
 	in, out := s.buffer(), s.buffer()
 	defer s.release(in)
@@ -104,7 +188,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, answerUnchanged)
 		return
 	}
-	p.By = "frps reqid=" + r.Header.Get("X-Frp-Reqid")
+	p.ReqID = reqid.Value.String()
 	if req.badPort {
 		err = &portError{port: p.RemotePort, err: errPortInvalid}
 	}
@@ -190,6 +274,15 @@ func adminActor(r *http.Request) string {
 		by += " (" + c + ")"
 	}
 	return by
+}
+
+// peerHost is the address of a request's peer, without its port.
+func peerHost(remoteAddr string) string {
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		return remoteAddr
+	}
+	return host
 }
 
 func isLoopback(remoteAddr string) bool {

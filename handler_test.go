@@ -282,3 +282,57 @@ func TestStoreFaultsReject(t *testing.T) {
 		t.Fatalf("a.other got %d, the port of the late write", other)
 	}
 }
+
+// TestWrongPath: a plugin call to a path that is not the plugin's gets
+// the same 404 (or 405) as before, and the log says which path frps should
+// use, once a minute per path. Other misses stay quiet.
+func TestWrongPath(t *testing.T) {
+	log, logs := bufferLogger()
+	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
+	h := newServer(a, log, serverOptions{})
+	const fromFrps, plain = true, false
+	tests := []struct {
+		method, path string
+		frps         bool // sent as frps sends plugin calls: ?version=…&op=… and X-Frp-Reqid
+		status       int
+		logged       bool
+	}{
+		{"POST", "/port-registration", fromFrps, 404, true},
+		{"POST", "/port-registrations/", fromFrps, 404, true},
+		{"POST", "/handler", plain, 404, true},
+		{"POST", "/", fromFrps, 405, true},                   // frps without `path`; / has the GET page
+		{"POST", "/port-registration", fromFrps, 404, false}, // the same path again within a minute
+		{"POST", "/api/allocations", plain, 405, false},      // an admin's mistake, not frps's
+		{"GET", "/favicon.ico", plain, 404, false},
+		{"GET", pluginPath, fromFrps, 405, false},
+		{"DELETE", "/ping", plain, 405, false},
+	}
+	for _, tt := range tests {
+		logs.Reset()
+		target := tt.path
+		if tt.frps {
+			target += "?version=0.1.0&op=NewProxy"
+		}
+		req := httptest.NewRequest(tt.method, target, strings.NewReader(newProxyBody("a", "a.p", "tcp", "")))
+		if tt.frps {
+			req.Header.Set("X-Frp-Reqid", "r1")
+		}
+		req.RemoteAddr = "127.0.0.1:40000"
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != tt.status {
+			t.Errorf("%s %s = %d; want %d", tt.method, target, rec.Code, tt.status)
+		}
+		line := logs.String()
+		hinted := strings.Contains(line, "frps's plugin path is "+pluginPath) && strings.Contains(line, "path="+tt.path+" ")
+		if hinted != tt.logged || strings.Count(line, "\n") > 1 {
+			t.Errorf("%s %s logged %q; want one hint naming %s: %v", tt.method, target, line, pluginPath, tt.logged)
+		}
+	}
+	if status, body := post(t, h, "NewProxy", newProxyBody("a", "a.p", "tcp", "")); status != 200 || portOf(t, body) != 30000 {
+		t.Errorf("the right path after the wrong ones: %d %s", status, body)
+	}
+	if len(a.snapshot()) != 1 {
+		t.Errorf("allocations = %v; want only the one from the right path", a.snapshot())
+	}
+}

@@ -6,8 +6,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -35,41 +33,18 @@ func main() {
 
 // run is the whole program; main only reports its error. Tests call it
 // directly with their own context, arguments and environment. With no
-// subcommand it serves, so frps-side docs stay one line.
+// command it serves, so frps-side docs stay one line; the commands and
+// their flags are in cli.go.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cmd := "serve"
+	name, implicit := "serve", true
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		cmd, args = args[0], args[1:]
+		name, args, implicit = args[0], args[1:], false
 	}
-	var err error
-	switch cmd {
-	case "serve":
-		err = serve(ctx, args, getenv, stdout, stderr)
-	case "version":
-		fmt.Fprintln(stdout, "frp-port-keeper", version)
-	case "list", "show", "assign", "release":
-		err = runClient(ctx, cmd, args, getenv, stdout, stderr)
-	case "export", "import":
-		err = runStoreTool(cmd, args, getenv, stdout, stderr)
-	default:
-		err = fmt.Errorf("unknown command %q (want serve, list, show, assign, release, export, import or version)", cmd)
-	}
-	if errors.Is(err, flag.ErrHelp) {
-		return nil
-	}
-	return err
+	return runCommand(name, implicit, args, cmdEnv{ctx: ctx, getenv: getenv, stdout: stdout, stderr: stderr})
 }
 
 // serve runs the plugin server until ctx ends or a signal arrives.
-func serve(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := parseConfig(args, getenv, stderr)
-	if err != nil {
-		return err
-	}
-	if cfg.version {
-		fmt.Fprintln(stdout, "frp-port-keeper", version)
-		return nil
-	}
+func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	logOut := newBatchWriter(stderr)
@@ -89,6 +64,9 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		return fmt.Errorf("-listen: %v", err)
 	}
 	defer ln.Close()
+	if warning := openPluginWarning(ln.Addr(), cfg.allowNets); warning != "" {
+		log.Warn(warning, "listen", ln.Addr().String(), "plugin_allow", cfg.allowNets.String())
+	}
 	plan, err := planPool(cfg, ln.Addr().(*net.TCPAddr).Port)
 	if err != nil {
 		return err
@@ -133,7 +111,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	}
 
 	srv := &http.Server{
-		Handler: newServer(alloc, log, serverOptions{metrics: m, adminToken: cfg.adminToken}),
+		Handler: newServer(alloc, log, serverOptions{metrics: m, adminToken: cfg.adminToken, pluginAllow: cfg.allowNets}),
 		// frps waits for the plugin without a timeout of its own, so no
 		// client may hold a connection or a handler open for long.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -145,7 +123,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	}
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
 		"pool_size", plan.pool.len(), "allocations", count, "loaded_from", from, "store", cfg.store,
-		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "policy_rules", len(pol.rules),
+		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "plugin_allow", cfg.allowNets.String(), "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
 	logOut.sync() // the start-up report is out before the first answer
 	errc := make(chan error, 1)
