@@ -1307,3 +1307,115 @@ func bindProbe(addr string) func(port int) error {
 		return pc.Close()
 	}
 }
+
+// importAll records recs as allocations on an operator's word (import,
+// adopt), all or nothing: everything is checked first, and if a write
+// fails midway the ones made are undone. Ports outside the pool follow the
+// operators' rule (checkOperatorPort). It returns how many were new or
+// moved; the rest were there already.
+func (a *allocator) importAll(recs []record, how historyChange, by string) (int, error) {
+	now := a.now()
+	a.mu.RLock()
+	seen, ports := map[string]bool{}, map[int]string{}
+	var todo []record
+	var err error
+	for _, r := range recs {
+		r.Key = validUTF8(r.Key)
+		switch {
+		case !validRecord(r):
+			err = fmt.Errorf("allocation %q on port %d is not valid", r.Key, r.Port)
+		case seen[r.Key]:
+			err = fmt.Errorf("key %q appears twice", r.Key)
+		case ports[r.Port] != "":
+			err = fmt.Errorf("port %d is given to both %q and %q", r.Port, ports[r.Port], r.Key)
+		default:
+			err = a.checkOperatorPort(r.Key, r.Port)
+			if err != nil {
+				err = fmt.Errorf("%q: %w", r.Key, err)
+			}
+		}
+		if err != nil {
+			break
+		}
+		seen[r.Key], ports[r.Port] = true, r.Key
+		if cur := a.byKey[r.Key]; cur == nil || cur.Port != r.Port {
+			if r.CreatedAt.IsZero() {
+				r.CreatedAt = now
+			}
+			if r.AssignedAt.IsZero() {
+				r.AssignedAt = now
+			}
+			todo = append(todo, r)
+		}
+	}
+	a.mu.RUnlock()
+	if err != nil {
+		return 0, err
+	}
+	var done []claim
+	undo := func() {
+		for i := len(done) - 1; i >= 0; i-- {
+			c := done[i]
+			ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+			var changes []change
+			var uerr error
+			if c.old == nil {
+				changes, uerr = a.store.release(ctx, c.want, now)
+			} else {
+				changes, uerr = a.store.claim(ctx, claim{want: *c.old, old: &c.want, at: now})
+			}
+			cancel()
+			a.mu.Lock()
+			for _, ch := range changes {
+				a.apply(ch)
+			}
+			a.mu.Unlock()
+			if uerr != nil {
+				a.log.Error("import: could not undo a write after a failure; check this key", "key", c.want.Key, "err", uerr)
+			}
+		}
+	}
+	for _, r := range todo {
+		ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+		cur, lerr := a.lockKey(ctx, r.Key)
+		if lerr != nil {
+			cancel()
+			undo()
+			return 0, lerr
+		}
+		if err := a.checkOperatorPort(r.Key, r.Port); err != nil {
+			a.mu.Unlock()
+			cancel()
+			undo()
+			return 0, fmt.Errorf("%q: %w", r.Key, err)
+		}
+		c := claim{want: r, at: now}
+		if cur != nil {
+			c.old = &cur.record
+			c.want.CreatedAt = cur.CreatedAt
+		}
+		settled := a.markBusy(r.Key)
+		a.reserved.add(r.Port)
+		a.mu.Unlock()
+		port := r.Port
+		_, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+			settled()
+			a.reserved.remove(port)
+		})
+		cancel()
+		if err != nil {
+			undo()
+			return 0, fmt.Errorf("%q: %w (nothing imported)", r.Key, err)
+		}
+		done = append(done, c)
+	}
+	for _, c := range done {
+		e := historyEntry{Time: now, Key: c.want.Key, User: c.want.User, ProxyType: c.want.ProxyType, Port: c.want.Port,
+			Change: how, By: by, Note: c.want.Note}
+		if c.old != nil {
+			e.OldPort = c.old.Port
+		}
+		a.changed(e)
+	}
+	return len(done), nil
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -61,12 +62,21 @@ func commands() []command {
 		{name: "show", args: "KEY", minArgs: 1, maxArgs: 1, summary: "one allocation as JSON",
 			about: "Prints one allocation of the running server as JSON. KEY is the proxy name as frps sends it (user.proxy), or group:NAME for a load-balancing group. " + serverAbout,
 			setup: setupShow},
-		{name: "assign", args: "KEY PORT", minArgs: 2, maxArgs: 2, summary: "pin a key to a port of the pool",
-			about: "Pins KEY (new or existing) to PORT, a port of the running server's pool; the key's old port becomes free. " + serverAbout,
+		{name: "assign", args: "KEY PORT", minArgs: 2, maxArgs: 2, summary: "pin a key to a port",
+			about: "Pins KEY (new or existing) to PORT on the running server; the key's old port becomes free. The pin wins over the device's own remotePort until you release the key. PORT may lie outside the pool (shown as \"outside pool\"), never on frps's own ports. It takes effect when the device registers again (frpc restarts or reconnects; frpc reload does not re-register). " + serverAbout,
 			setup: setupAssign},
 		{name: "release", args: "KEY", minArgs: 1, maxArgs: 1, summary: "forget a key; its port becomes free",
-			about: "Forgets KEY on the running server; its port becomes free. " + serverAbout,
+			about: "Forgets KEY on the running server; its port becomes free. A device still connected keeps its listener until it registers again (frpc restarts or reconnects), and then gets a port anew. " + serverAbout,
 			setup: setupRelease},
+		{name: "note", args: "KEY TEXT", minArgs: 2, maxArgs: 2, summary: "attach a note to an allocation (\"\" clears it)",
+			about: "Sets the note of KEY's allocation on the running server (\"Alice's NAS\"); list, show, the page and export show it, and it stays when the key moves. " + serverAbout,
+			setup: setupNote},
+		{name: "history", summary: "who held which port when",
+			about: "Prints the allocation history of the running server, newest first. -port N -at TIME answers who held port N at that moment (or \"free\"). TIME is 2026-03-03 14:05 (local time), a date, or RFC 3339. " + serverAbout,
+			setup: setupHistory},
+		{name: "watch", summary: "print every change as it happens",
+			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. " + serverAbout,
+			setup: setupWatch},
 		{name: "export", summary: "write every allocation of -data-dir as JSON",
 			about: "Writes every allocation of -data-dir as JSON to stdout. Refuses while a server holds the directory.",
 			setup: setupStoreTool("export")},
@@ -374,7 +384,7 @@ func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			return printJSON(e.stdout, list)
 		}
 		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\t")
+		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\tNOTES")
 		for _, a := range list.Allocations {
 			var notes []string
 			if a.Pinned {
@@ -385,6 +395,9 @@ func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			}
 			if a.OutsidePolicy {
 				notes = append(notes, "outside policy")
+			}
+			if a.Note != "" {
+				notes = append(notes, strconv.Quote(a.Note))
 			}
 			note := strings.Join(notes, ", ")
 			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
@@ -414,6 +427,8 @@ func setupShow(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	var cf clientFlags
 	cf.declare(fs)
+	var note optionalString
+	fs.Var(&note, "note", "a note for the allocation (\"Alice's NAS\")")
 	return func(args []string) error {
 		port, err := strconv.Atoi(args[1])
 		if err != nil {
@@ -423,11 +438,15 @@ func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err != nil {
 			return err
 		}
+		body := map[string]any{"port": port}
+		if note.set {
+			body["note"] = note.value
+		}
 		var a apiAllocation
-		if err := c.do(e.ctx, "PUT", "/api/allocations/"+url.PathEscape(args[0]), map[string]int{"port": port}, &a); err != nil {
+		if err := c.do(e.ctx, "PUT", "/api/allocations/"+url.PathEscape(args[0]), body, &a); err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(e.stdout, "%s now holds port %d\n", a.Key, a.Port)
+		_, err = fmt.Fprintf(e.stdout, "%s now holds port %d (pinned); the device gets it when it registers again (frpc restart or reconnect)\n", a.Key, a.Port)
 		return err
 	}
 }
@@ -443,9 +462,176 @@ func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(e.stdout, "released %s\n", args[0])
+		_, err = fmt.Fprintf(e.stdout, "released %s; its port is free. A device still connected keeps listening until it registers again\n", args[0])
 		return err
 	}
+}
+
+// optionalString is a string flag that knows whether it was given.
+type optionalString struct {
+	value string
+	set   bool
+}
+
+func (o *optionalString) String() string     { return o.value }
+func (o *optionalString) Set(v string) error { o.value, o.set = v, true; return nil }
+
+func setupNote(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	return func(args []string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		var a apiAllocation
+		if err := c.do(e.ctx, "PATCH", "/api/allocations/"+url.PathEscape(args[0]), map[string]string{"note": args[1]}, &a); err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(e.stdout, "%s (port %d): note %q\n", a.Key, a.Port, a.Note)
+		return err
+	}
+}
+
+func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	port := fs.Int("port", 0, "only changes of this port")
+	key := fs.String("key", "", "only changes of this key")
+	user := fs.String("user", "", "only changes of this user's keys")
+	since := fs.String("since", "", "only changes at or after this time")
+	until := fs.String("until", "", "only changes at or before this time")
+	at := fs.String("at", "", "with -port: who held the port at this time")
+	limit := fs.Int("limit", 50, "at most this many changes")
+	asJSON := fs.Bool("json", false, "print JSON")
+	return func([]string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		q := url.Values{}
+		if *port != 0 {
+			q.Set("port", strconv.Itoa(*port))
+		}
+		for name, v := range map[string]string{"key": *key, "user": *user} {
+			if v != "" {
+				q.Set(name, v)
+			}
+		}
+		now := time.Now()
+		for name, v := range map[string]string{"since": *since, "until": *until, "at": *at} {
+			if v == "" {
+				continue
+			}
+			t, err := parseWhen(v, now)
+			if err != nil {
+				return fmt.Errorf("-%s: %v", name, err)
+			}
+			q.Set(name, t.Format(time.RFC3339Nano))
+		}
+		if *at != "" {
+			if *port == 0 {
+				return errors.New("-at needs -port: who held which port at that time")
+			}
+			var ans portAt
+			if err := c.do(e.ctx, "GET", "/api/history?"+q.Encode(), nil, &ans); err != nil {
+				return err
+			}
+			if *asJSON {
+				return printJSON(e.stdout, ans)
+			}
+			when := ans.At.Local().Format("2006-01-02 15:04:05 MST")
+			switch {
+			case ans.Held:
+				fmt.Fprintf(e.stdout, "port %d at %s: %s (user %s)\n", ans.Port, when, ans.Key, dash(ans.User))
+			case ans.Known:
+				fmt.Fprintf(e.stdout, "port %d at %s: free\n", ans.Port, when)
+			default:
+				fmt.Fprintf(e.stdout, "port %d at %s: free (no record of it before then)\n", ans.Port, when)
+			}
+			if ans.Entry != nil {
+				fmt.Fprintf(e.stdout, "  since: %s\n", describeHistory(*ans.Entry))
+			}
+			return nil
+		}
+		var page historyPage
+		q.Set("limit", strconv.Itoa(max(1, min(*limit, 1000))))
+		if err := c.do(e.ctx, "GET", "/api/history?"+q.Encode(), nil, &page); err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(e.stdout, page)
+		}
+		for _, en := range page.Entries {
+			fmt.Fprintln(e.stdout, describeHistory(en))
+		}
+		if len(page.Entries) == 0 {
+			fmt.Fprintln(e.stdout, "no changes match")
+		}
+		return nil
+	}
+}
+
+func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	asJSON := fs.Bool("json", false, "print each change as a JSON line")
+	return func([]string) error {
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		req, err := http.NewRequestWithContext(e.ctx, "GET", c.base+"/api/events", nil)
+		if err != nil {
+			return err
+		}
+		if c.token != "" {
+			req.Header.Set("Authorization", "Bearer "+c.token)
+		}
+		resp, err := (&http.Client{}).Do(req) // no timeout: a stream
+		if err != nil {
+			if e.ctx.Err() != nil {
+				return nil
+			}
+			return unreachable(c.base, err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("server answered %s", resp.Status)
+		}
+		return readEvents(resp.Body, func(en historyEntry, raw []byte) error {
+			if *asJSON {
+				_, err := fmt.Fprintf(e.stdout, "%s\n", raw)
+				return err
+			}
+			_, err := fmt.Fprintln(e.stdout, describeHistory(en))
+			return err
+		})
+	}
+}
+
+// readEvents reads a server-sent event stream, calling fn for each
+// change, until the stream ends.
+func readEvents(r io.Reader, fn func(historyEntry, []byte) error) error {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		data, ok := bytes.CutPrefix(sc.Bytes(), []byte("data: "))
+		if !ok {
+			continue
+		}
+		var en historyEntry
+		if err := json.Unmarshal(data, &en); err != nil {
+			continue
+		}
+		if err := fn(en, data); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
 }
 
 // healthTimeout bounds health's whole check, below Docker's default
@@ -551,6 +737,7 @@ func (c adminClient) do(ctx context.Context, method, path string, in, out any) e
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
+	req.Header.Set("X-Frp-Port-Keeper-Client", "cli")
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return unreachable(c.base, err)

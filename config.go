@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -36,8 +37,12 @@ type config struct {
 	policyFile   string
 	maxPorts     int
 	reclaimAfter time.Duration
+	historyKeep  time.Duration
+	notifyURL    string
+	notifySecret string
 
-	allowNets allowList // pluginAllow, parsed by check
+	allowNets  allowList // pluginAllow, parsed by check
+	notifyURLs []string  // notifyURL, split by check
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -63,6 +68,15 @@ func (c *config) declare(fs *flag.FlagSet) {
 	fs.StringVar(&c.policyFile, "policy", "", "policy file (TOML): per-user port ranges and quotas; re-read on SIGHUP")
 	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
 	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
+	fs.DurationVar(&c.historyKeep, "history-keep", 400*24*time.Hour, "keep the allocation history this long (0: forever)")
+	fs.Func("notify-url", "POST every change as JSON to this URL (repeat the flag, or comma-separate)", func(v string) error {
+		if c.notifyURL != "" {
+			v = c.notifyURL + "," + v
+		}
+		c.notifyURL = v
+		return nil
+	})
+	fs.StringVar(&c.notifySecret, "notify-secret", "", "sign webhook bodies with HMAC-SHA256 under this secret (header "+signatureHeader+")")
 }
 
 // check rejects settings that cannot work together and parses the ones
@@ -76,6 +90,19 @@ func (c *config) check() error {
 	}
 	if c.storeTimeout <= 0 {
 		return fmt.Errorf("-store-timeout %v: must be positive", c.storeTimeout)
+	}
+	c.notifyURLs = nil
+	for _, u := range strings.Split(c.notifyURL, ",") {
+		if u = strings.TrimSpace(u); u == "" {
+			continue
+		}
+		if parsed, err := url.Parse(u); err != nil || (parsed.Scheme != "http" && parsed.Scheme != "https") || parsed.Host == "" {
+			return fmt.Errorf("-notify-url %q: want an http or https URL", u)
+		}
+		c.notifyURLs = append(c.notifyURLs, u)
+	}
+	if c.historyKeep < 0 {
+		return fmt.Errorf("-history-keep %v: must not be negative", c.historyKeep)
 	}
 	nets, err := parseAllowList(c.pluginAllow)
 	if err != nil {

@@ -184,8 +184,10 @@ func TestStartOnFullDisk(t *testing.T) {
 			if ans := decodeAnswer(t, string(body)); (kind == "file" || ans.Reject) && !strings.Contains(ans.RejectReason, "disk is full") {
 				t.Fatalf("new key on a full disk: %s; want a reject naming the full disk", body)
 			}
-			if kind == "file" && !strings.Contains(s.log.String(), "could not rewrite "+portName(ports["u.b"])) {
-				t.Fatalf("the log does not say what could not be repaired:\n%s", tail(s.log.String(), 3000))
+			if kind == "file" {
+				waitFor(t, "the log to say what could not be repaired", 5*time.Second, func() bool {
+					return strings.Contains(s.log.String(), "could not rewrite "+portName(ports["u.b"]))
+				})
 			}
 			filler, _ := filepath.Glob(filepath.Join(filepath.Dir(dir), "filler*"))
 			for _, f := range filler {
@@ -228,9 +230,9 @@ func TestStartReadOnly(t *testing.T) {
 			if ans := decodeAnswer(t, string(body)); !ans.Reject || !strings.Contains(ans.RejectReason, "read-only") {
 				t.Fatalf("new key in a read-only directory: %s; want a reject naming it", body)
 			}
-			if !strings.Contains(s.log.String(), "cannot take writes") {
-				t.Fatalf("the log does not say the store is read-only:\n%s", tail(s.log.String(), 3000))
-			}
+			waitFor(t, "the log to say the store is read-only", 5*time.Second, func() bool {
+				return strings.Contains(s.log.String(), "cannot take writes")
+			})
 		})
 	}
 }
@@ -298,9 +300,9 @@ func TestDataDirRemoved(t *testing.T) {
 	if ans := decodeAnswer(t, string(body)); !ans.Reject || !strings.Contains(ans.RejectReason, "removed or replaced") {
 		t.Fatalf("new key after the directory went: %s; want a reject naming it", body)
 	}
-	if !strings.Contains(s.log.String(), "data directory was removed or replaced") {
-		t.Fatalf("the log does not say the directory went:\n%s", tail(s.log.String(), 3000))
-	}
+	waitFor(t, "the log to say the directory went", 5*time.Second, func() bool {
+		return strings.Contains(s.log.String(), "data directory was removed or replaced")
+	})
 	s.stop(t)
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {

@@ -6,10 +6,13 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -35,6 +38,8 @@ type server struct {
 	pluginAllow allowList
 	// quiet rate-limits the warnings a peer can trigger at will.
 	quiet   *logLimiter
+	history historyLog // nil: no history kept
+	events  *eventHub
 	started time.Time
 	bufs    sync.Pool // *bytes.Buffer, reused between requests
 }
@@ -44,6 +49,10 @@ type serverOptions struct {
 	metrics     *metrics
 	adminToken  string
 	pluginAllow allowList
+	// history is the store's history log (nil: none kept); events streams
+	// every change as it happens.
+	history historyLog
+	events  *eventHub
 }
 
 // peerWarnEvery is how often one peer (or one wrong path) may put a
@@ -53,7 +62,11 @@ const peerWarnEvery = time.Minute
 // newServer builds every route in one place.
 func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Handler {
 	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken,
-		pluginAllow: opts.pluginAllow, quiet: newLogLimiter(peerWarnEvery), started: time.Now()}
+		pluginAllow: opts.pluginAllow, quiet: newLogLimiter(peerWarnEvery), started: time.Now(),
+		history: opts.history, events: opts.events}
+	if s.events == nil {
+		s.events = newEventHub(nil)
+	}
 	if s.metrics == nil {
 		s.metrics = newMetrics(alloc.stats)
 	}
@@ -67,6 +80,11 @@ func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Hand
 		{"GET /api/allocations/{key}", s.admin(s.serveShow)},
 		{"PUT /api/allocations/{key}", s.admin(s.serveAssign)},
 		{"DELETE /api/allocations/{key}", s.admin(s.serveRelease)},
+		{"PATCH /api/allocations/{key}", s.admin(s.serveNote)},
+		{"GET /api/export", s.admin(s.serveExport)},
+		{"POST /api/import", s.admin(s.serveImport)},
+		{"GET /api/history", s.admin(s.serveHistory)},
+		{"GET /api/events", s.admin(s.serveEvents)},
 		{"GET /metrics", s.admin(s.metrics.handler.ServeHTTP)},
 		{"GET /{$}", s.admin(s.servePage)},
 	}
@@ -305,7 +323,8 @@ type apiAllocation struct {
 	CreatedAt time.Time `json:"created_at"`
 	LastSeen  time.Time `json:"last_seen"`
 	// Pinned: an operator assigned this port; the device cannot move it.
-	Pinned bool `json:"pinned"`
+	Pinned bool   `json:"pinned"`
+	Note   string `json:"note,omitempty"`
 	// OutsidePool marks a port outside the pool; OutsidePolicy one of the
 	// pool that today's policy would not give this user. Both stay until
 	// an operator moves them.
@@ -316,7 +335,7 @@ type apiAllocation struct {
 func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
 		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
-		Pinned: v.Pinned, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
+		Pinned: v.Pinned, Note: v.Note, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
 }
 
 // allocationList is the answer of GET /api/allocations.
@@ -453,4 +472,257 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	w.Header()["Content-Type"] = jsonContentType
 	w.WriteHeader(status)
 	w.Write(body)
+}
+
+// serveNote changes an allocation's note: PATCH {"note":"…"}.
+func (s *server) serveNote(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Note *string `json:"note"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10)).Decode(&body); err != nil || body.Note == nil {
+		writeError(w, http.StatusBadRequest, `the body must be {"note":"…"}`)
+		return
+	}
+	if len(*body.Note) > maxNoteBytes {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("a note is at most %d bytes", maxNoteBytes))
+		return
+	}
+	key := r.PathValue("key")
+	if _, err := s.alloc.setNote(key, *body.Note, adminActor(r)); err != nil {
+		s.writeChangeError(w, "note", key, err)
+		return
+	}
+	v, _ := s.alloc.find(key)
+	writeValue(w, http.StatusOK, s.toAPI(v))
+}
+
+// maxNoteBytes bounds a note.
+const maxNoteBytes = 1024
+
+// writeChangeError answers an admin change the allocator refused.
+func (s *server) writeChangeError(w http.ResponseWriter, what, key string, err error) {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, errNoAllocation):
+		writeError(w, http.StatusNotFound, "no allocation for this key")
+		return
+	case errors.Is(err, errPortReserved):
+		status = http.StatusConflict
+	case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
+		status = http.StatusUnprocessableEntity
+	case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
+		status = http.StatusServiceUnavailable
+	}
+	s.log.Warn("admin "+what+" refused", "key", key, "err", err)
+	writeError(w, status, rejectReason(err))
+}
+
+// serveExport is a consistent snapshot of every allocation, in export's
+// format, from the running server: a backup without downtime.
+func (s *server) serveExport(w http.ResponseWriter, _ *http.Request) {
+	out := exportFile{Allocations: []exportRecord{}}
+	for _, v := range s.alloc.snapshot() {
+		out.Allocations = append(out.Allocations, exportRecord{record: v.record, LastSeen: v.LastSeen.UTC()})
+	}
+	writeValue(w, http.StatusOK, out)
+}
+
+// serveImport records an export file's allocations (or adopt's) through
+// the running server, all or nothing: POST /api/import[?as=adopt].
+func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
+	var file exportFile
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&file); err != nil {
+		writeError(w, http.StatusBadRequest, "not an export file: "+err.Error())
+		return
+	}
+	how := histImported
+	if r.URL.Query().Get("as") == "adopt" {
+		how = histAdopted
+	}
+	recs := make([]record, 0, len(file.Allocations))
+	for _, e := range file.Allocations {
+		recs = append(recs, e.record)
+	}
+	n, err := s.alloc.importAll(recs, how, adminActor(r))
+	if err != nil {
+		status := http.StatusUnprocessableEntity
+		if errors.Is(err, errStoreTimedOut) || errors.Is(err, errStoreFailed) {
+			status = http.StatusServiceUnavailable
+		}
+		s.log.Warn("admin import refused", "err", err)
+		writeError(w, status, err.Error())
+		return
+	}
+	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(recs)-n)
+	writeValue(w, http.StatusOK, map[string]int{"imported": n, "unchanged": len(recs) - n})
+}
+
+// historyPage is the answer of GET /api/history.
+type historyPage struct {
+	Entries []historyEntry `json:"entries"`
+	// Next, when set, is the before= of the next (older) page.
+	Next string `json:"next,omitempty"`
+}
+
+// portAt answers GET /api/history?port=N&at=TIME: who held port N then.
+type portAt struct {
+	Port int       `json:"port"`
+	At   time.Time `json:"at"`
+	// Held says a key held it; Key and User name it. Known is false when
+	// neither the history nor today's allocations say anything of it then.
+	Held  bool          `json:"held"`
+	Known bool          `json:"known"`
+	Key   string        `json:"key,omitempty"`
+	User  string        `json:"user,omitempty"`
+	Entry *historyEntry `json:"entry,omitempty"` // the change that decided it
+}
+
+// serveHistory answers history queries, newest first, paged.
+func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
+	if s.history == nil {
+		writeError(w, http.StatusNotFound, "this store keeps no history")
+		return
+	}
+	q := r.URL.Query()
+	var hq historyQuery
+	var err error
+	bad := func(msg string) { writeError(w, http.StatusBadRequest, msg) }
+	if v := q.Get("port"); v != "" {
+		if hq.port, err = strconv.Atoi(v); err != nil || hq.port < 1 || hq.port > maxPort {
+			bad("port must be 1-65535")
+			return
+		}
+	}
+	hq.key, hq.user, hq.before = q.Get("key"), q.Get("user"), q.Get("before")
+	for name, dst := range map[string]*time.Time{"since": &hq.since, "until": &hq.until} {
+		if v := q.Get(name); v != "" {
+			if *dst, err = parseWhen(v, time.Now()); err != nil {
+				bad(name + ": " + err.Error())
+				return
+			}
+		}
+	}
+	hq.limit = 100
+	if v := q.Get("limit"); v != "" {
+		if hq.limit, err = strconv.Atoi(v); err != nil || hq.limit < 1 || hq.limit > 1000 {
+			bad("limit must be 1-1000")
+			return
+		}
+	}
+	if v := q.Get("at"); v != "" {
+		if hq.port == 0 {
+			bad("at needs port")
+			return
+		}
+		at, err := parseWhen(v, time.Now())
+		if err != nil {
+			bad("at: " + err.Error())
+			return
+		}
+		ans, err := s.portAt(r.Context(), hq.port, at)
+		if err != nil {
+			writeError(w, http.StatusServiceUnavailable, "history unreadable: "+err.Error())
+			return
+		}
+		writeValue(w, http.StatusOK, ans)
+		return
+	}
+	hq.limit++ // one more tells whether a next page exists
+	got, err := s.history.entries(r.Context(), hq)
+	if err != nil {
+		writeError(w, http.StatusServiceUnavailable, "history unreadable: "+err.Error())
+		return
+	}
+	page := historyPage{Entries: got}
+	if len(got) == hq.limit {
+		page.Entries = got[:hq.limit-1]
+		page.Next = page.Entries[len(page.Entries)-1].ID
+	}
+	if page.Entries == nil {
+		page.Entries = []historyEntry{}
+	}
+	writeValue(w, http.StatusOK, page)
+}
+
+// portAt works out who held port at t: the last change of the port at or
+// before t, else today's holder if it got the port before t.
+func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, error) {
+	ans := portAt{Port: port, At: t.UTC()}
+	e, held, ok, err := holderAt(ctx, s.history, port, t)
+	if err != nil {
+		return ans, err
+	}
+	if ok {
+		ans.Known, ans.Held, ans.Entry = true, held, &e
+		if held {
+			ans.Key, ans.User = e.Key, e.User
+		}
+		return ans, nil
+	}
+	for _, v := range s.alloc.snapshot() {
+		if v.Port == port && !v.AssignedAt.After(t) {
+			ans.Known, ans.Held, ans.Key, ans.User = true, true, v.Key, v.User
+		}
+	}
+	return ans, nil
+}
+
+// parseWhen reads a time as operators write it: RFC 3339, or a local
+// "2006-01-02 15:04[:05]", or a date (its midnight, local time).
+func parseWhen(v string, now time.Time) (time.Time, error) {
+	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "2006-01-02T15:04", "2006-01-02 15:04", "2006-01-02"} {
+		if t, err := time.ParseInLocation(layout, v, now.Location()); err == nil {
+			return t, nil
+		}
+	}
+	return time.Time{}, fmt.Errorf("%q is not a time (want 2026-03-03 14:05, or RFC 3339)", v)
+}
+
+// serveEvents streams every change as server-sent events ("data: {entry}").
+// A client that reads too slowly is cut off; it reconnects and reads what
+// it missed from /api/history (each event's id is the entry's).
+func (s *server) serveEvents(w http.ResponseWriter, r *http.Request) {
+	ch, cancel, ok := s.events.subscribe()
+	if !ok {
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "too many event streams open")
+		return
+	}
+	defer cancel()
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	// The server's WriteTimeout ends ordinary answers; a stream lives on,
+	// as long as each write goes out within a while.
+	extend := func() { rc.SetWriteDeadline(time.Now().Add(30 * time.Second)) }
+	extend()
+	io.WriteString(w, ": frp-port-keeper events\n\n")
+	if rc.Flush() != nil {
+		return
+	}
+	keepalive := time.NewTicker(15 * time.Second)
+	defer keepalive.Stop()
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case <-keepalive.C:
+			extend()
+			if _, err := io.WriteString(w, ": keepalive\n\n"); err != nil || rc.Flush() != nil {
+				return
+			}
+		case e, open := <-ch:
+			if !open {
+				return
+			}
+			data, _ := json.Marshal(e)
+			extend()
+			if _, err := fmt.Fprintf(w, "id: %s\nevent: change\ndata: %s\n\n", e.ID, data); err != nil || rc.Flush() != nil {
+				return
+			}
+		}
+	}
 }

@@ -87,6 +87,25 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
 	}
+	// Every change goes to the history (beside the allocations, written in
+	// the background) and to the event stream and webhooks.
+	var notifiers []*notifier
+	for _, u := range cfg.notifyURLs {
+		notifiers = append(notifiers, newNotifier(u, cfg.notifySecret, log, m.notify))
+	}
+	queued := func() int {
+		n := 0
+		for _, nt := range notifiers {
+			n += nt.length()
+		}
+		return n
+	}
+	m.notifyQueued.Store(&queued)
+	events := newEventHub(notifiers)
+	hist := historyOf(store)
+	recorder := newHistoryRecorder(hist, log, func(n int) { m.historyFailures.Add(float64(n)) }, events.publish)
+	defer recorder.stop()
+	opts.changed = recorder.record
 	alloc, got, err := newAllocator(store, plan.pool, opts)
 	if err != nil {
 		store.close()
@@ -111,7 +130,8 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	}
 
 	srv := &http.Server{
-		Handler: newServer(alloc, log, serverOptions{metrics: m, adminToken: cfg.adminToken, pluginAllow: cfg.allowNets}),
+		Handler: newServer(alloc, log, serverOptions{metrics: m, adminToken: cfg.adminToken, pluginAllow: cfg.allowNets,
+			history: hist, events: events}),
 		// frps waits for the plugin without a timeout of its own, so no
 		// client may hold a connection or a handler open for long.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -135,6 +155,12 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	followCtx, stopFollow := context.WithCancel(context.Background())
 	defer stopFollow()
 	go alloc.follow(followCtx)
+	for _, n := range notifiers {
+		go n.run(followCtx)
+	}
+	if hist != nil && cfg.historyKeep > 0 {
+		go pruneHistory(followCtx, hist, cfg.historyKeep, log)
+	}
 	flush := time.NewTicker(time.Minute)
 	defer flush.Stop()
 	hup := make(chan os.Signal, 1)
@@ -171,6 +197,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		log.Info("stored last_seen", "keys", n)
 	}
 	stopFollow()
+	recorder.stop()
 	if cerr := store.close(); err == nil {
 		err = cerr
 	}
@@ -204,5 +231,25 @@ func openStore(cfg config, log *slog.Logger) (portStore, func(), error) {
 			return nil, nil, err
 		}
 		return store, unlock, nil
+	}
+}
+
+// pruneHistory deletes history older than keep, at start and then daily.
+func pruneHistory(ctx context.Context, hist historyLog, keep time.Duration, log *slog.Logger) {
+	for {
+		pctx, cancel := context.WithTimeout(ctx, time.Minute)
+		n, err := hist.prune(pctx, time.Now().Add(-keep))
+		cancel()
+		switch {
+		case err != nil:
+			log.Warn("pruning the history failed", "err", err)
+		case n > 0:
+			log.Info("history pruned", "entries", n, "older_than", time.Now().Add(-keep).UTC().Format(time.RFC3339))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(24 * time.Hour):
+		}
 	}
 }

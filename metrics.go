@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,7 +18,12 @@ type metrics struct {
 	duration    prometheus.Histogram
 	storeErrors prometheus.Counter
 	reclaims    prometheus.Counter
-	handler     http.Handler
+	// historyFailures counts history entries that could not be written.
+	historyFailures prometheus.Counter
+	notify          *notifyStats
+	// notifyQueued reads the webhook queues' length at scrape time.
+	notifyQueued atomic.Pointer[func() int]
+	handler      http.Handler
 }
 
 // The outcomes counted in frp_port_keeper_decisions_total.
@@ -52,6 +58,22 @@ func newMetrics(pool func() poolStats) *metrics {
 	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), decisionRejected, decisionInvalid, decisionPassthrough} {
 		m.byOutcome[o] = m.decisions.WithLabelValues(o) // every series exists from the start
 	}
+	m.historyFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "frp_port_keeper_history_write_failures_total",
+		Help: "History entries that could not be written (the allocations stand).",
+	})
+	delivered := prometheus.NewCounter(prometheus.CounterOpts{Name: "frp_port_keeper_notify_delivered_total", Help: "Webhook deliveries the receiver accepted (2xx)."})
+	failed := prometheus.NewCounter(prometheus.CounterOpts{Name: "frp_port_keeper_notify_failed_total", Help: "Webhook delivery attempts that failed (retried)."})
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "frp_port_keeper_notify_dropped_total", Help: "Changes dropped from a full webhook queue, oldest first."})
+	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "frp_port_keeper_notify_queue_length", Help: "Changes waiting for webhook delivery."},
+		func() float64 {
+			if f := m.notifyQueued.Load(); f != nil {
+				return float64((*f)())
+			}
+			return 0
+		})
+	m.notify = &notifyStats{delivered: delivered.Inc, failed: failed.Inc, dropped: dropped.Inc}
+	reg.MustRegister(m.historyFailures, delivered, failed, dropped, queued)
 	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state.", []string{"state"}, nil)
 	reg.MustRegister(m.decisions, m.duration, m.storeErrors, m.reclaims, poolCollector{desc: poolPorts, stats: pool})
 	m.handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})

@@ -798,8 +798,8 @@ func checkDataDir(t testing.TB, parent, dataDir string) {
 			t.Errorf("%s: name of %d bytes; want at most 255", rel, len(d.Name()))
 		}
 		switch {
-		case d.IsDir() && (rel == quarantineDir || rel == checkpointDir):
-		case d.Type().IsRegular() && (filepath.Dir(rel) == "." || filepath.Dir(rel) == quarantineDir || filepath.Dir(rel) == checkpointDir):
+		case d.IsDir() && (rel == quarantineDir || rel == checkpointDir || rel == historyDir):
+		case d.Type().IsRegular() && (filepath.Dir(rel) == "." || filepath.Dir(rel) == quarantineDir || filepath.Dir(rel) == checkpointDir || filepath.Dir(rel) == historyDir):
 		default:
 			t.Errorf("%s (%v): want a regular file directly in the data dir or in %s/ or %s/", rel, d.Type(), quarantineDir, checkpointDir)
 		}
