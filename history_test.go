@@ -1,0 +1,443 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// historyAllocator is an allocator on a real store of kind whose changes
+// go to the store's history through a recorder; flush waits for them.
+type historyAllocator struct {
+	*allocator
+	store    portStore
+	log      historyLog
+	recorder *historyRecorder
+}
+
+func newHistoryAllocator(t *testing.T, kind, pool string, opts allocatorOptions) *historyAllocator {
+	t.Helper()
+	store := openTestStore(t, kind, t.TempDir())
+	h := &historyAllocator{store: store, log: historyOf(store)}
+	h.recorder = newHistoryRecorder(h.log, testLogger(t), func(int) { t.Error("history write failed") }, nil)
+	opts.changed = h.recorder.record
+	h.allocator = newAllocatorOn(t, store, pool, opts)
+	return h
+}
+
+// all stops the recorder (writing what it holds) and reads every entry,
+// oldest first.
+func (h *historyAllocator) all(t *testing.T) []historyEntry {
+	t.Helper()
+	h.recorder.stop()
+	got, err := h.log.entries(context.Background(), historyQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Reverse(got)
+	return got
+}
+
+func describeAll(es []historyEntry) string {
+	var b strings.Builder
+	for _, e := range es {
+		fmt.Fprintf(&b, "%s %s port=%d old=%d victim=%s by=%s note=%q\n", e.Change, e.Key, e.Port, e.OldPort, e.Victim, e.By, e.Note)
+	}
+	return b.String()
+}
+
+// TestHistoryEveryChange: each kind of change leaves one entry with who
+// caused it; sticky hits leave none.
+func TestHistoryEveryChange(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			now, advance := fakeClock(time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC))
+			pol := mustPolicy(t, "", "30000-30003", 0, time.Hour)
+			h := newHistoryAllocator(t, kind, "30000-30003", allocatorOptions{policy: pol, now: now})
+			r := req("alice", "alice.ssh", "tcp")
+			r.ReqID = "r1"
+			mustAllocate(t, h.allocator, r)
+			for range 100 { // a reconnect storm: hits, not changes
+				mustAllocate(t, h.allocator, r)
+			}
+			asks := req("alice", "alice.web", "tcp")
+			asks.RemotePort, asks.ReqID = 30002, "r2"
+			mustAllocate(t, h.allocator, asks)
+			asks.RemotePort = 30003
+			mustAllocate(t, h.allocator, asks) // moved
+			note := "Bob's NAS"
+			if _, err := h.assign("bob.nas", 30001, operatorChange{note: &note, by: "admin 127.0.0.1:1"}); err != nil {
+				t.Fatal(err)
+			}
+			mustAllocate(t, h.allocator, req("bob", "bob.nas", "udp")) // filled in
+			if _, err := h.setNote("bob.nas", "Bob's new NAS", "admin 127.0.0.1:1"); err != nil {
+				t.Fatal(err)
+			}
+			if err := h.release("alice.web", "admin 127.0.0.1:2"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := h.importAll([]record{{Key: "carol.x", Port: 30002, User: "carol", ProxyType: "tcp"}}, histImported, "admin 127.0.0.1:3"); err != nil {
+				t.Fatal(err)
+			}
+			advance(2 * time.Hour)
+			mustAllocate(t, h.allocator, req("bob", "bob.nas", "udp")) // alice.ssh is not seen again
+			mustAllocate(t, h.allocator, req("carol", "carol.x", "tcp"))
+			r = req("dave", "dave.p", "tcp")
+			r.ReqID = "r9"
+			mustAllocate(t, h.allocator, r)                            // the last free port
+			mustAllocate(t, h.allocator, req("erin", "erin.p", "tcp")) // the pool is full: reclaims alice.ssh
+
+			got := describeAll(h.all(t))
+			want := strings.Join([]string{
+				`new alice.ssh port=30000 old=0 victim= by=frps reqid=r1 note=""`,
+				`requested alice.web port=30002 old=0 victim= by=frps reqid=r2 note=""`,
+				`moved alice.web port=30003 old=30002 victim= by=frps reqid=r2 note=""`,
+				`assigned bob.nas port=30001 old=0 victim= by=admin 127.0.0.1:1 note="Bob's NAS"`,
+				`filled_in bob.nas port=30001 old=0 victim= by=frps reqid= note="Bob's NAS"`,
+				`noted bob.nas port=30001 old=0 victim= by=admin 127.0.0.1:1 note="Bob's new NAS"`,
+				`released alice.web port=0 old=30003 victim= by=admin 127.0.0.1:2 note=""`,
+				`imported carol.x port=30002 old=0 victim= by=admin 127.0.0.1:3 note=""`,
+				`new dave.p port=30003 old=0 victim= by=frps reqid=r9 note=""`,
+				`reclaimed erin.p port=30000 old=0 victim=alice.ssh by=frps reqid= note=""`,
+			}, "\n") + "\n"
+			if got != want {
+				t.Fatalf("history:\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
+}
+
+// TestHistoryPortAt answers "who held port N at T" right at the second a
+// port changed hands, and "free" after a release.
+func TestHistoryPortAt(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
+			now, advance := fakeClock(t0)
+			h := newHistoryAllocator(t, kind, "30000-30009", allocatorOptions{now: now})
+			asks := req("alice", "alice.ssh", "tcp")
+			asks.RemotePort = 30005
+			mustAllocate(t, h.allocator, asks) // t0: alice
+			advance(time.Hour)
+			if err := h.release("alice.ssh", "admin"); err != nil { // t0+1h: free
+				t.Fatal(err)
+			}
+			advance(time.Hour)
+			if _, err := h.assign("bob.nas", 30005, operatorChange{by: "admin"}); err != nil { // t0+2h: bob
+				t.Fatal(err)
+			}
+			h.recorder.stop()
+			tests := []struct {
+				at   time.Time
+				held bool
+				key  string
+			}{
+				{t0.Add(-time.Second), false, ""},
+				{t0, true, "alice.ssh"},
+				{t0.Add(time.Hour - time.Nanosecond), true, "alice.ssh"},
+				{t0.Add(time.Hour), false, ""},
+				{t0.Add(2*time.Hour - time.Second), false, ""},
+				{t0.Add(2 * time.Hour), true, "bob.nas"},
+				{t0.Add(48 * time.Hour), true, "bob.nas"},
+			}
+			for _, tt := range tests {
+				e, held, _, err := holderAt(context.Background(), h.log, 30005, tt.at)
+				if err != nil || held != tt.held || (held && e.Key != tt.key) {
+					t.Errorf("port 30005 at %s: held %v by %q (%v); want %v by %q", tt.at.Format(time.RFC3339Nano), held, e.Key, err, tt.held, tt.key)
+				}
+			}
+		})
+	}
+}
+
+// TestHistoryFileTornLine: a crash mid-append tears only the last line; a
+// read skips it, and the next append starts a line of its own.
+func TestHistoryFileTornLine(t *testing.T) {
+	dir := t.TempDir()
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	log := store.history()
+	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
+	entry := func(i int) historyEntry {
+		return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", at.Add(time.Duration(i)*time.Second).UnixNano(), i),
+			Time: at.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: histNew}
+	}
+	if err := log.appendEntries(context.Background(), []historyEntry{entry(1), entry(2)}); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"id":"0000000000000000003-x-000003","time":"2026-03-03T14:0`) // torn by a crash
+	f.Close()
+
+	store2 := newTestStore(t, dir)
+	log = store2.history()
+	if err := log.appendEntries(context.Background(), []historyEntry{entry(4)}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := log.entries(context.Background(), historyQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, e := range got {
+		keys = append(keys, e.Key)
+	}
+	if strings.Join(keys, ",") != "k4,k2,k1" {
+		t.Fatalf("entries after a torn line: %v; want k4,k2,k1", keys)
+	}
+}
+
+// TestHistoryPrune: entries older than the retention go, newer stay.
+func TestHistoryPrune(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			store := openTestStore(t, kind, t.TempDir())
+			if _, err := store.load(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			log := historyOf(store)
+			var es []historyEntry
+			for i, when := range []time.Time{
+				time.Date(2025, 1, 10, 0, 0, 0, 0, time.UTC), time.Date(2025, 2, 10, 0, 0, 0, 0, time.UTC),
+				time.Date(2026, 2, 10, 0, 0, 0, 0, time.UTC), time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC),
+			} {
+				es = append(es, historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: fmt.Sprintf("k%d", i), Port: 30000, Change: histNew})
+			}
+			if err := log.appendEntries(context.Background(), es); err != nil {
+				t.Fatal(err)
+			}
+			n, err := log.prune(context.Background(), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+			if err != nil || n != 2 {
+				t.Fatalf("prune = %d, %v; want 2", n, err)
+			}
+			got, _ := log.entries(context.Background(), historyQuery{})
+			if len(got) != 2 || got[0].Key != "k3" || got[1].Key != "k2" {
+				t.Fatalf("after pruning: %s", describeAll(got))
+			}
+		})
+	}
+}
+
+// webhookReceiver is a real local HTTP receiver that verifies signatures,
+// fails the first failFirst deliveries with 500, and records the rest.
+type webhookReceiver struct {
+	*httptest.Server
+	mu        sync.Mutex
+	got       []historyEntry
+	attempts  int
+	failFirst int
+	badSig    int
+}
+
+func newWebhookReceiver(t *testing.T, secret string, failFirst int) *webhookReceiver {
+	w := &webhookReceiver{failFirst: failFirst}
+	w.Server = httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mac := hmac.New(sha256New(), []byte(secret))
+		mac.Write(body)
+		want := "sha256=" + hex.EncodeToString(mac.Sum(nil))
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.attempts++
+		if r.Header.Get(signatureHeader) != want {
+			w.badSig++
+			rw.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		if w.attempts <= w.failFirst {
+			rw.WriteHeader(http.StatusInternalServerError)
+			return
+		}
+		var e historyEntry
+		json.Unmarshal(body, &e)
+		w.got = append(w.got, e)
+	}))
+	t.Cleanup(w.Close)
+	return w
+}
+
+func (w *webhookReceiver) entries() []historyEntry {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.got)
+}
+
+// TestWebhooks: every change reaches a real receiver, signed, in order,
+// after the receiver's 500s; a receiver that hangs does not hold up plugin
+// answers, and a full queue drops its oldest entries, counted.
+func TestWebhooks(t *testing.T) {
+	rcv := newWebhookReceiver(t, "s3cret", 3)
+	hang := make(chan struct{})
+	dead := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { <-hang }))
+	t.Cleanup(func() { close(hang); dead.Close() })
+	s := startInProc(t, "-data-dir", t.TempDir(), "-allow-ports", "30000-30099", "-probe=false",
+		"-notify-url", rcv.URL, "-notify-url", dead.URL, "-notify-secret", "s3cret")
+	var want []string
+	for i := range 20 {
+		name := fmt.Sprintf("u.p%d", i%5)
+		extra := ""
+		if i >= 5 {
+			extra = fmt.Sprintf(`"remote_port":%d`, 30050+i)
+		}
+		start := time.Now()
+		_, body := s.post(t, "NewProxy", fmt.Sprintf("r%d", i), []byte(newProxyBody("u", name, "tcp", extra)))
+		if took := time.Since(start); took > 5*time.Second {
+			t.Fatalf("plugin answer took %v with a hanging receiver", took)
+		}
+		want = append(want, fmt.Sprintf("%s:%d", name, portOfRaw(t, body)))
+	}
+	waitFor(t, "20 deliveries", 30*time.Second, func() bool { return len(rcv.entries()) >= 20 })
+	var got []string
+	for _, e := range rcv.entries() {
+		got = append(got, fmt.Sprintf("%s:%d", e.Key, e.Port))
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("delivered in this order:\n%v\nwant:\n%v", got, want)
+	}
+	rcv.mu.Lock()
+	attempts, bad := rcv.attempts, rcv.badSig
+	rcv.mu.Unlock()
+	if bad != 0 || attempts != 23 {
+		t.Fatalf("receiver saw %d attempts (%d badly signed); want 23 (3 failures retried)", attempts, bad)
+	}
+	metrics := s.get(t, "/metrics")
+	for _, m := range []string{"frp_port_keeper_notify_delivered_total 20", "frp_port_keeper_notify_failed_total", "frp_port_keeper_notify_queue_length"} {
+		if !strings.Contains(metrics, m) {
+			t.Errorf("metrics lack %q", m)
+		}
+	}
+}
+
+// TestNotifierDropsOldest: a full queue drops its oldest entry and counts it.
+func TestNotifierDropsOldest(t *testing.T) {
+	dropped := 0
+	n := newNotifier("http://127.0.0.1:1", "", testLogger(t), &notifyStats{delivered: func() {}, failed: func() {}, dropped: func() { dropped++ }})
+	n.max = 3
+	for i := range 5 {
+		n.enqueue(historyEntry{ID: fmt.Sprint(i)})
+	}
+	if dropped != 2 || n.length() != 3 || n.queue[0].ID != "2" {
+		t.Fatalf("dropped %d, queue %d from %s; want 2 dropped, 3 left from 2", dropped, n.length(), n.queue[0].ID)
+	}
+}
+
+// TestWatchAndHistoryCLI: the watch command prints changes as they happen
+// (from /api/events), history answers the abuse question, and notes show
+// through every surface: assign -note, note, list, show, the page, export,
+// import, and they survive a move.
+func TestWatchAndHistoryCLI(t *testing.T) {
+	dir := t.TempDir()
+	s := startInProc(t, "-data-dir", dir, "-allow-ports", "30000-30099", "-probe=false")
+	srv := []string{"-server", s.url}
+	ctx, cancel := context.WithCancel(context.Background())
+	var watchOut syncBuffer
+	watched := make(chan error, 1)
+	go func() {
+		watched <- run(ctx, append([]string{"watch"}, srv...), func(string) string { return "" }, &watchOut, &watchOut)
+	}()
+	time.Sleep(200 * time.Millisecond) // the stream is open
+	_, body := s.post(t, "NewProxy", "r1", []byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
+	port := portOfRaw(t, body)
+	waitFor(t, "watch to print the change", 5*time.Second, func() bool {
+		return strings.Contains(watchOut.String(), fmt.Sprintf("new       alice.ssh %d user=alice", port))
+	})
+	cancel()
+	<-watched
+
+	runCLI := func(args ...string) string {
+		t.Helper()
+		var out bytes.Buffer
+		if err := run(context.Background(), append(args, srv...), func(string) string { return "" }, &out, &out); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out.String())
+		}
+		return out.String()
+	}
+	out := runCLI("assign", "-note", "Bob's NAS", "bob.nas", "30042")
+	if !strings.Contains(out, "pinned") || !strings.Contains(out, "registers again") {
+		t.Fatalf("assign said %q; want it to say the pin and when it takes effect", out)
+	}
+	runCLI("note", "alice.ssh", "Alice's phone")
+	asks := newProxyBody("bob", "bob.nas", "tcp", "")
+	s.post(t, "NewProxy", "r2", []byte(asks))
+	runCLI("assign", "bob.nas", "30043") // a move keeps the note
+	for _, want := range []string{`"Bob's NAS"`, `"Alice's phone"`, "pinned"} {
+		if out := runCLI("list"); !strings.Contains(out, want) {
+			t.Errorf("list lacks %s:\n%s", want, out)
+		}
+	}
+	if out := runCLI("show", "bob.nas"); !strings.Contains(out, `"note": "Bob's NAS"`) || !strings.Contains(out, `"port": 30043`) {
+		t.Errorf("show bob.nas:\n%s", out)
+	}
+	if page := s.get(t, "/"); !strings.Contains(page, "Bob&#39;s NAS") {
+		t.Errorf("the page lacks the note")
+	}
+	export := s.get(t, "/api/export")
+	if !strings.Contains(export, `"note":"Bob's NAS"`) {
+		t.Fatalf("export lacks the note: %s", export)
+	}
+	out = runCLI("history", "-port", "30042", "-at", time.Now().Format(time.RFC3339Nano))
+	if !strings.Contains(out, "port 30042 at") || !strings.Contains(out, "free") {
+		t.Errorf("history -port 30042 -at now:\n%s", out)
+	}
+	out = runCLI("history", "-port", "30043", "-at", time.Now().Add(time.Second).Format(time.RFC3339Nano))
+	if !strings.Contains(out, "bob.nas (user bob)") {
+		t.Errorf("history -port 30043 -at now:\n%s", out)
+	}
+	out = runCLI("history", "-key", "bob.nas")
+	for _, want := range []string{"assigned  bob.nas 30042", "filled_in bob.nas 30042", "assigned  bob.nas 30042 -> 30043"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("history -key bob.nas lacks %q:\n%s", want, out)
+		}
+	}
+	s.stop(t)
+
+	// The note round-trips through export and import into a new directory.
+	dir2 := t.TempDir()
+	var in bytes.Buffer
+	in.WriteString(export)
+	exportFileName := filepath.Join(t.TempDir(), "export.json")
+	os.WriteFile(exportFileName, in.Bytes(), 0o600)
+	var out2 bytes.Buffer
+	if err := run(context.Background(), []string{"import", "-data-dir", dir2, exportFileName}, func(string) string { return "" }, &out2, &out2); err != nil {
+		t.Fatalf("import: %v %s", err, out2.String())
+	}
+	a := newTestAllocator(t, dir2, "30000-30099", allocatorOptions{})
+	if v, ok := a.find("bob.nas"); !ok || v.Note != "Bob's NAS" || v.Port != 30043 {
+		t.Fatalf("imported bob.nas = %+v", v)
+	}
+}
+
+// get fetches path from the server (from loopback, so admin routes answer).
+func (s *inProcServer) get(t testing.TB, path string) string {
+	t.Helper()
+	resp, err := s.client.Get(s.url + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return string(body)
+}
+
+func sha256New() func() hash.Hash { return sha256.New }
