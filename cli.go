@@ -77,12 +77,15 @@ func commands() []command {
 		{name: "watch", summary: "print every change as it happens",
 			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. " + serverAbout,
 			setup: setupWatch},
-		{name: "export", summary: "write every allocation of -data-dir as JSON",
-			about: "Writes every allocation of -data-dir as JSON to stdout. Refuses while a server holds the directory.",
+		{name: "export", summary: "write every allocation as JSON (from -server, or -data-dir)",
+			about: "Writes every allocation as JSON to stdout. With -server, a consistent snapshot from the running server (a backup without downtime); without it, from -data-dir, which it refuses while a server holds the directory.",
 			setup: setupStoreTool("export")},
-		{name: "import", args: "[FILE]", maxArgs: 1, summary: "read that JSON (default stdin) into -data-dir",
-			about: "Reads export's JSON from FILE (default, or -, stdin) into -data-dir, all or nothing. Refuses while a server holds the directory.",
+		{name: "import", args: "[FILE]", maxArgs: 1, summary: "read that JSON (default stdin), all or nothing",
+			about: "Reads export's JSON from FILE (default, or -, stdin), all or nothing. With -server, through the running server; without it, into -data-dir, which it refuses while a server holds the directory. Ports outside the pool are kept (shown as \"outside pool\"); a port that another key holds, or frps's own, refuses the whole import.",
 			setup: setupStoreTool("import")},
+		{name: "adopt", summary: "record the ports frps's proxies have now, before enabling the plugin",
+			about: "Reads the running frps's dashboard API (address and credentials from -frps-config's webServer section, or -frps-api/-frps-user/-frps-password) and records every online tcp and udp proxy's current remote port as its sticky allocation on the running frp-port-keeper, all or nothing, printing what it adopted and what it could not. Run it before adding the plugin to frps: then enabling the plugin moves no device. " + serverAbout,
+			setup: setupAdopt},
 		{name: "health", summary: "exit 0 when the server answers /ping, 1 when not",
 			about: "Asks the server for /ping and exits 0 when it answers, 1 when not, with one line either way: the container image's HEALTHCHECK. " + serverAbout,
 			setup: setupHealth},
@@ -782,8 +785,61 @@ func setupStoreTool(cmd string) func(fs *flag.FlagSet, e cmdEnv) func([]string) 
 		var cfg config
 		fs.StringVar(&cfg.dataDir, "data-dir", "gokv", "data directory")
 		fs.StringVar(&cfg.store, "store", "file", "store backend: file or bbolt")
-		return func(args []string) error { return runStoreTool(cmd, cfg, args, e.stdout, e.stderr) }
+		server := fs.String("server", "", "work through this running server (URL or host:port) instead of -data-dir")
+		token := fs.String("admin-token", "", "the server's admin token, with -server")
+		return func(args []string) error {
+			if *server != "" {
+				cf := clientFlags{server: *server, token: *token}
+				c, err := cf.client(e.getenv)
+				if err != nil {
+					return err
+				}
+				return runRemoteStoreTool(e.ctx, cmd, c, args, e.stdout, e.stderr)
+			}
+			return runStoreTool(cmd, cfg, args, e.stdout, e.stderr)
+		}
 	}
+}
+
+// runRemoteStoreTool exports or imports through a running server.
+func runRemoteStoreTool(ctx context.Context, cmd string, c adminClient, args []string, stdout, stderr io.Writer) error {
+	if cmd == "export" {
+		var out exportFile
+		if err := c.do(ctx, "GET", "/api/export", nil, &out); err != nil {
+			return err
+		}
+		return printJSON(stdout, out)
+	}
+	file, err := readExportFile(args)
+	if err != nil {
+		return err
+	}
+	var res map[string]int
+	if err := c.do(ctx, "POST", "/api/import", file, &res); err != nil {
+		return fmt.Errorf("import: %v (nothing imported)", err)
+	}
+	_, err = fmt.Fprintf(stderr, "imported %d allocations through %s (%d already there)\n", res["imported"], c.base, res["unchanged"])
+	return err
+}
+
+// readExportFile reads export's JSON from the file args name, or stdin.
+func readExportFile(args []string) (exportFile, error) {
+	in := io.Reader(os.Stdin)
+	if len(args) > 0 && args[0] != "-" {
+		f, err := os.Open(args[0])
+		if err != nil {
+			return exportFile{}, err
+		}
+		defer f.Close()
+		in = f
+	}
+	var file exportFile
+	dec := json.NewDecoder(in)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&file); err != nil {
+		return file, fmt.Errorf("import: %v", err)
+	}
+	return file, nil
 }
 
 // runStoreTool exports or imports the allocations of cfg's data directory.
@@ -813,20 +869,9 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 		return printJSON(stdout, out)
 	}
 
-	in := io.Reader(os.Stdin)
-	if len(args) > 0 && args[0] != "-" {
-		f, err := os.Open(args[0])
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		in = f
-	}
-	var file exportFile
-	dec := json.NewDecoder(in)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&file); err != nil {
-		return fmt.Errorf("import: %v", err)
+	file, err := readExportFile(args)
+	if err != nil {
+		return err
 	}
 	byKey, byPort := map[string]record{}, map[int]string{}
 	for _, r := range got.allocations {
@@ -848,7 +893,8 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 	}
 	imported := 0
 	now := time.Now().UTC()
-	for _, r := range file.Allocations {
+	var entries []historyEntry
+	for i, r := range file.Allocations {
 		if r.CreatedAt.IsZero() {
 			r.CreatedAt = now
 		}
@@ -865,12 +911,23 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 		if _, err := store.claim(ctx, c); err != nil {
 			return fmt.Errorf("import %q: %v", r.Key, err)
 		}
+		e := historyEntry{ID: fmt.Sprintf("%019d-import-%06d", now.UnixNano(), i), Time: now, Key: r.Key, User: r.User,
+			ProxyType: r.ProxyType, Port: r.Port, Change: histImported, By: "import -data-dir", Note: r.Note}
+		if c.old != nil {
+			e.OldPort = c.old.Port
+		}
+		entries = append(entries, e)
 		if !r.LastSeen.IsZero() {
 			if err := store.touch(ctx, []seenMark{{key: r.Key, seen: r.LastSeen}}); err != nil {
 				return fmt.Errorf("import %q: %v", r.Key, err)
 			}
 		}
 		imported++
+	}
+	if hist := historyOf(store); hist != nil && len(entries) > 0 {
+		if err := hist.appendEntries(ctx, entries); err != nil {
+			fmt.Fprintf(stderr, "the history of this import was not written: %v\n", err)
+		}
 	}
 	fmt.Fprintf(stderr, "imported %d allocations into %s (%d already there)\n", imported, cfg.dataDir, len(file.Allocations)-imported)
 	return nil

@@ -274,6 +274,48 @@ func TestE2EReclaimSparesConnectedProxy(t *testing.T) {
 	})
 }
 
+// TestE2EAdoptBeforeEnabling: devices with frp's classic explicit
+// remotePort (outside the plugin's pool) run on an frps without the
+// plugin; adopt records their ports from frps's dashboard; frps restarts
+// with the plugin, and every device keeps its port. A device that was not
+// adopted is refused its port outside the pool, as before.
+func TestE2EAdoptBeforeEnabling(t *testing.T) {
+	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
+		env := newE2EEnv(t, v, func(e *e2eEnv) { e.frpsWithoutPlugin = true })
+		echo, udp := startTCPEcho(t), startUDPEcho(t)
+		sshPort, dnsPort := env.allow.hi, env.allow.hi-1
+		startFrpc(t, env, "alice",
+			proxySpec{Name: "ssh", Type: "tcp", LocalPort: echo.Port, RemotePort: sshPort},
+			proxySpec{Name: "dns", Type: "udp", LocalPort: udp.Port, RemotePort: dnsPort})
+		waitProxy(t, env, "tcp", "alice.ssh")
+		waitProxy(t, env, "udp", "alice.dns")
+
+		var out bytes.Buffer
+		args := []string{"adopt", "-server", env.pluginURL(""), "-frps-api", env.dashboardURL(""),
+			"-frps-user", e2eDashboardUser, "-frps-password", e2eDashboardPassword}
+		if err := run(context.Background(), args, func(string) string { return "" }, &out, &out); err != nil {
+			t.Fatalf("adopt: %v\n%s", err, out.String())
+		}
+		for _, want := range []string{fmt.Sprintf("adopted: alice.ssh on port %d (tcp, user alice)", sshPort),
+			fmt.Sprintf("adopted: alice.dns on port %d (udp, user alice)", dnsPort)} {
+			if !strings.Contains(out.String(), want) {
+				t.Fatalf("adopt said:\n%s\nwant %q", out.String(), want)
+			}
+		}
+
+		env.frpsWithoutPlugin = false
+		env.restartFrps(t)
+		if got := waitProxy(t, env, "tcp", "alice.ssh"); got.RemotePort != sshPort {
+			t.Fatalf("alice.ssh with the plugin = %d; want %d, its port before", got.RemotePort, sshPort)
+		}
+		if got := waitProxy(t, env, "udp", "alice.dns"); got.RemotePort != dnsPort {
+			t.Fatalf("alice.dns with the plugin = %d; want %d", got.RemotePort, dnsPort)
+		}
+		checkTCPEchoReaches(t, sshPort, echo)
+		checkUDPEcho(t, dnsPort)
+	})
+}
+
 // TestE2ETransportOptionsKept: the plugin's answer keeps the proxy's other
 // settings: frps's effective conf still has the bandwidth limit and
 // encryption, and encrypted traffic flows.
@@ -318,6 +360,8 @@ type e2eEnv struct {
 	frpsPluginINI  string       // extra lines for frps.ini's [plugin.port-keeper]
 	frpsPluginTOML string       // extra lines for frps.toml's [[httpPlugins]]
 	frpsEnv        []string     // frps's environment; nil inherits the test's
+	// frpsWithoutPlugin starts frps as it ran before the plugin was added.
+	frpsWithoutPlugin bool
 
 	plugin *pluginInstance
 	frps   *e2eProcess
@@ -543,6 +587,13 @@ path = %q
 ops = ["NewProxy", "CloseProxy"]
 `, env.bindPort, env.allow.lo, env.allow.hi, env.dashPort, e2eDashboardUser, e2eDashboardPassword, env.frpsPluginAddr(), e2ePluginPath) + env.frpsPluginTOML
 	}
+	if env.frpsWithoutPlugin {
+		for _, section := range []string{"\n[plugin.port-keeper]", "\n[[httpPlugins]]"} {
+			if i := strings.Index(conf, section); i >= 0 {
+				conf = conf[:i+1]
+			}
+		}
+	}
 	confPath := e2eWriteFile(t, env.dir, name, conf)
 	p := startE2EProcess(t, "frps", filepath.Join(env.dir, "frps.log"), env.bins.frps, env.frpsEnv, "-c", confPath)
 
@@ -581,6 +632,7 @@ type proxySpec struct {
 	GroupKey       string
 	BandwidthLimit string // "2MB"
 	UseEncryption  bool
+	RemotePort     int // 0: none asked for
 }
 
 // startFrpc writes an frpc config for user with the given proxies and starts
@@ -614,6 +666,9 @@ disable_log_color = true
 			if p.UseEncryption {
 				b.WriteString("use_encryption = true\n")
 			}
+			if p.RemotePort != 0 {
+				fmt.Fprintf(&b, "remote_port = %d\n", p.RemotePort)
+			}
 		}
 	} else {
 		fmt.Fprintf(&b, `serverAddr = "127.0.0.1"
@@ -636,6 +691,9 @@ log.disablePrintColor = true
 			}
 			if p.UseEncryption {
 				b.WriteString("transport.useEncryption = true\n")
+			}
+			if p.RemotePort != 0 {
+				fmt.Fprintf(&b, "remotePort = %d\n", p.RemotePort)
 			}
 		}
 	}

@@ -1,0 +1,199 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	frpconfig "github.com/fatedier/frp/pkg/config"
+)
+
+// adopt is how the plugin is added to a running frps without moving any
+// device: frps's dashboard says which port every online proxy has now, and
+// those become the proxies' sticky ports before frps ever asks the plugin.
+
+func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	var cf clientFlags
+	cf.declare(fs)
+	frpsConfig := fs.String("frps-config", "", "frps config file: the dashboard's address and credentials come from its webServer section")
+	api := fs.String("frps-api", "", "frps dashboard URL (default: from -frps-config's webServer)")
+	user := fs.String("frps-user", "", "dashboard user (default: from -frps-config)")
+	password := fs.String("frps-password", "", "dashboard password (default: from -frps-config)")
+	dryRun := fs.Bool("dry-run", false, "print what would be adopted and change nothing")
+	return func([]string) error {
+		db, err := dashboardFrom(*frpsConfig, *api, *user, *password)
+		if err != nil {
+			return err
+		}
+		found, skipped, err := db.onlinePorts(e.ctx)
+		if err != nil {
+			return err
+		}
+		for _, s := range skipped {
+			fmt.Fprintf(e.stdout, "not adopted: %s\n", s)
+		}
+		if len(found) == 0 {
+			fmt.Fprintln(e.stdout, "nothing to adopt: frps has no online tcp or udp proxy with a port")
+			return nil
+		}
+		file := exportFile{}
+		for _, r := range found {
+			file.Allocations = append(file.Allocations, exportRecord{record: r})
+		}
+		if *dryRun {
+			for _, r := range found {
+				fmt.Fprintf(e.stdout, "would adopt: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
+			}
+			return nil
+		}
+		c, err := cf.client(e.getenv)
+		if err != nil {
+			return err
+		}
+		var res map[string]int
+		if err := c.do(e.ctx, "POST", "/api/import?as=adopt", file, &res); err != nil {
+			return fmt.Errorf("adopt: %v (nothing adopted)", err)
+		}
+		for _, r := range found {
+			fmt.Fprintf(e.stdout, "adopted: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
+		}
+		_, err = fmt.Fprintf(e.stdout, "%d adopted (%d already held those ports); now add the plugin to frps and restart it\n", res["imported"], res["unchanged"])
+		return err
+	}
+}
+
+
+// frpsDashboard is where frps's dashboard API answers.
+type frpsDashboard struct {
+	base, user, password string
+}
+
+// dashboardFrom works out the dashboard from frps's config and the flags
+// (which win).
+func dashboardFrom(frpsConfig, api, user, password string) (frpsDashboard, error) {
+	d := frpsDashboard{base: strings.TrimRight(api, "/"), user: user, password: password}
+	if frpsConfig != "" {
+		cfg, _, err := frpconfig.LoadServerConfig(frpsConfig, false)
+		if err != nil {
+			return d, fmt.Errorf("-frps-config %s: %v", frpsConfig, err)
+		}
+		if cfg.WebServer.Port <= 0 && d.base == "" {
+			return d, fmt.Errorf("-frps-config %s has no webServer.port: enable frps's dashboard, or give -frps-api", frpsConfig)
+		}
+		if d.base == "" {
+			host := cfg.WebServer.Addr
+			if host == "" || host == "0.0.0.0" || host == "::" {
+				host = "127.0.0.1"
+			}
+			scheme := "http"
+			if cfg.WebServer.TLS != nil && cfg.WebServer.TLS.CertFile != "" {
+				scheme = "https"
+			}
+			d.base = scheme + "://" + net.JoinHostPort(host, strconv.Itoa(cfg.WebServer.Port))
+		}
+		if d.user == "" {
+			d.user = cfg.WebServer.User
+		}
+		if d.password == "" {
+			d.password = cfg.WebServer.Password
+		}
+	}
+	if d.base == "" {
+		return d, errors.New("adopt needs frps's dashboard: give -frps-config (with a webServer section) or -frps-api")
+	}
+	if !strings.Contains(d.base, "://") {
+		d.base = "http://" + d.base
+	}
+	return d, nil
+}
+
+// dashboardProxy is one proxy of GET /api/proxy/{tcp,udp}: frp v0.52+
+// writes camelCase conf fields, earlier versions snake_case.
+type dashboardProxy struct {
+	Name   string `json:"name"`
+	Status string `json:"status"`
+	Conf   *struct {
+		RemotePort   int    `json:"remotePort"`
+		RemotePortV1 int    `json:"remote_port"`
+		Group        string `json:"group"`
+		LoadBalancer struct {
+			Group string `json:"group"`
+		} `json:"loadBalancer"`
+	} `json:"conf"`
+}
+
+// onlinePorts lists the online tcp and udp proxies as allocations; skipped
+// says which proxies could not be adopted and why.
+func (d frpsDashboard) onlinePorts(ctx context.Context) (found []record, skipped []string, err error) {
+	client := &http.Client{Timeout: 10 * time.Second}
+	byKey := map[string]record{}
+	now := time.Now().UTC()
+	for _, typ := range []string{"tcp", "udp"} {
+		req, err := http.NewRequestWithContext(ctx, "GET", d.base+"/api/proxy/"+typ, nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		if d.user != "" || d.password != "" {
+			req.SetBasicAuth(d.user, d.password)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return nil, nil, fmt.Errorf("cannot reach frps's dashboard at %s (%v): is webServer enabled? set -frps-api", d.base, err)
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+		resp.Body.Close()
+		switch {
+		case resp.StatusCode == http.StatusUnauthorized:
+			return nil, nil, fmt.Errorf("frps's dashboard at %s refused the credentials: set -frps-user and -frps-password (or -frps-config)", d.base)
+		case resp.StatusCode != http.StatusOK:
+			return nil, nil, fmt.Errorf("frps's dashboard at %s answered %s for /api/proxy/%s", d.base, resp.Status, typ)
+		}
+		var list struct {
+			Proxies []dashboardProxy `json:"proxies"`
+		}
+		if err := json.Unmarshal(body, &list); err != nil {
+			return nil, nil, fmt.Errorf("frps's dashboard: /api/proxy/%s is not what frps answers: %v", typ, err)
+		}
+		for _, p := range list.Proxies {
+			if p.Status != "online" || p.Conf == nil {
+				skipped = append(skipped, fmt.Sprintf("%s (%s): offline, so frps reports no port", p.Name, typ))
+				continue
+			}
+			port := max(p.Conf.RemotePort, p.Conf.RemotePortV1)
+			group := p.Conf.LoadBalancer.Group
+			if group == "" {
+				group = p.Conf.Group
+			}
+			if port < 1 || port > maxPort {
+				skipped = append(skipped, fmt.Sprintf("%s (%s): frps reports no remote port", p.Name, typ))
+				continue
+			}
+			// frpc names proxies "user.name"; the part before the dot is the user.
+			user, _, hasUser := strings.Cut(p.Name, ".")
+			if !hasUser {
+				user = ""
+			}
+			r := record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}
+			r.Key = proxyRequest{User: user, ProxyName: p.Name, Group: group}.key()
+			if prev, ok := byKey[r.Key]; ok {
+				if prev.Port != port {
+					skipped = append(skipped, fmt.Sprintf("%s (%s): group %s has members on ports %d and %d", p.Name, typ, group, prev.Port, port))
+				}
+				continue
+			}
+			byKey[r.Key] = r
+			found = append(found, r)
+		}
+	}
+	slices.SortFunc(found, func(a, b record) int { return a.Port - b.Port })
+	return found, skipped, nil
+}
