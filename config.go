@@ -31,6 +31,15 @@ type config struct {
 	policyFile   string
 	maxPorts     int
 	reclaimAfter time.Duration
+	etcd         etcdFlags
+}
+
+// etcdFlags say where the etcd store (-store etcd) is and how to log in.
+type etcdFlags struct {
+	endpoints                 string // comma-separated URLs
+	prefix                    string
+	caFile, certFile, keyFile string
+	username, password        string
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -50,7 +59,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&c.allowPorts, "allow-ports", "", `ports to hand out, frps syntax "6000-7000,8080" (default `+defaultPool+`)`)
 	fs.StringVar(&c.frpsConfig, "frps-config", "", "frps config file (toml, yaml, json or ini): take allowPorts and frps's own ports from it")
 	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host)")
-	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files) or bbolt (one fsync'd database file)")
+	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files), bbolt (one fsync'd database file) or etcd (shared by several frps)")
 	fs.DurationVar(&c.storeTimeout, "store-timeout", 2*time.Second, "deadline for every store call")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "serve HTTPS with this certificate (PEM; needs -tls-key)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "private key of -tls-cert (PEM)")
@@ -59,6 +68,13 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	fs.StringVar(&c.policyFile, "policy", "", "policy file (TOML): per-user port ranges and quotas; re-read on SIGHUP")
 	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
 	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
+	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs for -store etcd, comma-separated")
+	fs.StringVar(&c.etcd.prefix, "etcd-prefix", defaultEtcdPrefix, "etcd key prefix under which the allocations are kept")
+	fs.StringVar(&c.etcd.caFile, "etcd-ca", "", "CA certificate that signed etcd's (PEM)")
+	fs.StringVar(&c.etcd.certFile, "etcd-cert", "", "client certificate for etcd (PEM; needs -etcd-key)")
+	fs.StringVar(&c.etcd.keyFile, "etcd-key", "", "private key of -etcd-cert (PEM)")
+	fs.StringVar(&c.etcd.username, "etcd-username", "", "etcd user (with -etcd-password)")
+	fs.StringVar(&c.etcd.password, "etcd-password", "", "password of -etcd-username")
 	fs.Usage = func() {
 		fs.SetOutput(stderr)
 		fmt.Fprintf(stderr, "usage: frp-port-keeper [flags]\n\nEvery flag can also be set in the environment, e.g. -data-dir as %s.\n\n", envName("data-dir"))
@@ -88,8 +104,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (c
 	if envErr != nil {
 		return c, envErr
 	}
-	if c.store != "file" && c.store != "bbolt" {
-		return c, fmt.Errorf("-store %q: want file or bbolt", c.store)
+	if c.store != "file" && c.store != "bbolt" && c.store != "etcd" {
+		return c, fmt.Errorf("-store %q: want file, bbolt or etcd", c.store)
+	}
+	if (c.etcd.certFile == "") != (c.etcd.keyFile == "") {
+		return c, errors.New("-etcd-cert and -etcd-key go together")
+	}
+	if (c.etcd.username == "") != (c.etcd.password == "") {
+		return c, errors.New("-etcd-username and -etcd-password go together")
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return c, errors.New("-tls-cert and -tls-key go together")
