@@ -1,0 +1,471 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// TestStoreContractEtcd runs the store contract on a real etcd, each case
+// under a prefix of its own.
+func TestStoreContractEtcd(t *testing.T) {
+	srv := startEtcd(t, nil)
+	var n atomic.Int64
+	testStoreContract(t, "etcd", func(t *testing.T) (func(t *testing.T) newPortStore, bool) {
+		prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
+		return func(t *testing.T) newPortStore {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			s, err := openEtcdStore(ctx, srv.options(t, prefix))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s
+		}, true
+	})
+}
+
+// openLoadedEtcdStores opens n handles on one prefix and loads each.
+func openLoadedEtcdStores(t *testing.T, srv *etcdServer, prefix string, n int) []*etcdStore {
+	t.Helper()
+	var out []*etcdStore
+	for range n {
+		s := openTestEtcdStore(t, srv, prefix)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if _, err := s.load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		out = append(out, s)
+	}
+	return out
+}
+
+// etcdGet reads the raw value of name under prefix ("" when absent).
+func etcdGet(t *testing.T, cli *clientv3.Client, name string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return ""
+	}
+	return string(resp.Kvs[0].Value)
+}
+
+// etcdCount is how many records lie under a prefix.
+func etcdCount(t *testing.T, cli *clientv3.Client, prefix string) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
+}
+
+// TestEtcdStoreConcurrentClaims: three handles (three servers sharing one
+// etcd) claiming at once never give a port twice, a key two ports, or a
+// user more keys than the quota.
+func TestEtcdStoreConcurrentClaims(t *testing.T) {
+	srv := startEtcd(t, nil)
+	raw := srv.client(t)
+	ctxFor := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.Background(), 20*time.Second)
+	}
+
+	t.Run("30 keys, 10 ports", func(t *testing.T) {
+		const lo, ports, keys = 21000, 10, 30
+		handles := openLoadedEtcdStores(t, srv, "/pool/", 3)
+		var mu sync.Mutex
+		granted := map[string]int{} // key -> port
+		var wg sync.WaitGroup
+		for i := range keys {
+			wg.Go(func() {
+				s := handles[i%len(handles)]
+				key := fmt.Sprintf("user%d.proxy", i)
+				start := rand.IntN(ports)
+				for j := range ports {
+					r := contractRec(key, lo+(start+j)%ports, fmt.Sprintf("user%d", i%4))
+					ctx, cancel := ctxFor()
+					_, err := s.claim(ctx, claim{want: r})
+					cancel()
+					var cerr *conflictError
+					switch {
+					case err == nil:
+						mu.Lock()
+						granted[key] = r.Port
+						mu.Unlock()
+						return
+					case errors.As(err, &cerr):
+						continue
+					default:
+						t.Errorf("claim %s@%d: %v", key, r.Port, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if len(granted) != ports {
+			t.Fatalf("granted %d keys: %v; want exactly %d (one per port)", len(granted), granted, ports)
+		}
+		owner := map[int]string{}
+		for k, p := range granted {
+			if other, dup := owner[p]; dup {
+				t.Fatalf("port %d granted to %q and %q", p, other, k)
+			}
+			owner[p] = k
+		}
+		fresh := openLoadedEtcdStores(t, srv, "/pool/", 1)[0]
+		ctx, cancel := ctxFor()
+		defer cancel()
+		snap, err := fresh.load(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snap.allocations) != ports || len(snap.problems) != 0 {
+			t.Fatalf("load after the race: %d allocations, problems %v; want %d and none", len(snap.allocations), snap.problems, ports)
+		}
+		for _, r := range snap.allocations {
+			if granted[r.Key] != r.Port {
+				t.Fatalf("load after the race: %q on %d; it was granted %d", r.Key, r.Port, granted[r.Key])
+			}
+		}
+		var total int
+		for u := range 4 {
+			n := etcdGet(t, raw, "/pool/"+etcdUserName(fmt.Sprintf("user%d", u)))
+			var c int
+			fmt.Sscan(n, &c)
+			total += c
+		}
+		if total != ports {
+			t.Fatalf("user counts add up to %d; want %d", total, ports)
+		}
+	})
+
+	t.Run("one key at three servers", func(t *testing.T) {
+		handles := openLoadedEtcdStores(t, srv, "/same/", 3)
+		for round := range 10 {
+			key := fmt.Sprintf("shared.%d", round)
+			var mu sync.Mutex
+			var wins []record
+			var wg sync.WaitGroup
+			for i, s := range handles {
+				wg.Go(func() {
+					r := contractRec(key, 22000+round*10+i, "shared")
+					ctx, cancel := ctxFor()
+					defer cancel()
+					_, err := s.claim(ctx, claim{want: r})
+					var cerr *conflictError
+					switch {
+					case err == nil:
+						mu.Lock()
+						wins = append(wins, r)
+						mu.Unlock()
+					case errors.As(err, &cerr):
+						if len(cerr.current) == 0 || cerr.current[0].kind != changePut || cerr.current[0].key != key {
+							t.Errorf("loser of %s: conflict %+v; want the winner's record", key, cerr.current)
+						}
+					default:
+						t.Errorf("claim %s: %v", key, err)
+					}
+				})
+			}
+			wg.Wait()
+			if len(wins) != 1 {
+				t.Fatalf("%s: %d winners %+v; want exactly 1", key, len(wins), wins)
+			}
+		}
+		if n := etcdCount(t, raw, "/same/port/"); n != 10 {
+			t.Fatalf("%d port records; want 10 (one per key, none left by losers)", n)
+		}
+		if got := etcdGet(t, raw, "/same/"+etcdUserName("shared")); got != "10" {
+			t.Fatalf("user count %q; want 10", got)
+		}
+	})
+
+	t.Run("quota across servers", func(t *testing.T) {
+		const limit, tries = 5, 15
+		handles := openLoadedEtcdStores(t, srv, "/quota/", 3)
+		var ok, quota atomic.Int64
+		var wg sync.WaitGroup
+		for i := range tries {
+			wg.Go(func() {
+				r := contractRec(fmt.Sprintf("greedy.%d", i), 23000+i, "greedy")
+				ctx, cancel := ctxFor()
+				defer cancel()
+				_, err := handles[i%3].claim(ctx, claim{want: r, maxKeys: limit})
+				var cerr *conflictError
+				switch {
+				case err == nil:
+					ok.Add(1)
+				case errors.As(err, &cerr) && cerr.quota:
+					quota.Add(1)
+				default:
+					t.Errorf("claim %s: %v; want success or a quota conflict", r.Key, err)
+				}
+			})
+		}
+		wg.Wait()
+		if ok.Load() != limit || quota.Load() != tries-limit {
+			t.Fatalf("%d granted, %d refused by quota; want %d and %d", ok.Load(), quota.Load(), limit, tries-limit)
+		}
+		if n := etcdCount(t, raw, "/quota/key/"); n != limit {
+			t.Fatalf("%d key records; want %d", n, limit)
+		}
+		if got := etcdGet(t, raw, "/quota/"+etcdUserName("greedy")); got != fmt.Sprint(limit) {
+			t.Fatalf("user count %q; want %d", got, limit)
+		}
+	})
+}
+
+// TestEtcdStoreOutage: while etcd is stopped (SIGSTOP) or dead, store calls
+// fail within their deadline; once it is back, writes work again within
+// about a second on the same handle, and a write whose caller gave up but
+// that etcd applied late is delivered by watch.
+func TestEtcdStoreOutage(t *testing.T) {
+	srv := startEtcd(t, nil)
+	handles := openLoadedEtcdStores(t, srv, "/outage/", 2)
+	s, other := handles[0], handles[1]
+
+	ctx0, cancel0 := context.WithTimeout(context.Background(), 10*time.Second)
+	snap, err := other.load(ctx0)
+	cancel0()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &contractHarness{t: t, kind: "etcd"}
+	w := h.startWatch(other, snap.rev)
+	// waitPut waits for the watch to deliver a put of r, skipping others.
+	waitPut := func(what string, r record) time.Duration {
+		t.Helper()
+		start := time.Now()
+		for {
+			c := w.next(t, what)
+			if c.kind == changePut && sameRecord(c.rec, r) {
+				return time.Since(start)
+			}
+		}
+	}
+	claimWithin := func(r record, d time.Duration) (time.Duration, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		defer cancel()
+		start := time.Now()
+		_, err := s.claim(ctx, claim{want: r})
+		return time.Since(start), err
+	}
+	const deadline = 500 * time.Millisecond
+	const slack = time.Second
+
+	a := contractRec("a.web", 24001, "a")
+	if _, err := claimWithin(a, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitPut("claim before the outage", a)
+
+	// Paused: the request reaches etcd's socket but is not answered.
+	srv.pause(t)
+	b := contractRec("b.web", 24002, "b")
+	took, err := claimWithin(b, deadline)
+	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+		srv.resume(t)
+		t.Fatalf("claim while etcd is paused = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
+	}
+	t.Logf("claim while paused failed after %v: %v", took.Round(time.Millisecond), err)
+	lctx, lcancel := context.WithTimeout(context.Background(), deadline)
+	start := time.Now()
+	_, err = s.load(lctx)
+	lcancel()
+	if err == nil || time.Since(start) > deadline+slack || strings.Contains(err.Error(), "\n") {
+		srv.resume(t)
+		t.Fatalf("load while paused = %v after %v; want one line within %v", err, time.Since(start), deadline+slack)
+	}
+	srv.resume(t)
+	resumed := time.Now()
+	waitPut("the claim that timed out while paused, landing late", b)
+	t.Logf("late write delivered by watch %v after SIGCONT", time.Since(resumed).Round(time.Millisecond))
+	c := contractRec("c.web", 24003, "c")
+	if took, err := claimWithin(c, 5*time.Second); err != nil {
+		t.Fatalf("claim after SIGCONT: %v", err)
+	} else {
+		t.Logf("first claim after SIGCONT took %v", took.Round(time.Millisecond))
+	}
+
+	// Dead: connections refused; the client keeps redialing.
+	srv.kill(t)
+	d := contractRec("d.web", 24004, "d")
+	took, err = claimWithin(d, deadline)
+	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+		t.Fatalf("claim while etcd is down = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
+	}
+	time.Sleep(2 * time.Second) // long enough for gRPC's redial backoff to grow
+	srv.restart(t)
+	healthy := time.Now()
+	e := contractRec("e.web", 24005, "e")
+	var attempts int
+	for {
+		attempts++
+		_, err := claimWithin(e, 300*time.Millisecond)
+		var cerr *conflictError
+		if err == nil || (errors.As(err, &cerr) && len(cerr.current) > 0 && sameRecord(cerr.current[0].rec, e)) {
+			break // a timed-out attempt may have landed: then it is ours
+		}
+		if time.Since(healthy) > 10*time.Second {
+			t.Fatalf("claims still fail %v after etcd is back: %v", time.Since(healthy), err)
+		}
+	}
+	recovery := time.Since(healthy)
+	t.Logf("writes recovered %v after etcd was healthy again (%d attempts)", recovery.Round(time.Millisecond), attempts)
+	if recovery > 3*time.Second {
+		t.Fatalf("writes recovered %v after etcd was back; want about a second", recovery)
+	}
+	waitPut("the claim made while etcd was down, landing after its restart", d)
+	waitPut("a claim after the restart, through the reconnected watch", e)
+
+	fresh := openLoadedEtcdStores(t, srv, "/outage/", 1)[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	final, err := fresh.load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantAllocations(t, "after the outages", final, a, b, c, d, e)
+}
+
+// TestEtcdTLS: the store talks to an etcd that requires client
+// certificates, and fails to start with one line when the certificates or
+// URLs are wrong.
+func TestEtcdTLS(t *testing.T) {
+	pki := newEtcdTestPKI(t)
+	srv := startEtcd(t, pki)
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, "/tls/")
+	h.load(s)
+	a := contractRec("secure.web", 25001, "secure")
+	h.claimOK(s, claim{want: a})
+	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	other := openTestEtcdStore(t, srv, "/tls/")
+	wantAllocations(t, "over TLS", h.load(other), a)
+
+	good := srv.options(t, "/tls/")
+	good.timeout = time.Second
+	tests := []struct {
+		name   string
+		change func(o *etcdOptions)
+		want   string
+	}{
+		{"no client certificate", func(o *etcdOptions) { o.certFile, o.keyFile = "", "" }, "cannot read from etcd at " + srv.endpoint()},
+		{"certificate of another CA", func(o *etcdOptions) { o.certFile, o.keyFile = pki.otherCert, pki.otherKey }, "cannot read from etcd"},
+		{"server not trusted", func(o *etcdOptions) { o.caFile = pki.otherCAFile }, "cannot read from etcd"},
+		{"plain http with TLS files", func(o *etcdOptions) { o.endpoints = []string{strings.Replace(srv.endpoint(), "https", "http", 1)} }, "use https://"},
+		{"missing key file", func(o *etcdOptions) { o.keyFile = "" }, "-etcd-cert and -etcd-key go together"},
+		{"unreadable CA", func(o *etcdOptions) { o.caFile = "/nonexistent/ca.pem" }, "-etcd-ca"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := good
+			tt.change(&o)
+			start := time.Now()
+			s, err := openEtcdStore(context.Background(), o)
+			if err == nil {
+				s.close()
+				t.Fatalf("openEtcdStore(%s) succeeded; want an error", tt.name)
+			}
+			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") || time.Since(start) > o.timeout+2*time.Second {
+				t.Fatalf("openEtcdStore(%s) = %v after %v; want one line containing %q within %v", tt.name, err, time.Since(start), tt.want, o.timeout)
+			}
+			t.Logf("%s: %v", tt.name, err)
+		})
+	}
+}
+
+// TestEtcdUnreachable: nothing listening is one clear line within the
+// timeout (clientv3.New alone would succeed).
+func TestEtcdUnreachable(t *testing.T) {
+	ep := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	start := time.Now()
+	s, err := openEtcdStore(context.Background(), etcdOptions{endpoints: []string{ep}, timeout: time.Second, log: testLogger(t)})
+	if err == nil {
+		s.close()
+		t.Fatal("openEtcdStore with nothing listening succeeded")
+	}
+	if !strings.Contains(err.Error(), "cannot read from etcd at "+ep+": no answer within 1s") || strings.Contains(err.Error(), "\n") || time.Since(start) > 3*time.Second {
+		t.Fatalf("openEtcdStore with nothing listening = %v after %v; want one line naming %s within 1s", err, time.Since(start), ep)
+	}
+	t.Logf("%v", err)
+}
+
+// TestEtcdAuth: with etcd's authentication on, a user whose role may only
+// read and write the prefix can do everything the store does.
+func TestEtcdAuth(t *testing.T) {
+	srv := startEtcd(t, nil)
+	cli := srv.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const prefix = "/auth/"
+	steps := []func() error{
+		func() error { _, err := cli.UserAdd(ctx, "root", "root-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := cli.RoleAdd(ctx, "keeper"); return err },
+		func() error {
+			_, err := cli.RoleGrantPermission(ctx, "keeper", prefix, clientv3.GetPrefixRangeEnd(prefix), clientv3.PermissionType(clientv3.PermReadWrite))
+			return err
+		},
+		func() error { _, err := cli.UserAdd(ctx, "keeper", "keeper-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "keeper", "keeper"); return err },
+		func() error { _, err := cli.AuthEnable(ctx); return err },
+	}
+	for i, step := range steps {
+		if err := step(); err != nil {
+			t.Fatalf("auth set-up step %d: %v", i, err)
+		}
+	}
+	o := srv.options(t, prefix)
+	o.username, o.password = "keeper", "keeper-secret"
+	s, err := openEtcdStore(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.close() })
+	h := &contractHarness{t: t, kind: "etcd"}
+	w := h.startWatch(s, h.load(s).rev)
+	a := contractRec("auth.web", 26001, "auth")
+	h.claimOK(s, claim{want: a, maxKeys: 3})
+	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	if c := w.next(t, "watch as keeper"); c.kind != changePut || c.key != a.Key {
+		t.Fatalf("watch as keeper: %+v; want the put of %q", c, a.Key)
+	}
+	if _, err := h.release(s, a, contractBase); err != nil {
+		t.Fatal(err)
+	}
+
+	o.password = "wrong"
+	o.timeout = 2 * time.Second
+	if s, err := openEtcdStore(ctx, o); err == nil {
+		s.close()
+		t.Fatal("openEtcdStore with a wrong password succeeded")
+	} else if !strings.Contains(err.Error(), "cannot log in to etcd") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("openEtcdStore with a wrong password = %v; want one line saying it cannot log in", err)
+	}
+	o.password = "keeper-secret"
+	o.prefix = "/elsewhere/"
+	if s, err := openEtcdStore(ctx, o); err == nil {
+		s.close()
+		t.Fatal("openEtcdStore outside the permitted prefix succeeded")
+	} else {
+		t.Logf("outside the permitted prefix: %v", err)
+	}
+}
