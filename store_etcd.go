@@ -28,6 +28,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"net/url"
 	"os"
 	"slices"
@@ -107,6 +108,8 @@ type etcdStore struct {
 	timeout   time.Duration
 	log       *slog.Logger
 	endpoints string // for messages
+	eps       []string
+	tls       *tls.Config // nil: plain
 
 	mu  sync.Mutex
 	mem map[string]etcdEntry // by name under the prefix: key/, port/ and user/ records
@@ -189,6 +192,8 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 		timeout:   o.timeout,
 		log:       o.log,
 		endpoints: strings.Join(o.endpoints, ","),
+		eps:       o.endpoints,
+		tls:       tlsConfig,
 		mem:       map[string]etcdEntry{},
 	}
 	cli, err := clientv3.New(clientv3.Config{
@@ -221,13 +226,18 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 	defer cancel()
 	if _, err := cli.Get(cctx, s.prefix, clientv3.WithCountOnly()); err != nil {
 		cli.Close()
-		return nil, s.describe("read from", err)
+		return nil, s.unreachable("read from", err)
 	}
 	return s, nil
 }
 
 // describe makes one line of an etcd error, naming the endpoints.
 func (s *etcdStore) describe(what string, err error) error {
+	return s.describeWhy(what, err, "")
+}
+
+// describeWhy is describe with why etcd did not answer, when known.
+func (s *etcdStore) describeWhy(what string, err error, why string) error {
 	msg := err.Error()
 	if st, ok := status.FromError(err); ok {
 		msg = st.Message()
@@ -235,11 +245,71 @@ func (s *etcdStore) describe(what string, err error) error {
 	msg = strings.Join(strings.Fields(msg), " ")
 	switch {
 	case errors.Is(err, context.DeadlineExceeded), status.Code(err) == codes.DeadlineExceeded:
-		return fmt.Errorf("cannot %s etcd at %s: no answer within %v (is it running, and reachable with these URLs and certificates?): %s", what, s.endpoints, s.timeout, msg)
+		if why == "" {
+			why = "is it running, and reachable with these URLs and certificates?"
+		}
+		return fmt.Errorf("cannot %s etcd at %s: no answer within %v (%s)", what, s.endpoints, s.timeout, why)
 	case errors.Is(err, context.Canceled), status.Code(err) == codes.Canceled:
 		return fmt.Errorf("cannot %s etcd at %s: canceled", what, s.endpoints)
 	}
 	return fmt.Errorf("cannot %s etcd at %s: %s", what, s.endpoints, msg)
+}
+
+// unreachable is describe, plus what dialing the endpoints by hand shows
+// when etcd did not answer: gRPC only says that the deadline passed, not
+// that the connection was refused or a certificate was not accepted.
+func (s *etcdStore) unreachable(what string, err error) error {
+	var why string
+	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+		why = s.probe(min(s.timeout, time.Second))
+	}
+	return s.describeWhy(what, err, why)
+}
+
+// probe dials each endpoint (TCP, then TLS for https) within d and returns
+// the first failure, or "" when every endpoint connects.
+func (s *etcdStore) probe(d time.Duration) string {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	for _, ep := range s.eps {
+		u, err := url.Parse(ep)
+		if err != nil {
+			return err.Error()
+		}
+		var dialer net.Dialer
+		conn, err := dialer.DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return err.Error()
+		}
+		if u.Scheme == "https" {
+			cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+			if s.tls != nil {
+				cfg = s.tls.Clone()
+			}
+			cfg.ServerName, cfg.NextProtos = u.Hostname(), []string{"h2"}
+			tc := tls.Client(conn, cfg)
+			if dl, ok := ctx.Deadline(); ok {
+				tc.SetDeadline(dl)
+			}
+			err := tc.HandshakeContext(ctx)
+			if err == nil {
+				// A client certificate the server refuses shows on the
+				// first read (TLS 1.3); a timeout means it was accepted.
+				tc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+				_, err = tc.Read(make([]byte, 1))
+				var ne net.Error
+				if err == nil || errors.As(err, &ne) && ne.Timeout() {
+					err = nil
+				}
+			}
+			if err != nil {
+				conn.Close()
+				return fmt.Sprintf("%s: %v", ep, err)
+			}
+		}
+		conn.Close()
+	}
+	return ""
 }
 
 // bound gives ctx the store's timeout unless it has a deadline already.
@@ -769,7 +839,7 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 	defer cancel()
 	kvs, rev, err := s.readAll(ctx)
 	if err != nil {
-		return snapshot{}, err
+		return snapshot{}, s.unreachable("read from", err)
 	}
 	snap := snapshot{rev: rev, lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, from: "etcd"}
 	keys := map[string]record{}
@@ -860,7 +930,7 @@ func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, int64, err
 		}
 		resp, err := s.cli.Get(ctx, from, opts...)
 		if err != nil {
-			return nil, 0, s.readError(err)
+			return nil, 0, err
 		}
 		if rev == 0 {
 			rev = resp.Header.Revision

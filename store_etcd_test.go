@@ -367,9 +367,9 @@ func TestEtcdTLS(t *testing.T) {
 		change func(o *etcdOptions)
 		want   string
 	}{
-		{"no client certificate", func(o *etcdOptions) { o.certFile, o.keyFile = "", "" }, "cannot read from etcd at " + srv.endpoint()},
-		{"certificate of another CA", func(o *etcdOptions) { o.certFile, o.keyFile = pki.otherCert, pki.otherKey }, "cannot read from etcd"},
-		{"server not trusted", func(o *etcdOptions) { o.caFile = pki.otherCAFile }, "cannot read from etcd"},
+		{"no client certificate", func(o *etcdOptions) { o.certFile, o.keyFile = "", "" }, "cannot read from etcd at " + srv.endpoint() + ": no answer within 1s (" + srv.endpoint() + ": remote error: tls: certificate required)"},
+		{"certificate of another CA", func(o *etcdOptions) { o.certFile, o.keyFile = pki.otherCert, pki.otherKey }, "tls: certificate required"},
+		{"server not trusted", func(o *etcdOptions) { o.caFile = pki.otherCAFile }, "certificate signed by unknown authority"},
 		{"plain http with TLS files", func(o *etcdOptions) { o.endpoints = []string{strings.Replace(srv.endpoint(), "https", "http", 1)} }, "use https://"},
 		{"missing key file", func(o *etcdOptions) { o.keyFile = "" }, "-etcd-cert and -etcd-key go together"},
 		{"unreadable CA", func(o *etcdOptions) { o.caFile = "/nonexistent/ca.pem" }, "-etcd-ca"},
@@ -402,7 +402,7 @@ func TestEtcdUnreachable(t *testing.T) {
 		s.close()
 		t.Fatal("openEtcdStore with nothing listening succeeded")
 	}
-	if !strings.Contains(err.Error(), "cannot read from etcd at "+ep+": no answer within 1s") || strings.Contains(err.Error(), "\n") || time.Since(start) > 3*time.Second {
+	if !strings.Contains(err.Error(), "cannot read from etcd at "+ep+": no answer within 1s (dial tcp") || strings.Contains(err.Error(), "\n") || time.Since(start) > 3*time.Second {
 		t.Fatalf("openEtcdStore with nothing listening = %v after %v; want one line naming %s within 1s", err, time.Since(start), ep)
 	}
 	t.Logf("%v", err)
