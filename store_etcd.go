@@ -19,6 +19,7 @@ package main
 // transaction whole or not at all.
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -479,8 +480,7 @@ func (s *etcdStore) refresh(ctx context.Context, names []string) error {
 	return nil
 }
 
-// readError describes a failed read; a read that missed its deadline is
-// the same "did not answer in time" as a write (it changed nothing).
+// readError describes a failed read (which changed nothing).
 func (s *etcdStore) readError(err error) error {
 	return s.describe("read from", err)
 }
@@ -529,6 +529,9 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 	if err := checkEtcdClaim(c); err != nil {
 		return nil, err
 	}
+	if c.at.IsZero() {
+		c.at = time.Now()
+	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	return s.write(ctx, s.claimNames(c), func() (etcdPlan, etcdVerdict) { return s.planClaim(c) },
@@ -539,6 +542,9 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]change, error) {
 	if !validRecord(r) {
 		return nil, fmt.Errorf("release: invalid record for %q port %d", r.Key, r.Port)
+	}
+	if at.IsZero() {
+		at = time.Now()
 	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
@@ -843,7 +849,9 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 	}
 	snap := snapshot{rev: rev, lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, from: "etcd"}
 	keys := map[string]record{}
+	keyRevs := map[string]int64{} // ModRevision of each valid key record
 	holders := map[int]string{}
+	portRevs := map[int]int64{}
 	counts := map[string]int{}
 	stored := map[string]*mvccpb.KeyValue{} // user/ records
 	for _, kv := range kvs {
@@ -857,7 +865,7 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid allocation; ignored", name))
 				continue
 			}
-			keys[k] = r
+			keys[k], keyRevs[k] = r, kv.ModRevision
 			counts[r.User]++
 		case "port":
 			port, err := strconv.Atoi(rest)
@@ -865,7 +873,7 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a port; ignored", name))
 				continue
 			}
-			holders[port] = string(kv.Value)
+			holders[port], portRevs[port] = string(kv.Value), kv.ModRevision
 		case "user":
 			stored[rest] = kv
 		case "seen":
@@ -887,35 +895,80 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 			snap.freed[port] = at
 		}
 	}
-	// Every write keeps a key record and its port record together; a
-	// record without its twin was made by hand. The port record decides
-	// who holds a port.
-	for _, k := range slices.Sorted(maps.Keys(keys)) {
-		r := keys[k]
-		if holders[r.Port] != k {
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d is recorded for %q, not this key; ignored", etcdKeyName(k), r.Port, holders[r.Port]))
+	s.mu.Lock()
+	s.learnSnapshotLocked(kvs, rev)
+	s.mu.Unlock()
+
+	// Every write keeps a key record and its port record together, so a
+	// record without its twin was made by hand. A port record that names
+	// a key which does not hold that port goes; a key record whose port
+	// has no record gets it back while the port is free. Each repair is a
+	// transaction that does nothing if either record changed since.
+	for _, port := range slices.Sorted(maps.Keys(holders)) {
+		k := holders[port]
+		if r, ok := keys[k]; ok && r.Port == port {
+			continue
+		}
+		name := etcdPortName(port)
+		ok, err := s.repair(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", portRevs[port]),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(k)), "=", keyRevs[k]),
+		}, clientv3.OpDelete(s.prefix+name))
+		if ok {
+			delete(holders, port)
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: named %q, which does not hold it; removed", name, k))
+		} else {
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: names %q, which does not hold it; not removed (%v): the port stays reserved", name, k, cmp.Or(err, errChanged)))
+		}
+	}
+	byAssigned := slices.SortedFunc(maps.Values(keys), func(a, b record) int {
+		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
+	})
+	for _, r := range byAssigned {
+		switch holders[r.Port] {
+		case r.Key:
+		case "":
+			name := etcdPortName(r.Port)
+			ok, err := s.repair(ctx, []clientv3.Cmp{
+				clientv3.Compare(clientv3.CreateRevision(s.prefix+name), "=", 0),
+				clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(r.Key)), "=", keyRevs[r.Key]),
+			}, clientv3.OpPut(s.prefix+name, r.Key))
+			if !ok {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", etcdKeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
+				continue
+			}
+			holders[r.Port] = r.Key
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", etcdKeyName(r.Key), r.Port))
+		default:
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", etcdKeyName(r.Key), r.Port, holders[r.Port]))
 			continue
 		}
 		snap.allocations = append(snap.allocations, r)
 		delete(snap.freed, r.Port)
 	}
-	for port, k := range holders {
-		if r, ok := keys[k]; !ok || r.Port != port {
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: names %q, which does not hold it; the port stays reserved", etcdPortName(port), k))
-		}
-	}
 	for k := range snap.lastSeen {
-		if _, ok := keys[k]; !ok {
+		if holders[keys[k].Port] != k {
 			delete(snap.lastSeen, k)
 			delete(snap.online, k)
 		}
 	}
-
-	s.mu.Lock()
-	s.learnSnapshotLocked(kvs, rev)
-	s.mu.Unlock()
 	snap.problems = append(snap.problems, s.repairCounts(ctx, rev, counts, stored)...)
 	return snap, nil
+}
+
+// errChanged says a repair found its records changed since they were read.
+var errChanged = errors.New("changed meanwhile")
+
+// repair runs one guarded fix of load and learns what it wrote.
+func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return false, s.describe("repair in", err)
+	}
+	if resp.Succeeded {
+		s.learnTxn(resp, ops, nil)
+	}
+	return resp.Succeeded, nil
 }
 
 // readAll reads every record under the prefix at one revision.
@@ -992,17 +1045,15 @@ func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[stri
 		if want == 0 {
 			op = clientv3.OpDelete(full)
 		}
-		cmps := []clientv3.Cmp{
+		ok, err := s.repair(ctx, []clientv3.Cmp{
 			clientv3.Compare(clientv3.ModRevision(full), "=", modRev),
+			// No key record changed since the count was made.
 			clientv3.Compare(clientv3.ModRevision(s.prefix+"key/"), "<", rev+1).WithPrefix(),
-		}
-		resp, err := s.cli.Txn(ctx).If(cmps...).Then(op).Commit()
-		switch {
-		case err != nil:
-			problems = append(problems, fmt.Sprintf("%s: counts %d keys but %d exist; not corrected: %v", name, have, want, err))
-		case resp.Succeeded:
-			s.learnTxn(resp, []clientv3.Op{op}, nil)
+		}, op)
+		if ok {
 			problems = append(problems, fmt.Sprintf("%s: counted %d keys but %d exist; corrected", name, have, want))
+		} else {
+			problems = append(problems, fmt.Sprintf("%s: counts %d keys but %d exist; not corrected (%v)", name, have, want, cmp.Or(err, errChanged)))
 		}
 	}
 	return problems

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -467,5 +469,67 @@ func TestEtcdAuth(t *testing.T) {
 		t.Fatal("openEtcdStore outside the permitted prefix succeeded")
 	} else {
 		t.Logf("outside the permitted prefix: %v", err)
+	}
+}
+
+// TestEtcdStoreLoadRepairsHandEdits: the store writes a key record and its
+// port record together, so records without their twin were made by hand.
+// load reports each, repairs what it can (in transactions guarded against
+// concurrent change), never serves two keys on one port, and corrects user
+// counts that disagree with the key records, so the quota stays exact.
+func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
+	srv := startEtcd(t, nil)
+	raw := srv.client(t)
+	const prefix = "/hand/"
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, prefix)
+	h.load(s)
+	a, b := contractRec("a.web", 27001, "u"), contractRec("b.web", 27002, "u")
+	h.claimOK(s, claim{want: a})
+	h.claimOK(s, claim{want: b})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := contractRec("c.web", a.Port, "v")
+	cJSON, _ := json.Marshal(c)
+	edits := []clientv3.Op{
+		clientv3.OpPut(prefix+etcdUserName("u"), "7"),         // wrong count
+		clientv3.OpPut(prefix+etcdUserName("nobody"), "3"),    // a count without keys
+		clientv3.OpDelete(prefix + etcdPortName(b.Port)),      // b's port record lost
+		clientv3.OpPut(prefix+etcdKeyName("junk"), "{broken"), // not a record
+		clientv3.OpPut(prefix+etcdPortName(27009), "ghost.web"),
+		clientv3.OpPut(prefix+etcdKeyName(c.Key), string(cJSON)), // on a's port
+	}
+	if _, err := raw.Txn(ctx).Then(edits...).Commit(); err != nil {
+		t.Fatal(err)
+	}
+	snap := h.load(openTestEtcdStore(t, srv, prefix))
+	wantAllocations(t, "after hand edits", snap, a, b)
+	want := []string{
+		`key/junk: not a valid allocation; ignored`,
+		`port/27009: named "ghost.web", which does not hold it; removed`,
+		`key/b.web: the record of port 27002 was missing; rebuilt`,
+		`key/c.web: port 27001 belongs to "a.web"; ignored`,
+		`user/u: counted 7 keys but 2 exist; corrected`,
+		`user/nobody: counted 3 keys but 0 exist; corrected`,
+		`user/v: counted 0 keys but 1 exist; corrected`,
+	}
+	slices.Sort(want)
+	got := slices.Sorted(slices.Values(snap.problems))
+	if !slices.Equal(got, want) {
+		t.Fatalf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	for name, want := range map[string]string{
+		etcdPortName(b.Port): b.Key, etcdPortName(27009): "",
+		etcdUserName("u"): "2", etcdUserName("nobody"): "", etcdUserName("v"): "1",
+	} {
+		if got := etcdGet(t, raw, prefix+name); got != want {
+			t.Errorf("%s after load = %q; want %q", name, got, want)
+		}
+	}
+	snap = h.load(openTestEtcdStore(t, srv, prefix))
+	wantAllocations(t, "second load", snap, a, b)
+	if len(snap.problems) != 2 {
+		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.problems)
 	}
 }
