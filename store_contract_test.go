@@ -506,16 +506,24 @@ func contractWatch(t *testing.T, h *contractHarness) {
 		t.Fatal(err)
 	}
 
+	// A reclaim: the victim's delete comes before the put that takes its
+	// port, so memory never holds two keys on one port.
+	v := contractRec("old.dev", 20003, "old")
+	nw := contractRec("new.dev", 20003, "new")
+	h.claimOK(a, claim{want: v})
+	h.claimOK(a, claim{want: nw, victim: &v, at: at})
+
 	var got []change
-	for range 4 {
+	for range 7 {
 		got = append(got, w.next(t, "watch of the other handle"))
 	}
 	wantChanges(t, "watch of the other handle", got,
-		contractPut(x), contractPut(x2), change{kind: changeSeen, key: x.Key}, contractDel(x.Key, at))
+		contractPut(x), contractPut(x2), change{kind: changeSeen, key: x.Key}, contractDel(x.Key, at),
+		contractPut(v), contractDel(v.Key, time.Time{}), contractPut(nw))
 	if c := got[2]; !c.seen.Equal(seen) || !c.online {
 		t.Fatalf("watch: seen change %+v; want last seen %v, online", c, seen)
 	}
-	for i := 1; i < len(got); i++ {
+	for i := 1; i < 5; i++ {
 		if got[i].rev <= got[i-1].rev {
 			t.Fatalf("watch: revisions not increasing: %+v", got)
 		}

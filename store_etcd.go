@@ -818,7 +818,9 @@ func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
 		last[m.key] = m
 	}
 	keys := slices.Sorted(maps.Keys(last))
-	for batch := range slices.Chunk(keys, etcdMaxTxnOps) {
+	// etcd lets a nested transaction hold --max-txn-ops minus its
+	// parent's count: half and half leaves room on both sides.
+	for batch := range slices.Chunk(keys, etcdMaxTxnOps/2) {
 		ops := make([]clientv3.Op, 0, len(batch))
 		for _, k := range batch {
 			value, err := json.Marshal(etcdSeen{LastSeen: last[k].seen.UTC(), Online: last[k].online})

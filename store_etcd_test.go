@@ -547,3 +547,35 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.problems)
 	}
 }
+
+// TestEtcdStoreTouchBatches: more marks than etcd takes in one transaction
+// are written in several; marks of keys without a record are skipped.
+func TestEtcdStoreTouchBatches(t *testing.T) {
+	srv := startEtcd(t, nil)
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, "/touch/")
+	h.load(s)
+	const keys, ghosts = 2*etcdMaxTxnOps + 10, 50
+	var marks []seenMark
+	for i := range keys {
+		r := contractRec(fmt.Sprintf("k%03d", i), 28000+i, "u")
+		h.claimOK(s, claim{want: r})
+		marks = append(marks, seenMark{key: r.Key, seen: contractBase.Add(time.Duration(i) * time.Second), online: i%2 == 0})
+	}
+	for i := range ghosts {
+		marks = append(marks, seenMark{key: fmt.Sprintf("ghost%d", i), seen: contractBase, online: true})
+	}
+	h.touch(s, marks...)
+	snap := h.load(openTestEtcdStore(t, srv, "/touch/"))
+	if len(snap.lastSeen) != keys {
+		t.Fatalf("after touching %d keys and %d ghosts: %d last-seen times; want %d", keys, ghosts, len(snap.lastSeen), keys)
+	}
+	for _, m := range marks[:keys] {
+		if !snap.lastSeen[m.key].Equal(m.seen) || snap.online[m.key] != m.online {
+			t.Fatalf("%s: last seen %v online %v; want %v %v", m.key, snap.lastSeen[m.key], snap.online[m.key], m.seen, m.online)
+		}
+	}
+	if n := etcdCount(t, srv.client(t), "/touch/seen/"); n != keys {
+		t.Fatalf("%d seen records; want %d (none for ghosts)", n, keys)
+	}
+}
