@@ -34,6 +34,7 @@ func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) 
 		{"move frees the old port", false, contractMove},
 		{"move with a stale old record is a conflict", false, contractStaleMove},
 		{"reclaim retires the victim", false, contractReclaim},
+		{"reclaim of a victim already gone is a conflict", false, contractStaleVictim},
 		{"release", false, contractRelease},
 		{"release of a stale record is a conflict", false, contractStaleRelease},
 		{"touch", false, contractTouch},
@@ -349,6 +350,23 @@ func contractReclaim(t *testing.T, h *contractHarness) {
 	if _, ok := snap.freed[w.Port]; ok {
 		t.Fatalf("after the reclaim: port %d listed as freed while %q holds it", w.Port, w.Key)
 	}
+}
+
+func contractStaleVictim(t *testing.T, h *contractHarness) {
+	s := h.openStore()
+	h.load(s)
+	v := contractRec("old.dev", 20001, "old")
+	h.claimOK(s, claim{want: v})
+	if _, err := h.release(s, v, contractBase); err != nil {
+		t.Fatal(err)
+	}
+	w := contractRec("new.dev", 20001, "new")
+	cerr := h.claimConflict(s, claim{want: w, victim: &v, at: contractBase})
+	wantCurrent(t, "reclaim of a released victim", cerr, nil, []string{v.Key})
+	s, snap := h.reopen(s)
+	wantAllocations(t, "after the refused reclaim", snap)
+	// The port is simply free now.
+	h.claimOK(s, claim{want: w})
 }
 
 func contractRelease(t *testing.T, h *contractHarness) {

@@ -535,7 +535,13 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	return s.write(ctx, s.claimNames(c), func() (etcdPlan, etcdVerdict) { return s.planClaim(c) },
-		func() *conflictError { return s.conflictLocked([]string{c.want.Key}, []int{c.want.Port}, c.old != nil) })
+		func() *conflictError {
+			keys, believed := []string{c.want.Key}, map[string]bool{c.want.Key: c.old != nil}
+			if c.victim != nil {
+				keys, believed[c.victim.Key] = append(keys, c.victim.Key), true
+			}
+			return s.conflictLocked(keys, believed, []int{c.want.Port})
+		})
 }
 
 // release deletes r in one transaction; see newPortStore.
@@ -550,7 +556,9 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 	defer cancel()
 	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
 	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
-		func() *conflictError { return s.conflictLocked([]string{r.Key}, []int{r.Port}, true) })
+		func() *conflictError {
+			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, []int{r.Port})
+		})
 }
 
 // write plans from memory, commits, and on a lost transaction learns the
@@ -687,8 +695,13 @@ func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
 		clientv3.OpDelete(s.prefix+etcdFreedName(c.want.Port)))
 	moved := c.old != nil && c.old.Port != c.want.Port
 	if moved {
-		// The old port's record goes only if it is still the key's.
-		if h, oe := s.holderLocked(c.old.Port); h == c.want.Key {
+		// The old port's record goes only if it is still the key's (which
+		// needs a read if the store never saw it).
+		h, oe := s.holderLocked(c.old.Port)
+		if oe.asOf == 0 {
+			return p, etcdStale
+		}
+		if h == c.want.Key {
 			oldPort := s.prefix + etcdPortName(c.old.Port)
 			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(oldPort), "=", oe.modRev))
 			p.then = append(p.then, clientv3.OpDelete(oldPort))
@@ -735,7 +748,11 @@ func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) 
 	p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
 	p.then = append(p.then, clientv3.OpDelete(key), clientv3.OpDelete(s.prefix+etcdSeenName(r.Key)))
 	p.els = append(p.els, clientv3.OpGet(key))
-	if h, pe := s.holderLocked(r.Port); h == r.Key {
+	h, pe := s.holderLocked(r.Port)
+	if pe.asOf == 0 {
+		return p, etcdStale // never seen: read it first
+	}
+	if h == r.Key {
 		port := s.prefix + etcdPortName(r.Port)
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
 		p.then = append(p.then, clientv3.OpDelete(port),
@@ -752,15 +769,18 @@ func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) 
 
 // conflictLocked describes what the store holds now of keys and of the
 // holders of ports, as changes. A key that is gone is reported as a delete
-// only when deleted is set (the caller believed it existed).
-func (s *etcdStore) conflictLocked(keys []string, ports []int, deleted bool) *conflictError {
+// when the caller believed it existed.
+func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, ports []int) *conflictError {
 	cerr := &conflictError{}
 	seen := map[string]bool{}
 	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
 		seen[k] = true
 		if r, e, ok := s.recordLocked(k); ok {
 			cerr.current = append(cerr.current, change{kind: changePut, rev: e.modRev, key: k, rec: r})
-		} else if deleted {
+		} else if believed[k] {
 			cerr.current = append(cerr.current, change{kind: changeDelete, rev: e.asOf, key: k, at: time.Now()})
 		}
 	}
