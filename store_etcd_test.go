@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -577,5 +579,36 @@ func TestEtcdStoreTouchBatches(t *testing.T) {
 	}
 	if n := etcdCount(t, srv.client(t), "/touch/seen/"); n != keys {
 		t.Fatalf("%d seen records; want %d (none for ghosts)", n, keys)
+	}
+}
+
+// TestEtcdOptionsFromFlags: the -etcd-* flags and their environment
+// fallbacks reach etcdOptions.
+func TestEtcdOptionsFromFlags(t *testing.T) {
+	env := map[string]string{
+		"FRP_PORT_KEEPER_ETCD_ENDPOINTS": " https://10.0.0.1:2379 ,https://10.0.0.2:2379,",
+		"FRP_PORT_KEEPER_ETCD_PASSWORD":  "from-env",
+	}
+	c, err := parseConfig([]string{"-store", "etcd", "-etcd-prefix", "/pk/", "-etcd-ca", "ca.pem", "-etcd-cert", "c.pem", "-etcd-key", "k.pem", "-etcd-username", "keeper"},
+		func(k string) string { return env[k] }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := etcdOptionsFrom(c, nil)
+	want := etcdOptions{endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"}, prefix: "/pk/",
+		caFile: "ca.pem", certFile: "c.pem", keyFile: "k.pem", username: "keeper", password: "from-env", timeout: 2 * time.Second}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("etcdOptionsFrom = %+v; want %+v", got, want)
+	}
+	defaults, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := etcdOptionsFrom(defaults, nil); !slices.Equal(d.endpoints, []string{"http://127.0.0.1:2379"}) || d.prefix != defaultEtcdPrefix {
+		t.Fatalf("default etcd options = %+v; want http://127.0.0.1:2379 under %s", d, defaultEtcdPrefix)
+	}
+	if _, err := parseConfig([]string{"-etcd-username", "keeper"}, func(string) string { return "" }, io.Discard); err == nil ||
+		err.Error() != "-etcd-username and -etcd-password go together" {
+		t.Fatalf("parseConfig(-etcd-username only) = %v; want the pairing error", err)
 	}
 }
