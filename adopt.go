@@ -71,7 +71,6 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	}
 }
 
-
 // frpsDashboard is where frps's dashboard API answers.
 type frpsDashboard struct {
 	base, user, password string

@@ -783,8 +783,7 @@ type exportRecord struct {
 func setupStoreTool(cmd string) func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	return func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		var cfg config
-		fs.StringVar(&cfg.dataDir, "data-dir", "gokv", "data directory")
-		fs.StringVar(&cfg.store, "store", "file", "store backend: file or bbolt")
+		cfg.declareStore(fs)
 		server := fs.String("server", "", "work through this running server (URL or host:port) instead of -data-dir")
 		token := fs.String("admin-token", "", "the server's admin token, with -server")
 		return func(args []string) error {
@@ -844,8 +843,11 @@ func readExportFile(args []string) (exportFile, error) {
 
 // runStoreTool exports or imports the allocations of cfg's data directory.
 func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Writer) error {
-	if cfg.store != "file" && cfg.store != "bbolt" {
-		return fmt.Errorf("-store %q: want file or bbolt", cfg.store)
+	if err := cfg.checkStore(); err != nil {
+		return err
+	}
+	if cfg.storeTimeout <= 0 {
+		cfg.storeTimeout = 2 * time.Second
 	}
 	store, unlock, err := openStore(cfg, nil)
 	if err != nil {

@@ -41,8 +41,46 @@ type config struct {
 	notifyURL    string
 	notifySecret string
 
+	etcd         etcdFlags
+
 	allowNets  allowList // pluginAllow, parsed by check
 	notifyURLs []string  // notifyURL, split by check
+}
+
+// etcdFlags say where the etcd store (-store etcd) is and how to log in.
+type etcdFlags struct {
+	endpoints                 string // comma-separated URLs
+	prefix                    string
+	caFile, certFile, keyFile string
+	username, password        string
+}
+
+// declareStore puts the flags that choose and reach the store on fs: serve's,
+// and export's and import's.
+func (c *config) declareStore(fs *flag.FlagSet) {
+	fs.StringVar(&c.dataDir, "data-dir", "gokv", "directory that holds the allocations (file and bbolt)")
+	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files), bbolt (one fsync'd database file) or etcd (shared by several frps)")
+	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs for -store etcd, comma-separated")
+	fs.StringVar(&c.etcd.prefix, "etcd-prefix", defaultEtcdPrefix, "etcd key prefix under which the allocations are kept")
+	fs.StringVar(&c.etcd.caFile, "etcd-ca", "", "CA certificate that signed etcd's (PEM)")
+	fs.StringVar(&c.etcd.certFile, "etcd-cert", "", "client certificate for etcd (PEM; needs -etcd-key)")
+	fs.StringVar(&c.etcd.keyFile, "etcd-key", "", "private key of -etcd-cert (PEM)")
+	fs.StringVar(&c.etcd.username, "etcd-username", "", "etcd user (with -etcd-password)")
+	fs.StringVar(&c.etcd.password, "etcd-password", "", "password of -etcd-username")
+}
+
+// checkStore rejects store settings that cannot work.
+func (c *config) checkStore() error {
+	if c.store != "file" && c.store != "bbolt" && c.store != "etcd" {
+		return fmt.Errorf("-store %q: want file, bbolt or etcd", c.store)
+	}
+	if (c.etcd.certFile == "") != (c.etcd.keyFile == "") {
+		return errors.New("-etcd-cert and -etcd-key go together")
+	}
+	if (c.etcd.username == "") != (c.etcd.password == "") {
+		return errors.New("-etcd-username and -etcd-password go together")
+	}
+	return nil
 }
 
 // envName is the environment fallback of a flag: -data-dir reads
@@ -54,11 +92,10 @@ func envName(flagName string) string {
 // declare puts serve's flags on fs, bound to c.
 func (c *config) declare(fs *flag.FlagSet) {
 	fs.StringVar(&c.listen, "listen", defaultListen, "address to serve the plugin on")
-	fs.StringVar(&c.dataDir, "data-dir", "gokv", "directory that holds the allocations")
 	fs.StringVar(&c.allowPorts, "allow-ports", "", `ports to hand out, frps syntax "6000-7000,8080" (default `+defaultPool+`)`)
 	fs.StringVar(&c.frpsConfig, "frps-config", "", "frps config file (toml, yaml, json or ini): take allowPorts and frps's own ports from it")
 	fs.BoolVar(&c.probe, "probe", true, "test-bind a port before handing it out (turn off when frps runs on another host or network namespace)")
-	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files) or bbolt (one fsync'd database file)")
+	c.declareStore(fs)
 	fs.DurationVar(&c.storeTimeout, "store-timeout", 2*time.Second, "deadline for every store call")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "serve HTTPS with this certificate (PEM; needs -tls-key)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "private key of -tls-cert (PEM)")
@@ -82,8 +119,8 @@ func (c *config) declare(fs *flag.FlagSet) {
 // check rejects settings that cannot work together and parses the ones
 // that need it.
 func (c *config) check() error {
-	if c.store != "file" && c.store != "bbolt" {
-		return fmt.Errorf("-store %q: want file or bbolt", c.store)
+	if err := c.checkStore(); err != nil {
+		return err
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return errors.New("-tls-cert and -tls-key go together")

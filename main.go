@@ -209,6 +209,16 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 // ports. A directory that cannot be written is opened all the same, so the
 // allocations it holds are still served.
 func openStore(cfg config, log *slog.Logger) (portStore, func(), error) {
+	if cfg.store == "etcd" {
+		// Several instances on one etcd are the point: no directory lock.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*max(cfg.storeTimeout, time.Second))
+		defer cancel()
+		store, err := openEtcdStore(ctx, etcdOptionsFrom(cfg, log))
+		if err != nil {
+			return nil, nil, err
+		}
+		return store, func() {}, nil
+	}
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("-data-dir: %v", err)
 	}

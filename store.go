@@ -333,11 +333,12 @@ func (res resolution) snapshot(raw rawRecords) snapshot {
 }
 
 // localIndex is what a store that only this process writes (file, bbolt)
-// holds, exactly as its load would resolve the records. Claims are
+// holds, exactly as its load would resolve the records. Its changes carry
+// no revision: nothing but their caller ever sees them, so there is no
+// echo to tell apart. Claims are
 // checked against it, so these stores keep the same contract as a shared
 // one: a claim on stale information is a conflict and writes nothing.
 type localIndex struct {
-	rev     int64
 	byKey   map[string]record
 	byPort  map[int]string
 	perUser map[string]int
@@ -365,12 +366,12 @@ func newLocalIndex(snap snapshot) localIndex {
 func (idx *localIndex) current(key string, port int) []change {
 	var out []change
 	if r, ok := idx.byKey[key]; ok {
-		out = append(out, change{kind: changePut, key: key, rec: r, rev: idx.rev})
+		out = append(out, change{kind: changePut, key: key, rec: r})
 	} else {
-		out = append(out, change{kind: changeDelete, key: key, rev: idx.rev})
+		out = append(out, change{kind: changeDelete, key: key})
 	}
 	if holder, ok := idx.byPort[port]; ok && holder != key {
-		out = append(out, change{kind: changePut, key: holder, rec: idx.byKey[holder], rev: idx.rev})
+		out = append(out, change{kind: changePut, key: holder, rec: idx.byKey[holder]})
 	}
 	return out
 }
@@ -379,7 +380,17 @@ func (idx *localIndex) current(key string, port int) []change {
 func (idx *localIndex) check(c claim) error {
 	want := c.want
 	cur, has := idx.byKey[want.Key]
-	conflict := func() error { return &conflictError{current: idx.current(want.Key, want.Port)} }
+	conflict := func() error {
+		current := idx.current(want.Key, want.Port)
+		if c.victim != nil {
+			if v, ok := idx.byKey[c.victim.Key]; ok {
+				current = append(current, change{kind: changePut, key: v.Key, rec: v})
+			} else {
+				current = append(current, change{kind: changeDelete, key: c.victim.Key})
+			}
+		}
+		return &conflictError{current: current}
+	}
 	switch {
 	case c.old == nil && has, c.old != nil && (!has || !sameRecord(cur, *c.old)):
 		return conflict()
@@ -404,26 +415,23 @@ func (idx *localIndex) check(c claim) error {
 func (idx *localIndex) claimed(c claim) []change {
 	var out []change
 	if c.victim != nil {
-		idx.rev++
 		idx.forget(*c.victim, c.at)
-		out = append(out, change{kind: changeDelete, key: c.victim.Key, at: c.at, rev: idx.rev})
+		out = append(out, change{kind: changeDelete, key: c.victim.Key, at: c.at})
 	}
 	if c.old != nil {
 		idx.forget(*c.old, c.at)
 	}
-	idx.rev++
 	idx.byKey[c.want.Key], idx.byPort[c.want.Port] = c.want, c.want.Key
 	idx.perUser[c.want.User]++
 	delete(idx.freed, c.want.Port)
-	return append(out, change{kind: changePut, key: c.want.Key, rec: c.want, rev: idx.rev})
+	return append(out, change{kind: changePut, key: c.want.Key, rec: c.want})
 }
 
 // released records a release that reached the disk.
 func (idx *localIndex) released(r record, at time.Time) []change {
-	idx.rev++
 	idx.forget(r, at)
 	delete(idx.seen, r.Key)
-	return []change{{kind: changeDelete, key: r.Key, at: at, rev: idx.rev}}
+	return []change{{kind: changeDelete, key: r.Key, at: at}}
 }
 
 // forget drops r from the index, its port free as of at.
@@ -445,7 +453,7 @@ func (idx *localIndex) forget(r record, at time.Time) {
 
 // snapshot is the index as load would return it.
 func (idx *localIndex) snapshot() snapshot {
-	snap := snapshot{rev: idx.rev, allocations: make([]record, 0, len(idx.byKey)), lastSeen: make(map[string]time.Time, len(idx.seen)),
+	snap := snapshot{allocations: make([]record, 0, len(idx.byKey)), lastSeen: make(map[string]time.Time, len(idx.seen)),
 		online: map[string]bool{}, freed: make(map[int]time.Time, len(idx.freed))}
 	for _, r := range idx.byKey {
 		snap.allocations = append(snap.allocations, r)

@@ -147,7 +147,6 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 	}
 	snap.from = "records"
 	s.idx, s.loaded = newLocalIndex(snap), true
-	snap.rev = s.idx.rev
 	return snap, nil
 }
 

@@ -1,0 +1,494 @@
+package main
+
+// A real etcd for the etcd store's tests: built once per test binary run
+// from the pinned tool module tools/etcd-v3.7.3 into bin/etcd-v3.7.3/ (like
+// frp in e2e_test.go), started on loopback ports chosen at run time with a
+// t.TempDir data directory, and stopped in t.Cleanup. A build failure fails
+// the test: CI must run these.
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+const (
+	etcdToolVersion   = "v3.7.3"
+	etcdBuildTimeout  = 8 * time.Minute
+	etcdReadyTimeout  = 20 * time.Second
+	etcdStopTimeout   = 10 * time.Second
+	etcdStartAttempts = 3 // ports chosen free can be taken before etcd binds them
+)
+
+var etcdBuild struct {
+	once sync.Once
+	bin  string
+	err  error
+}
+
+// buildEtcd builds the etcd server into bin/etcd-v3.7.3/etcd once per test
+// binary run (the go build cache makes repeat builds a few seconds).
+func buildEtcd(t testing.TB) string {
+	t.Helper()
+	etcdBuild.once.Do(func() {
+		start := time.Now()
+		etcdBuild.bin, etcdBuild.err = doBuildEtcd()
+		if etcdBuild.err == nil {
+			t.Logf("built etcd %s into %s in %v", etcdToolVersion, etcdBuild.bin, time.Since(start).Round(time.Millisecond))
+		}
+	})
+	if etcdBuild.err != nil {
+		t.Fatalf("build etcd %s: %v", etcdToolVersion, etcdBuild.err)
+	}
+	return etcdBuild.bin
+}
+
+func doBuildEtcd() (string, error) {
+	toolDir, err := filepath.Abs(filepath.Join("tools", "etcd-"+etcdToolVersion))
+	if err != nil {
+		return "", err
+	}
+	binDir, err := filepath.Abs(filepath.Join("bin", "etcd-"+etcdToolVersion))
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return "", err
+	}
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	bin := filepath.Join(binDir, "etcd")
+	ctx, cancel := context.WithTimeout(context.Background(), etcdBuildTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, goTool, "build", "-o", bin, ".")
+	cmd.Dir = toolDir
+	cmd.Env = append(os.Environ(), "GOWORK=off")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, out.String())
+	}
+	vctx, vcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer vcancel()
+	got, err := exec.CommandContext(vctx, bin, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %v", bin, err)
+	}
+	if want := "etcd Version: " + strings.TrimPrefix(etcdToolVersion, "v"); !strings.Contains(string(got), want) {
+		return "", fmt.Errorf("%s --version: got %q; want %q", bin, got, want)
+	}
+	return bin, nil
+}
+
+// etcdServer is one etcd process and how to reach it.
+type etcdServer struct {
+	bin, dataDir, logPath string
+	clientPort, peerPort  int
+	pki                   *etcdTestPKI // nil: plain http
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{} // closed when cmd has exited
+}
+
+// startEtcd starts a single-member etcd on loopback and waits for /health.
+// With pki it serves https and requires client certificates signed by
+// pki's CA.
+func startEtcd(t testing.TB, pki *etcdTestPKI) *etcdServer {
+	t.Helper()
+	e := &etcdServer{bin: buildEtcd(t), dataDir: t.TempDir(), pki: pki}
+	e.logPath = filepath.Join(e.dataDir, "..", "etcd.log")
+	t.Cleanup(func() {
+		e.stop()
+		if t.Failed() {
+			if log, err := os.ReadFile(e.logPath); err == nil {
+				t.Logf("etcd log (%s):\n%s", e.logPath, etcdTail(log, 60))
+			}
+		}
+	})
+	var err error
+	for range etcdStartAttempts {
+		e.clientPort, e.peerPort = freePort(t), freePort(t)
+		if e.clientPort == e.peerPort {
+			continue
+		}
+		if err = e.launch(); err == nil {
+			return e
+		}
+		t.Logf("etcd start: %v; retrying on other ports", err)
+	}
+	t.Fatalf("start etcd: %v", err)
+	return nil
+}
+
+func (e *etcdServer) scheme() string {
+	if e.pki != nil {
+		return "https"
+	}
+	return "http"
+}
+
+// endpoint is the client URL.
+func (e *etcdServer) endpoint() string {
+	return fmt.Sprintf("%s://127.0.0.1:%d", e.scheme(), e.clientPort)
+}
+
+// options are etcdOptions that reach this server (with pki's client
+// certificate when it has one).
+func (e *etcdServer) options(t testing.TB, prefix string) etcdOptions {
+	o := etcdOptions{endpoints: []string{e.endpoint()}, prefix: prefix, timeout: 5 * time.Second, log: testLogger(t)}
+	if e.pki != nil {
+		o.caFile, o.certFile, o.keyFile = e.pki.caFile, e.pki.clientCert, e.pki.clientKey
+	}
+	return o
+}
+
+// launch starts etcd on e's ports and data directory and waits until it
+// is healthy.
+func (e *etcdServer) launch() error {
+	peer := fmt.Sprintf("http://127.0.0.1:%d", e.peerPort)
+	args := []string{
+		"--name", "test",
+		"--data-dir", e.dataDir,
+		"--listen-client-urls", e.endpoint(),
+		"--advertise-client-urls", e.endpoint(),
+		"--listen-peer-urls", peer,
+		"--initial-advertise-peer-urls", peer,
+		"--initial-cluster", "test=" + peer,
+		"--initial-cluster-state", "new",
+		"--log-level", "warn",
+		"--log-outputs", "stderr",
+		// The tests kill the process, never the machine: the page cache
+		// keeps what a killed etcd wrote.
+		"--unsafe-no-fsync",
+	}
+	if e.pki != nil {
+		args = append(args, "--cert-file", e.pki.serverCert, "--key-file", e.pki.serverKey,
+			"--client-cert-auth", "--trusted-ca-file", e.pki.caFile)
+	}
+	logFile, err := os.OpenFile(e.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(e.bin, args...)
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "ETCD") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return err
+	}
+	done := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		logFile.Close()
+		close(done)
+	}()
+	e.mu.Lock()
+	e.cmd, e.done = cmd, done
+	e.mu.Unlock()
+
+	client := e.httpClient()
+	deadline := time.Now().Add(etcdReadyTimeout)
+	for {
+		select {
+		case <-done:
+			log, _ := os.ReadFile(e.logPath)
+			return fmt.Errorf("etcd exited before it was healthy: %s", etcdTail(log, 5))
+		default:
+		}
+		if resp, err := client.Get(e.endpoint() + "/health"); err == nil {
+			body := make([]byte, 512)
+			n, _ := resp.Body.Read(body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && bytes.Contains(body[:n], []byte(`"health":"true"`)) {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			e.stop()
+			return fmt.Errorf("etcd not healthy within %v", etcdReadyTimeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// httpClient can GET /health (with the client certificate under TLS).
+func (e *etcdServer) httpClient() *http.Client {
+	tr := &http.Transport{}
+	if e.pki != nil {
+		tr.TLSClientConfig = e.pki.clientTLS()
+	}
+	return &http.Client{Transport: tr, Timeout: 2 * time.Second}
+}
+
+func (e *etcdServer) signal(t testing.TB, sig syscall.Signal) {
+	t.Helper()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("signal etcd %v: %v", sig, err)
+	}
+}
+
+// pause stops etcd in its tracks (SIGSTOP): connections stay open, nothing
+// is answered.
+func (e *etcdServer) pause(t testing.TB) { t.Helper(); e.signal(t, syscall.SIGSTOP) }
+
+// resume lets a paused etcd go on (SIGCONT).
+func (e *etcdServer) resume(t testing.TB) { t.Helper(); e.signal(t, syscall.SIGCONT) }
+
+// kill SIGKILLs etcd and waits for it to exit.
+func (e *etcdServer) kill(t testing.TB) {
+	t.Helper()
+	if !e.stop() {
+		t.Fatalf("etcd did not exit within %v of SIGKILL", etcdStopTimeout)
+	}
+}
+
+// stop kills etcd (resuming it first, in case it is paused) and reports
+// whether it exited.
+func (e *etcdServer) stop() bool {
+	e.mu.Lock()
+	cmd, done := e.cmd, e.done
+	e.mu.Unlock()
+	if cmd == nil {
+		return true
+	}
+	cmd.Process.Signal(syscall.SIGCONT)
+	cmd.Process.Kill()
+	select {
+	case <-done:
+		return true
+	case <-time.After(etcdStopTimeout):
+		return false
+	}
+}
+
+// restart kills etcd if it runs and starts it again on the same data
+// directory and ports.
+func (e *etcdServer) restart(t testing.TB) {
+	t.Helper()
+	e.kill(t)
+	if err := e.launch(); err != nil {
+		t.Fatalf("restart etcd: %v", err)
+	}
+}
+
+// client is a plain etcd client for the test's own reads and compactions.
+func (e *etcdServer) client(t testing.TB) *clientv3.Client {
+	t.Helper()
+	cfg := clientv3.Config{Endpoints: []string{e.endpoint()}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	if e.pki != nil {
+		cfg.TLS = e.pki.clientTLS()
+	}
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// compact compacts etcd's history up to rev (0: the current revision) and
+// returns the revision compacted to.
+func (e *etcdServer) compact(t testing.TB, rev int64) int64 {
+	t.Helper()
+	cli := e.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if rev == 0 {
+		resp, err := cli.Get(ctx, "compact-probe")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rev = resp.Header.Revision
+	}
+	if _, err := cli.Compact(ctx, rev, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatalf("compact etcd to %d: %v", rev, err)
+	}
+	return rev
+}
+
+// etcdTail is the last n lines of log.
+func etcdTail(log []byte, n int) string {
+	lines := strings.Split(strings.TrimRight(string(log), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// ---------------------------------------------------------------------------
+// PKI.
+
+// etcdTestPKI is a CA, a server certificate for 127.0.0.1 and localhost, a
+// client certificate it signed, and a client certificate an unrelated CA
+// signed, as PEM files.
+type etcdTestPKI struct {
+	caFile                 string
+	serverCert, serverKey  string
+	clientCert, clientKey  string
+	otherCert, otherKey    string // signed by a CA etcd does not trust
+	otherCAFile            string
+	caPool                 *x509.CertPool
+	clientPair, serverPair tls.Certificate
+}
+
+// newEtcdTestPKI makes ECDSA P-256 keys and certificates valid for an hour.
+func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
+	t.Helper()
+	dir := t.TempDir()
+	now := time.Now()
+	write := func(name, typ string, der []byte) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	serial := func() *big.Int {
+		n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	type issued struct {
+		cert *x509.Certificate
+		key  *ecdsa.PrivateKey
+		der  []byte
+	}
+	issue := func(tmpl *x509.Certificate, parent *issued) issued {
+		key := newKey()
+		tmpl.SerialNumber = serial()
+		tmpl.NotBefore, tmpl.NotAfter = now.Add(-5*time.Minute), now.Add(time.Hour)
+		signer, signerKey := tmpl, key
+		if parent != nil {
+			signer, signerKey = parent.cert, parent.key
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return issued{cert, key, der}
+	}
+	caTmpl := func(name string) *x509.Certificate {
+		return &x509.Certificate{Subject: pkix.Name{CommonName: name}, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+			BasicConstraintsValid: true, IsCA: true, MaxPathLenZero: true}
+	}
+	leafTmpl := func(name string, usage ...x509.ExtKeyUsage) *x509.Certificate {
+		return &x509.Certificate{Subject: pkix.Name{CommonName: name}, KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: usage}
+	}
+	keyPEM := func(name string, k *ecdsa.PrivateKey) string {
+		der, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(name, "PRIVATE KEY", der)
+	}
+
+	ca := issue(caTmpl("frp-port-keeper etcd test CA"), nil)
+	other := issue(caTmpl("frp-port-keeper unrelated CA"), nil)
+	srvTmpl := leafTmpl("etcd", x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	srvTmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
+	srvTmpl.DNSNames = []string{"localhost"}
+	srv := issue(srvTmpl, &ca)
+	cli := issue(leafTmpl("frp-port-keeper", x509.ExtKeyUsageClientAuth), &ca)
+	stranger := issue(leafTmpl("stranger", x509.ExtKeyUsageClientAuth), &other)
+
+	p := &etcdTestPKI{
+		caFile:      write("ca.pem", "CERTIFICATE", ca.der),
+		otherCAFile: write("other-ca.pem", "CERTIFICATE", other.der),
+		serverCert:  write("server.pem", "CERTIFICATE", srv.der),
+		serverKey:   keyPEM("server-key.pem", srv.key),
+		clientCert:  write("client.pem", "CERTIFICATE", cli.der),
+		clientKey:   keyPEM("client-key.pem", cli.key),
+		otherCert:   write("stranger.pem", "CERTIFICATE", stranger.der),
+		otherKey:    keyPEM("stranger-key.pem", stranger.key),
+		caPool:      x509.NewCertPool(),
+	}
+	p.caPool.AddCert(ca.cert)
+	pair, err := tls.LoadX509KeyPair(p.clientCert, p.clientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.clientPair = pair
+	return p
+}
+
+// clientTLS trusts the CA and presents the client certificate.
+func (p *etcdTestPKI) clientTLS() *tls.Config {
+	return &tls.Config{RootCAs: p.caPool, Certificates: []tls.Certificate{p.clientPair}, MinVersion: tls.VersionTLS12}
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the etcd store's tests.
+
+// openTestEtcdStore opens an etcd store on e under prefix and closes it in
+// t.Cleanup.
+func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcdStore {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := openEtcdStore(ctx, e.options(t, prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.close() })
+	return s
+}
+
+// compactForTest compacts the etcd history up to the current revision: the
+// store contract suite uses it, when a store has it, to make a watch that
+// is behind lose its history.
+func (s *etcdStore) compactForTest(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := s.cli.Get(ctx, s.prefix, clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.cli.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,1209 @@
+package main
+
+// The etcd store: allocations in an etcd cluster that several frps servers
+// (each with its own frp-port-keeper) share. Every write is one etcd
+// transaction whose comparisons say "the records are still what I saw", so
+// two instances can never give one port to two keys, nor one key two ports,
+// and a user's key count (the quota) is exact across all of them.
+//
+// Layout under the prefix (default /frp-port-keeper/):
+//
+//	key/<url.PathEscape(key)>    the allocation (record JSON)
+//	port/<%05d>                  the key that holds the port
+//	user/<url.PathEscape(user)>  how many keys the user holds (decimal; absent: 0)
+//	seen/<url.PathEscape(key)>   {"last_seen":…,"online":…} (touch; losing it is harmless)
+//	freed/<%05d>                 since when the port is free (RFC 3339); orders reuse
+//
+// A key record and its port record are only ever written together, in one
+// transaction, so there is no crash state to repair: etcd applies a
+// transaction whole or not at all.
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/url"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// defaultEtcdPrefix is where the allocations live unless -etcd-prefix says.
+const defaultEtcdPrefix = "/frp-port-keeper/"
+
+const (
+	// etcdMaxTxnOps is etcd's default --max-txn-ops: no transaction (nor a
+	// nested one) may hold more operations.
+	etcdMaxTxnOps = 128
+	// etcdLateWrite bounds how long a write may still land after its
+	// caller stopped waiting (the store keeps the request going, so its
+	// outcome is settled by then and watch reports it if it landed).
+	etcdLateWrite = 30 * time.Second
+	// etcdClaimAttempts bounds the retries of a claim or release whose
+	// transaction lost only on a derived record (a user's key count).
+	etcdClaimAttempts = 16
+	// etcdLoadPage is how many records one read of load returns.
+	etcdLoadPage = 5000
+	// etcdRetryDelay is how long the watch waits before reconnecting.
+	etcdRetryDelay = 200 * time.Millisecond
+)
+
+// etcdOptions configure openEtcdStore.
+type etcdOptions struct {
+	endpoints                 []string
+	prefix                    string // default defaultEtcdPrefix
+	caFile, certFile, keyFile string
+	username, password        string
+	// timeout bounds connecting and every call whose ctx has no deadline
+	// of its own (default 2s).
+	timeout time.Duration
+	log     *slog.Logger
+}
+
+// etcdOptionsFrom turns the -etcd-* flags into etcdOptions.
+func etcdOptionsFrom(c config, log *slog.Logger) etcdOptions {
+	var eps []string
+	for ep := range strings.SplitSeq(c.etcd.endpoints, ",") {
+		if ep = strings.TrimSpace(ep); ep != "" {
+			eps = append(eps, ep)
+		}
+	}
+	return etcdOptions{
+		endpoints: eps, prefix: c.etcd.prefix,
+		caFile: c.etcd.caFile, certFile: c.etcd.certFile, keyFile: c.etcd.keyFile,
+		username: c.etcd.username, password: c.etcd.password,
+		timeout: c.storeTimeout, log: log,
+	}
+}
+
+// etcdStore implements portStore on etcd.
+//
+// It remembers the key, port and user records it last saw (from load,
+// watch, its own transactions and the reads a lost transaction makes), each
+// with the ModRevision a transaction compares against. What it remembers
+// only decides what to ask; etcd's comparisons decide what is written.
+type etcdStore struct {
+	cli       *clientv3.Client
+	prefix    string
+	timeout   time.Duration
+	log       *slog.Logger
+	endpoints string // for messages
+	eps       []string
+	tls       *tls.Config // nil: plain
+
+	mu  sync.Mutex
+	mem map[string]etcdEntry // by name under the prefix: key/, port/ and user/ records
+}
+
+// etcdEntry is what the store last saw of one record.
+type etcdEntry struct {
+	value  []byte
+	modRev int64 // the record's ModRevision; 0: absent
+	asOf   int64 // the revision this is known to be current at
+}
+
+// etcdSeen is the value of a seen/ record.
+type etcdSeen struct {
+	LastSeen time.Time `json:"last_seen"`
+	Online   bool      `json:"online"`
+}
+
+// Record names, relative to the prefix.
+func etcdKeyName(key string) string   { return "key/" + url.PathEscape(key) }
+func etcdPortName(port int) string    { return fmt.Sprintf("port/%05d", port) }
+func etcdUserName(user string) string { return "user/" + url.PathEscape(user) }
+func etcdSeenName(key string) string  { return "seen/" + url.PathEscape(key) }
+func etcdFreedName(port int) string   { return fmt.Sprintf("freed/%05d", port) }
+
+// openEtcdStore connects to etcd and checks that it answers within
+// o.timeout, so a wrong endpoint or certificate stops the start with one
+// line instead of every later call timing out.
+func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
+	if len(o.endpoints) == 0 {
+		return nil, errors.New("-etcd-endpoints: no endpoint given")
+	}
+	if o.prefix == "" {
+		o.prefix = defaultEtcdPrefix
+	}
+	if !strings.HasSuffix(o.prefix, "/") {
+		o.prefix += "/"
+	}
+	if o.timeout <= 0 {
+		o.timeout = 2 * time.Second
+	}
+	if o.log == nil {
+		o.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if (o.certFile == "") != (o.keyFile == "") {
+		return nil, errors.New("-etcd-cert and -etcd-key go together")
+	}
+	var tlsConfig *tls.Config
+	if o.caFile != "" || o.certFile != "" {
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		if o.caFile != "" {
+			pem, err := os.ReadFile(o.caFile)
+			if err != nil {
+				return nil, fmt.Errorf("-etcd-ca: %v", err)
+			}
+			tlsConfig.RootCAs = x509.NewCertPool()
+			if !tlsConfig.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("-etcd-ca %s: no PEM certificate in it", o.caFile)
+			}
+		}
+		if o.certFile != "" {
+			cert, err := tls.LoadX509KeyPair(o.certFile, o.keyFile)
+			if err != nil {
+				return nil, fmt.Errorf("-etcd-cert/-etcd-key: %v", err)
+			}
+			tlsConfig.Certificates = []tls.Certificate{cert}
+		}
+	}
+	for _, ep := range o.endpoints {
+		u, err := url.Parse(ep)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, fmt.Errorf("-etcd-endpoints: %q is not an http:// or https:// URL", ep)
+		}
+		if tlsConfig != nil && u.Scheme != "https" {
+			return nil, fmt.Errorf("-etcd-endpoints: %q: TLS files are given, so use https://", ep)
+		}
+	}
+	s := &etcdStore{
+		prefix:    o.prefix,
+		timeout:   o.timeout,
+		log:       o.log,
+		endpoints: strings.Join(o.endpoints, ","),
+		eps:       o.endpoints,
+		tls:       tlsConfig,
+		mem:       map[string]etcdEntry{},
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   o.endpoints,
+		DialTimeout: o.timeout,
+		// Notice a dead connection (a host gone without closing it) even
+		// while nothing is asked; etcd refuses pings more often than 5s.
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		TLS:                  tlsConfig,
+		Username:             o.username,
+		Password:             o.password,
+		Logger:               zap.NewNop(),
+		DialOptions: []grpc.DialOption{
+			// gRPC's default reconnect backoff grows to two minutes: after
+			// an outage writes would wait that long. Retry every second at
+			// most instead.
+			grpc.WithConnectParams(grpc.ConnectParams{
+				Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+				MinConnectTimeout: max(o.timeout, 2*time.Second),
+			}),
+		},
+	})
+	if err != nil {
+		// Only a log-in (username and password) talks to etcd here.
+		return nil, s.describe("log in to", err)
+	}
+	s.cli = cli
+	cctx, cancel := s.bound(ctx)
+	defer cancel()
+	if _, err := cli.Get(cctx, s.prefix, clientv3.WithCountOnly()); err != nil {
+		cli.Close()
+		return nil, s.unreachable("read from", err)
+	}
+	return s, nil
+}
+
+// describe makes one line of an etcd error, naming the endpoints.
+func (s *etcdStore) describe(what string, err error) error {
+	return s.describeWhy(what, err, "")
+}
+
+// describeWhy is describe with why etcd did not answer, when known.
+func (s *etcdStore) describeWhy(what string, err error, why string) error {
+	msg := err.Error()
+	if st, ok := status.FromError(err); ok {
+		msg = st.Message()
+	}
+	msg = strings.Join(strings.Fields(msg), " ")
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), status.Code(err) == codes.DeadlineExceeded:
+		if why == "" {
+			why = "is it running, and reachable with these URLs and certificates?"
+		}
+		return fmt.Errorf("cannot %s etcd at %s: no answer within %v (%s)", what, s.endpoints, s.timeout, why)
+	case errors.Is(err, context.Canceled), status.Code(err) == codes.Canceled:
+		return fmt.Errorf("cannot %s etcd at %s: canceled", what, s.endpoints)
+	}
+	return fmt.Errorf("cannot %s etcd at %s: %s", what, s.endpoints, msg)
+}
+
+// unreachable is describe, plus what dialing the endpoints by hand shows
+// when etcd did not answer: gRPC only says that the deadline passed, not
+// that the connection was refused or a certificate was not accepted.
+func (s *etcdStore) unreachable(what string, err error) error {
+	var why string
+	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+		why = s.probe(min(s.timeout, time.Second))
+	}
+	return s.describeWhy(what, err, why)
+}
+
+// probe dials each endpoint (TCP, then TLS for https) within d and returns
+// the first failure, or "" when every endpoint connects.
+func (s *etcdStore) probe(d time.Duration) string {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	for _, ep := range s.eps {
+		u, err := url.Parse(ep)
+		if err != nil {
+			return err.Error()
+		}
+		var dialer net.Dialer
+		conn, err := dialer.DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return err.Error()
+		}
+		if u.Scheme == "https" {
+			cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+			if s.tls != nil {
+				cfg = s.tls.Clone()
+			}
+			cfg.ServerName, cfg.NextProtos = u.Hostname(), []string{"h2"}
+			tc := tls.Client(conn, cfg)
+			if dl, ok := ctx.Deadline(); ok {
+				tc.SetDeadline(dl)
+			}
+			err := tc.HandshakeContext(ctx)
+			if err == nil {
+				// A client certificate the server refuses shows on the
+				// first read (TLS 1.3); a timeout means it was accepted.
+				tc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+				_, err = tc.Read(make([]byte, 1))
+				var ne net.Error
+				if err == nil || errors.As(err, &ne) && ne.Timeout() {
+					err = nil
+				}
+			}
+			if err != nil {
+				conn.Close()
+				return fmt.Sprintf("%s: %v", ep, err)
+			}
+		}
+		conn.Close()
+	}
+	return ""
+}
+
+// bound gives ctx the store's timeout unless it has a deadline already.
+func (s *etcdStore) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, s.timeout)
+}
+
+func (s *etcdStore) close() error { return s.cli.Close() }
+
+// ---------------------------------------------------------------------------
+// Memory.
+
+// tracked says whether the store remembers records of this name.
+func etcdTracked(name string) bool {
+	return strings.HasPrefix(name, "key/") || strings.HasPrefix(name, "port/") || strings.HasPrefix(name, "user/")
+}
+
+// learnLocked records what a read, a watch event or a transaction showed
+// of name as of revision asOf, unless the store already knows a later state.
+func (s *etcdStore) learnLocked(name string, value []byte, modRev, asOf int64) {
+	if !etcdTracked(name) {
+		return
+	}
+	if e, ok := s.mem[name]; ok && asOf < e.asOf {
+		return
+	}
+	s.mem[name] = etcdEntry{value: value, modRev: modRev, asOf: asOf}
+}
+
+// recordLocked is the key's record as the store last saw it.
+func (s *etcdStore) recordLocked(key string) (record, etcdEntry, bool) {
+	e := s.mem[etcdKeyName(key)]
+	if e.modRev == 0 {
+		return record{}, e, false
+	}
+	var r record
+	if json.Unmarshal(e.value, &r) != nil || r.Key != key {
+		return record{}, e, false
+	}
+	return r, e, true
+}
+
+// holderLocked is the key the port record names ("" when none).
+func (s *etcdStore) holderLocked(port int) (string, etcdEntry) {
+	e := s.mem[etcdPortName(port)]
+	if e.modRev == 0 {
+		return "", e
+	}
+	return string(e.value), e
+}
+
+// countLocked is the user's key count as the store last saw it.
+func (s *etcdStore) countLocked(user string) (int, etcdEntry) {
+	e := s.mem[etcdUserName(user)]
+	if e.modRev == 0 {
+		return 0, e
+	}
+	n, _ := strconv.Atoi(string(e.value))
+	return n, e
+}
+
+// learnTxn records what a transaction wrote (it won) or read (it lost).
+func (s *etcdStore) learnTxn(resp *clientv3.TxnResponse, then, els []clientv3.Op) {
+	rev := resp.Header.Revision
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if resp.Succeeded {
+		for _, op := range then {
+			name, ok := strings.CutPrefix(string(op.KeyBytes()), s.prefix)
+			switch {
+			case !ok:
+			case op.IsPut():
+				s.learnLocked(name, op.ValueBytes(), rev, rev)
+			case op.IsDelete():
+				s.learnLocked(name, nil, 0, rev)
+			}
+		}
+		return
+	}
+	for i, op := range els {
+		if !op.IsGet() || i >= len(resp.Responses) {
+			continue
+		}
+		s.learnRangeLocked(op, resp.Responses[i].GetResponseRange(), rev)
+	}
+}
+
+// learnRangeLocked records the answer to a single-key read at rev.
+func (s *etcdStore) learnRangeLocked(op clientv3.Op, rr *pb.RangeResponse, rev int64) {
+	name, ok := strings.CutPrefix(string(op.KeyBytes()), s.prefix)
+	if !ok || rr == nil {
+		return
+	}
+	if len(rr.Kvs) == 0 {
+		s.learnLocked(name, nil, 0, rev)
+		return
+	}
+	kv := rr.Kvs[0]
+	s.learnLocked(name, kv.Value, kv.ModRevision, rev)
+}
+
+// ---------------------------------------------------------------------------
+// Writes.
+
+// commit runs a transaction. The request is not tied to ctx: when ctx ends
+// first the caller gets errOutcomeUnknown while the request goes on (for at
+// most etcdLateWrite), so a write etcd accepts late still lands whole and
+// watch reports it, instead of being cut at a moment nobody can know.
+func (s *etcdStore) commit(ctx context.Context, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
+	type result struct {
+		resp *clientv3.TxnResponse
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		lctx, cancel := context.WithTimeout(s.cli.Ctx(), etcdLateWrite)
+		defer cancel()
+		resp, err := s.cli.Txn(lctx).If(cmps...).Then(then...).Else(els...).Commit()
+		if err == nil {
+			s.learnTxn(resp, then, els)
+		}
+		done <- result{resp, err}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			if etcdDefinite(r.err) {
+				return nil, s.describe("write to", r.err)
+			}
+			return nil, fmt.Errorf("%w: %v", errOutcomeUnknown, s.describe("write to", r.err))
+		}
+		return r.resp, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w (etcd at %s: %v)", errOutcomeUnknown, s.endpoints, context.Cause(ctx))
+	}
+}
+
+// etcdDefinite says whether a failed request surely wrote nothing (etcd
+// refused it), as opposed to one that may have been applied.
+func etcdDefinite(err error) bool {
+	switch status.Code(err) {
+	case codes.InvalidArgument, codes.PermissionDenied, codes.Unauthenticated, codes.FailedPrecondition,
+		codes.OutOfRange, codes.Unimplemented, codes.NotFound, codes.AlreadyExists, codes.ResourceExhausted:
+		return true
+	}
+	return false
+}
+
+// refresh reads the named records in one consistent read and learns them.
+func (s *etcdStore) refresh(ctx context.Context, names []string) error {
+	ops := make([]clientv3.Op, 0, len(names))
+	for _, n := range names {
+		ops = append(ops, clientv3.OpGet(s.prefix+n))
+	}
+	resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return s.readError(err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, op := range ops {
+		s.learnRangeLocked(op, resp.Responses[i].GetResponseRange(), resp.Header.Revision)
+	}
+	return nil
+}
+
+// readError describes a failed read (which changed nothing).
+func (s *etcdStore) readError(err error) error {
+	return s.describe("read from", err)
+}
+
+// etcdPlan is one transaction and the changes it makes when it wins.
+type etcdPlan struct {
+	cmps    []clientv3.Cmp
+	then    []clientv3.Op
+	els     []clientv3.Op
+	changes func(rev int64) []change
+}
+
+// etcdVerdict says why no transaction can be planned from memory.
+type etcdVerdict int
+
+const (
+	etcdPlanned etcdVerdict = iota
+	etcdStale               // memory disagrees with what the caller saw
+	etcdQuota               // the user holds maxKeys keys already
+)
+
+// names used in reads: the records a claim or release depends on.
+func (s *etcdStore) claimNames(c claim) []string {
+	set := map[string]bool{
+		etcdKeyName(c.want.Key): true, etcdPortName(c.want.Port): true,
+		etcdUserName(c.want.User): true,
+	}
+	s.mu.Lock()
+	if h, _ := s.holderLocked(c.want.Port); h != "" {
+		set[etcdKeyName(h)] = true
+	}
+	s.mu.Unlock()
+	if c.old != nil {
+		set[etcdPortName(c.old.Port)] = true
+		set[etcdUserName(c.old.User)] = true
+	}
+	if c.victim != nil {
+		set[etcdKeyName(c.victim.Key)] = true
+		set[etcdUserName(c.victim.User)] = true
+	}
+	return slices.Sorted(maps.Keys(set))
+}
+
+// claim writes c in one transaction; see portStore.
+func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
+	if err := checkEtcdClaim(c); err != nil {
+		return nil, err
+	}
+	if c.at.IsZero() {
+		c.at = time.Now()
+	}
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	return s.write(ctx, s.claimNames(c), func() (etcdPlan, etcdVerdict) { return s.planClaim(c) },
+		func() *conflictError {
+			keys, believed := []string{c.want.Key}, map[string]bool{c.want.Key: c.old != nil}
+			if c.victim != nil {
+				keys, believed[c.victim.Key] = append(keys, c.victim.Key), true
+			}
+			return s.conflictLocked(keys, believed, []int{c.want.Port})
+		})
+}
+
+// release deletes r in one transaction; see portStore.
+func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]change, error) {
+	if !validRecord(r) {
+		return nil, fmt.Errorf("release: invalid record for %q port %d", r.Key, r.Port)
+	}
+	if at.IsZero() {
+		at = time.Now()
+	}
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
+	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
+		func() *conflictError {
+			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, []int{r.Port})
+		})
+}
+
+// write plans from memory, commits, and on a lost transaction learns the
+// records its else branch read and plans again: it retries by itself while
+// only derived records (user counts) moved, and returns a *conflictError
+// once what the caller saw is no longer so (or the quota is reached) by a
+// read no older than the caller's view. It never reports a change that its
+// transaction did not make.
+func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *conflictError) ([]change, error) {
+	fresh := false // memory holds a read made during this call
+	for range etcdClaimAttempts {
+		p, verdict := plan()
+		if verdict != etcdPlanned {
+			if !fresh {
+				if err := s.refresh(ctx, names); err != nil {
+					return nil, err
+				}
+				fresh = true
+				continue
+			}
+			s.mu.Lock()
+			cerr := conflict()
+			s.mu.Unlock()
+			cerr.quota = verdict == etcdQuota
+			if err := s.completeConflict(ctx, cerr); err != nil {
+				return nil, err
+			}
+			return nil, cerr
+		}
+		if n := max(len(p.cmps), len(p.then), len(p.els)); n > etcdMaxTxnOps {
+			return nil, fmt.Errorf("etcd store: a transaction of %d operations exceeds etcd's limit of %d", n, etcdMaxTxnOps)
+		}
+		resp, err := s.commit(ctx, p.cmps, p.then, p.els)
+		if err != nil {
+			return nil, err
+		}
+		if resp.Succeeded {
+			return p.changes(resp.Header.Revision), nil
+		}
+		fresh = true
+	}
+	return nil, fmt.Errorf("etcd store: gave up after %d attempts: the records kept changing", etcdClaimAttempts)
+}
+
+// checkEtcdClaim refuses a claim that could not be meant.
+func checkEtcdClaim(c claim) error {
+	switch {
+	case !validRecord(c.want):
+		return fmt.Errorf("claim: invalid record for %q port %d", c.want.Key, c.want.Port)
+	case c.old != nil && c.old.Key != c.want.Key:
+		return fmt.Errorf("claim: old record is of %q, not %q", c.old.Key, c.want.Key)
+	case c.victim != nil && (c.victim.Port != c.want.Port || c.victim.Key == c.want.Key):
+		return fmt.Errorf("claim: victim %q on port %d cannot make way for %q on port %d", c.victim.Key, c.victim.Port, c.want.Key, c.want.Port)
+	}
+	return nil
+}
+
+// countOps adds to p the compares and writes that move users' key counts
+// by delta.
+func (s *etcdStore) countOpsLocked(p *etcdPlan, delta map[string]int) {
+	for _, user := range slices.Sorted(maps.Keys(delta)) {
+		d := delta[user]
+		if d == 0 {
+			continue
+		}
+		n, e := s.countLocked(user)
+		name := s.prefix + etcdUserName(user)
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(name), "=", e.modRev))
+		if n+d <= 0 {
+			p.then = append(p.then, clientv3.OpDelete(name))
+		} else {
+			p.then = append(p.then, clientv3.OpPut(name, strconv.Itoa(n+d)))
+		}
+		p.els = append(p.els, clientv3.OpGet(name))
+	}
+}
+
+// planClaim builds the claim's transaction from memory.
+func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var p etcdPlan
+	key, port := s.prefix+etcdKeyName(c.want.Key), s.prefix+etcdPortName(c.want.Port)
+	delta := map[string]int{}
+
+	// The key's record is still what the caller saw.
+	cur, ke, exists := s.recordLocked(c.want.Key)
+	switch {
+	case c.old == nil && exists, c.old != nil && (!exists || !sameRecord(cur, *c.old)):
+		return p, etcdStale
+	case c.old == nil:
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
+		delta[c.want.User]++
+	default:
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
+		delta[c.old.User]--
+		delta[c.want.User]++
+	}
+
+	// The port is free, or held by the key itself or by the victim.
+	holder, pe := s.holderLocked(c.want.Port)
+	switch {
+	case c.victim != nil:
+		v, ve, ok := s.recordLocked(c.victim.Key)
+		if holder != c.victim.Key || !ok || !sameRecord(v, *c.victim) {
+			return p, etcdStale
+		}
+		p.cmps = append(p.cmps,
+			clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(v.Key)), "=", ve.modRev))
+		p.then = append(p.then, clientv3.OpDelete(s.prefix+etcdKeyName(v.Key)), clientv3.OpDelete(s.prefix+etcdSeenName(v.Key)))
+		delta[v.User]--
+	case holder == "":
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
+	case holder == c.want.Key && c.old != nil && c.old.Port == c.want.Port:
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
+	default:
+		return p, etcdStale
+	}
+
+	// A new key must fit the user's quota: the count as remembered, and
+	// its ModRevision compared, so the check is exact.
+	if c.old == nil && c.maxKeys > 0 {
+		if n, _ := s.countLocked(c.want.User); n+delta[c.want.User] > c.maxKeys {
+			return p, etcdQuota
+		}
+	}
+
+	value, err := json.Marshal(c.want)
+	if err != nil {
+		panic(err) // a record always marshals
+	}
+	p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, c.want.Key),
+		clientv3.OpDelete(s.prefix+etcdFreedName(c.want.Port)))
+	moved := c.old != nil && c.old.Port != c.want.Port
+	if moved {
+		// The old port's record goes only if it is still the key's (which
+		// needs a read if the store never saw it).
+		h, oe := s.holderLocked(c.old.Port)
+		if oe.asOf == 0 {
+			return p, etcdStale
+		}
+		if h == c.want.Key {
+			oldPort := s.prefix + etcdPortName(c.old.Port)
+			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(oldPort), "=", oe.modRev))
+			p.then = append(p.then, clientv3.OpDelete(oldPort))
+		}
+		p.then = append(p.then, clientv3.OpPut(s.prefix+etcdFreedName(c.old.Port), c.at.UTC().Format(time.RFC3339Nano)))
+	}
+	s.countOpsLocked(&p, delta)
+
+	// A lost transaction reads what it depended on, for the retry or the
+	// conflict.
+	p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
+	if holder != "" && holder != c.want.Key {
+		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdKeyName(holder)))
+	}
+	if moved {
+		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdPortName(c.old.Port)))
+	}
+
+	want, victim, at := c.want, c.victim, c.at
+	p.changes = func(rev int64) []change {
+		var out []change
+		if victim != nil {
+			out = append(out, change{kind: changeDelete, rev: rev, key: victim.Key, at: at})
+		}
+		put := change{kind: changePut, rev: rev, key: want.Key, rec: want}
+		if moved {
+			put.at = at
+		}
+		return append(out, put)
+	}
+	return p, etcdPlanned
+}
+
+// planRelease builds the release's transaction from memory.
+func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var p etcdPlan
+	cur, ke, ok := s.recordLocked(r.Key)
+	if !ok || !sameRecord(cur, r) {
+		return p, etcdStale
+	}
+	key := s.prefix + etcdKeyName(r.Key)
+	p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
+	p.then = append(p.then, clientv3.OpDelete(key), clientv3.OpDelete(s.prefix+etcdSeenName(r.Key)))
+	p.els = append(p.els, clientv3.OpGet(key))
+	h, pe := s.holderLocked(r.Port)
+	if pe.asOf == 0 {
+		return p, etcdStale // never seen: read it first
+	}
+	if h == r.Key {
+		port := s.prefix + etcdPortName(r.Port)
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
+		p.then = append(p.then, clientv3.OpDelete(port),
+			clientv3.OpPut(s.prefix+etcdFreedName(r.Port), at.UTC().Format(time.RFC3339Nano)))
+		p.els = append(p.els, clientv3.OpGet(port))
+	}
+	s.countOpsLocked(&p, map[string]int{r.User: -1})
+	key0 := r.Key
+	p.changes = func(rev int64) []change {
+		return []change{{kind: changeDelete, rev: rev, key: key0, at: at}}
+	}
+	return p, etcdPlanned
+}
+
+// conflictLocked describes what the store holds now of keys and of the
+// holders of ports, as changes. A key that is gone is reported as a delete
+// when the caller believed it existed.
+func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, ports []int) *conflictError {
+	cerr := &conflictError{}
+	seen := map[string]bool{}
+	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		if r, e, ok := s.recordLocked(k); ok {
+			cerr.current = append(cerr.current, change{kind: changePut, rev: e.modRev, key: k, rec: r})
+		} else if believed[k] {
+			cerr.current = append(cerr.current, change{kind: changeDelete, rev: e.asOf, key: k, at: time.Now()})
+		}
+	}
+	for _, port := range ports {
+		h, _ := s.holderLocked(port)
+		if h == "" || seen[h] {
+			continue
+		}
+		seen[h] = true
+		// Filled in by completeConflict, from a read.
+		cerr.current = append(cerr.current, change{kind: changePut, key: h, rec: record{Key: h, Port: port}})
+	}
+	return cerr
+}
+
+// completeConflict fills in the puts of ports' holders in cerr with the
+// holders' records as they are now, read in one go.
+func (s *etcdStore) completeConflict(ctx context.Context, cerr *conflictError) error {
+	var names []string
+	for _, ch := range cerr.current {
+		if ch.rev == 0 {
+			names = append(names, etcdKeyName(ch.key))
+		}
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	if err := s.refresh(ctx, names); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, ch := range cerr.current {
+		if ch.rev != 0 {
+			continue
+		}
+		if r, e, ok := s.recordLocked(ch.key); ok {
+			cerr.current[i] = change{kind: changePut, rev: e.modRev, key: ch.key, rec: r}
+		} else {
+			// The port record names a key without a record (a hand
+			// edit): the port is held all the same.
+			cerr.current[i].rev = e.asOf
+		}
+	}
+	return nil
+}
+
+// touch writes last-seen records, in batches of nested transactions that
+// each write only while the key's record exists.
+func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	last := map[string]seenMark{}
+	for _, m := range marks {
+		last[m.key] = m
+	}
+	keys := slices.Sorted(maps.Keys(last))
+	// etcd lets a nested transaction hold --max-txn-ops minus its
+	// parent's count: half and half leaves room on both sides.
+	for batch := range slices.Chunk(keys, etcdMaxTxnOps/2) {
+		ops := make([]clientv3.Op, 0, len(batch))
+		for _, k := range batch {
+			value, err := json.Marshal(etcdSeen{LastSeen: last[k].seen.UTC(), Online: last[k].online})
+			if err != nil {
+				return err
+			}
+			ops = append(ops, clientv3.OpTxn(
+				[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.prefix+etcdKeyName(k)), ">", 0)},
+				[]clientv3.Op{clientv3.OpPut(s.prefix+etcdSeenName(k), string(value))}, nil))
+		}
+		if _, err := s.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			return s.describe("write last-seen times to", err)
+		}
+	}
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// Reads.
+
+// load reads the whole prefix at one revision, in pages.
+func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	kvs, rev, err := s.readAll(ctx)
+	if err != nil {
+		return snapshot{}, s.unreachable("read from", err)
+	}
+	snap := snapshot{rev: rev, lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, from: "etcd"}
+	keys := map[string]record{}
+	keyRevs := map[string]int64{} // ModRevision of each valid key record
+	holders := map[int]string{}
+	portRevs := map[int]int64{}
+	counts := map[string]int{}
+	stored := map[string]*mvccpb.KeyValue{} // user/ records
+	for _, kv := range kvs {
+		name := strings.TrimPrefix(string(kv.Key), s.prefix)
+		kind, rest, _ := strings.Cut(name, "/")
+		switch kind {
+		case "key":
+			var r record
+			k, err := url.PathUnescape(rest)
+			if err != nil || json.Unmarshal(kv.Value, &r) != nil || r.Key != k || !validRecord(r) {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid allocation; ignored", name))
+				continue
+			}
+			keys[k], keyRevs[k] = r, kv.ModRevision
+			counts[r.User]++
+		case "port":
+			port, err := strconv.Atoi(rest)
+			if err != nil || port < 1 || port > maxPort {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a port; ignored", name))
+				continue
+			}
+			holders[port], portRevs[port] = string(kv.Value), kv.ModRevision
+		case "user":
+			stored[rest] = kv
+		case "seen":
+			var seen etcdSeen
+			k, err := url.PathUnescape(rest)
+			if err != nil || json.Unmarshal(kv.Value, &seen) != nil {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid last-seen record; ignored", name))
+				continue
+			}
+			snap.lastSeen[k] = seen.LastSeen
+			snap.online[k] = seen.Online
+		case "freed":
+			port, err1 := strconv.Atoi(rest)
+			at, err2 := time.Parse(time.RFC3339Nano, string(kv.Value))
+			if err1 != nil || err2 != nil {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid freed-port record; ignored", name))
+				continue
+			}
+			snap.freed[port] = at
+		}
+	}
+	s.mu.Lock()
+	s.learnSnapshotLocked(kvs, rev)
+	s.mu.Unlock()
+
+	// Every write keeps a key record and its port record together, so a
+	// record without its twin was made by hand. A port record that names
+	// a key which does not hold that port goes; a key record whose port
+	// has no record gets it back while the port is free. Each repair is a
+	// transaction that does nothing if either record changed since.
+	for _, port := range slices.Sorted(maps.Keys(holders)) {
+		k := holders[port]
+		if r, ok := keys[k]; ok && r.Port == port {
+			continue
+		}
+		name := etcdPortName(port)
+		ok, err := s.repair(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", portRevs[port]),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(k)), "=", keyRevs[k]),
+		}, clientv3.OpDelete(s.prefix+name))
+		if ok {
+			delete(holders, port)
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: named %q, which does not hold it; removed", name, k))
+		} else {
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: names %q, which does not hold it; not removed (%v): the port stays reserved", name, k, cmp.Or(err, errChanged)))
+		}
+	}
+	byAssigned := slices.SortedFunc(maps.Values(keys), func(a, b record) int {
+		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
+	})
+	for _, r := range byAssigned {
+		switch holders[r.Port] {
+		case r.Key:
+		case "":
+			name := etcdPortName(r.Port)
+			ok, err := s.repair(ctx, []clientv3.Cmp{
+				clientv3.Compare(clientv3.CreateRevision(s.prefix+name), "=", 0),
+				clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(r.Key)), "=", keyRevs[r.Key]),
+			}, clientv3.OpPut(s.prefix+name, r.Key))
+			if !ok {
+				snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", etcdKeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
+				continue
+			}
+			holders[r.Port] = r.Key
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", etcdKeyName(r.Key), r.Port))
+		default:
+			snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", etcdKeyName(r.Key), r.Port, holders[r.Port]))
+			continue
+		}
+		snap.allocations = append(snap.allocations, r)
+		delete(snap.freed, r.Port)
+	}
+	for k := range snap.lastSeen {
+		if holders[keys[k].Port] != k {
+			delete(snap.lastSeen, k)
+			delete(snap.online, k)
+		}
+	}
+	snap.problems = append(snap.problems, s.repairCounts(ctx, rev, counts, stored)...)
+	return snap, nil
+}
+
+// errChanged says a repair found its records changed since they were read.
+var errChanged = errors.New("changed meanwhile")
+
+// repair runs one guarded fix of load and learns what it wrote.
+func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return false, s.describe("repair in", err)
+	}
+	if resp.Succeeded {
+		s.learnTxn(resp, ops, nil)
+	}
+	return resp.Succeeded, nil
+}
+
+// readAll reads every record under the prefix at one revision.
+func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, int64, error) {
+	var kvs []*mvccpb.KeyValue
+	var rev int64
+	from, end := s.prefix, clientv3.GetPrefixRangeEnd(s.prefix)
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(etcdLoadPage)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := s.cli.Get(ctx, from, opts...)
+		if err != nil {
+			return nil, 0, err
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		kvs = append(kvs, resp.Kvs...)
+		if !resp.More || len(resp.Kvs) == 0 {
+			return kvs, rev, nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// learnSnapshotLocked replaces memory with a whole read at rev: what it
+// holds is current, and what it lacks was absent at rev.
+func (s *etcdStore) learnSnapshotLocked(kvs []*mvccpb.KeyValue, rev int64) {
+	present := map[string]bool{}
+	for _, kv := range kvs {
+		name := strings.TrimPrefix(string(kv.Key), s.prefix)
+		present[name] = true
+		s.learnLocked(name, kv.Value, kv.ModRevision, rev)
+	}
+	for name := range s.mem {
+		if !present[name] {
+			s.learnLocked(name, nil, 0, rev)
+		}
+	}
+}
+
+// repairCounts corrects user records that disagree with the key records
+// read at rev (they can only by a hand edit or an older writer), in
+// transactions that fail harmlessly if anything changed since.
+func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[string]int, stored map[string]*mvccpb.KeyValue) []string {
+	var problems []string
+	users := map[string]bool{}
+	for u := range counts {
+		users[etcdUserName(u)] = true
+	}
+	for esc := range stored {
+		users["user/"+esc] = true
+	}
+	for _, name := range slices.Sorted(maps.Keys(users)) {
+		esc := strings.TrimPrefix(name, "user/")
+		user, err := url.PathUnescape(esc)
+		if err != nil {
+			continue
+		}
+		var have int
+		var modRev int64
+		if kv := stored[esc]; kv != nil {
+			have, _ = strconv.Atoi(string(kv.Value))
+			modRev = kv.ModRevision
+		}
+		want := counts[user]
+		if have == want && (want > 0 || modRev == 0) {
+			continue
+		}
+		full := s.prefix + name
+		op := clientv3.OpPut(full, strconv.Itoa(want))
+		if want == 0 {
+			op = clientv3.OpDelete(full)
+		}
+		ok, err := s.repair(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(full), "=", modRev),
+			// No key record changed since the count was made.
+			clientv3.Compare(clientv3.ModRevision(s.prefix+"key/"), "<", rev+1).WithPrefix(),
+		}, op)
+		if ok {
+			problems = append(problems, fmt.Sprintf("%s: counted %d keys but %d exist; corrected", name, have, want))
+		} else {
+			problems = append(problems, fmt.Sprintf("%s: counts %d keys but %d exist; not corrected (%v)", name, have, want, cmp.Or(err, errChanged)))
+		}
+	}
+	return problems
+}
+
+// watch delivers every change after rev; see portStore. It returns
+// ctx's error when ctx ends, or an error when the store is closed.
+func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) error {
+	next := rev + 1
+	for {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if s.cli.Ctx().Err() != nil {
+			return errors.New("etcd store closed")
+		}
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		ch := s.cli.Watch(wctx, s.prefix, clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithPrevKV())
+		compacted := false
+		for resp := range ch {
+			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
+				compacted = true
+				break
+			}
+			if err := resp.Err(); err != nil {
+				s.log.Warn("etcd watch failed; reconnecting", "endpoints", s.endpoints, "err", err)
+				break
+			}
+			next = s.deliver(resp.Events, next, apply)
+		}
+		cancel()
+		if compacted && ctx.Err() == nil {
+			s.log.Warn("etcd watch fell behind a compaction; reloading", "endpoints", s.endpoints, "from_rev", next)
+			snap, err := s.load(ctx)
+			if err == nil {
+				apply(change{kind: changeReset, rev: snap.rev, reset: &snap})
+				next = snap.rev + 1
+				continue
+			}
+			s.log.Warn("etcd reload after compaction failed; retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-s.cli.Ctx().Done():
+		case <-time.After(etcdRetryDelay):
+		}
+	}
+}
+
+// deliver turns watch events into changes, revision by revision, and
+// returns the revision to watch from next. Within a revision, deletes come
+// before puts (a reclaim deletes the victim, whose port the put takes).
+func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(change)) int64 {
+	for len(events) > 0 {
+		rev := events[0].Kv.ModRevision
+		n := 1
+		for n < len(events) && events[n].Kv.ModRevision == rev {
+			n++
+		}
+		group := events[:n]
+		events = events[n:]
+		if rev < next {
+			continue
+		}
+		next = rev + 1
+		freed := map[int]time.Time{}
+		s.mu.Lock()
+		for _, ev := range group {
+			name := strings.TrimPrefix(string(ev.Kv.Key), s.prefix)
+			if ev.Type == clientv3.EventTypeDelete {
+				s.learnLocked(name, nil, 0, rev)
+				continue
+			}
+			s.learnLocked(name, ev.Kv.Value, rev, rev)
+			if rest, ok := strings.CutPrefix(name, "freed/"); ok {
+				port, err1 := strconv.Atoi(rest)
+				at, err2 := time.Parse(time.RFC3339Nano, string(ev.Kv.Value))
+				if err1 == nil && err2 == nil {
+					freed[port] = at
+				}
+			}
+		}
+		s.mu.Unlock()
+		freedAt := func(prev *mvccpb.KeyValue) (time.Time, bool) {
+			var old record
+			if prev == nil || json.Unmarshal(prev.Value, &old) != nil {
+				return time.Time{}, false
+			}
+			at, ok := freed[old.Port]
+			return at, ok
+		}
+		var deletes, puts, seens []change
+		for _, ev := range group {
+			name := strings.TrimPrefix(string(ev.Kv.Key), s.prefix)
+			kind, rest, _ := strings.Cut(name, "/")
+			key, err := url.PathUnescape(rest)
+			if err != nil {
+				continue
+			}
+			switch {
+			case kind == "key" && ev.Type == clientv3.EventTypeDelete:
+				at, ok := freedAt(ev.PrevKv)
+				if !ok {
+					at = time.Now()
+				}
+				deletes = append(deletes, change{kind: changeDelete, rev: rev, key: key, at: at})
+			case kind == "key":
+				var r record
+				if json.Unmarshal(ev.Kv.Value, &r) != nil || r.Key != key || !validRecord(r) {
+					s.log.Warn("etcd: ignoring an invalid allocation record", "name", name)
+					continue
+				}
+				put := change{kind: changePut, rev: rev, key: key, rec: r}
+				if at, ok := freedAt(ev.PrevKv); ok {
+					put.at = at
+				}
+				puts = append(puts, put)
+			case kind == "seen" && ev.Type == clientv3.EventTypePut:
+				var seen etcdSeen
+				if json.Unmarshal(ev.Kv.Value, &seen) != nil {
+					continue
+				}
+				seens = append(seens, change{kind: changeSeen, rev: rev, key: key, seen: seen.LastSeen, online: seen.Online})
+			}
+		}
+		for _, ch := range slices.Concat(deletes, puts, seens) {
+			apply(ch)
+		}
+	}
+	return next
+}

@@ -1,0 +1,613 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// TestStoreContractEtcd runs the store contract on a real etcd, each case
+// under a prefix of its own.
+func TestStoreContractEtcd(t *testing.T) {
+	srv := startEtcd(t, nil)
+	var n atomic.Int64
+	testStoreContract(t, "etcd", func(t *testing.T) (func(t *testing.T) portStore, bool) {
+		prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
+		return func(t *testing.T) portStore {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			s, err := openEtcdStore(ctx, srv.options(t, prefix))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s
+		}, true
+	})
+}
+
+// openLoadedEtcdStores opens n handles on one prefix and loads each.
+func openLoadedEtcdStores(t *testing.T, srv *etcdServer, prefix string, n int) []*etcdStore {
+	t.Helper()
+	var out []*etcdStore
+	for range n {
+		s := openTestEtcdStore(t, srv, prefix)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if _, err := s.load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		out = append(out, s)
+	}
+	return out
+}
+
+// etcdGet reads the raw value of name under prefix ("" when absent).
+func etcdGet(t *testing.T, cli *clientv3.Client, name string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return ""
+	}
+	return string(resp.Kvs[0].Value)
+}
+
+// etcdCount is how many records lie under a prefix.
+func etcdCount(t *testing.T, cli *clientv3.Client, prefix string) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
+}
+
+// TestEtcdStoreConcurrentClaims: three handles (three servers sharing one
+// etcd) claiming at once never give a port twice, a key two ports, or a
+// user more keys than the quota.
+func TestEtcdStoreConcurrentClaims(t *testing.T) {
+	srv := startEtcd(t, nil)
+	raw := srv.client(t)
+	ctxFor := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.Background(), 20*time.Second)
+	}
+
+	t.Run("30 keys, 10 ports", func(t *testing.T) {
+		const lo, ports, keys = 21000, 10, 30
+		handles := openLoadedEtcdStores(t, srv, "/pool/", 3)
+		var mu sync.Mutex
+		granted := map[string]int{} // key -> port
+		var wg sync.WaitGroup
+		for i := range keys {
+			wg.Go(func() {
+				s := handles[i%len(handles)]
+				key := fmt.Sprintf("user%d.proxy", i)
+				start := rand.IntN(ports)
+				for j := range ports {
+					r := contractRec(key, lo+(start+j)%ports, fmt.Sprintf("user%d", i%4))
+					ctx, cancel := ctxFor()
+					_, err := s.claim(ctx, claim{want: r})
+					cancel()
+					var cerr *conflictError
+					switch {
+					case err == nil:
+						mu.Lock()
+						granted[key] = r.Port
+						mu.Unlock()
+						return
+					case errors.As(err, &cerr):
+						continue
+					default:
+						t.Errorf("claim %s@%d: %v", key, r.Port, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if len(granted) != ports {
+			t.Fatalf("granted %d keys: %v; want exactly %d (one per port)", len(granted), granted, ports)
+		}
+		owner := map[int]string{}
+		for k, p := range granted {
+			if other, dup := owner[p]; dup {
+				t.Fatalf("port %d granted to %q and %q", p, other, k)
+			}
+			owner[p] = k
+		}
+		fresh := openLoadedEtcdStores(t, srv, "/pool/", 1)[0]
+		ctx, cancel := ctxFor()
+		defer cancel()
+		snap, err := fresh.load(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snap.allocations) != ports || len(snap.problems) != 0 {
+			t.Fatalf("load after the race: %d allocations, problems %v; want %d and none", len(snap.allocations), snap.problems, ports)
+		}
+		for _, r := range snap.allocations {
+			if granted[r.Key] != r.Port {
+				t.Fatalf("load after the race: %q on %d; it was granted %d", r.Key, r.Port, granted[r.Key])
+			}
+		}
+		var total int
+		for u := range 4 {
+			n := etcdGet(t, raw, "/pool/"+etcdUserName(fmt.Sprintf("user%d", u)))
+			var c int
+			fmt.Sscan(n, &c)
+			total += c
+		}
+		if total != ports {
+			t.Fatalf("user counts add up to %d; want %d", total, ports)
+		}
+	})
+
+	t.Run("one key at three servers", func(t *testing.T) {
+		handles := openLoadedEtcdStores(t, srv, "/same/", 3)
+		for round := range 10 {
+			key := fmt.Sprintf("shared.%d", round)
+			var mu sync.Mutex
+			var wins []record
+			var wg sync.WaitGroup
+			for i, s := range handles {
+				wg.Go(func() {
+					r := contractRec(key, 22000+round*10+i, "shared")
+					ctx, cancel := ctxFor()
+					defer cancel()
+					_, err := s.claim(ctx, claim{want: r})
+					var cerr *conflictError
+					switch {
+					case err == nil:
+						mu.Lock()
+						wins = append(wins, r)
+						mu.Unlock()
+					case errors.As(err, &cerr):
+						if len(cerr.current) == 0 || cerr.current[0].kind != changePut || cerr.current[0].key != key {
+							t.Errorf("loser of %s: conflict %+v; want the winner's record", key, cerr.current)
+						}
+					default:
+						t.Errorf("claim %s: %v", key, err)
+					}
+				})
+			}
+			wg.Wait()
+			if len(wins) != 1 {
+				t.Fatalf("%s: %d winners %+v; want exactly 1", key, len(wins), wins)
+			}
+		}
+		if n := etcdCount(t, raw, "/same/port/"); n != 10 {
+			t.Fatalf("%d port records; want 10 (one per key, none left by losers)", n)
+		}
+		if got := etcdGet(t, raw, "/same/"+etcdUserName("shared")); got != "10" {
+			t.Fatalf("user count %q; want 10", got)
+		}
+	})
+
+	t.Run("quota across servers", func(t *testing.T) {
+		const limit, tries = 5, 15
+		handles := openLoadedEtcdStores(t, srv, "/quota/", 3)
+		var ok, quota atomic.Int64
+		var wg sync.WaitGroup
+		for i := range tries {
+			wg.Go(func() {
+				r := contractRec(fmt.Sprintf("greedy.%d", i), 23000+i, "greedy")
+				ctx, cancel := ctxFor()
+				defer cancel()
+				_, err := handles[i%3].claim(ctx, claim{want: r, maxKeys: limit})
+				var cerr *conflictError
+				switch {
+				case err == nil:
+					ok.Add(1)
+				case errors.As(err, &cerr) && cerr.quota:
+					quota.Add(1)
+				default:
+					t.Errorf("claim %s: %v; want success or a quota conflict", r.Key, err)
+				}
+			})
+		}
+		wg.Wait()
+		if ok.Load() != limit || quota.Load() != tries-limit {
+			t.Fatalf("%d granted, %d refused by quota; want %d and %d", ok.Load(), quota.Load(), limit, tries-limit)
+		}
+		if n := etcdCount(t, raw, "/quota/key/"); n != limit {
+			t.Fatalf("%d key records; want %d", n, limit)
+		}
+		if got := etcdGet(t, raw, "/quota/"+etcdUserName("greedy")); got != fmt.Sprint(limit) {
+			t.Fatalf("user count %q; want %d", got, limit)
+		}
+	})
+}
+
+// TestEtcdStoreOutage: while etcd is stopped (SIGSTOP) or dead, store calls
+// fail within their deadline; once it is back, writes work again within
+// about a second on the same handle, and a write whose caller gave up but
+// that etcd applied late is delivered by watch.
+func TestEtcdStoreOutage(t *testing.T) {
+	srv := startEtcd(t, nil)
+	handles := openLoadedEtcdStores(t, srv, "/outage/", 2)
+	s, other := handles[0], handles[1]
+
+	ctx0, cancel0 := context.WithTimeout(context.Background(), 10*time.Second)
+	snap, err := other.load(ctx0)
+	cancel0()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &contractHarness{t: t, kind: "etcd"}
+	w := h.startWatch(other, snap.rev)
+	// delivered are the puts the watch delivered so far, by key.
+	delivered := map[string]record{}
+	// waitPut waits for the watch to deliver a put of r (in whatever order
+	// with other puts).
+	waitPut := func(what string, r record) {
+		t.Helper()
+		for {
+			if got, ok := delivered[r.Key]; ok && sameRecord(got, r) {
+				return
+			}
+			if c := w.next(t, what); c.kind == changePut {
+				delivered[c.key] = c.rec
+			}
+		}
+	}
+	claimWithin := func(r record, d time.Duration) (time.Duration, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		defer cancel()
+		start := time.Now()
+		_, err := s.claim(ctx, claim{want: r})
+		return time.Since(start), err
+	}
+	const deadline = 500 * time.Millisecond
+	const slack = time.Second
+
+	a := contractRec("a.web", 24001, "a")
+	if _, err := claimWithin(a, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitPut("claim before the outage", a)
+
+	// Paused: the request reaches etcd's socket but is not answered.
+	srv.pause(t)
+	b := contractRec("b.web", 24002, "b")
+	took, err := claimWithin(b, deadline)
+	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+		srv.resume(t)
+		t.Fatalf("claim while etcd is paused = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
+	}
+	t.Logf("claim while paused failed after %v: %v", took.Round(time.Millisecond), err)
+	lctx, lcancel := context.WithTimeout(context.Background(), deadline)
+	start := time.Now()
+	_, err = s.load(lctx)
+	lcancel()
+	if err == nil || time.Since(start) > deadline+slack || strings.Contains(err.Error(), "\n") {
+		srv.resume(t)
+		t.Fatalf("load while paused = %v after %v; want one line within %v", err, time.Since(start), deadline+slack)
+	}
+	srv.resume(t)
+	resumed := time.Now()
+	waitPut("the claim that timed out while paused, landing late", b)
+	t.Logf("late write delivered by watch %v after SIGCONT", time.Since(resumed).Round(time.Millisecond))
+	c := contractRec("c.web", 24003, "c")
+	if took, err := claimWithin(c, 5*time.Second); err != nil {
+		t.Fatalf("claim after SIGCONT: %v", err)
+	} else {
+		t.Logf("first claim after SIGCONT took %v", took.Round(time.Millisecond))
+	}
+
+	// Dead: connections refused; the client keeps redialing.
+	srv.kill(t)
+	d := contractRec("d.web", 24004, "d")
+	took, err = claimWithin(d, deadline)
+	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+		t.Fatalf("claim while etcd is down = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
+	}
+	time.Sleep(2 * time.Second) // long enough for gRPC's redial backoff to grow
+	srv.restart(t)
+	healthy := time.Now()
+	e := contractRec("e.web", 24005, "e")
+	var attempts int
+	for {
+		attempts++
+		_, err := claimWithin(e, 300*time.Millisecond)
+		var cerr *conflictError
+		if err == nil || (errors.As(err, &cerr) && len(cerr.current) > 0 && sameRecord(cerr.current[0].rec, e)) {
+			break // a timed-out attempt may have landed: then it is ours
+		}
+		if time.Since(healthy) > 10*time.Second {
+			t.Fatalf("claims still fail %v after etcd is back: %v", time.Since(healthy), err)
+		}
+	}
+	recovery := time.Since(healthy)
+	t.Logf("writes recovered %v after etcd was healthy again (%d attempts)", recovery.Round(time.Millisecond), attempts)
+	if recovery > 3*time.Second {
+		t.Fatalf("writes recovered %v after etcd was back; want about a second", recovery)
+	}
+	waitPut("a claim after the restart, through the reconnected watch", e)
+
+	// The claim made while etcd was down may have been lost with the
+	// connection (it failed at once) or waited for the restart and landed:
+	// whichever it was, watch and load agree.
+	fresh := openLoadedEtcdStores(t, srv, "/outage/", 1)[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	final, err := fresh.load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.ContainsFunc(final.allocations, func(r record) bool { return r.Key == d.Key }) {
+		t.Logf("the claim made while etcd was down landed after the restart")
+		waitPut("the claim made while etcd was down, landing after its restart", d)
+		wantAllocations(t, "after the outages", final, a, b, c, d, e)
+	} else {
+		t.Logf("the claim made while etcd was down was lost with its connection")
+		wantAllocations(t, "after the outages", final, a, b, c, e)
+		w.quiet(t, "watch, for the lost claim", 300*time.Millisecond)
+	}
+}
+
+// TestEtcdTLS: the store talks to an etcd that requires client
+// certificates, and fails to start with one line when the certificates or
+// URLs are wrong.
+func TestEtcdTLS(t *testing.T) {
+	pki := newEtcdTestPKI(t)
+	srv := startEtcd(t, pki)
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, "/tls/")
+	h.load(s)
+	a := contractRec("secure.web", 25001, "secure")
+	h.claimOK(s, claim{want: a})
+	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	other := openTestEtcdStore(t, srv, "/tls/")
+	wantAllocations(t, "over TLS", h.load(other), a)
+
+	good := srv.options(t, "/tls/")
+	good.timeout = time.Second
+	tests := []struct {
+		name   string
+		change func(o *etcdOptions)
+		want   string
+	}{
+		{"no client certificate", func(o *etcdOptions) { o.certFile, o.keyFile = "", "" }, "cannot read from etcd at " + srv.endpoint() + ": no answer within 1s (" + srv.endpoint() + ": remote error: tls: certificate required)"},
+		{"certificate of another CA", func(o *etcdOptions) { o.certFile, o.keyFile = pki.otherCert, pki.otherKey }, "tls: certificate required"},
+		{"server not trusted", func(o *etcdOptions) { o.caFile = pki.otherCAFile }, "certificate signed by unknown authority"},
+		{"plain http with TLS files", func(o *etcdOptions) { o.endpoints = []string{strings.Replace(srv.endpoint(), "https", "http", 1)} }, "use https://"},
+		{"missing key file", func(o *etcdOptions) { o.keyFile = "" }, "-etcd-cert and -etcd-key go together"},
+		{"unreadable CA", func(o *etcdOptions) { o.caFile = "/nonexistent/ca.pem" }, "-etcd-ca"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := good
+			tt.change(&o)
+			start := time.Now()
+			s, err := openEtcdStore(context.Background(), o)
+			if err == nil {
+				s.close()
+				t.Fatalf("openEtcdStore(%s) succeeded; want an error", tt.name)
+			}
+			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") || time.Since(start) > o.timeout+2*time.Second {
+				t.Fatalf("openEtcdStore(%s) = %v after %v; want one line containing %q within %v", tt.name, err, time.Since(start), tt.want, o.timeout)
+			}
+			t.Logf("%s: %v", tt.name, err)
+		})
+	}
+}
+
+// TestEtcdUnreachable: nothing listening is one clear line within the
+// timeout (clientv3.New alone would succeed).
+func TestEtcdUnreachable(t *testing.T) {
+	ep := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	start := time.Now()
+	s, err := openEtcdStore(context.Background(), etcdOptions{endpoints: []string{ep}, timeout: time.Second, log: testLogger(t)})
+	if err == nil {
+		s.close()
+		t.Fatal("openEtcdStore with nothing listening succeeded")
+	}
+	if !strings.Contains(err.Error(), "cannot read from etcd at "+ep+": no answer within 1s (dial tcp") || strings.Contains(err.Error(), "\n") || time.Since(start) > 3*time.Second {
+		t.Fatalf("openEtcdStore with nothing listening = %v after %v; want one line naming %s within 1s", err, time.Since(start), ep)
+	}
+	t.Logf("%v", err)
+}
+
+// TestEtcdAuth: with etcd's authentication on, a user whose role may only
+// read and write the prefix can do everything the store does.
+func TestEtcdAuth(t *testing.T) {
+	srv := startEtcd(t, nil)
+	cli := srv.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const prefix = "/auth/"
+	steps := []func() error{
+		func() error { _, err := cli.UserAdd(ctx, "root", "root-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := cli.RoleAdd(ctx, "keeper"); return err },
+		func() error {
+			_, err := cli.RoleGrantPermission(ctx, "keeper", prefix, clientv3.GetPrefixRangeEnd(prefix), clientv3.PermissionType(clientv3.PermReadWrite))
+			return err
+		},
+		func() error { _, err := cli.UserAdd(ctx, "keeper", "keeper-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "keeper", "keeper"); return err },
+		func() error { _, err := cli.AuthEnable(ctx); return err },
+	}
+	for i, step := range steps {
+		if err := step(); err != nil {
+			t.Fatalf("auth set-up step %d: %v", i, err)
+		}
+	}
+	o := srv.options(t, prefix)
+	o.username, o.password = "keeper", "keeper-secret"
+	s, err := openEtcdStore(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.close() })
+	h := &contractHarness{t: t, kind: "etcd"}
+	w := h.startWatch(s, h.load(s).rev)
+	a := contractRec("auth.web", 26001, "auth")
+	h.claimOK(s, claim{want: a, maxKeys: 3})
+	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	if c := w.next(t, "watch as keeper"); c.kind != changePut || c.key != a.Key {
+		t.Fatalf("watch as keeper: %+v; want the put of %q", c, a.Key)
+	}
+	if _, err := h.release(s, a, contractBase); err != nil {
+		t.Fatal(err)
+	}
+
+	o.password = "wrong"
+	o.timeout = 2 * time.Second
+	if s, err := openEtcdStore(ctx, o); err == nil {
+		s.close()
+		t.Fatal("openEtcdStore with a wrong password succeeded")
+	} else if !strings.Contains(err.Error(), "cannot log in to etcd") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("openEtcdStore with a wrong password = %v; want one line saying it cannot log in", err)
+	}
+	o.password = "keeper-secret"
+	o.prefix = "/elsewhere/"
+	if s, err := openEtcdStore(ctx, o); err == nil {
+		s.close()
+		t.Fatal("openEtcdStore outside the permitted prefix succeeded")
+	} else {
+		t.Logf("outside the permitted prefix: %v", err)
+	}
+}
+
+// TestEtcdStoreLoadRepairsHandEdits: the store writes a key record and its
+// port record together, so records without their twin were made by hand.
+// load reports each, repairs what it can (in transactions guarded against
+// concurrent change), never serves two keys on one port, and corrects user
+// counts that disagree with the key records, so the quota stays exact.
+func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
+	srv := startEtcd(t, nil)
+	raw := srv.client(t)
+	const prefix = "/hand/"
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, prefix)
+	h.load(s)
+	a, b := contractRec("a.web", 27001, "u"), contractRec("b.web", 27002, "u")
+	h.claimOK(s, claim{want: a})
+	h.claimOK(s, claim{want: b})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := contractRec("c.web", a.Port, "v")
+	cJSON, _ := json.Marshal(c)
+	edits := []clientv3.Op{
+		clientv3.OpPut(prefix+etcdUserName("u"), "7"),         // wrong count
+		clientv3.OpPut(prefix+etcdUserName("nobody"), "3"),    // a count without keys
+		clientv3.OpDelete(prefix + etcdPortName(b.Port)),      // b's port record lost
+		clientv3.OpPut(prefix+etcdKeyName("junk"), "{broken"), // not a record
+		clientv3.OpPut(prefix+etcdPortName(27009), "ghost.web"),
+		clientv3.OpPut(prefix+etcdKeyName(c.Key), string(cJSON)), // on a's port
+	}
+	if _, err := raw.Txn(ctx).Then(edits...).Commit(); err != nil {
+		t.Fatal(err)
+	}
+	snap := h.load(openTestEtcdStore(t, srv, prefix))
+	wantAllocations(t, "after hand edits", snap, a, b)
+	want := []string{
+		`key/junk: not a valid allocation; ignored`,
+		`port/27009: named "ghost.web", which does not hold it; removed`,
+		`key/b.web: the record of port 27002 was missing; rebuilt`,
+		`key/c.web: port 27001 belongs to "a.web"; ignored`,
+		`user/u: counted 7 keys but 2 exist; corrected`,
+		`user/nobody: counted 3 keys but 0 exist; corrected`,
+		`user/v: counted 0 keys but 1 exist; corrected`,
+	}
+	slices.Sort(want)
+	got := slices.Sorted(slices.Values(snap.problems))
+	if !slices.Equal(got, want) {
+		t.Fatalf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	for name, want := range map[string]string{
+		etcdPortName(b.Port): b.Key, etcdPortName(27009): "",
+		etcdUserName("u"): "2", etcdUserName("nobody"): "", etcdUserName("v"): "1",
+	} {
+		if got := etcdGet(t, raw, prefix+name); got != want {
+			t.Errorf("%s after load = %q; want %q", name, got, want)
+		}
+	}
+	snap = h.load(openTestEtcdStore(t, srv, prefix))
+	wantAllocations(t, "second load", snap, a, b)
+	if len(snap.problems) != 2 {
+		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.problems)
+	}
+}
+
+// TestEtcdStoreTouchBatches: more marks than etcd takes in one transaction
+// are written in several; marks of keys without a record are skipped.
+func TestEtcdStoreTouchBatches(t *testing.T) {
+	srv := startEtcd(t, nil)
+	h := &contractHarness{t: t, kind: "etcd"}
+	s := openTestEtcdStore(t, srv, "/touch/")
+	h.load(s)
+	const keys, ghosts = 2*etcdMaxTxnOps + 10, 50
+	var marks []seenMark
+	for i := range keys {
+		r := contractRec(fmt.Sprintf("k%03d", i), 28000+i, "u")
+		h.claimOK(s, claim{want: r})
+		marks = append(marks, seenMark{key: r.Key, seen: contractBase.Add(time.Duration(i) * time.Second), online: i%2 == 0})
+	}
+	for i := range ghosts {
+		marks = append(marks, seenMark{key: fmt.Sprintf("ghost%d", i), seen: contractBase, online: true})
+	}
+	h.touch(s, marks...)
+	snap := h.load(openTestEtcdStore(t, srv, "/touch/"))
+	if len(snap.lastSeen) != keys {
+		t.Fatalf("after touching %d keys and %d ghosts: %d last-seen times; want %d", keys, ghosts, len(snap.lastSeen), keys)
+	}
+	for _, m := range marks[:keys] {
+		if !snap.lastSeen[m.key].Equal(m.seen) || snap.online[m.key] != m.online {
+			t.Fatalf("%s: last seen %v online %v; want %v %v", m.key, snap.lastSeen[m.key], snap.online[m.key], m.seen, m.online)
+		}
+	}
+	if n := etcdCount(t, srv.client(t), "/touch/seen/"); n != keys {
+		t.Fatalf("%d seen records; want %d (none for ghosts)", n, keys)
+	}
+}
+
+// TestEtcdOptionsFromFlags: the -etcd-* flags and their environment
+// fallbacks reach etcdOptions.
+func TestEtcdOptionsFromFlags(t *testing.T) {
+	env := map[string]string{
+		"FRP_PORT_KEEPER_ETCD_ENDPOINTS": " https://10.0.0.1:2379 ,https://10.0.0.2:2379,",
+		"FRP_PORT_KEEPER_ETCD_PASSWORD":  "from-env",
+	}
+	c, err := parseConfig([]string{"-store", "etcd", "-etcd-prefix", "/pk/", "-etcd-ca", "ca.pem", "-etcd-cert", "c.pem", "-etcd-key", "k.pem", "-etcd-username", "keeper"},
+		func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := etcdOptionsFrom(c, nil)
+	want := etcdOptions{endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"}, prefix: "/pk/",
+		caFile: "ca.pem", certFile: "c.pem", keyFile: "k.pem", username: "keeper", password: "from-env", timeout: 2 * time.Second}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("etcdOptionsFrom = %+v; want %+v", got, want)
+	}
+	defaults, err := parseConfig(nil, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := etcdOptionsFrom(defaults, nil); !slices.Equal(d.endpoints, []string{"http://127.0.0.1:2379"}) || d.prefix != defaultEtcdPrefix {
+		t.Fatalf("default etcd options = %+v; want http://127.0.0.1:2379 under %s", d, defaultEtcdPrefix)
+	}
+	if _, err := parseConfig([]string{"-etcd-username", "keeper"}, func(string) string { return "" }); err == nil ||
+		err.Error() != "-etcd-username and -etcd-password go together" {
+		t.Fatalf("parseConfig(-etcd-username only) = %v; want the pairing error", err)
+	}
+}
