@@ -41,7 +41,7 @@ type config struct {
 	notifyURL    string
 	notifySecret string
 
-	etcd         etcdFlags
+	etcd etcdFlags
 
 	allowNets  allowList // pluginAllow, parsed by check
 	notifyURLs []string  // notifyURL, split by check
