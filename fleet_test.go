@@ -1,0 +1,260 @@
+package main
+
+// Several frps, one set of ports: three plugin instances (the real server,
+// run() in this process) share one real etcd.
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+var fleetPrefixes atomic.Int64
+
+// startFleet starts n instances on one etcd under a fresh prefix.
+func startFleet(t *testing.T, etcd *etcdServer, n int, args ...string) ([]*inProcServer, []string) {
+	t.Helper()
+	flags := append([]string{"-store", "etcd", "-etcd-endpoints", etcd.endpoint(),
+		"-etcd-prefix", fmt.Sprintf("/fleet-%d/", fleetPrefixes.Add(1)), "-probe=false"}, args...)
+	var out []*inProcServer
+	for range n {
+		out = append(out, startInProc(t, flags...))
+	}
+	return out, flags
+}
+
+// fleetAnswer is a plugin answer, for goroutines (no t.Fatal there).
+type fleetAnswer struct {
+	port   int
+	reason string
+	err    error
+}
+
+func tryPost(s *inProcServer, user, name, extra string) fleetAnswer {
+	req, _ := http.NewRequest("POST", s.url+pluginPath+"?version=0.1.0&op=NewProxy", strings.NewReader(newProxyBody(user, name, "tcp", extra)))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return fleetAnswer{err: err}
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var a answer
+	if err := json.Unmarshal(body, &a); err != nil {
+		return fleetAnswer{err: fmt.Errorf("%d %s", resp.StatusCode, body)}
+	}
+	if a.Reject {
+		return fleetAnswer{reason: a.RejectReason}
+	}
+	var port int
+	json.Unmarshal(a.Content["remote_port"], &port)
+	return fleetAnswer{port: port}
+}
+
+// lookupAt asks an instance's admin API for key's port (0: none).
+func lookupAt(s *inProcServer, key string) int {
+	resp, err := s.client.Get(s.url + "/api/allocations/" + key)
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	var a apiAllocation
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&a) != nil {
+		return 0
+	}
+	return a.Port
+}
+
+// TestFleetClaims: at three instances at once, new keys never share a
+// port, the same key gets one port everywhere, a 10-port pool grants
+// exactly 10 of 30 keys, and a quota is exact fleet-wide.
+func TestFleetClaims(t *testing.T) {
+	etcd := startEtcd(t, nil)
+	t.Run("exhaustion", func(t *testing.T) {
+		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30009")
+		answers := make([]fleetAnswer, 30)
+		var wg sync.WaitGroup
+		for i := range 30 {
+			wg.Go(func() { answers[i] = tryPost(fleet[i%3], "u", fmt.Sprintf("u.k%02d", i), "") })
+		}
+		wg.Wait()
+		granted := map[int]string{}
+		for i, a := range answers {
+			switch {
+			case a.err != nil:
+				t.Fatalf("u.k%02d: %v", i, a.err)
+			case a.port != 0:
+				if other, dup := granted[a.port]; dup {
+					t.Fatalf("port %d given to %s and u.k%02d", a.port, other, i)
+				}
+				granted[a.port] = fmt.Sprintf("u.k%02d", i)
+			case !strings.Contains(a.reason, "no free port"):
+				t.Fatalf("u.k%02d refused with %q; want the pool exhausted", i, a.reason)
+			}
+		}
+		if len(granted) != 10 {
+			t.Fatalf("granted %d keys from a 10-port pool: %v", len(granted), granted)
+		}
+	})
+	t.Run("same keys everywhere", func(t *testing.T) {
+		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30099")
+		answers := make([][3]fleetAnswer, 10)
+		var wg sync.WaitGroup
+		for k := range 10 {
+			for i := range 3 {
+				wg.Go(func() { answers[k][i] = tryPost(fleet[i], "u", fmt.Sprintf("u.s%d", k), "") })
+			}
+		}
+		wg.Wait()
+		seen := map[int]int{}
+		for k, as := range answers {
+			for i, a := range as {
+				if a.err != nil || a.port == 0 || a.port != as[0].port {
+					t.Fatalf("u.s%d at the three instances: %+v; want one port everywhere (instance %d)", k, as, i)
+				}
+			}
+			if other, dup := seen[as[0].port]; dup {
+				t.Fatalf("u.s%d and u.s%d share port %d", k, other, as[0].port)
+			}
+			seen[as[0].port] = k
+		}
+		// Every instance lists every key on the same port.
+		for k, as := range answers {
+			for i, s := range fleet {
+				key := fmt.Sprintf("u.s%d", k)
+				waitFor(t, key+" at instance "+fmt.Sprint(i), 3*time.Second, func() bool { return lookupAt(s, key) == as[0].port })
+			}
+		}
+	})
+	t.Run("quota", func(t *testing.T) {
+		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30099", "-max-ports-per-user", "3")
+		answers := make([]fleetAnswer, 12)
+		var wg sync.WaitGroup
+		for i := range 12 {
+			wg.Go(func() { answers[i] = tryPost(fleet[i%3], "q", fmt.Sprintf("q.k%02d", i), "") })
+		}
+		wg.Wait()
+		granted := 0
+		for i, a := range answers {
+			switch {
+			case a.err != nil:
+				t.Fatalf("q.k%02d: %v", i, a.err)
+			case a.port != 0:
+				granted++
+			case !strings.Contains(a.reason, "quota of 3"):
+				t.Fatalf("q.k%02d refused with %q; want the quota", i, a.reason)
+			}
+		}
+		if granted != 3 {
+			t.Fatalf("granted %d keys to a user with a quota of 3", granted)
+		}
+	})
+}
+
+// TestFleetVisibility: an allocation, a move and a DELETE made at one
+// instance are seen at every other within moments; a restarted instance
+// keeps everything.
+func TestFleetVisibility(t *testing.T) {
+	etcd := startEtcd(t, nil)
+	fleet, flags := startFleet(t, etcd, 3, "-allow-ports", "30000-30099")
+	a, b, c := fleet[0], fleet[1], fleet[2]
+	start := time.Now()
+	p := tryPost(a, "alice", "alice.ssh", "")
+	if p.port == 0 {
+		t.Fatalf("alice.ssh at a: %+v", p)
+	}
+	waitFor(t, "alice.ssh at b and c", 3*time.Second, func() bool {
+		return lookupAt(b, "alice.ssh") == p.port && lookupAt(c, "alice.ssh") == p.port
+	})
+	t.Logf("an allocation at a was listed at b and c after %v", time.Since(start))
+	// A sticky hit at b answers a's port with no etcd round trip needed.
+	if got := tryPost(b, "alice", "alice.ssh", ""); got.port != p.port {
+		t.Fatalf("alice.ssh at b = %+v; want %d", got, p.port)
+	}
+	// A move at b.
+	moved := tryPost(b, "alice", "alice.ssh", `"remote_port":30050`)
+	if moved.port != 30050 {
+		t.Fatalf("move at b: %+v", moved)
+	}
+	waitFor(t, "the move at a and c", 3*time.Second, func() bool {
+		return lookupAt(a, "alice.ssh") == 30050 && lookupAt(c, "alice.ssh") == 30050
+	})
+	// DELETE at c frees the port everywhere.
+	req, _ := http.NewRequest("DELETE", c.url+"/api/allocations/alice.ssh", nil)
+	resp, err := c.client.Do(req)
+	if err != nil || resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE at c: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	waitFor(t, "the release at a and b", 3*time.Second, func() bool {
+		return lookupAt(a, "alice.ssh") == 0 && lookupAt(b, "alice.ssh") == 0
+	})
+	if got := tryPost(a, "bob", "bob.x", `"remote_port":30050`); got.port != 30050 {
+		t.Fatalf("bob.x asking at a for the released 30050: %+v", got)
+	}
+	// A restarted instance loads everything.
+	b.stop(t)
+	b = startInProc(t, flags...)
+	if lookupAt(b, "bob.x") != 30050 {
+		t.Fatal("a restarted instance lost bob.x")
+	}
+}
+
+// TestFleetEtcdOutage: with etcd paused, known keys are still answered,
+// new keys are refused within -store-timeout naming the store; when etcd
+// is back (or killed and restarted), new keys work again without
+// restarting any instance, and a write that landed late reaches every
+// instance.
+func TestFleetEtcdOutage(t *testing.T) {
+	etcd := startEtcd(t, nil)
+	fleet, _ := startFleet(t, etcd, 2, "-allow-ports", "30000-30099", "-store-timeout", "500ms")
+	a, b := fleet[0], fleet[1]
+	known := tryPost(a, "alice", "alice.ssh", "")
+	waitFor(t, "alice.ssh at b", 3*time.Second, func() bool { return lookupAt(b, "alice.ssh") == known.port })
+
+	for _, fault := range []string{"pause", "kill"} {
+		if fault == "pause" {
+			etcd.pause(t)
+		} else {
+			etcd.kill(t)
+		}
+		for _, s := range fleet {
+			if got := tryPost(s, "alice", "alice.ssh", ""); got.port != known.port {
+				t.Fatalf("%s: a known key during the outage = %+v; want %d", fault, got, known.port)
+			}
+		}
+		start := time.Now()
+		got := tryPost(b, "carol", "carol."+fault, "")
+		if took := time.Since(start); got.port != 0 || !strings.Contains(got.reason, "port store") || took > 5*time.Second {
+			t.Fatalf("%s: a new key during the outage = %+v after %v; want a reject naming the store within the deadline", fault, got, took)
+		}
+		if fault == "pause" {
+			etcd.resume(t)
+		} else {
+			etcd.restart(t)
+		}
+		var fresh fleetAnswer
+		waitFor(t, fault+": new keys again without a restart", 15*time.Second, func() bool {
+			fresh = tryPost(a, "dave", "dave."+fault, "")
+			return fresh.port != 0
+		})
+		waitFor(t, fault+": the new key at b", 5*time.Second, func() bool { return lookupAt(b, "dave."+fault) == fresh.port })
+		// A write that timed out during the outage may have landed after
+		// it: if it did, both instances agree on it.
+		if p := lookupAt(a, "carol."+fault); p != 0 {
+			waitFor(t, "a late write at b", 5*time.Second, func() bool { return lookupAt(b, "carol."+fault) == p })
+		}
+	}
+	var list bytes.Buffer
+	resp, _ := a.client.Get(a.url + "/api/allocations")
+	io.Copy(&list, resp.Body)
+	resp.Body.Close()
+	t.Logf("after the outages: %s", list.String())
+}
