@@ -208,11 +208,19 @@ func TestHistoryFileTornLine(t *testing.T) {
 	}
 }
 
-// TestHistoryPrune: entries older than the retention go, newer stay.
+// TestHistoryPrune: entries older than the retention go, newer stay, on
+// every store (etcd's under a prefix of its own).
 func TestHistoryPrune(t *testing.T) {
-	for _, kind := range storeKinds {
+	var etcd *etcdServer
+	for _, kind := range append(storeKinds, "etcd") {
 		t.Run(kind, func(t *testing.T) {
-			store := openTestStore(t, kind, t.TempDir())
+			var store portStore
+			if kind == "etcd" {
+				etcd = startEtcd(t, nil)
+				store = openTestEtcdStore(t, etcd, "/history-test/")
+			} else {
+				store = openTestStore(t, kind, t.TempDir())
+			}
 			if _, err := store.load(context.Background()); err != nil {
 				t.Fatal(err)
 			}
@@ -234,6 +242,12 @@ func TestHistoryPrune(t *testing.T) {
 			got, _ := log.entries(context.Background(), historyQuery{})
 			if len(got) != 2 || got[0].Key != "k3" || got[1].Key != "k2" {
 				t.Fatalf("after pruning: %s", describeAll(got))
+			}
+			if e, held, _, err := holderAt(context.Background(), log, 30000, time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
+				t.Fatalf("port 30000 on 2026-03-01: %+v held %v (%v); want k2", e, held, err)
+			}
+			if page, _ := log.entries(context.Background(), historyQuery{before: got[0].ID}); len(page) != 1 || page[0].Key != "k2" {
+				t.Fatalf("the page before %s: %s", got[0].ID, describeAll(page))
 			}
 		})
 	}

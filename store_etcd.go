@@ -1207,3 +1207,80 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 	}
 	return next
 }
+
+// The history lives beside the allocations, under a prefix of its own
+// ("/frp-port-keeper-history/" next to "/frp-port-keeper/"), so loading
+// and watching the allocations never reads it: one key per entry, named
+// by the entry's ID, so keys sort by time. Entries are written once and
+// never changed, so etcd's compaction (which drops old revisions of keys)
+// takes nothing from them; only -history-keep's pruning deletes them.
+type etcdHistory struct{ s *etcdStore }
+
+func (s *etcdStore) history() historyLog { return etcdHistory{s} }
+
+func (h etcdHistory) prefix() string { return strings.TrimSuffix(h.s.prefix, "/") + "-history/" }
+
+func (h etcdHistory) appendEntries(ctx context.Context, entries []historyEntry) error {
+	ctx, cancel := h.s.bound(ctx)
+	defer cancel()
+	// Batches within etcd's default --max-txn-ops (128).
+	for i := 0; i < len(entries); i += 100 {
+		var ops []clientv3.Op
+		for _, e := range entries[i:min(i+100, len(entries))] {
+			data, err := json.Marshal(e)
+			if err != nil {
+				return err
+			}
+			ops = append(ops, clientv3.OpPut(h.prefix()+e.ID, string(data)))
+		}
+		if _, err := h.s.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			return h.s.describe("write the history", err)
+		}
+	}
+	return nil
+}
+
+func (h etcdHistory) entries(ctx context.Context, q historyQuery) ([]historyEntry, error) {
+	ctx, cancel := h.s.bound(ctx)
+	defer cancel()
+	end := clientv3.GetPrefixRangeEnd(h.prefix())
+	if q.before != "" {
+		end = h.prefix() + q.before
+	}
+	var out []historyEntry
+	for {
+		resp, err := h.s.cli.Get(ctx, h.prefix(), clientv3.WithRange(end), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(500))
+		if err != nil {
+			return nil, h.s.describe("read the history", err)
+		}
+		for _, kv := range resp.Kvs {
+			var e historyEntry
+			if json.Unmarshal(kv.Value, &e) != nil {
+				continue
+			}
+			if !q.since.IsZero() && e.Time.Before(q.since) {
+				return out, nil
+			}
+			if q.match(e) {
+				out = append(out, e)
+				if q.limit > 0 && len(out) >= q.limit {
+					return out, nil
+				}
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return out, nil
+		}
+		end = string(resp.Kvs[len(resp.Kvs)-1].Key)
+	}
+}
+
+func (h etcdHistory) prune(ctx context.Context, before time.Time) (int, error) {
+	ctx, cancel := h.s.bound(ctx)
+	defer cancel()
+	resp, err := h.s.cli.Delete(ctx, h.prefix(), clientv3.WithRange(h.prefix()+fmt.Sprintf("%019d", before.UnixNano())))
+	if err != nil {
+		return 0, h.s.describe("prune the history", err)
+	}
+	return int(resp.Deleted), nil
+}
