@@ -1072,7 +1072,7 @@ type proxyID struct{ user, name string }
 // proxy closes or registers again (frps re-sends nothing for proxies that
 // stayed connected through a restart of this plugin).
 type onlineProxies struct {
-	mu       sync.Mutex
+	mu       sync.RWMutex
 	proxies  map[proxyID]string // -> key
 	keys     map[string]int     // key -> proxies online
 	restored map[string]bool
@@ -1084,6 +1084,12 @@ func (o *onlineProxies) init() {
 
 // opened records that frps registered req's proxy under key.
 func (o *onlineProxies) opened(id proxyID, key string) {
+	o.mu.RLock()
+	known := o.proxies[id] == key && !o.restored[key]
+	o.mu.RUnlock()
+	if known { // a sticky hit of a proxy already online: the usual case
+		return
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	delete(o.restored, key)
@@ -1124,8 +1130,8 @@ func (o *onlineProxies) restore(key string) {
 }
 
 func (o *onlineProxies) has(key string) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
+	o.mu.RLock()
+	defer o.mu.RUnlock()
 	return o.keys[key] > 0 || o.restored[key]
 }
 
