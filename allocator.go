@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"math/rand/v2"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -224,8 +225,9 @@ type allocatorOptions struct {
 }
 
 // maxClaimAttempts bounds how often a claim that lost a race to another
-// instance is decided again with the winner's state.
-const maxClaimAttempts = 4
+// instance is decided again with the winner's state (the request's
+// deadline bounds it too).
+const maxClaimAttempts = 16
 
 // newAllocator loads every allocation from store and serves from pool.
 func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*allocator, snapshot, error) {
@@ -516,7 +518,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
-		port, how, err := a.allocateOnce(ctx, key, req, now)
+		port, how, err := a.allocateOnce(ctx, key, req, now, attempt)
 		var lost *conflictError
 		if !errors.As(err, &lost) || lost.quota {
 			if lost != nil {
@@ -525,7 +527,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 			}
 			return port, how, err
 		}
-		if attempt == maxClaimAttempts {
+		if attempt == maxClaimAttempts || ctx.Err() != nil {
 			err = &storeError{kind: errStoreFailed, err: fmt.Errorf("lost %d races to other instances: %w", attempt, err)}
 			a.storeFailed(err)
 			return 0, "", err
@@ -535,7 +537,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 
 // allocateOnce decides and claims once; a *conflictError means another
 // instance won a race and memory now holds its result.
-func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyRequest, now time.Time) (int, outcome, error) {
+func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyRequest, now time.Time, attempt int) (int, outcome, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return 0, "", err
@@ -572,7 +574,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		}
 	}
 
-	port, how, victim, err := a.choose(key, req, up, now)
+	port, how, victim, err := a.choose(key, req, up, now, attempt)
 	if err != nil {
 		a.mu.Lock()
 		done()
@@ -655,8 +657,10 @@ type reclaimVictim struct {
 // then given-back ports, longest free first), else, with reclaim on, the
 // port of the key unseen for longest. Candidates are test-bound outside
 // the lock, so sticky hits never wait on bind syscalls. The port comes
-// back reserved.
-func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time.Time) (int, outcome, *reclaimVictim, error) {
+// back reserved. After a lost race (attempt > 1) it steps over a few of
+// the lowest free ports at random: instances sharing a store all want the
+// lowest one, and would otherwise keep colliding on it.
+func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time.Time, attempt int) (int, outcome, *reclaimVictim, error) {
 	if port := req.RemotePort; port != 0 {
 		a.mu.Lock()
 		err := a.checkRequested(key, port)
@@ -681,9 +685,24 @@ func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time
 		return port, outcomeRequested, nil, nil
 	}
 	var refused portSet // ports the bind test refused during this search
+	var stepped portSet // ports stepped over to spread racing instances
+	skip := 0
+	if attempt > 1 {
+		skip = rand.IntN(min(1<<attempt, 64))
+	}
 	for {
 		a.mu.Lock()
-		p := a.nextCandidate(up, &refused)
+		p := a.nextCandidate(up, &refused, &stepped)
+		if p < 0 && skip >= 0 && stepped.len() > 0 { // fewer free ports than steps
+			stepped, skip = portSet{}, -1
+			p = a.nextCandidate(up, &refused, &stepped)
+		}
+		if p >= 0 && skip > 0 {
+			skip--
+			stepped.add(p)
+			a.mu.Unlock()
+			continue
+		}
 		if p >= 0 {
 			a.reserved.add(p)
 			a.mu.Unlock()
@@ -742,12 +761,12 @@ func (a *allocator) unreserve(port int) {
 
 // nextCandidate is the first port of up's pool that nobody holds or is
 // about to take. Called with mu held.
-func (a *allocator) nextCandidate(up userPolicy, refused *portSet) int {
-	if p := up.ports.nextFree(0, &a.held, &a.freed, &a.reserved, refused); p >= 0 {
+func (a *allocator) nextCandidate(up userPolicy, refused, stepped *portSet) int {
+	if p := up.ports.nextFree(0, &a.held, &a.freed, &a.reserved, refused, stepped); p >= 0 {
 		return p
 	}
 	for _, f := range a.freeQueue {
-		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.reserved.has(p) && !refused.has(p) && !a.staleFreed(f) {
+		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.reserved.has(p) && !refused.has(p) && !stepped.has(p) && !a.staleFreed(f) {
 			return p
 		}
 	}

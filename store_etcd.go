@@ -114,6 +114,54 @@ type etcdStore struct {
 
 	mu  sync.Mutex
 	mem map[string]etcdEntry // by name under the prefix: key/, port/ and user/ records
+
+	// users serializes this instance's writes per user: every new key
+	// moves its user's count record, which each transaction compares, so
+	// concurrent claims of one user would only lose to each other.
+	usersMu sync.Mutex
+	users   map[string]*userLock
+}
+
+// userLock is one user's write lock, dropped when nobody holds or waits.
+type userLock struct {
+	sync.Mutex
+	refs int
+}
+
+// lockUsers takes the write locks of users, in order, and returns what
+// releases them.
+func (s *etcdStore) lockUsers(users ...string) func() {
+	users = slices.Compact(slices.Sorted(slices.Values(users)))
+	s.usersMu.Lock()
+	if s.users == nil {
+		s.users = map[string]*userLock{}
+	}
+	locks := make([]*userLock, len(users))
+	for i, u := range users {
+		l := s.users[u]
+		if l == nil {
+			l = &userLock{}
+			s.users[u] = l
+		}
+		l.refs++
+		locks[i] = l
+	}
+	s.usersMu.Unlock()
+	for _, l := range locks {
+		l.Lock()
+	}
+	return func() {
+		for _, l := range locks {
+			l.Unlock()
+		}
+		s.usersMu.Lock()
+		for i, l := range locks {
+			if l.refs--; l.refs == 0 {
+				delete(s.users, users[i])
+			}
+		}
+		s.usersMu.Unlock()
+	}
 }
 
 // etcdEntry is what the store last saw of one record.
@@ -534,6 +582,14 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 	}
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
+	users := []string{c.want.User}
+	if c.old != nil {
+		users = append(users, c.old.User)
+	}
+	if c.victim != nil {
+		users = append(users, c.victim.User)
+	}
+	defer s.lockUsers(users...)()
 	return s.write(ctx, s.claimNames(c), func() (etcdPlan, etcdVerdict) { return s.planClaim(c) },
 		func() *conflictError {
 			keys, believed := []string{c.want.Key}, map[string]bool{c.want.Key: c.old != nil}
@@ -555,6 +611,7 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
+	defer s.lockUsers(r.User)()
 	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
 		func() *conflictError {
 			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, []int{r.Port})
