@@ -3,10 +3,10 @@ package main
 import (
 	"cmp"
 	"context"
-	"math/rand/v2"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"slices"
 	"strconv"
