@@ -59,14 +59,15 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err != nil {
 			return err
 		}
-		var res map[string]int
+		var res importResult
 		if err := c.do(e.ctx, "POST", "/api/import?as=adopt", file, &res); err != nil {
 			return fmt.Errorf("adopt: %v (nothing adopted)", err)
 		}
 		for _, r := range found {
 			fmt.Fprintf(e.stdout, "adopted: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
 		}
-		_, err = fmt.Fprintf(e.stdout, "%d adopted (%d already held those ports); now add the plugin to frps and restart it\n", res["imported"], res["unchanged"])
+		warnOutsidePool(e.stdout, res)
+		_, err = fmt.Fprintf(e.stdout, "%d adopted (%d already held those ports); now add the plugin to frps and restart it\n", res.Imported, res.Unchanged)
 		return err
 	}
 }

@@ -813,12 +813,20 @@ func runRemoteStoreTool(ctx context.Context, cmd string, c adminClient, args []s
 	if err != nil {
 		return err
 	}
-	var res map[string]int
+	var res importResult
 	if err := c.do(ctx, "POST", "/api/import", file, &res); err != nil {
 		return fmt.Errorf("import: %v (nothing imported)", err)
 	}
-	_, err = fmt.Fprintf(stderr, "imported %d allocations through %s (%d already there)\n", res["imported"], c.base, res["unchanged"])
+	warnOutsidePool(stderr, res)
+	_, err = fmt.Fprintf(stderr, "imported %d allocations through %s (%d already there)\n", res.Imported, c.base, res.Unchanged)
 	return err
+}
+
+// warnOutsidePool says which imported allocations lie outside the pool.
+func warnOutsidePool(w io.Writer, res importResult) {
+	for _, kp := range res.OutsidePool {
+		fmt.Fprintf(w, "note: %s is outside the pool %s: kept as an operator's choice (shown as \"outside pool\")\n", kp, res.Pool)
+	}
 }
 
 // readExportFile reads export's JSON from the file args name, or stdin.

@@ -449,3 +449,45 @@ func TestLostRaceRetried(t *testing.T) {
 		t.Fatalf("u.b claimed elsewhere first = %d %s; want a hit on 30007", p, how)
 	}
 }
+
+// TestImportAllOrNothing: an import (or adopt) through the server whose
+// second write fails undoes the first; one that names a held port writes
+// nothing; ports outside the pool are kept and reported.
+func TestImportAllOrNothing(t *testing.T) {
+	dir := t.TempDir()
+	store, faults := newFaultyStore(t, dir)
+	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+	mustAllocate(t, a, req("u", "u.held", "tcp"))
+	recs := []record{{Key: "u.x", Port: 30005, User: "u", ProxyType: "tcp"}, {Key: "u.y", Port: 6000, User: "u", ProxyType: "tcp"}}
+	if _, err := a.importAll(append(recs, record{Key: "u.z", Port: 30000}), histImported, "test"); err == nil || !strings.Contains(err.Error(), "reserved") {
+		t.Fatalf("import naming a held port: %v; want it refused", err)
+	}
+	writes := 0
+	faults.failWhen(syscall.ENOSPC, func(op, name string) bool {
+		if op == "rename" {
+			writes++
+			return writes == 2
+		}
+		return false
+	})
+	if _, err := a.importAll(recs, histImported, "test"); err == nil {
+		t.Fatal("import with a failing second write succeeded")
+	}
+	faults.set(nil, nil)
+	for _, k := range []string{"u.x", "u.y"} {
+		if r, _, ok := a.lookup(k); ok {
+			t.Fatalf("%s = %+v after a failed import; want nothing", k, r)
+		}
+	}
+	b := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
+	if len(b.snapshot()) != 1 {
+		t.Fatalf("after a failed import and a restart: %+v; want only u.held", b.snapshot())
+	}
+	n, err := b.importAll(recs, histImported, "test")
+	if err != nil || n != 2 {
+		t.Fatalf("import = %d, %v", n, err)
+	}
+	if v, _ := b.find("u.y"); !v.OutsidePool || v.Port != 6000 {
+		t.Fatalf("u.y = %+v; want it kept on 6000, outside the pool", v)
+	}
+}

@@ -556,7 +556,23 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(recs)-n)
-	writeValue(w, http.StatusOK, map[string]int{"imported": n, "unchanged": len(recs) - n})
+	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: s.alloc.poolStr}
+	for _, r := range recs {
+		if !s.alloc.pool.has(r.Port) {
+			res.OutsidePool = append(res.OutsidePool, fmt.Sprintf("%s:%d", r.Key, r.Port))
+		}
+	}
+	writeValue(w, http.StatusOK, res)
+}
+
+// importResult is the answer of POST /api/import.
+type importResult struct {
+	Imported  int    `json:"imported"`
+	Unchanged int    `json:"unchanged"`
+	Pool      string `json:"pool"`
+	// OutsidePool lists "key:port" of imported allocations outside the
+	// pool: kept, as an operator may, and shown as such.
+	OutsidePool []string `json:"outside_pool,omitempty"`
 }
 
 // historyPage is the answer of GET /api/history.
