@@ -384,7 +384,11 @@ func (a *allocator) apply(c change) {
 		if cur != nil {
 			seen = max(seen, cur.lastSeen.Load())
 			n.storedSeen, n.seenWrittenAt = cur.storedSeen, cur.seenWrittenAt
-			a.drop(cur, r.AssignedAt.UnixNano())
+			freedAt := r.AssignedAt
+			if !c.at.IsZero() {
+				freedAt = c.at
+			}
+			a.drop(cur, freedAt.UnixNano())
 		} else {
 			n.storedSeen = seen
 		}

@@ -27,7 +27,8 @@ type portStore interface {
 	// c.victim (a reclaimed key's record on the same port) in one step. If
 	// the store no longer holds what the caller saw it writes nothing and
 	// returns a *conflictError carrying the records it holds now. It
-	// returns the changes it made, which the caller applies to memory.
+	// returns the changes it made, which the caller applies to memory: the
+	// victim's delete (if any) before want's put, both of one revision.
 	claim(ctx context.Context, c claim) ([]change, error)
 	// release deletes r if it is still the key's record (else a
 	// *conflictError); its port is free as of at.
@@ -39,7 +40,8 @@ type portStore interface {
 	// by anyone else sharing the store and for the late outcome of calls
 	// whose ctx ended before the store answered, until ctx ends. A store
 	// that only this process writes just waits. After a gap it cannot fill
-	// it delivers a changeReset carrying a whole new snapshot.
+	// it delivers a changeReset carrying a whole new snapshot. It returns
+	// ctx's error when ctx ends, or an error when the store is closed.
 	watch(ctx context.Context, rev int64, apply func(change)) error
 	// close releases the store; a file store writes its checkpoint here.
 	close() error
@@ -91,7 +93,7 @@ type claim struct {
 	// conflict unless want.User holds fewer than maxKeys keys in the store:
 	// exact across every instance that shares it.
 	maxKeys int
-	// at is when old's (or victim's) port becomes free.
+	// at is when old's (or victim's) port becomes free; zero: now.
 	at time.Time
 }
 
@@ -119,7 +121,7 @@ type change struct {
 	rev    int64 // the store's revision of this change
 	key    string
 	rec    record    // changePut
-	at     time.Time // changeDelete: when the port became free
+	at     time.Time // changeDelete: when the port became free; changePut of a move: when the old one did (zero: unknown)
 	seen   time.Time // changeSeen
 	online bool      // changeSeen
 	reset  *snapshot // changeReset
