@@ -370,46 +370,144 @@ func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	cf.declare(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	user := fs.String("user", "", "list only this user's allocations")
+	port := fs.Int("port", 0, "list only the allocation of this port")
+	key := fs.String("key", "", "list only the allocation of this key")
 	return func([]string) error {
 		c, err := cf.client(e.getenv)
 		if err != nil {
 			return err
 		}
-		path := "/api/allocations"
+		filter := url.Values{}
 		if *user != "" {
-			path += "?user=" + url.QueryEscape(*user)
+			filter.Set("user", *user)
 		}
-		var list allocationList
-		if err := c.do(e.ctx, "GET", path, nil, &list); err != nil {
-			return err
+		if *port != 0 {
+			filter.Set("port", strconv.Itoa(*port))
 		}
-		if *asJSON {
-			return printJSON(e.stdout, list)
+		if *key != "" {
+			filter.Set("key", *key)
 		}
-		tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\tNOTES")
-		for _, a := range list.Allocations {
-			var notes []string
-			if a.Pinned {
-				notes = append(notes, "pinned")
-			}
-			if a.OutsidePool {
-				notes = append(notes, "outside pool")
-			}
-			if a.OutsidePolicy {
-				notes = append(notes, "outside policy")
-			}
-			if a.Note != "" {
-				notes = append(notes, strconv.Quote(a.Note))
-			}
-			note := strings.Join(notes, ", ")
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
-				a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), note)
-		}
-		fmt.Fprintf(tw, "\npool: %d used, %d free, %d ports\n", list.Pool.Used, list.Pool.Free, list.Pool.Size)
-		return tw.Flush()
+		return c.list(e.ctx, filter, *asJSON, e.stdout)
 	}
 }
+
+// listPageSize is how many allocations list asks the server for at a time.
+const listPageSize = 1000
+
+// list prints the allocations filter selects, a page at a time as they
+// arrive (following the server's cursor), so neither side ever holds the
+// whole list: a table, flushed after every page, or the JSON of
+// GET /api/allocations, indented as printJSON would.
+func (c adminClient) list(ctx context.Context, filter url.Values, asJSON bool, stdout io.Writer) error {
+	out := bufio.NewWriter(stdout)
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	if asJSON {
+		fmt.Fprint(out, "{\n  \"allocations\": [")
+	} else {
+		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\tNOTES")
+	}
+	rows, after := 0, 0
+	var pool poolStats
+	for {
+		q := url.Values{}
+		for k, v := range filter {
+			q[k] = v
+		}
+		q.Set("limit", strconv.Itoa(listPageSize))
+		if after > 0 {
+			q.Set("after", strconv.Itoa(after))
+		}
+		var page allocationList
+		if err := c.doRetrying(ctx, "GET", "/api/allocations?"+q.Encode(), &page); err != nil {
+			return err
+		}
+		for _, a := range page.Allocations {
+			if asJSON {
+				b, err := json.MarshalIndent(a, "    ", "  ")
+				if err != nil {
+					return err
+				}
+				if rows > 0 {
+					out.WriteByte(',')
+				}
+				fmt.Fprintf(out, "\n    %s", b)
+			} else {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
+					a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), listNotes(a))
+			}
+			rows++
+		}
+		pool = page.Pool
+		if !asJSON {
+			tw.Flush()
+		}
+		if err := out.Flush(); err != nil {
+			return err
+		}
+		if page.Next == 0 {
+			break
+		}
+		after = page.Next
+	}
+	if asJSON {
+		if rows > 0 {
+			out.WriteString("\n  ")
+		}
+		b, err := json.MarshalIndent(pool, "  ", "  ")
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "],\n  \"pool\": %s\n}\n", b)
+	} else {
+		fmt.Fprintf(out, "\npool: %d used, %d free, %d ports\n", pool.Used, pool.Free, pool.Size)
+	}
+	return out.Flush()
+}
+
+// listNotes is the NOTES column of list.
+func listNotes(a apiAllocation) string {
+	var notes []string
+	if a.Pinned {
+		notes = append(notes, "pinned")
+	}
+	if a.OutsidePool {
+		notes = append(notes, "outside pool")
+	}
+	if a.OutsidePolicy {
+		notes = append(notes, "outside policy")
+	}
+	if a.Note != "" {
+		notes = append(notes, strconv.Quote(a.Note))
+	}
+	return strings.Join(notes, ", ")
+}
+
+// doRetrying is do for a GET that a busy server may refuse for a moment
+// (503 with Retry-After, when every listing slot is taken): it tries again,
+// up to five times, after the delay the server asks for (at most 5s).
+func (c adminClient) doRetrying(ctx context.Context, method, path string, out any) error {
+	for attempt := 1; ; attempt++ {
+		err := c.do(ctx, method, path, nil, out)
+		var se *statusError
+		if !errors.As(err, &se) || se.status != http.StatusServiceUnavailable || se.retryAfter <= 0 || attempt == 5 {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(min(se.retryAfter, 5*time.Second)):
+		}
+	}
+}
+
+// statusError is an answer of the admin API other than a success.
+type statusError struct {
+	status     int
+	retryAfter time.Duration // from Retry-After, when the server sent one
+	msg        string
+}
+
+func (e *statusError) Error() string { return e.msg }
 
 func setupShow(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	var cf clientFlags
@@ -751,13 +849,17 @@ func (c adminClient) do(ctx context.Context, method, path string, in, out any) e
 		return err
 	}
 	if resp.StatusCode >= 300 {
+		se := &statusError{status: resp.StatusCode, msg: "server answered " + resp.Status}
+		if secs, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && secs > 0 {
+			se.retryAfter = time.Duration(secs) * time.Second
+		}
 		var e struct {
 			Error string `json:"error"`
 		}
 		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return fmt.Errorf("%s (%s)", e.Error, resp.Status)
+			se.msg = fmt.Sprintf("%s (%s)", e.Error, resp.Status)
 		}
-		return fmt.Errorf("server answered %s", resp.Status)
+		return se
 	}
 	if out != nil {
 		return json.Unmarshal(data, out)

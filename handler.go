@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -42,6 +43,10 @@ type server struct {
 	events  *eventHub
 	started time.Time
 	bufs    sync.Pool // *bytes.Buffer, reused between requests
+	// heavy holds a token per admin listing or page in progress; its
+	// capacity is how many may run at once (see enterHeavy).
+	heavy     chan struct{}
+	heavyWait time.Duration
 }
 
 // serverOptions are what the operators' side needs beyond the allocator.
@@ -53,6 +58,11 @@ type serverOptions struct {
 	// every change as it happens.
 	history historyLog
 	events  *eventHub
+	// heavySlots is how many listings and pages may run at once (default
+	// 2); heavyWait how long another waits for a slot before it is
+	// answered 503 (default 1s).
+	heavySlots int
+	heavyWait  time.Duration
 }
 
 // peerWarnEvery is how often one peer (or one wrong path) may put a
@@ -63,7 +73,8 @@ const peerWarnEvery = time.Minute
 func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Handler {
 	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken,
 		pluginAllow: opts.pluginAllow, quiet: newLogLimiter(peerWarnEvery), started: time.Now(),
-		history: opts.history, events: opts.events}
+		history: opts.history, events: opts.events,
+		heavy: make(chan struct{}, cmp.Or(opts.heavySlots, defaultHeavySlots)), heavyWait: cmp.Or(opts.heavyWait, defaultHeavyWait)}
 	if s.events == nil {
 		s.events = newEventHub(nil)
 	}
@@ -342,27 +353,9 @@ func (s *server) toAPI(v allocationView) apiAllocation {
 type allocationList struct {
 	Allocations []apiAllocation `json:"allocations"`
 	Pool        poolStats       `json:"pool"`
-}
-
-// listAllocations returns the allocations, sorted by port, of user when
-// user is not empty.
-func (s *server) listAllocations(user string, filterUser bool) allocationList {
-	out := allocationList{Allocations: []apiAllocation{}, Pool: s.alloc.stats()}
-	for _, v := range s.alloc.snapshot() {
-		if !filterUser || v.User == user {
-			out.Allocations = append(out.Allocations, s.toAPI(v))
-		}
-	}
-	return out
-}
-
-func (s *server) serveList(w http.ResponseWriter, r *http.Request) {
-	user, filter := r.URL.Query()["user"]
-	name := ""
-	if filter && len(user) > 0 {
-		name = user[0]
-	}
-	writeValue(w, http.StatusOK, s.listAllocations(name, filter))
+	// Next is the cursor of the following page (?after=Next), present
+	// when a limited listing may have more.
+	Next int `json:"next,omitempty"`
 }
 
 func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {

@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"html/template"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +18,9 @@ var pageHTML string
 // JavaScript, so it opens on any router's browser.
 var pageTemplate = template.Must(template.New("page").Parse(pageHTML))
 
+// pageSize is how many allocations one page of GET / shows.
+const pageSize = 200
+
 // pageData is everything the page shows.
 type pageData struct {
 	Version     string
@@ -26,27 +30,75 @@ type pageData struct {
 	UsedPercent int
 	Query       string
 	Allocations []apiAllocation
-	Total       int
+	// Total counts every allocation, Matching those the filter keeps;
+	// First and Last number the rows shown among Matching (from 1).
+	Total, Matching, First, Last int
+	// PrevURL and NextURL are the neighbouring pages, "" when there is none.
+	PrevURL, NextURL string
 }
 
+// servePage renders one page of pageSize allocations, those after the
+// cursor ?after=PORT that the filter ?q= keeps. One walk over the
+// allocations (under a heavy-work slot, the read lock taken a chunk at a
+// time) counts them, finds the page's rows and the cursor of the page
+// before, keeping at most pageSize+1 ports besides the rows.
 func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	q := strings.TrimSpace(r.URL.Query().Get("q"))
-	list := s.listAllocations("", false)
-	data := pageData{
-		Version:  version,
-		Uptime:   time.Since(s.started).Round(time.Second).String(),
-		PoolSpec: s.alloc.poolStr,
-		Pool:     list.Pool,
-		Query:    q,
-		Total:    len(list.Allocations),
-	}
-	if list.Pool.Size > 0 {
-		data.UsedPercent = list.Pool.Used * 100 / list.Pool.Size
-	}
-	for _, a := range list.Allocations {
-		if q == "" || matches(a, q) {
-			data.Allocations = append(data.Allocations, a)
+	after := 0
+	if v := r.URL.Query().Get("after"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > maxPort {
+			http.Error(w, "after must be a port number", http.StatusBadRequest)
+			return
 		}
+		after = n
+	}
+	if !s.enterHeavy(w, r, writeBusyPage) {
+		return
+	}
+	defer s.leaveHeavy()
+
+	data := pageData{
+		Version:     version,
+		Uptime:      time.Since(s.started).Round(time.Second).String(),
+		PoolSpec:    s.alloc.poolStr,
+		Query:       q,
+		Allocations: make([]apiAllocation, 0, pageSize),
+	}
+	lower := strings.ToLower(q)
+	var before [pageSize + 1]int // the last pageSize+1 matching ports up to the cursor
+	seen, more := 0, false       // seen: matches up to the cursor
+	s.alloc.listPage(0, 1, func(v allocationView) bool {
+		data.Total++
+		if q != "" && !matches(v, lower) {
+			return false
+		}
+		data.Matching++
+		switch {
+		case v.Port <= after:
+			before[seen%len(before)] = v.Port
+			seen++
+		case len(data.Allocations) < pageSize:
+			data.Allocations = append(data.Allocations, s.toAPI(v))
+		default:
+			more = true
+		}
+		return false // the visitor keeps what it needs; listPage builds nothing
+	})
+	data.Pool = s.alloc.stats()
+	if data.Pool.Size > 0 {
+		data.UsedPercent = data.Pool.Used * 100 / data.Pool.Size
+	}
+	data.First, data.Last = seen+1, seen+len(data.Allocations)
+	if seen > 0 {
+		prev := 0 // the first page needs no cursor
+		if seen > pageSize {
+			prev = before[(seen-pageSize-1)%len(before)]
+		}
+		data.PrevURL = pageURL(q, prev)
+	}
+	if more {
+		data.NextURL = pageURL(q, data.Allocations[len(data.Allocations)-1].Port)
 	}
 	var buf bytes.Buffer
 	if err := pageTemplate.Execute(&buf, data); err != nil {
@@ -58,9 +110,29 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	w.Write(buf.Bytes())
 }
 
-// matches is the page filter: a substring of key, user or proxy, or the port.
-func matches(a apiAllocation, q string) bool {
-	q = strings.ToLower(q)
-	return strings.Contains(strings.ToLower(a.Key), q) || strings.Contains(strings.ToLower(a.User), q) ||
-		strings.Contains(strings.ToLower(a.ProxyName), q) || strconv.Itoa(a.Port) == q
+// pageURL is the address of the page after the cursor, with the filter q.
+func pageURL(q string, after int) string {
+	v := url.Values{}
+	if q != "" {
+		v.Set("q", q)
+	}
+	if after > 0 {
+		v.Set("after", strconv.Itoa(after))
+	}
+	if len(v) == 0 {
+		return "/"
+	}
+	return "/?" + v.Encode()
+}
+
+// writeBusyPage is the page's answer when every heavy-work slot stays taken.
+func writeBusyPage(w http.ResponseWriter) {
+	http.Error(w, errBusy, http.StatusServiceUnavailable)
+}
+
+// matches is the page filter: a substring of key, user or proxy, or the
+// port. lowerQ is the filter in lower case.
+func matches(v allocationView, lowerQ string) bool {
+	return strings.Contains(strings.ToLower(v.Key), lowerQ) || strings.Contains(strings.ToLower(v.User), lowerQ) ||
+		strings.Contains(strings.ToLower(v.ProxyName), lowerQ) || strconv.Itoa(v.Port) == lowerQ
 }

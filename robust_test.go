@@ -735,7 +735,17 @@ func TestHostileInputs(t *testing.T) {
 			t.Errorf("%s after restart: port %d; want %d", tt.name, p, ports[i])
 		}
 	}
-	outcomes := s.outcomes(t)
+	// Log lines are written in batches: wait for the last one.
+	var outcomes map[string]string
+	waitFor(t, "every decision in the log", 5*time.Second, func() bool {
+		outcomes = s.outcomes(t)
+		for i := range tests {
+			if _, logged := outcomes[fmt.Sprintf("restart-%d", i)]; ports[i] != 0 && !logged {
+				return false
+			}
+		}
+		return true
+	})
 	for i, tt := range tests {
 		if ports[i] != 0 {
 			if oc := outcomes[fmt.Sprintf("restart-%d", i)]; oc != "hit" {
