@@ -318,12 +318,18 @@ func TestDataDirRemoved(t *testing.T) {
 func TestReclaimSparesOnlineProxies(t *testing.T) {
 	dir := t.TempDir()
 	now, advance := fakeClock(time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// Two neighbouring ports that bind now (other tests run alongside).
+	busyPort := 0
+	for range 50 {
+		p := freePort(t)
+		if p < maxPort && bindProbe("0.0.0.0")(p) == nil && bindProbe("0.0.0.0")(p+1) == nil {
+			busyPort = p
+			break
+		}
 	}
-	busyPort := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	if busyPort == 0 {
+		t.Fatal("no two neighbouring free ports")
+	}
 	pool := fmt.Sprintf("%d-%d", busyPort, busyPort+1)
 	pol := mustPolicy(t, "", pool, 0, 3*time.Second)
 	opts := allocatorOptions{policy: pol, now: now, probe: bindProbe("127.0.0.1")}
