@@ -98,6 +98,7 @@ func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Hand
 		{"GET /api/events", s.admin(s.serveEvents)},
 		{"GET /metrics", s.admin(s.metrics.handler.ServeHTTP)},
 		{"GET /{$}", s.admin(s.servePage)},
+		{"GET /history", s.admin(s.servePageHistory)},
 	}
 	// strict answers exactly the routes (404, or 405 for a known path);
 	// mux adds a catch-all that hands what matches no route to strict and

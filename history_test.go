@@ -406,6 +406,20 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 	if page := s.get(t, "/"); !strings.Contains(page, "Bob&#39;s NAS") {
 		t.Errorf("the page lacks the note")
 	}
+	for path, wants := range map[string][]string{
+		"/history?key=bob.nas":  {"<td>assigned</td>", "<td>filled_in</td>", "Bob&#39;s NAS", `href="/history?port=30043"`},
+		"/history?port=30042":   {"<td>assigned</td>", "bob.nas"},
+		"/":                     {`href="/history?key=bob.nas"`},
+		"/history?port=70000x":  {"port must be 1-65535"},
+		"/history?key=nobody.x": {"No changes recorded for nobody.x"},
+	} {
+		page := s.get(t, path)
+		for _, want := range wants {
+			if !strings.Contains(page, want) {
+				t.Errorf("GET %s lacks %q", path, want)
+			}
+		}
+	}
 	export := s.get(t, "/api/export")
 	if !strings.Contains(export, `"note":"Bob's NAS"`) {
 		t.Fatalf("export lacks the note: %s", export)

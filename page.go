@@ -18,6 +18,54 @@ var pageHTML string
 // JavaScript, so it opens on any router's browser.
 var pageTemplate = template.Must(template.New("page").Parse(pageHTML))
 
+//go:embed history.html
+var historyHTML string
+
+// historyTemplate renders GET /history: a key's or a port's changes.
+var historyTemplate = template.Must(template.New("history").Parse(historyHTML))
+
+// historyPageData is everything the history page shows.
+type historyPageData struct {
+	Key     string
+	Port    int
+	Limit   int
+	Entries []historyEntry
+	Error   string
+}
+
+// servePageHistory renders the history of ?key= or ?port=, newest first.
+func (s *server) servePageHistory(w http.ResponseWriter, r *http.Request) {
+	data := historyPageData{Key: strings.TrimSpace(r.URL.Query().Get("key")), Limit: 200}
+	if v := r.URL.Query().Get("port"); v != "" {
+		p, err := strconv.Atoi(v)
+		if err != nil || p < 1 || p > maxPort {
+			http.Error(w, "port must be 1-65535", http.StatusBadRequest)
+			return
+		}
+		data.Port = p
+	}
+	switch {
+	case s.history == nil:
+		data.Error = "This store keeps no history."
+	case data.Key == "" && data.Port == 0:
+		data.Error = "Name a key or a port."
+	default:
+		got, err := s.history.entries(r.Context(), historyQuery{key: data.Key, port: data.Port, limit: data.Limit})
+		if err != nil {
+			data.Error = "The history could not be read: " + err.Error()
+		}
+		data.Entries = got
+	}
+	var buf bytes.Buffer
+	if err := historyTemplate.Execute(&buf, data); err != nil {
+		s.log.Error("history page", "err", err)
+		http.Error(w, "page failed", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Write(buf.Bytes())
+}
+
 // pageSize is how many allocations one page of GET / shows.
 const pageSize = 200
 
