@@ -375,23 +375,17 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 	if err := dec.Decode(&body); err != nil || body.Port == nil {
-		writeError(w, http.StatusBadRequest, `the body must be {"port":N}`)
+		writeError(w, http.StatusBadRequest, `the body must be {"port":N} or {"port":N,"note":"…"}`)
+		return
+	}
+	if body.Note != nil && len(*body.Note) > maxNoteBytes {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("a note is at most %d bytes", maxNoteBytes))
 		return
 	}
 	key := r.PathValue("key")
 	rec, err := s.alloc.assign(key, *body.Port, operatorChange{note: body.Note, by: adminActor(r)})
 	if err != nil {
-		s.log.Warn("admin assign refused", "key", key, "port", *body.Port, "err", err)
-		status := http.StatusInternalServerError
-		switch {
-		case errors.Is(err, errPortReserved):
-			status = http.StatusConflict
-		case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
-			status = http.StatusUnprocessableEntity
-		case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
-			status = http.StatusServiceUnavailable
-		}
-		writeError(w, status, rejectReason(err))
+		s.writeChangeError(w, "assign", key, err)
 		return
 	}
 	s.log.Info("admin assigned", "key", key, "port", rec.Port)
