@@ -5,10 +5,13 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -257,4 +260,48 @@ func TestFleetEtcdOutage(t *testing.T) {
 	io.Copy(&list, resp.Body)
 	resp.Body.Close()
 	t.Logf("after the outages: %s", list.String())
+}
+
+// TestEtcdMoveFileStoreAndBack: the README's move of a file store into
+// etcd and back, with export and import, keeps every port.
+func TestEtcdMoveFileStoreAndBack(t *testing.T) {
+	etcd := startEtcd(t, nil)
+	dir := t.TempDir()
+	s := startInProc(t, "-data-dir", dir, "-allow-ports", "30000-30099", "-probe=false")
+	want := map[string]int{}
+	for _, name := range []string{"a.x", "a.y", "b.z"} {
+		want[name] = tryPost(s, strings.Split(name, ".")[0], name, "").port
+	}
+	s.stop(t)
+	cli := func(stdin string, args ...string) string {
+		t.Helper()
+		var out, errOut bytes.Buffer
+		file := filepath.Join(t.TempDir(), "in.json")
+		os.WriteFile(file, []byte(stdin), 0o600)
+		if stdin != "" {
+			args = append(args, file)
+		}
+		if err := run(context.Background(), args, func(string) string { return "" }, &out, &errOut); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, errOut.String())
+		}
+		return out.String()
+	}
+	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcd.endpoint(), "-etcd-prefix", "/moved/"}
+	exported := cli("", "export", "-data-dir", dir)
+	cli(exported, append([]string{"import"}, etcdFlags...)...)
+	fleet := startInProc(t, append(etcdFlags, "-allow-ports", "30000-30099", "-probe=false")...)
+	for name, port := range want {
+		if got := lookupAt(fleet, name); got != port {
+			t.Fatalf("%s in etcd = %d; want %d", name, got, port)
+		}
+	}
+	fleet.stop(t)
+	back := t.TempDir()
+	cli(cli("", append([]string{"export"}, etcdFlags...)...), "import", "-data-dir", back)
+	a := newTestAllocator(t, back, "30000-30099", allocatorOptions{})
+	for name, port := range want {
+		if r, _, ok := a.lookup(name); !ok || r.Port != port {
+			t.Fatalf("%s back in a file store = %+v; want %d", name, r, port)
+		}
+	}
 }
