@@ -37,6 +37,7 @@ type server struct {
 	// capacity is how many may run at once (see enterHeavy).
 	heavy     chan struct{}
 	heavyWait time.Duration
+	unpaced   bool // serverOptions.unpaced
 }
 
 // serverOptions are what the operators' side needs beyond the allocator.
@@ -48,12 +49,16 @@ type serverOptions struct {
 	// answered 503 (default 1s).
 	heavySlots int
 	heavyWait  time.Duration
+	// unpaced lets heavy work run flat out (tests that measure something
+	// else); see heavyRest.
+	unpaced bool
 }
 
 // newServer builds every route in one place.
 func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Handler {
 	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken, started: time.Now(),
-		heavy: make(chan struct{}, cmp.Or(opts.heavySlots, defaultHeavySlots)), heavyWait: cmp.Or(opts.heavyWait, defaultHeavyWait)}
+		heavy:     make(chan struct{}, cmp.Or(opts.heavySlots, defaultHeavySlots)),
+		heavyWait: cmp.Or(opts.heavyWait, defaultHeavyWait), unpaced: opts.unpaced}
 	if s.metrics == nil {
 		s.metrics = newMetrics(alloc.stats)
 	}
