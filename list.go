@@ -205,11 +205,12 @@ func (s *server) leaveHeavy() { <-s.heavy }
 // listings and pages together keep at most 1/(1+heavyRest) of one core
 // busy, however many run, and never hold a core for longer than a slice
 // at a time: frps's requests find the CPU free, or free again within a
-// quarter of a millisecond. A listing of 64,000 allocations (12 MiB) then
-// takes about 0.2 s; slices of a millisecond doubled the plugin's p99
-// under 100 listing clients (BENCHMARKS.md, section 6).
+// tenth of a millisecond. A listing of 64,000 allocations (12 MiB) then
+// takes about 0.4 s. Under 100 clients listing in a loop, slices of 1 ms
+// made the plugin's p99 2.4× its p99 alone, slices of 250 µs 1.96×, and
+// slices of 100 µs 1.41× (BENCHMARKS.md, section 6).
 const (
-	heavySlice = 250 * time.Microsecond
+	heavySlice = 100 * time.Microsecond
 	heavyRest  = 3
 )
 
