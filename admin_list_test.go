@@ -83,14 +83,14 @@ func (p *peakHeap) sample() {
 // TestListStreamsBoundedMemory: listing 64,000 allocations without a limit
 // returns every one, in port order, while the heap grows by far less than
 // the answer's size (about 13 MB): the answer is encoded and written chunk
-// by chunk, never built whole. The heap is sampled every millisecond and at
+// by chunk, never built whole. The heap is sampled every 5 ms and at
 // every write, with the collector running often, so garbage does not count
 // as growth; the old handler, which built the list and the body, peaked at
 // about 40 MiB over the base.
 func TestListStreamsBoundedMemory(t *testing.T) {
 	const n = 64000
 	a := bigAllocator(t, n, 16)
-	h := newServer(a, slog.New(slog.DiscardHandler), serverOptions{})
+	h := newServer(a, slog.New(slog.DiscardHandler), serverOptions{unpaced: true}) // pacing is TestAdminPacing's
 
 	defer debug.SetGCPercent(debug.SetGCPercent(10))
 	runtime.GC()
@@ -101,7 +101,7 @@ func TestListStreamsBoundedMemory(t *testing.T) {
 	sampled := make(chan struct{})
 	go func() {
 		defer close(sampled)
-		tick := time.NewTicker(time.Millisecond)
+		tick := time.NewTicker(5 * time.Millisecond)
 		defer tick.Stop()
 		for {
 			select {
@@ -715,5 +715,50 @@ func TestCLIListPages(t *testing.T) {
 		if len(qs) != 1 || len(lines) != 1+n+2 || (n == 1 && !strings.Contains(lines[1], tt.want)) {
 			t.Errorf("list %v (asked %q):\n%s\nwant %d row with %q", tt.args, qs, out, n, tt.want)
 		}
+	}
+}
+
+// TestAdminPacing: heavy work rests heavyRest times as long as it worked,
+// and longer while other heavy work runs, so that all of it together keeps
+// to 1/(1+heavyRest) of a core; a paced listing takes accordingly longer
+// than one running flat out.
+func TestAdminPacing(t *testing.T) {
+	tests := []struct {
+		worked time.Duration
+		active int
+		want   time.Duration
+	}{
+		{time.Millisecond, 1, heavyRest * time.Millisecond},
+		{time.Millisecond, 0, heavyRest * time.Millisecond},
+		{time.Millisecond, 2, (2*(1+heavyRest) - 1) * time.Millisecond},
+		{300 * time.Microsecond, 4, (4*(1+heavyRest) - 1) * 300 * time.Microsecond},
+	}
+	for _, tt := range tests {
+		if got := restAfter(tt.worked, tt.active); got != tt.want {
+			t.Errorf("restAfter(%v, %d) = %v; want %v", tt.worked, tt.active, got, tt.want)
+		}
+		busy := float64(max(1, tt.active)) * float64(tt.worked) / float64(tt.worked+restAfter(tt.worked, tt.active))
+		if want := 1.0 / (1 + heavyRest); busy < want*0.999 || busy > want*1.001 {
+			t.Errorf("%d pieces working %v keep %.3f of a core busy; want %.3f", tt.active, tt.worked, busy, want)
+		}
+	}
+
+	a := bigAllocator(t, 5000, 2)
+	took := func(opts serverOptions) time.Duration {
+		h := newServer(a, slog.New(slog.DiscardHandler), opts)
+		best := time.Hour
+		for range 3 {
+			start := time.Now()
+			if rec := adminDo(t, h, "GET", "/api/allocations"); rec.Code != 200 {
+				t.Fatalf("list: %d", rec.Code)
+			}
+			best = min(best, time.Since(start))
+		}
+		return best
+	}
+	flat, paced := took(serverOptions{unpaced: true}), took(serverOptions{})
+	t.Logf("listing 5,000 allocations: %v flat out, %v paced", flat, paced)
+	if paced < 2*flat {
+		t.Errorf("a paced listing took %v, one flat out %v; want the paced one at least twice as long (rest %d× the work)", paced, flat, heavyRest)
 	}
 }

@@ -47,6 +47,7 @@ type server struct {
 	// capacity is how many may run at once (see enterHeavy).
 	heavy     chan struct{}
 	heavyWait time.Duration
+	unpaced   bool // serverOptions.unpaced
 }
 
 // serverOptions are what the operators' side needs beyond the allocator.
@@ -63,6 +64,9 @@ type serverOptions struct {
 	// answered 503 (default 1s).
 	heavySlots int
 	heavyWait  time.Duration
+	// unpaced lets heavy work run flat out (tests that measure something
+	// else); see heavyRest.
+	unpaced bool
 }
 
 // peerWarnEvery is how often one peer (or one wrong path) may put a
@@ -74,7 +78,8 @@ func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Hand
 	s := &server{alloc: alloc, log: log, metrics: opts.metrics, adminToken: opts.adminToken,
 		pluginAllow: opts.pluginAllow, quiet: newLogLimiter(peerWarnEvery), started: time.Now(),
 		history: opts.history, events: opts.events,
-		heavy: make(chan struct{}, cmp.Or(opts.heavySlots, defaultHeavySlots)), heavyWait: cmp.Or(opts.heavyWait, defaultHeavyWait)}
+		heavy:     make(chan struct{}, cmp.Or(opts.heavySlots, defaultHeavySlots)),
+		heavyWait: cmp.Or(opts.heavyWait, defaultHeavyWait), unpaced: opts.unpaced}
 	if s.events == nil {
 		s.events = newEventHub(nil)
 	}

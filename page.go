@@ -116,23 +116,37 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	lower := strings.ToLower(q)
 	var before [pageSize + 1]int // the last pageSize+1 matching ports up to the cursor
 	seen, more := 0, false       // seen: matches up to the cursor
-	s.alloc.listPage(0, 1, func(v allocationView) bool {
+	// The visitor takes what it needs from each allocation, and accepts
+	// one every listChunk only to end listPage's walk there, so the walk
+	// can rest between slices like a listing does.
+	walked := 0
+	visit := func(v allocationView) bool {
 		data.Total++
-		if q != "" && !matches(v, lower) {
-			return false
+		walked++
+		if q == "" || matches(v, lower) {
+			data.Matching++
+			switch {
+			case v.Port <= after:
+				before[seen%len(before)] = v.Port
+				seen++
+			case len(data.Allocations) < pageSize:
+				data.Allocations = append(data.Allocations, s.toAPI(v))
+			default:
+				more = true
+			}
 		}
-		data.Matching++
-		switch {
-		case v.Port <= after:
-			before[seen%len(before)] = v.Port
-			seen++
-		case len(data.Allocations) < pageSize:
-			data.Allocations = append(data.Allocations, s.toAPI(v))
-		default:
-			more = true
+		return walked%listChunk == 0
+	}
+	pace := s.newPacer()
+	for from := 0; ; {
+		_, next := s.alloc.listPage(from, 1, visit)
+		if next == 0 {
+			break
 		}
-		return false // the visitor keeps what it needs; listPage builds nothing
-	})
+		if from = next; pace.pause(r.Context()) != nil {
+			return
+		}
+	}
 	data.Pool = s.alloc.stats()
 	if data.Pool.Size > 0 {
 		data.UsedPercent = data.Pool.Used * 100 / data.Pool.Size

@@ -11,13 +11,17 @@
 //   - startup: exec to the first 200 on /ping and VmRSS with 60,000
 //     allocations in the data directory;
 //   - e2e:     real frps and frpc v0.65.0, 500 tcp proxies registering with
-//     and without the plugin.
+//     and without the plugin;
+//   - admin:   paced sticky hits on a plugin holding 64,000 allocations,
+//     alone and while 100 admin clients list every allocation in a loop
+//     (the admin storm of issue 9).
 //
 // Everything listens on 127.0.0.1, every wait is bounded, and every child
 // process is ended (by its pid) before the tool exits. With -md it writes
 // BENCHMARKS.md from the figures and the micro-benchmark output (-micro).
 //
-// `loadtest baseline ...` is the baseline server itself.
+// `loadtest baseline ...` is the baseline server itself, `loadtest
+// listers ...` the admin clients of the admin phase.
 package main
 
 import (
@@ -44,6 +48,10 @@ type config struct {
 	startupRuns                 int
 	e2eProxies, e2ePoolSize     int
 	e2ePoll                     time.Duration
+	adminKeys, adminClients     int
+	adminConns, adminRequests   int
+	adminRuns                   int
+	adminRate                   float64
 
 	phases     map[string]bool
 	tmpRoot    string
@@ -69,9 +77,17 @@ type results struct {
 	Fresh    *freshResults      `json:"fresh,omitempty"`
 	Startup  *startupResults    `json:"startup,omitempty"`
 	E2E      *e2eResults        `json:"e2e,omitempty"`
+	Admin    *adminResults      `json:"admin,omitempty"`
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "listers" {
+		if err := runListers(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 1 && os.Args[1] == "baseline" {
 		if err := serveBaseline(os.Args[2:]); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -106,7 +122,13 @@ func run() error {
 	flag.IntVar(&cfg.e2eProxies, "e2e-proxies", 500, "e2e: tcp proxies in the one frpc")
 	flag.IntVar(&cfg.e2ePoolSize, "e2e-pool", 2000, "e2e: ports in frps's allowPorts and the plugin's pool")
 	flag.DurationVar(&cfg.e2ePoll, "e2e-poll", 20*time.Millisecond, "e2e: dashboard poll interval")
-	flag.StringVar(&phases, "phases", "storm,fresh,startup,e2e", "phases to run (startup needs fresh's store)")
+	flag.IntVar(&cfg.adminKeys, "admin-keys", 64000, "admin: allocations the plugin holds")
+	flag.IntVar(&cfg.adminClients, "admin-clients", 100, "admin: clients listing every allocation in a loop")
+	flag.IntVar(&cfg.adminConns, "admin-conns", 8, "admin: connections of the paced sticky hits")
+	flag.Float64Var(&cfg.adminRate, "admin-rate", 2000, "admin: sticky hits per second")
+	flag.IntVar(&cfg.adminRequests, "admin-requests", 20000, "admin: sticky hits per measurement")
+	flag.IntVar(&cfg.adminRuns, "admin-runs", 5, "admin: repetitions, each alone then during the storm")
+	flag.StringVar(&phases, "phases", "storm,fresh,startup,e2e,admin", "phases to run (startup needs fresh's store)")
 	flag.StringVar(&cfg.tmpRoot, "tmp", "", "parent of the temporary directory (default: the system's)")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temporary directory (data, configs, logs)")
 	flag.StringVar(&cfg.jsonOut, "json", "", "write the results as JSON to this file")
@@ -125,7 +147,7 @@ func run() error {
 	cfg.phases = map[string]bool{}
 	for _, p := range strings.Split(phases, ",") {
 		switch p = strings.TrimSpace(p); p {
-		case "storm", "fresh", "startup", "e2e":
+		case "storm", "fresh", "startup", "e2e", "admin":
 			cfg.phases[p] = true
 		case "":
 		default:
@@ -135,7 +157,8 @@ func run() error {
 	if cfg.phases["startup"] && !cfg.phases["fresh"] {
 		return fmt.Errorf("-phases: startup uses the store the fresh phase leaves behind")
 	}
-	if cfg.runs < 1 || cfg.stormRuns < 1 || cfg.e2eRuns < 1 || cfg.startupRuns < 1 || cfg.conns < 1 || cfg.keys < 1 || cfg.requests < 1 || cfg.freshKeys < 1 {
+	if cfg.runs < 1 || cfg.stormRuns < 1 || cfg.e2eRuns < 1 || cfg.startupRuns < 1 || cfg.conns < 1 || cfg.keys < 1 || cfg.requests < 1 || cfg.freshKeys < 1 ||
+		cfg.adminKeys < 1 || cfg.adminClients < 1 || cfg.adminConns < 1 || cfg.adminRequests < 1 || cfg.adminRuns < 1 || cfg.adminRate <= 0 {
 		return fmt.Errorf("counts must be positive")
 	}
 	var err error
@@ -230,6 +253,11 @@ func run() error {
 	if cfg.phases["e2e"] {
 		if err := timed("e2e", func() (err error) { res.E2E, err = phaseE2E(cfg, tmp); return }); err != nil {
 			return fmt.Errorf("e2e: %v", err)
+		}
+	}
+	if cfg.phases["admin"] {
+		if err := timed("admin", func() (err error) { res.Admin, err = phaseAdmin(cfg, tmp); return }); err != nil {
+			return fmt.Errorf("admin: %v", err)
 		}
 	}
 	res.Finished = time.Now()

@@ -212,6 +212,14 @@ func targets(res *results) []target {
 	} else {
 		ts = append(ts, target{What: "Registration through frps with the plugin ≤ 1.1× frps alone", Missing: true})
 	}
+	if a := res.Admin; a != nil {
+		ratio := pairedRatio(a.Storm, a.Alone, p99)
+		ts = append(ts, target{What: fmt.Sprintf("Sticky hits while %d admin clients list %s allocations: p99 ≤ 2× alone", a.Clients, n(a.Allocations)),
+			Measured: fmt.Sprintf("%.2f× (median of %d paired runs; p99 medians %.2f ms vs %.2f ms alone; peak VmRSS %.1f MiB)",
+				ratio, len(a.Storm), median(field(a.Storm, p99)), median(field(a.Alone, p99)), mib(a.HWM)), Pass: ratio <= 2})
+	} else {
+		ts = append(ts, target{What: "Sticky hits while 100 admin clients list 64,000 allocations: p99 ≤ 2× alone", Missing: true})
+	}
 	return ts
 }
 
@@ -240,6 +248,11 @@ func printSummary(w io.Writer, cfg config, res *results) {
 		a, p := median(field(e.Alone, firstMS)), median(field(e.Plugin, firstMS))
 		fmt.Fprintf(w, "e2e, %d tcp proxies (median of %d): frps alone %.0f ms, with the plugin %.0f ms, ratio %.2f, no-op plugin %.0f ms; again after a client crash: %.0f ms vs %.0f ms (no-op %.0f ms)\n",
 			e.Proxies, len(e.Alone), a, p, p/a, median(field(e.Noop, firstMS)), median(field(e.Alone, reconnectMS)), median(field(e.Plugin, reconnectMS)), median(field(e.Noop, reconnectMS)))
+	}
+	if a := res.Admin; a != nil {
+		fmt.Fprintf(w, "admin storm, %d allocations, %d listers (median of %d): sticky-hit p50 %.2f / p99 %.2f ms alone, %.2f / %.2f ms with the listers (p99 ratio %.2f); peak VmRSS %.1f MiB\n",
+			a.Allocations, a.Clients, len(a.Alone), median(field(a.Alone, p50)), median(field(a.Alone, p99)),
+			median(field(a.Storm, p50)), median(field(a.Storm, p99)), pairedRatio(a.Storm, a.Alone, p99), mib(a.HWM))
 	}
 	fmt.Fprintln(w, "targets:")
 	for _, t := range targets(res) {
@@ -436,7 +449,32 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("The rest is outside the plugin's handler: frps's plugin call (request built, sent over loopback HTTP, answer read) and the switching between the processes.\n\n")
 		p("With the plugin every proxy got its first port back on the second registration (checked).\n\n")
 	}
+	if a := res.Admin; a != nil {
+		adminMarkdown(p, cfg, a)
+	}
 	return b.String()
+}
+
+// adminMarkdown is section 6, the admin storm.
+func adminMarkdown(p func(string, ...any), cfg config, a *adminResults) {
+	p("## 6. Admin storm: sticky hits while %d clients list every allocation\n\n", a.Clients)
+	p("The binary (`-probe=false -allow-ports %s`) on a data directory holding %s allocations (imported in %.1f s). ", cfg.pool, n(a.Allocations), a.SeedSeconds)
+	p("One `GET /api/allocations` (no limit: every allocation, streamed) with nothing else running: %.1f MiB in %.0f ms.\n\n", mib(a.ListBytes), a.ListMS)
+	p("Sticky hits, paced: %s NewProxy requests for the imported keys at %s requests/s over %d keep-alive connections, every answer checked for the key's port. ", n(a.Requests), rate(a.Rate), a.Conns)
+	p("Each run measures them alone, then while %d admin clients, each on a connection of its own, list every allocation in a loop ", a.Clients)
+	p("(the whole answer read and its allocations counted; a 503 is asked again at once, so every client always has a listing in flight). ")
+	p("The storm runs for a second before the hits start. *Listings* counts complete answers of all %s allocations during the storm, *busy* the 503s; ", n(a.Allocations))
+	p("*VmRSS* is the plugin's, sampled every 50 ms during the storm.\n\n")
+	p("| Run | Alone: p50 | p99 | max | With %d listers: p50 | p99 | max | p99 ratio | Listings | MiB/s listed | Busy (503) | VmRSS max |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n", a.Clients)
+	for i := range a.Storm {
+		al, st, l := a.Alone[i], a.Storm[i], a.Listers[i]
+		p("| %d | %.2f ms | %.2f ms | %.1f ms | %.2f ms | %.2f ms | %.1f ms | %.2f | %s | %.0f | %s | %.1f MiB |\n", i+1,
+			al.P50, al.P99, al.Max, st.P50, st.P99, st.Max, st.P99/al.P99, n(int(l.Lists)), mib(l.Bytes)/l.Seconds, n(int(l.Busy)), mib(l.RSSMax))
+	}
+	p("| **median** | **%.2f ms** | **%.2f ms** | | **%.2f ms** | **%.2f ms** | | **%.2f** | | | | |\n\n",
+		median(field(a.Alone, p50)), median(field(a.Alone, p99)), median(field(a.Storm, p50)), median(field(a.Storm, p99)), pairedRatio(a.Storm, a.Alone, p99))
+	p("The p99 ratio in the median row is the median of the per-run ratios. ")
+	p("Plugin memory: VmRSS %.1f MiB before the first storm, VmHWM (the peak of the whole phase) **%.1f MiB**.\n\n", mib(a.RSSIdle), mib(a.HWM))
 }
 
 // stormTable lists storms against the baseline and the plugin, run by run.
@@ -470,7 +508,7 @@ func memTotal(s string) string {
 
 func phaseTimes(res *results) string {
 	var parts []string
-	for _, name := range []string{"storm", "fresh", "startup", "e2e"} {
+	for _, name := range []string{"storm", "fresh", "startup", "e2e", "admin"} {
 		if s, ok := res.Phases[name]; ok {
 			parts = append(parts, fmt.Sprintf("%s %.0f s", name, s))
 		}
