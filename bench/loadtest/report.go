@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"regexp"
@@ -317,15 +318,21 @@ func markdown(cfg config, res *results, micro []microResult) string {
 	} else {
 		runs := micro[0].Runs
 		p("`go test -run XXX -bench . -benchmem -count %d` (bench_test.go). The median of the %d counts, and their range.\n\n", runs, runs)
-		p("| Benchmark | time/op | range | B/op | allocs/op | heap kept |\n|---|---|---|---|---|---|\n")
+		p("| Benchmark | time/op | range | B/op | allocs/op | heap kept | other |\n|---|---|---|---|---|---|---|\n")
 		for _, r := range micro {
 			lo, hi := slices.Min(r.NsOp), slices.Max(r.NsOp)
 			heap := ""
 			if v, ok := r.Other["heap-MiB"]; ok {
 				heap = fmt.Sprintf("%.1f MiB", v)
 			}
-			p("| %s | %s | %s – %s | %s | %s | %s |\n", strings.TrimPrefix(r.Name, "Benchmark"), fmtNs(median(r.NsOp)), fmtNs(lo), fmtNs(hi),
-				n(int(r.BOp)), n(int(r.Allocs)), heap)
+			var other []string
+			for _, k := range slices.Sorted(maps.Keys(r.Other)) {
+				if k != "heap-MiB" {
+					other = append(other, fmt.Sprintf("%s %.3g", k, r.Other[k]))
+				}
+			}
+			p("| %s | %s | %s – %s | %s | %s | %s | %s |\n", strings.TrimPrefix(r.Name, "Benchmark"), fmtNs(median(r.NsOp)), fmtNs(lo), fmtNs(hi),
+				n(int(r.BOp)), n(int(r.Allocs)), heap, strings.Join(other, ", "))
 		}
 		p("\n- **HandlerStickyHit**: `newServer(...).ServeHTTP` with an httptest recorder, for a key that has its port; the request body is reused. ")
 		p("The log line is formatted by a slog TextHandler into io.Discard, so its cost counts. *Parallel*: the same on every core, one key per goroutine.\n")
@@ -337,7 +344,11 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("After every 1,000 fresh keys the timer stops and they are released, so the store keeps its size and the pool never runs dry. ")
 		p("Nearly all of a fresh allocation is the kernel creating the two files (openat with O_CREAT in the data directory). ")
 		p("What that costs depends on the filesystem, the directory's size and other disk activity, and on this shared machine it swings between runs. ")
-		p("So the store sizes are compared in section 3, where they are interleaved.\n\n")
+		p("So the store sizes are compared in section 3, where they are interleaved.\n")
+		p("- **FleetClaims/instances=N**: fresh allocations from 16 concurrent clients spread over N allocators sharing one real etcd (one transaction per claim, user counts compared): *claims/s* and the latency of one claim, *p50-ms*/*p99-ms* (issue 10).\n")
+		p("- **StickyHitByStore/store=S**: `allocate()` of keys that have their port at a file store and at an etcd-backed instance: the same in-memory path, no etcd round trip (target: etcd ≥ 0.95× file).\n")
+		p("- **FleetVisibility**: from the start of a claim at one instance until another instance holds it in memory: the claim's round trip plus the watch's (*p50-ms*, *p99-ms*).\n")
+		p("- **HandlerStickyHitHistoryOn**: HandlerStickyHit with the history, the event stream and a webhook whose receiver never answers: a sticky hit is not a change, so it should cost what HandlerStickyHit costs (issue 12).\n\n")
 	}
 
 	if s := res.Storm; s != nil {
