@@ -219,6 +219,7 @@ type pacer struct {
 	since  time.Time  // when the work last resumed
 	active func() int // heavy requests running, this one included
 	off    bool       // serverOptions.unpaced
+	timer  *time.Timer
 }
 
 func (s *server) newPacer() *pacer {
@@ -235,12 +236,16 @@ func (p *pacer) pause(ctx context.Context) error {
 		runtime.Gosched()
 		return ctx.Err()
 	}
-	t := time.NewTimer(restAfter(d, p.active()))
-	defer t.Stop()
+	if p.timer == nil {
+		p.timer = time.NewTimer(restAfter(d, p.active()))
+	} else {
+		p.timer.Reset(restAfter(d, p.active()))
+	}
 	select {
 	case <-ctx.Done():
+		p.timer.Stop()
 		return ctx.Err()
-	case <-t.C:
+	case <-p.timer.C:
 	}
 	p.since = time.Now()
 	return nil

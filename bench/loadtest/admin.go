@@ -36,8 +36,12 @@ type adminResults struct {
 	Alone     []loadResult    `json:"alone"`
 	Storm     []loadResult    `json:"storm"`
 	Listers   []adminStormRun `json:"listers"`
-	RSSIdle   int64           `json:"rss_idle_bytes"` // VmRSS before the first storm
-	HWM       int64           `json:"hwm_bytes"`      // VmHWM after the last: the peak
+	RSSIdle   int64           `json:"rss_idle_bytes"` // VmRSS before the first run
+	// HWM is VmHWM after the last run, reset before the first: the peak
+	// of the runs. StartHWM is VmHWM before that reset: the start's peak
+	// (every record read), for comparison.
+	HWM      int64 `json:"hwm_bytes"`
+	StartHWM int64 `json:"start_hwm_bytes"`
 }
 
 // adminStormRun is what the admin clients got during one storm.
@@ -110,7 +114,10 @@ func phaseAdmin(cfg config, tmp string) (*adminResults, error) {
 	}
 	syscall.Sync()
 	if m, err := readMem(pl.pid()); err == nil {
-		res.RSSIdle = m.RSS
+		res.RSSIdle, res.StartHWM = m.RSS, m.HWM
+	}
+	if err := resetPeak(pl.pid()); err != nil {
+		return nil, err
 	}
 	for run := range cfg.adminRuns {
 		alone, err := hits.run()
