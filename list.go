@@ -123,13 +123,16 @@ func (s *server) streamList(ctx context.Context, w http.ResponseWriter, q listQu
 	buf = append(buf, `{"allocations":[`...)
 	// The visitor encodes each allocation the query keeps as listPage
 	// walks past it, and accepts one only to end the walk: when the buffer
-	// is due to be written or the limit is reached. listPage then returns
-	// that one, already encoded, and the cursor after it; no allocation is
-	// copied into a page, so a listing makes next to no garbage.
-	left, rows := q.limit, 0
+	// is due to be written, the limit is reached, or listChunk allocations
+	// were looked at (a filter may keep few), so the work pauses often.
+	// listPage then returns that one, already encoded if kept, and the
+	// cursor after it; no allocation is copied into a page, so a listing
+	// makes next to no garbage.
+	left, rows, visited := q.limit, 0, 0
 	encode := func(v allocationView) bool {
+		visited++
 		if !q.keeps(v) {
-			return false
+			return visited%listChunk == 0
 		}
 		if rows > 0 {
 			buf = append(buf, ',')
@@ -137,7 +140,7 @@ func (s *server) streamList(ctx context.Context, w http.ResponseWriter, q listQu
 		buf = appendAPIAllocation(buf, s.toAPI(v))
 		rows++
 		left--
-		return left == 0 || len(buf) >= listFlushAt
+		return left == 0 || len(buf) >= listFlushAt || visited%listChunk == 0
 	}
 	after, next := q.after, 0
 	pace := s.newPacer()
@@ -150,10 +153,12 @@ func (s *server) streamList(ctx context.Context, w http.ResponseWriter, q listQu
 			next = more
 			break
 		}
-		if _, err := w.Write(buf); err != nil {
-			return
+		if len(buf) >= listFlushAt {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+			buf = buf[:0]
 		}
-		buf = buf[:0]
 		if pace.pause(ctx) != nil {
 			return
 		}
@@ -198,6 +203,7 @@ func (s *server) enterHeavy(w http.ResponseWriter, r *http.Request, busy func(ht
 	return false
 }
 
+// leaveHeavy gives back the slot enterHeavy took.
 func (s *server) leaveHeavy() { <-s.heavy }
 
 // Heavy admin work is paced: it works in slices of about heavySlice and
@@ -222,6 +228,7 @@ type pacer struct {
 	timer  *time.Timer
 }
 
+// newPacer paces one listing or page of s.
 func (s *server) newPacer() *pacer {
 	return &pacer{since: time.Now(), active: func() int { return len(s.heavy) }, off: s.unpaced}
 }
@@ -259,10 +266,13 @@ func restAfter(d time.Duration, active int) time.Duration {
 	return d * time.Duration(max(1, active)*(1+heavyRest)-1)
 }
 
-// errBusy is what a listing hears when every heavy-work slot stays taken.
-const errBusy = "the server is busy with other listings; try again shortly"
+// busyMessage is what a listing hears when every heavy-work slot stays taken.
+const busyMessage = "the server is busy with other listings; try again shortly"
 
-func writeBusyJSON(w http.ResponseWriter) { writeError(w, http.StatusServiceUnavailable, errBusy) }
+// writeBusyJSON is the API's answer when every heavy-work slot stays taken.
+func writeBusyJSON(w http.ResponseWriter) {
+	writeError(w, http.StatusServiceUnavailable, busyMessage)
+}
 
 // appendAPIAllocation appends a's JSON, byte for byte what json.Marshal
 // writes (TestAppendAPIAllocation checks), without allocating.

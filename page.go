@@ -141,7 +141,7 @@ func pageURL(q string, after int) string {
 
 // writeBusyPage is the page's answer when every heavy-work slot stays taken.
 func writeBusyPage(w http.ResponseWriter) {
-	http.Error(w, errBusy, http.StatusServiceUnavailable)
+	http.Error(w, busyMessage, http.StatusServiceUnavailable)
 }
 
 // matches is the page filter: a substring of key, user or proxy, or the
