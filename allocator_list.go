@@ -19,8 +19,10 @@ const listChunk = 256
 // missed or, when moved past the cursor, seen twice.
 //
 // keep runs with the read lock held: it must be quick and must not call
-// the allocator. A keep that always says no visits every allocation once
-// without building a page.
+// the allocator. keep may also be a visitor that takes what it needs from
+// each allocation itself: with limit 1, the first one it accepts ends the
+// walk (the server's listings and page walk this way, a slice at a time,
+// resting between slices and building no page).
 func (a *allocator) listPage(after, limit int, keep func(allocationView) bool) (page []allocationView, next int) {
 	if limit <= 0 {
 		return nil, 0

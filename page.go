@@ -87,9 +87,10 @@ type pageData struct {
 
 // servePage renders one page of pageSize allocations, those after the
 // cursor ?after=PORT that the filter ?q= keeps. One walk over the
-// allocations (under a heavy-work slot, the read lock taken a chunk at a
-// time) counts them, finds the page's rows and the cursor of the page
-// before, keeping at most pageSize+1 ports besides the rows.
+// allocations (under a heavy-work slot and paced like a listing, the read
+// lock taken a chunk at a time) counts them, finds the page's rows and the
+// cursor of the page before, keeping at most pageSize+1 ports besides the
+// rows.
 func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	q := strings.TrimSpace(r.URL.Query().Get("q"))
 	after := 0
@@ -189,7 +190,7 @@ func pageURL(q string, after int) string {
 
 // writeBusyPage is the page's answer when every heavy-work slot stays taken.
 func writeBusyPage(w http.ResponseWriter) {
-	http.Error(w, errBusy, http.StatusServiceUnavailable)
+	http.Error(w, busyMessage, http.StatusServiceUnavailable)
 }
 
 // matches is the page filter: a substring of key, user or proxy, or the

@@ -52,7 +52,7 @@ profile)
 			-test.cpuprofile "$P/micro-$name.cpu.prof" -test.memprofile "$P/micro-$name.mem.prof" | grep -E '^Benchmark|^ok|FAIL' || true
 	done
 	echo "== load tool against the profiled server (figures are slowed by profiling: not for BENCHMARKS.md)"
-	"${LOADTEST[@]}" -runs 1 -storm-runs 1 -e2e-runs 2 -startup-runs 2 -profile "$P" \
+	"${LOADTEST[@]}" -runs 1 -storm-runs 1 -e2e-runs 2 -startup-runs 2 -admin-runs 1 -profile "$P" \
 		-test-bin "$OUT/frp-port-keeper.test" -cpuprofile "$P/loadtest.cpu.prof"
 	for f in "$P"/*.prof; do
 		case "$f" in *.mem.prof) continue ;; esac
