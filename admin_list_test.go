@@ -470,7 +470,7 @@ func TestListStreamMatchesMarshal(t *testing.T) {
 	// before: the same bytes, hostile names included.
 	a := bigAllocator(t, 3, 1)
 	for i, name := range names[1:6] {
-		if _, err := a.assign(name, 2000+i); err != nil {
+		if _, err := a.assign(name, 2000+i, operatorChange{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -770,7 +770,7 @@ func TestAdminPacing(t *testing.T) {
 	// operator pinned: its user is "") pauses as often as one that keeps
 	// all, and so does the page.
 	a := bigAllocator(t, 5000, 50)
-	if _, err := a.assign("pinned.rare", 60000); err != nil {
+	if _, err := a.assign("pinned.rare", 60000, operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
 	for _, target := range []string{"/api/allocations", "/api/allocations?user=", "/?q=pinned.rare"} {
