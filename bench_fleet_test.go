@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -60,11 +61,20 @@ func startEtcdFor(b *testing.B) *etcdServer {
 	return startEtcd(&keepTB{TB: b}, nil)
 }
 
-// keepTB is a testing.TB whose cleanups never run: the shared etcd stays
+// keepTB is a testing.TB whose cleanups never run and whose temporary
+// directories outlive the benchmark that made them: the shared etcd stays
 // up for every benchmark of the run and ends with the process.
 type keepTB struct{ testing.TB }
 
 func (keepTB) Cleanup(func()) {}
+
+func (k keepTB) TempDir() string {
+	dir, err := os.MkdirTemp("", "frp-port-keeper-bench-etcd-")
+	if err != nil {
+		k.Fatal(err)
+	}
+	return dir
+}
 
 // percentile returns the p-th percentile of sorted durations, in ms.
 func percentile(sorted []time.Duration, p float64) float64 {

@@ -36,6 +36,8 @@ run)
 	MICRO=(go test -run XXX -bench . -benchmem -count "$COUNT" -timeout 30m .)
 	echo "== micro-benchmarks: ${MICRO[*]}"
 	"${MICRO[@]}" | tee "$OUT/micro.txt"
+	# The fleet benchmarks' etcd lives as long as their test binary; end it.
+	pkill -f 'frp-port-keeper-bench-etcd-' || true
 	echo "== load tool"
 	"${LOADTEST[@]}" -runs "$RUNS" -json "$OUT/results.json" \
 		-micro "$OUT/micro.txt" -micro-cmd "${MICRO[*]}" -command "make bench   # = bench/run.sh" -md BENCHMARKS.md
