@@ -296,21 +296,8 @@ func (a *allocator) reset(snap snapshot) {
 	a.tombs = map[string]int64{}
 	a.rev, a.watchRev = snap.rev, snap.rev
 	now := a.now().UnixNano()
-	intern := map[string]string{}
-	share := func(s string) string {
-		if v, ok := intern[s]; ok {
-			return v
-		}
-		intern[s] = s
-		return s
-	}
+	shareStrings(snap.allocations) // a no-op when the store did it already
 	for _, r := range snap.allocations {
-		// Tens of thousands of records repeat a few users and types, and a
-		// proxy's name is usually its key: share those strings.
-		r.User, r.ProxyType = share(r.User), share(r.ProxyType)
-		if r.ProxyName == r.Key {
-			r.ProxyName = r.Key
-		}
 		al := &allocation{record: r, rev: snap.rev}
 		// A time from the future (a clock that was ahead) would pin the
 		// key as seen forever: no time from disk is later than now.

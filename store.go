@@ -335,28 +335,59 @@ func (res resolution) snapshot(raw rawRecords) snapshot {
 }
 
 // localIndex is what a store that only this process writes (file, bbolt)
-// holds, exactly as its load would resolve the records. Its changes carry
-// no revision: nothing but their caller ever sees them, so there is no
-// echo to tell apart. Claims are
+// holds, exactly as its load would resolve the records. Claims are
 // checked against it, so these stores keep the same contract as a shared
-// one: a claim on stale information is a conflict and writes nothing.
+// one: a claim on stale information is a conflict and writes nothing. Its
+// changes carry no revision: nothing but their caller ever sees them, so
+// there is no echo to tell apart. It is kept compact (one map entry per
+// key, ports in a slice): it doubles what the allocator holds.
 type localIndex struct {
-	byKey   map[string]record
-	byPort  map[int]string
+	byKey   map[string]indexEntry
+	byPort  []string // by port: the key holding it, "" when free
 	perUser map[string]int
-	seen    map[string]seenRecord
 	freed   map[int]time.Time
 }
 
-func newLocalIndex(snap snapshot) localIndex {
-	idx := localIndex{byKey: make(map[string]record, len(snap.allocations)), byPort: make(map[int]string, len(snap.allocations)),
-		perUser: map[string]int{}, seen: make(map[string]seenRecord, len(snap.lastSeen)), freed: map[int]time.Time{}}
-	for _, r := range snap.allocations {
-		idx.byKey[r.Key], idx.byPort[r.Port] = r, r.Key
-		idx.perUser[r.User]++
+// indexEntry is one key's record and its last written last_seen.
+type indexEntry struct {
+	rec    record
+	seen   int64 // unix nanoseconds; 0: never written
+	online bool
+}
+
+// shareStrings makes records that repeat a few users and types, and whose
+// proxy name is usually their key, share those strings, in place. Tens of
+// thousands of records decoded one by one hold a copy each otherwise, and
+// both the store's index and the allocator keep them.
+func shareStrings(recs []record) {
+	seen := map[string]string{}
+	share := func(s string) string {
+		if v, ok := seen[s]; ok {
+			return v
+		}
+		seen[s] = s
+		return s
 	}
-	for k, t := range snap.lastSeen {
-		idx.seen[k] = seenRecord{Key: k, LastSeen: t, Online: snap.online[k]}
+	for i := range recs {
+		r := &recs[i]
+		r.User, r.ProxyType = share(r.User), share(r.ProxyType)
+		if r.ProxyName == r.Key {
+			r.ProxyName = r.Key
+		}
+	}
+}
+
+func newLocalIndex(snap snapshot) localIndex {
+	shareStrings(snap.allocations)
+	idx := localIndex{byKey: make(map[string]indexEntry, len(snap.allocations)), byPort: make([]string, maxPort+1),
+		perUser: map[string]int{}, freed: map[int]time.Time{}}
+	for _, r := range snap.allocations {
+		e := indexEntry{rec: r, online: snap.online[r.Key]}
+		if t, ok := snap.lastSeen[r.Key]; ok {
+			e.seen = t.UnixNano()
+		}
+		idx.byKey[r.Key], idx.byPort[r.Port] = e, r.Key
+		idx.perUser[r.User]++
 	}
 	for p, t := range snap.freed {
 		idx.freed[p] = t
@@ -364,16 +395,39 @@ func newLocalIndex(snap snapshot) localIndex {
 	return idx
 }
 
+// get returns key's record.
+func (idx *localIndex) get(key string) (record, bool) {
+	e, ok := idx.byKey[key]
+	return e.rec, ok
+}
+
+// holder returns the key holding port.
+func (idx *localIndex) holder(port int) (string, bool) {
+	if port < 0 || port >= len(idx.byPort) || idx.byPort[port] == "" {
+		return "", false
+	}
+	return idx.byPort[port], true
+}
+
+// seen records a last_seen written for key.
+func (idx *localIndex) seen(key string, at time.Time, online bool) {
+	if e, ok := idx.byKey[key]; ok {
+		e.seen, e.online = at.UnixNano(), online
+		idx.byKey[key] = e
+	}
+}
+
 // current describes key and port as the index holds them, for a conflict.
 func (idx *localIndex) current(key string, port int) []change {
 	var out []change
-	if r, ok := idx.byKey[key]; ok {
+	if r, ok := idx.get(key); ok {
 		out = append(out, change{kind: changePut, key: key, rec: r})
 	} else {
 		out = append(out, change{kind: changeDelete, key: key})
 	}
-	if holder, ok := idx.byPort[port]; ok && holder != key {
-		out = append(out, change{kind: changePut, key: holder, rec: idx.byKey[holder]})
+	if holder, ok := idx.holder(port); ok && holder != key {
+		r, _ := idx.get(holder)
+		out = append(out, change{kind: changePut, key: holder, rec: r})
 	}
 	return out
 }
@@ -381,11 +435,11 @@ func (idx *localIndex) current(key string, port int) []change {
 // check says whether c still fits what the index holds.
 func (idx *localIndex) check(c claim) error {
 	want := c.want
-	cur, has := idx.byKey[want.Key]
+	cur, has := idx.get(want.Key)
 	conflict := func() error {
 		current := idx.current(want.Key, want.Port)
 		if c.victim != nil {
-			if v, ok := idx.byKey[c.victim.Key]; ok {
+			if v, ok := idx.get(c.victim.Key); ok {
 				current = append(current, change{kind: changePut, key: v.Key, rec: v})
 			} else {
 				current = append(current, change{kind: changeDelete, key: c.victim.Key})
@@ -399,8 +453,8 @@ func (idx *localIndex) check(c claim) error {
 	case c.victim != nil && (c.old != nil || c.victim.Port != want.Port):
 		return errors.New("a claim takes a victim's port for a new key only")
 	}
-	if holder, held := idx.byPort[want.Port]; held && holder != want.Key {
-		v, ok := idx.byKey[holder]
+	if holder, held := idx.holder(want.Port); held && holder != want.Key {
+		v, ok := idx.get(holder)
 		if c.victim == nil || c.victim.Key != holder || !ok || !sameRecord(v, *c.victim) {
 			return conflict()
 		}
@@ -420,53 +474,53 @@ func (idx *localIndex) claimed(c claim) []change {
 		idx.forget(*c.victim, c.at)
 		out = append(out, change{kind: changeDelete, key: c.victim.Key, at: c.at})
 	}
+	e := indexEntry{rec: c.want}
 	if c.old != nil {
+		if prev, ok := idx.byKey[c.old.Key]; ok {
+			e.seen, e.online = prev.seen, prev.online
+		}
 		idx.forget(*c.old, c.at)
 	}
-	idx.byKey[c.want.Key], idx.byPort[c.want.Port] = c.want, c.want.Key
+	idx.byKey[c.want.Key], idx.byPort[c.want.Port] = e, c.want.Key
 	idx.perUser[c.want.User]++
 	delete(idx.freed, c.want.Port)
-	return append(out, change{kind: changePut, key: c.want.Key, rec: c.want})
+	return append(out, change{kind: changePut, key: c.want.Key, rec: c.want, at: c.at})
 }
 
 // released records a release that reached the disk.
 func (idx *localIndex) released(r record, at time.Time) []change {
 	idx.forget(r, at)
-	delete(idx.seen, r.Key)
 	return []change{{kind: changeDelete, key: r.Key, at: at}}
 }
 
 // forget drops r from the index, its port free as of at.
 func (idx *localIndex) forget(r record, at time.Time) {
-	if idx.byKey[r.Key].Port == r.Port {
+	if e, ok := idx.byKey[r.Key]; ok && e.rec.Port == r.Port {
 		delete(idx.byKey, r.Key)
 	}
-	if idx.byPort[r.Port] == r.Key {
-		delete(idx.byPort, r.Port)
+	if holder, _ := idx.holder(r.Port); holder == r.Key {
+		idx.byPort[r.Port] = ""
 		idx.freed[r.Port] = at
 	}
 	if idx.perUser[r.User]--; idx.perUser[r.User] <= 0 {
 		delete(idx.perUser, r.User)
 	}
-	if _, still := idx.byKey[r.Key]; !still {
-		delete(idx.seen, r.Key)
-	}
 }
 
 // snapshot is the index as load would return it.
 func (idx *localIndex) snapshot() snapshot {
-	snap := snapshot{allocations: make([]record, 0, len(idx.byKey)), lastSeen: make(map[string]time.Time, len(idx.seen)),
+	snap := snapshot{allocations: make([]record, 0, len(idx.byKey)), lastSeen: make(map[string]time.Time, len(idx.byKey)),
 		online: map[string]bool{}, freed: make(map[int]time.Time, len(idx.freed))}
-	for _, r := range idx.byKey {
-		snap.allocations = append(snap.allocations, r)
-	}
-	slices.SortFunc(snap.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
-	for k, s := range idx.seen {
-		snap.lastSeen[k] = s.LastSeen
-		if s.Online {
+	for k, e := range idx.byKey {
+		snap.allocations = append(snap.allocations, e.rec)
+		if e.seen != 0 {
+			snap.lastSeen[k] = time.Unix(0, e.seen).UTC()
+		}
+		if e.online {
 			snap.online[k] = true
 		}
 	}
+	slices.SortFunc(snap.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
 	for p, t := range idx.freed {
 		snap.freed[p] = t
 	}

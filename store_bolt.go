@@ -231,7 +231,7 @@ func (s *boltStore) release(_ context.Context, r record, at time.Time) ([]change
 	if !s.loaded {
 		return nil, errors.New("store not loaded")
 	}
-	if cur, ok := s.idx.byKey[r.Key]; !ok || !sameRecord(cur, r) {
+	if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, r) {
 		return nil, &conflictError{current: s.idx.current(r.Key, r.Port)}
 	}
 	err := s.update(func(b *bolt.Bucket) error {
@@ -255,7 +255,7 @@ func (s *boltStore) touch(_ context.Context, marks []seenMark) error {
 	err := s.update(func(b *bolt.Bucket) error {
 		written = written[:0]
 		for _, m := range marks {
-			if _, ok := s.idx.byKey[m.key]; !ok {
+			if _, ok := s.idx.get(m.key); !ok {
 				continue
 			}
 			rec := seenRecord{Key: m.key, LastSeen: m.seen.UTC(), Online: m.online}
@@ -270,7 +270,7 @@ func (s *boltStore) touch(_ context.Context, marks []seenMark) error {
 		return err
 	}
 	for _, rec := range written {
-		s.idx.seen[rec.Key] = rec
+		s.idx.seen(rec.Key, rec.LastSeen, rec.Online)
 	}
 	return nil
 }

@@ -55,11 +55,12 @@ func (f *fakeStore) stamp(cs []change) []change {
 
 // put writes r as another instance would, and tells watch.
 func (f *fakeStore) put(r record) {
-	if old, ok := f.idx.byKey[r.Key]; ok {
+	if old, ok := f.idx.get(r.Key); ok {
 		f.idx.forget(old, r.AssignedAt)
 	}
-	if holder, ok := f.idx.byPort[r.Port]; ok {
-		f.idx.forget(f.idx.byKey[holder], r.AssignedAt)
+	if holder, ok := f.idx.holder(r.Port); ok {
+		h, _ := f.idx.get(holder)
+		f.idx.forget(h, r.AssignedAt)
 		f.events <- f.stamp([]change{{kind: changeDelete, key: holder, at: r.AssignedAt}})[0]
 	}
 	f.events <- f.stamp(f.idx.claimed(claim{want: r}))[0]
@@ -93,7 +94,7 @@ func (f *fakeStore) release(_ context.Context, r record, at time.Time) ([]change
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if cur, ok := f.idx.byKey[r.Key]; !ok || !sameRecord(cur, r) {
+	if cur, ok := f.idx.get(r.Key); !ok || !sameRecord(cur, r) {
 		return nil, &conflictError{current: f.idx.current(r.Key, r.Port)}
 	}
 	return f.stamp(f.idx.released(r, at)), nil
@@ -106,9 +107,7 @@ func (f *fakeStore) touch(_ context.Context, marks []seenMark) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, m := range marks {
-		if _, ok := f.idx.byKey[m.key]; ok {
-			f.idx.seen[m.key] = seenRecord{Key: m.key, LastSeen: m.seen, Online: m.online}
-		}
+		f.idx.seen(m.key, m.seen, m.online)
 	}
 	return nil
 }

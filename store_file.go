@@ -423,8 +423,9 @@ func (s *fileStore) claim(_ context.Context, c claim) ([]change, error) {
 // that did not commit, so no unfinished write lingers. Called with mu held.
 func (s *fileStore) undoPort(c claim) {
 	port := c.want.Port
-	if holder, ok := s.idx.byPort[port]; ok {
-		if s.writeRecord(portName(port), s.idx.byKey[holder]) != nil {
+	if holder, ok := s.idx.holder(port); ok {
+		r, _ := s.idx.get(holder)
+		if s.writeRecord(portName(port), r) != nil {
 			s.log.Warn("could not restore a port record; the next start repairs it", "port", port)
 		}
 		return
@@ -438,7 +439,7 @@ func (s *fileStore) release(_ context.Context, r record, at time.Time) ([]change
 	if err := s.ready(); err != nil {
 		return nil, err
 	}
-	if cur, ok := s.idx.byKey[r.Key]; !ok || !sameRecord(cur, r) {
+	if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, r) {
 		return nil, &conflictError{current: s.idx.current(r.Key, r.Port)}
 	}
 	if err := s.ops.remove(fileOf(keyName(r.Key))); err != nil {
@@ -458,7 +459,7 @@ func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
 	}
 	var firstErr error
 	for _, m := range marks {
-		if _, ok := s.idx.byKey[m.key]; !ok {
+		if _, ok := s.idx.get(m.key); !ok {
 			continue
 		}
 		rec := seenRecord{Key: m.key, LastSeen: m.seen.UTC(), Online: m.online}
@@ -468,7 +469,7 @@ func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
 			}
 			continue
 		}
-		s.idx.seen[m.key] = rec
+		s.idx.seen(m.key, rec.LastSeen, rec.Online)
 	}
 	return firstErr
 }
