@@ -142,7 +142,10 @@ const (
 // allocation is a record the store holds, in memory, with the fields that
 // change without a store write.
 type allocation struct {
-	record
+	// *record is shared, never changed: a change makes a new allocation.
+	// At start it points into the snapshot the store's index points into
+	// too, so tens of thousands of records are held once.
+	*record
 	rev      int64        // the store's revision of record (0: a store without revisions)
 	lastSeen atomic.Int64 // unix nanoseconds
 	// storedSeen and seenWrittenAt (unix nanoseconds) keep last_seen writes
@@ -297,7 +300,8 @@ func (a *allocator) reset(snap snapshot) {
 	a.rev, a.watchRev = snap.rev, snap.rev
 	now := a.now().UnixNano()
 	shareStrings(snap.allocations) // a no-op when the store did it already
-	for _, r := range snap.allocations {
+	for i := range snap.allocations {
+		r := &snap.allocations[i]
 		al := &allocation{record: r, rev: snap.rev}
 		// A time from the future (a clock that was ahead) would pin the
 		// key as seen forever: no time from disk is later than now.
@@ -366,7 +370,7 @@ func (a *allocator) apply(c change) {
 			// The holder's own delete or move is on its way; it lost the port.
 			a.drop(h, r.AssignedAt.UnixNano())
 		}
-		n := &allocation{record: r, rev: c.rev}
+		n := &allocation{record: &r, rev: c.rev}
 		seen := min(r.AssignedAt.UnixNano(), a.now().UnixNano())
 		if cur != nil {
 			seen = max(seen, cur.lastSeen.Load())
@@ -577,7 +581,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 	c := claim{want: want, at: now}
 	if cur != nil {
 		c.want.CreatedAt, c.want.Note = cur.CreatedAt, cur.Note
-		c.old = &cur.record
+		c.old = cur.record
 	} else {
 		c.maxKeys = up.maxPorts
 	}
@@ -622,7 +626,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 // details are filled in at its next registration). Called with mu held;
 // returns with it released.
 func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
-	c := claim{want: cur.record, old: &cur.record, at: now}
+	c := claim{want: *cur.record, old: cur.record, at: now}
 	c.want.User, c.want.ProxyName, c.want.ProxyType, c.want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
@@ -715,7 +719,7 @@ func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time
 			a.mu.Unlock()
 			break
 		}
-		victim := &reclaimVictim{rec: v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key)}
+		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key)}
 		a.reserved.add(v.Port)
 		a.mu.Unlock()
 		// A port frps still listens on belongs to a proxy that is online,
@@ -816,7 +820,7 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 		return record{}, err
 	}
 	if cur != nil && cur.Port == port && cur.Pinned && (op.note == nil || *op.note == cur.Note) {
-		r := cur.record
+		r := *cur.record
 		a.mu.Unlock()
 		return r, nil
 	}
@@ -826,8 +830,8 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 	}
 	c := claim{want: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, at: now}
 	if cur != nil {
-		c.old = &cur.record
-		c.want = cur.record
+		c.old = cur.record
+		c.want = *cur.record
 		c.want.Port, c.want.AssignedAt = port, now
 	} else {
 		c.want.ProxyName, c.want.Group = keyNames(key)
@@ -877,7 +881,7 @@ func (a *allocator) setNote(key, note, by string) (record, error) {
 		a.mu.Unlock()
 		return record{}, errNoAllocation
 	}
-	c := claim{want: cur.record, old: &cur.record, at: now}
+	c := claim{want: *cur.record, old: cur.record, at: now}
 	c.want.Note = note
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
@@ -897,7 +901,7 @@ func (a *allocator) current(key string) (record, bool) {
 	if al == nil {
 		return record{}, false
 	}
-	return al.record, true
+	return *al.record, true
 }
 
 // release forgets key's allocation; its port becomes free once stored.
@@ -917,7 +921,7 @@ func (a *allocator) release(key, by string) error {
 		}
 		settled := a.markBusy(key)
 		a.mu.Unlock()
-		r := cur.record
+		r := *cur.record
 		_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.release(ctx, r, now) }, settled)
 		if err == nil {
 			a.changed(historyEntry{Time: now, Key: r.Key, User: r.User, ProxyType: r.ProxyType, OldPort: r.Port,
@@ -1230,7 +1234,7 @@ func (a *allocator) lookup(key string) (record, time.Time, bool) {
 	if al == nil {
 		return record{}, time.Time{}, false
 	}
-	return al.record, time.Unix(0, al.lastSeen.Load()), true
+	return *al.record, time.Unix(0, al.lastSeen.Load()), true
 }
 
 // poolStats counts the pool: size, allocated ports inside it, and free.
@@ -1280,7 +1284,7 @@ type allocationView struct {
 // view describes al. Called with mu held.
 func (a *allocator) view(al *allocation) allocationView {
 	inPool := a.pool.has(al.Port)
-	return allocationView{record: al.record, LastSeen: time.Unix(0, al.lastSeen.Load()),
+	return allocationView{record: *al.record, LastSeen: time.Unix(0, al.lastSeen.Load()),
 		OutsidePool: !inPool, OutsidePolicy: inPool && !a.policy.forUser(al.User).ports.has(al.Port)}
 }
 
@@ -1407,7 +1411,7 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 		}
 		c := claim{want: r, at: now}
 		if cur != nil {
-			c.old = &cur.record
+			c.old = cur.record
 			c.want.CreatedAt = cur.CreatedAt
 		}
 		settled := a.markBusy(r.Key)

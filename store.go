@@ -348,9 +348,11 @@ type localIndex struct {
 	freed   map[int]time.Time
 }
 
-// indexEntry is one key's record and its last written last_seen.
+// indexEntry is one key's record and its last written last_seen. The
+// record is shared, never changed; at start it points into the snapshot
+// that the allocator's memory points into too.
 type indexEntry struct {
-	rec    record
+	rec    *record
 	seen   int64 // unix nanoseconds; 0: never written
 	online bool
 }
@@ -381,7 +383,8 @@ func newLocalIndex(snap snapshot) localIndex {
 	shareStrings(snap.allocations)
 	idx := localIndex{byKey: make(map[string]indexEntry, len(snap.allocations)), byPort: make([]string, maxPort+1),
 		perUser: map[string]int{}, freed: map[int]time.Time{}}
-	for _, r := range snap.allocations {
+	for i := range snap.allocations {
+		r := &snap.allocations[i]
 		e := indexEntry{rec: r, online: snap.online[r.Key]}
 		if t, ok := snap.lastSeen[r.Key]; ok {
 			e.seen = t.UnixNano()
@@ -398,7 +401,10 @@ func newLocalIndex(snap snapshot) localIndex {
 // get returns key's record.
 func (idx *localIndex) get(key string) (record, bool) {
 	e, ok := idx.byKey[key]
-	return e.rec, ok
+	if !ok {
+		return record{}, false
+	}
+	return *e.rec, true
 }
 
 // holder returns the key holding port.
@@ -474,7 +480,8 @@ func (idx *localIndex) claimed(c claim) []change {
 		idx.forget(*c.victim, c.at)
 		out = append(out, change{kind: changeDelete, key: c.victim.Key, at: c.at})
 	}
-	e := indexEntry{rec: c.want}
+	want := c.want
+	e := indexEntry{rec: &want}
 	if c.old != nil {
 		if prev, ok := idx.byKey[c.old.Key]; ok {
 			e.seen, e.online = prev.seen, prev.online
@@ -512,7 +519,7 @@ func (idx *localIndex) snapshot() snapshot {
 	snap := snapshot{allocations: make([]record, 0, len(idx.byKey)), lastSeen: make(map[string]time.Time, len(idx.byKey)),
 		online: map[string]bool{}, freed: make(map[int]time.Time, len(idx.freed))}
 	for k, e := range idx.byKey {
-		snap.allocations = append(snap.allocations, e.rec)
+		snap.allocations = append(snap.allocations, *e.rec)
 		if e.seen != 0 {
 			snap.lastSeen[k] = time.Unix(0, e.seen).UTC()
 		}
