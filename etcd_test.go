@@ -259,8 +259,28 @@ func (e *etcdServer) signal(t testing.TB, sig syscall.Signal) {
 }
 
 // pause stops etcd in its tracks (SIGSTOP): connections stay open, nothing
-// is answered.
-func (e *etcdServer) pause(t testing.TB) { t.Helper(); e.signal(t, syscall.SIGSTOP) }
+// is answered. It returns once the kernel says the process is stopped (a
+// signal is delivered asynchronously: etcd could answer one more request).
+func (e *etcdServer) pause(t testing.TB) {
+	t.Helper()
+	e.signal(t, syscall.SIGSTOP)
+	e.mu.Lock()
+	pid := e.cmd.Process.Pid
+	e.mu.Unlock()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return // no /proc: trust the signal
+		}
+		// The state follows the command name in parentheses: "pid (etcd) T ...".
+		if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && (stat[i+2] == 'T' || stat[i+2] == 't') {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatal("etcd did not stop within 5s of SIGSTOP")
+}
 
 // resume lets a paused etcd go on (SIGCONT).
 func (e *etcdServer) resume(t testing.TB) { t.Helper(); e.signal(t, syscall.SIGCONT) }
