@@ -370,14 +370,23 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 	go func() {
 		watched <- run(ctx, append([]string{"watch"}, srv...), func(string) string { return "" }, &watchOut, &watchOut)
 	}()
-	time.Sleep(200 * time.Millisecond) // the stream is open
-	_, body := s.post(t, "NewProxy", "r1", []byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
-	port := portOfRaw(t, body)
-	waitFor(t, "watch to print the change", 5*time.Second, func() bool {
-		return strings.Contains(watchOut.String(), fmt.Sprintf("new       alice.ssh %d user=alice", port))
+	// The stream opens in the background: a change made before it did is
+	// not streamed (it is in the history), so make changes until one shows.
+	seenLine := ""
+	waitFor(t, "watch to print a change", 10*time.Second, func() bool {
+		name := fmt.Sprintf("alice.w%d", time.Now().UnixNano())
+		_, body := s.post(t, "NewProxy", "r1", []byte(newProxyBody("alice", name, "tcp", "")))
+		want := fmt.Sprintf("new       %s %d user=alice", name, portOfRaw(t, body))
+		time.Sleep(100 * time.Millisecond)
+		if strings.Contains(watchOut.String(), want) {
+			seenLine = want
+		}
+		return seenLine != ""
 	})
 	cancel()
 	<-watched
+	_, body := s.post(t, "NewProxy", "r1", []byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
+	portOfRaw(t, body)
 
 	runCLI := func(args ...string) string {
 		t.Helper()
