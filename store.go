@@ -313,8 +313,9 @@ func resolve(raw rawRecords) resolution {
 
 // finish turns a resolution into a snapshot.
 func (res resolution) snapshot(raw rawRecords) snapshot {
-	snap := snapshot{lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, problems: res.problems}
-	held := map[int]bool{}
+	snap := snapshot{lastSeen: make(map[string]time.Time, len(raw.seen)), online: map[string]bool{}, freed: map[int]time.Time{},
+		problems: res.problems, allocations: make([]record, 0, len(res.allocations))}
+	held := make(map[int]bool, len(res.allocations))
 	for _, r := range res.allocations {
 		snap.allocations = append(snap.allocations, r)
 		held[r.Port] = true
