@@ -366,17 +366,11 @@ func serverBase(server string, getenv func(string) string) (string, error) {
 }
 
 func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	user := fs.String("user", "", "list only this user's allocations")
 	port := fs.Int("port", 0, "list only the allocation of this port")
 	key := fs.String("key", "", "list only the allocation of this key")
-	return func([]string) error {
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
-		}
+	return withClient(fs, e, func(c adminClient, _ []string) error {
 		filter := url.Values{}
 		if *user != "" {
 			filter.Set("user", *user)
@@ -388,7 +382,7 @@ func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			filter.Set("key", *key)
 		}
 		return c.list(e.ctx, filter, *asJSON, e.stdout)
-	}
+	})
 }
 
 // listPageSize is how many allocations list asks the server for at a time.
@@ -510,34 +504,22 @@ type statusError struct {
 func (e *statusError) Error() string { return e.msg }
 
 func setupShow(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
-	return func(args []string) error {
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
-		}
+	return withClient(fs, e, func(c adminClient, args []string) error {
 		var a apiAllocation
 		if err := c.do(e.ctx, "GET", "/api/allocations/"+url.PathEscape(args[0]), nil, &a); err != nil {
 			return err
 		}
 		return printJSON(e.stdout, a)
-	}
+	})
 }
 
 func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
 	var note optionalString
 	fs.Var(&note, "note", "a note for the allocation (\"Alice's NAS\")")
-	return func(args []string) error {
+	return withClient(fs, e, func(c adminClient, args []string) error {
 		port, err := strconv.Atoi(args[1])
 		if err != nil {
 			return fmt.Errorf("port %q is not a number (usage: frp-port-keeper assign [flags] KEY PORT)", args[1])
-		}
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
 		}
 		body := map[string]any{"port": port}
 		if note.set {
@@ -549,10 +531,22 @@ func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		}
 		_, err = fmt.Fprintf(e.stdout, "%s now holds port %d (pinned); the device gets it when it registers again (frpc restart or reconnect)\n", a.Key, a.Port)
 		return err
-	}
+	})
 }
 
 func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	return withClient(fs, e, func(c adminClient, args []string) error {
+		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			return err
+		}
+		_, err := fmt.Fprintf(e.stdout, "released %s; its port is free. A device still connected keeps listening until it registers again\n", args[0])
+		return err
+	})
+}
+
+// withClient declares the flags every command that talks to a running
+// server has, and runs fn with the client they name.
+func withClient(fs *flag.FlagSet, e cmdEnv, fn func(c adminClient, args []string) error) func([]string) error {
 	var cf clientFlags
 	cf.declare(fs)
 	return func(args []string) error {
@@ -560,11 +554,7 @@ func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err != nil {
 			return err
 		}
-		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
-			return err
-		}
-		_, err = fmt.Fprintf(e.stdout, "released %s; its port is free. A device still connected keeps listening until it registers again\n", args[0])
-		return err
+		return fn(c, args)
 	}
 }
 
@@ -578,25 +568,17 @@ func (o *optionalString) String() string     { return o.value }
 func (o *optionalString) Set(v string) error { o.value, o.set = v, true; return nil }
 
 func setupNote(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
-	return func(args []string) error {
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
-		}
+	return withClient(fs, e, func(c adminClient, args []string) error {
 		var a apiAllocation
 		if err := c.do(e.ctx, "PATCH", "/api/allocations/"+url.PathEscape(args[0]), map[string]string{"note": args[1]}, &a); err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(e.stdout, "%s (port %d): note %q\n", a.Key, a.Port, a.Note)
+		_, err := fmt.Fprintf(e.stdout, "%s (port %d): note %q\n", a.Key, a.Port, a.Note)
 		return err
-	}
+	})
 }
 
 func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
 	port := fs.Int("port", 0, "only changes of this port")
 	key := fs.String("key", "", "only changes of this key")
 	user := fs.String("user", "", "only changes of this user's keys")
@@ -605,11 +587,7 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	at := fs.String("at", "", "with -port: who held the port at this time")
 	limit := fs.Int("limit", 50, "at most this many changes")
 	asJSON := fs.Bool("json", false, "print JSON")
-	return func([]string) error {
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
-		}
+	return withClient(fs, e, func(c adminClient, _ []string) error {
 		q := url.Values{}
 		if *port != 0 {
 			q.Set("port", strconv.Itoa(*port))
@@ -670,18 +648,12 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			fmt.Fprintln(e.stdout, "no changes match")
 		}
 		return nil
-	}
+	})
 }
 
 func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
-	var cf clientFlags
-	cf.declare(fs)
 	asJSON := fs.Bool("json", false, "print each change as a JSON line")
-	return func([]string) error {
-		c, err := cf.client(e.getenv)
-		if err != nil {
-			return err
-		}
+	return withClient(fs, e, func(c adminClient, _ []string) error {
 		req, err := http.NewRequestWithContext(e.ctx, "GET", c.base+"/api/events", nil)
 		if err != nil {
 			return err
@@ -708,7 +680,7 @@ func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			_, err := fmt.Fprintln(e.stdout, describeHistory(en))
 			return err
 		})
-	}
+	})
 }
 
 // readEvents reads a server-sent event stream, calling fn for each
