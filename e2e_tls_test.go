@@ -17,7 +17,6 @@ package main
 
 import (
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -157,20 +156,8 @@ func newE2ETLSPKI(t testing.TB) *e2eTLSPKI {
 	t.Helper()
 	dir := t.TempDir()
 	now := time.Now()
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	serial := func() *big.Int {
-		n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	newKey := func() *ecdsa.PrivateKey { return testKey(t) }
+	serial := func() *big.Int { return testSerial(t) }
 	writePEM := func(name, typ string, der []byte) string {
 		return e2eWriteFile(t, dir, name, string(pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})))
 	}

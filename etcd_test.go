@@ -10,7 +10,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -394,20 +393,8 @@ func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
 		}
 		return path
 	}
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	serial := func() *big.Int {
-		n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	newKey := func() *ecdsa.PrivateKey { return testKey(t) }
+	serial := func() *big.Int { return testSerial(t) }
 	type issued struct {
 		cert *x509.Certificate
 		key  *ecdsa.PrivateKey

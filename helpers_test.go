@@ -2,9 +2,13 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -238,4 +242,24 @@ func fakeClock(start time.Time) (now func() time.Time, advance func(time.Duratio
 	now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
 	advance = func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
 	return now, advance
+}
+
+// testKey is a fresh ECDSA P-256 key for the tests' certificates.
+func testKey(t testing.TB) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// testSerial is a random certificate serial number.
+func testSerial(t testing.TB) *big.Int {
+	t.Helper()
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
