@@ -22,7 +22,8 @@ var pageTemplate = template.Must(template.New("page").Parse(pageHTML))
 var historyHTML string
 
 // historyTemplate renders GET /history: a key's or a port's changes.
-var historyTemplate = template.Must(template.New("history").Parse(historyHTML))
+// It shares the page's style.
+var historyTemplate = template.Must(template.Must(pageTemplate.Clone()).New("history").Parse(historyHTML))
 
 // historyPageData is everything the history page shows.
 type historyPageData struct {
