@@ -28,7 +28,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -971,32 +970,10 @@ func buildFrp(t testing.TB, v frpVersion) frpBinaries {
 }
 
 func doBuildFrp(t testing.TB, v frpVersion) (frpBinaries, error) {
-	toolDir, err := filepath.Abs(filepath.Join("tools", "frp-"+v.name))
-	if err != nil {
-		return frpBinaries{}, err
-	}
-	binDir, err := filepath.Abs(filepath.Join("bin", "frp-"+v.name))
-	if err != nil {
-		return frpBinaries{}, err
-	}
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
-		return frpBinaries{}, err
-	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), e2eFrpBuildTimeout)
-	defer cancel()
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, goTool, "build", "-o", binDir+string(filepath.Separator),
-		"github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
-	cmd.Dir = toolDir
-	cmd.Env = append(os.Environ(), "GOWORK=off")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return frpBinaries{}, fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, out.String())
+	binDir, err := goBuildTool("frp-"+v.name, e2eFrpBuildTimeout, "", "github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
+	if err != nil {
+		return frpBinaries{}, err
 	}
 	bins := frpBinaries{frps: filepath.Join(binDir, "frps"), frpc: filepath.Join(binDir, "frpc")}
 	want := strings.TrimPrefix(v.name, "v")

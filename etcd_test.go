@@ -22,7 +22,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,32 +64,11 @@ func buildEtcd(t testing.TB) string {
 }
 
 func doBuildEtcd() (string, error) {
-	toolDir, err := filepath.Abs(filepath.Join("tools", "etcd-"+etcdToolVersion))
+	binDir, err := goBuildTool("etcd-"+etcdToolVersion, etcdBuildTimeout, "etcd", ".")
 	if err != nil {
 		return "", err
-	}
-	binDir, err := filepath.Abs(filepath.Join("bin", "etcd-"+etcdToolVersion))
-	if err != nil {
-		return "", err
-	}
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
-		return "", err
-	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
 	bin := filepath.Join(binDir, "etcd")
-	ctx, cancel := context.WithTimeout(context.Background(), etcdBuildTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, goTool, "build", "-o", bin, ".")
-	cmd.Dir = toolDir
-	cmd.Env = append(os.Environ(), "GOWORK=off")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, out.String())
-	}
 	vctx, vcancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer vcancel()
 	got, err := exec.CommandContext(vctx, bin, "--version").Output()

@@ -2,16 +2,22 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -262,4 +268,41 @@ func testSerial(t testing.TB) *big.Int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// goBuildTool runs `go build -o OUT PKGS...` inside the pinned tool module
+// tools/NAME (GOWORK off), with its binaries going to bin/NAME/; out is
+// relative to that directory ("" for the directory itself). It returns the
+// absolute bin/NAME.
+func goBuildTool(name string, timeout time.Duration, out string, pkgs ...string) (string, error) {
+	toolDir, err := filepath.Abs(filepath.Join("tools", name))
+	if err != nil {
+		return "", err
+	}
+	binDir, err := filepath.Abs(filepath.Join("bin", name))
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return "", err
+	}
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	target := binDir + string(filepath.Separator) // one binary per package
+	if out != "" {
+		target = filepath.Join(binDir, out)
+	}
+	cmd := exec.CommandContext(ctx, goTool, append([]string{"build", "-o", target}, pkgs...)...)
+	cmd.Dir = toolDir
+	cmd.Env = append(os.Environ(), "GOWORK=off")
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, buf.String())
+	}
+	return binDir, nil
 }
