@@ -505,10 +505,8 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	a.mu.RLock()
 	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) && cur.ProxyType != "" {
 		cur.lastSeen.Store(now.UnixNano())
-		port := cur.Port
 		a.mu.RUnlock()
-		a.online.opened(proxyID{req.User, req.ProxyName}, key)
-		return port, outcomeHit, nil
+		return cur.Port, outcomeHit, nil
 	}
 	a.mu.RUnlock()
 
@@ -516,10 +514,6 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		port, how, err := a.allocateOnce(ctx, key, req, now, attempt)
-		if err == nil {
-			// frps registers the proxy with the port it was answered.
-			a.online.opened(proxyID{req.User, req.ProxyName}, key)
-		}
 		var lost *conflictError
 		if !errors.As(err, &lost) || lost.quota {
 			if lost != nil {
@@ -1155,8 +1149,13 @@ func (o *onlineProxies) has(key string) bool {
 	return o.keys[key] > 0 || o.restored[key]
 }
 
-// proxyClosed is what the handler tells of frps's CloseProxy (allocate
-// records a proxy as online when it answers it a port).
+// proxyOpened and proxyClosed are what the handler tells of frps's
+// NewProxy (once allowed) and CloseProxy.
+func (a *allocator) proxyOpened(req proxyRequest) {
+	a.online.opened(proxyID{validUTF8(req.User), validUTF8(req.ProxyName)}, proxyRequest{User: validUTF8(req.User),
+		ProxyName: validUTF8(req.ProxyName), Group: validUTF8(req.Group)}.key())
+}
+
 func (a *allocator) proxyClosed(user, name string) {
 	a.online.closed(proxyID{validUTF8(user), validUTF8(name)})
 }

@@ -337,7 +337,8 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 	p0 := req("a", "a.p0", "tcp")
 	p1 := req("a", "a.p1", "tcp")
 	for _, r := range []proxyRequest{p0, p1} {
-		mustAllocate(t, a, r) // answered a port: frps registers the proxy, online
+		mustAllocate(t, a, r)
+		a.proxyOpened(r)
 	}
 	advance(4 * time.Second)
 	if p, _, err := a.allocate(req("b", "b.p", "tcp")); !errors.Is(err, errPoolExhausted) {

@@ -238,6 +238,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, rejectAnswer(reason))
 		return
 	}
+	s.alloc.proxyOpened(p)
 	out.Write(appendAllowed(out.AvailableBuffer(), req.rawContent, port))
 	writeJSON(w, http.StatusOK, out.Bytes())
 	s.decided(start, string(how), slog.LevelInfo, append(who, slog.Int("port", port))...)
