@@ -86,6 +86,9 @@ type etcdServer struct {
 	bin, dataDir, logPath string
 	clientPort, peerPort  int
 	pki                   *etcdTestPKI // nil: plain http
+	// token is --initial-cluster-token ("": etcd's default); another one
+	// makes another cluster ID.
+	token string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -162,6 +165,9 @@ func (e *etcdServer) launch() error {
 		// The tests kill the process, never the machine: the page cache
 		// keeps what a killed etcd wrote.
 		"--unsafe-no-fsync",
+	}
+	if e.token != "" {
+		args = append(args, "--initial-cluster-token", e.token)
 	}
 	if e.pki != nil {
 		args = append(args, "--cert-file", e.pki.serverCert, "--key-file", e.pki.serverKey,
@@ -296,6 +302,24 @@ func (e *etcdServer) restart(t testing.TB) {
 	e.kill(t)
 	if err := e.launch(); err != nil {
 		t.Fatalf("restart etcd: %v", err)
+	}
+}
+
+// wipe kills etcd, empties its data directory (a lost volume) and starts
+// it again on the same ports: an etcd with none of its data. A token other
+// than the one it ran with makes it another cluster (another cluster ID).
+func (e *etcdServer) wipe(t testing.TB, token string) {
+	t.Helper()
+	e.kill(t)
+	e.token = token
+	if err := os.RemoveAll(e.dataDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(e.dataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.launch(); err != nil {
+		t.Fatalf("start etcd on an empty data directory: %v", err)
 	}
 }
 

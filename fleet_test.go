@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -302,6 +303,135 @@ func TestEtcdMoveFileStoreAndBack(t *testing.T) {
 	for name, port := range want {
 		if r, _, ok := a.lookup(name); !ok || r.Port != port {
 			t.Fatalf("%s back in a file store = %+v; want %d", name, r, port)
+		}
+	}
+}
+
+// metricAt is the value of one series (name with its labels, as /metrics
+// prints it) at an instance; -1 when it is not there.
+func metricAt(s *inProcServer, series string) float64 {
+	resp, err := s.client.Get(s.url + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for line := range strings.SplitSeq(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			var f float64
+			if _, err := fmt.Sscan(v, &f); err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
+// TestFleetEtcdDataLoss: etcd restarted on an empty data directory under
+// two running instances. Each notices that etcd lost its data, writes back
+// every allocation it holds (each record by exactly one of them, the other
+// finding it present), and afterwards no port is answered to two keys, a
+// DELETE at one instance is seen at the other, and an instance started
+// afterwards holds every earlier key on its first port.
+func TestFleetEtcdDataLoss(t *testing.T) {
+	etcd := startEtcd(t, nil)
+	fleet, flags := startFleet(t, etcd, 2, "-allow-ports", "30000-30099")
+	a, b := fleet[0], fleet[1]
+	prefix := flags[slices.Index(flags, "-etcd-prefix")+1]
+	raw := etcd.client(t)
+	held := map[string]int{}
+	users := map[string]int{}
+	for i := range 8 {
+		user := fmt.Sprintf("u%d", i%3)
+		key := fmt.Sprintf("%s.k%d", user, i)
+		got := tryPost(fleet[i%2], user, key, "")
+		if got.port == 0 {
+			t.Fatalf("%s: %+v", key, got)
+		}
+		held[key] = got.port
+		users[user]++
+	}
+	for key, port := range held {
+		for i, s := range fleet {
+			waitFor(t, fmt.Sprintf("%s at instance %d", key, i), 3*time.Second, func() bool { return lookupAt(s, key) == port })
+		}
+	}
+
+	etcd.wipe(t, "")
+	waitFor(t, "every allocation written back to the empty etcd", 15*time.Second, func() bool {
+		return etcdCount(t, raw, prefix+"key/") == int64(len(held))
+	})
+	const restores = "frp_port_keeper_store_restores_total"
+	waitFor(t, "a restore counted at both instances", 10*time.Second, func() bool {
+		return metricAt(a, restores) == 1 && metricAt(b, restores) == 1
+	})
+	sum := func(result string) float64 {
+		series := `frp_port_keeper_store_restored_records_total{result="` + result + `"}`
+		return metricAt(a, series) + metricAt(b, series)
+	}
+	restored, present, lost := sum("restored"), sum("present"), sum("lost")
+	t.Logf("records restored %v, found present %v, lost %v (both instances together)", restored, present, lost)
+	if restored != float64(len(held)) || present != float64(len(held)) || lost != 0 {
+		t.Fatalf("restored %v, present %v, lost %v; want each of the %d records restored by one instance and found present by the other, none lost",
+			restored, present, lost, len(held))
+	}
+	for _, s := range fleet {
+		if !strings.Contains(s.log.String(), "etcd lost its data") {
+			t.Fatalf("no warning about the lost data in the log:\n%s", s.log)
+		}
+	}
+	for key, port := range held {
+		if got := etcdGet(t, raw, prefix+etcdPortName(port)); got != key {
+			t.Fatalf("%s in etcd names %q; want %q", etcdPortName(port), got, key)
+		}
+	}
+	for user, n := range users {
+		if got := etcdGet(t, raw, prefix+etcdUserName(user)); got != fmt.Sprint(n) {
+			t.Fatalf("%s in etcd = %q; want %d", etcdUserName(user), got, n)
+		}
+	}
+
+	// New keys at both instances take ports nobody held.
+	answered := map[int]string{}
+	for key, port := range held {
+		answered[port] = key
+	}
+	for i, s := range fleet {
+		key := fmt.Sprintf("v.new%d", i)
+		got := tryPost(s, "v", key, "")
+		if got.port == 0 {
+			t.Fatalf("%s after the restore: %+v", key, got)
+		}
+		if other, dup := answered[got.port]; dup {
+			t.Fatalf("%s got port %d, which %s holds", key, got.port, other)
+		}
+		answered[got.port], held[key] = key, got.port
+	}
+	// A DELETE at a is seen at b.
+	var gone string
+	for key := range held {
+		gone = key
+		break
+	}
+	req, _ := http.NewRequest("DELETE", a.url+"/api/allocations/"+gone, nil)
+	resp, err := a.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE %s at a = %d; want 204", gone, resp.StatusCode)
+	}
+	waitFor(t, "the DELETE at b", 3*time.Second, func() bool { return lookupAt(b, gone) == 0 })
+	delete(held, gone)
+
+	c := startInProc(t, flags...)
+	for key, port := range held {
+		for i, s := range []*inProcServer{a, b, c} {
+			waitFor(t, fmt.Sprintf("%s at instance %d", key, i), 3*time.Second, func() bool { return lookupAt(s, key) == port })
+		}
+		if got := tryPost(c, strings.Split(key, ".")[0], key, ""); got.port != port {
+			t.Fatalf("%s at an instance started after the restore = %+v; want %d", key, got, port)
 		}
 	}
 }

@@ -448,7 +448,7 @@ func rejectReason(err error) string {
 		return "frp-port-keeper could not store the port allocation: " + errStoreTimedOut.Error() + "; try again"
 	case errors.Is(err, errStoreFailed):
 		why := errStoreFailed.Error()
-		for _, known := range []error{errStoreFull, errStoreReadOnly, errStoreGone} {
+		for _, known := range []error{errStoreFull, errStoreReadOnly, errStoreGone, errStoreRestoring} {
 			if errors.Is(err, known) {
 				why += " (" + known.Error() + ")"
 			}

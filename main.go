@@ -82,6 +82,9 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	defer unlock()
 	var alloc *allocator
 	m := newMetrics(func() poolStats { return alloc.stats() })
+	if r, ok := store.(interface{ onRestore(func(restoreReport)) }); ok {
+		r.onRestore(m.restored)
+	}
 	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log, policy: pol,
 		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(record) { m.reclaims.Inc() }}
 	if cfg.probe {

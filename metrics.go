@@ -20,6 +20,10 @@ type metrics struct {
 	reclaims    prometheus.Counter
 	// historyFailures counts history entries that could not be written.
 	historyFailures prometheus.Counter
+	// restores counts times the store lost its data and was written back
+	// from memory; restoredRecords, what became of each record then.
+	restores        prometheus.Counter
+	restoredRecords *prometheus.CounterVec
 	notify          *notifyStats
 	// notifyQueued reads the webhook queues' length at scrape time.
 	notifyQueued atomic.Pointer[func() int]
@@ -74,6 +78,18 @@ func newMetrics(pool func() poolStats) *metrics {
 		})
 	m.notify = &notifyStats{delivered: delivered.Inc, failed: failed.Inc, dropped: dropped.Inc}
 	reg.MustRegister(m.historyFailures, delivered, failed, dropped, queued)
+	m.restores = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "frp_port_keeper_store_restores_total",
+		Help: "Times the store lost its data under the running server (etcd restarted empty, a backup restored) and this instance wrote back the allocations it held.",
+	})
+	m.restoredRecords = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "frp_port_keeper_store_restored_records_total",
+		Help: "Allocations written back after the store lost its data, by result: restored, present (written back by another instance first), lost (to a record another writer made first).",
+	}, []string{"result"})
+	for _, r := range []string{"restored", "present", "lost"} {
+		m.restoredRecords.WithLabelValues(r) // every series exists from the start
+	}
+	reg.MustRegister(m.restores, m.restoredRecords)
 	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state.", []string{"state"}, nil)
 	reg.MustRegister(m.decisions, m.duration, m.storeErrors, m.reclaims, poolCollector{desc: poolPorts, stats: pool})
 	m.handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
@@ -83,6 +99,14 @@ func newMetrics(pool func() poolStats) *metrics {
 func (m *metrics) decided(outcome string, since time.Time) {
 	m.byOutcome[outcome].Inc()
 	m.duration.Observe(time.Since(since).Seconds())
+}
+
+// restored counts one write-back of a store that lost its data.
+func (m *metrics) restored(r restoreReport) {
+	m.restores.Inc()
+	m.restoredRecords.WithLabelValues("restored").Add(float64(r.restored))
+	m.restoredRecords.WithLabelValues("present").Add(float64(r.present))
+	m.restoredRecords.WithLabelValues("lost").Add(float64(r.lost))
 }
 
 // poolCollector reads the pool's fill at scrape time.

@@ -152,7 +152,17 @@ var (
 	errStoreFull     = errors.New("the data directory's disk is full")
 	errStoreReadOnly = errors.New("the data directory is read-only")
 	errStoreGone     = errors.New("the data directory was removed or replaced while the server ran")
+	// errStoreRestoring: a shared store lost its data under the running
+	// server (etcd restarted empty, a backup restored); writes wait until
+	// the allocations held in memory are written back.
+	errStoreRestoring = errors.New("the store lost its data and is being written back from memory")
 )
+
+// restoreReport counts what a store that lost its data wrote back from
+// memory: records written again, records found present (another instance
+// wrote them back first), and records lost to one another writer made
+// first (the key then follows what the store holds).
+type restoreReport struct{ restored, present, lost int }
 
 // Record names, shared by the file and bbolt stores. Ports are
 // zero-padded so a directory listing sorts by port; keys are hashed because

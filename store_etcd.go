@@ -17,6 +17,21 @@ package main
 // A key record and its port record are only ever written together, in one
 // transaction, so there is no crash state to repair: etcd applies a
 // transaction whole or not at all.
+//
+// An etcd that lost its data under running servers (restarted on an empty
+// data directory, a backup restored) is written back from their memory.
+// Each instance notices that etcd is not the one it loaded: an answer shows
+// another cluster ID, or a revision below one an earlier answer showed (a
+// linearizable answer never does), or a paged read finds its revision gone;
+// a check every etcdCheckInterval makes sure an idle instance notices too.
+// From then on it refuses every write (errStoreRestoring; sticky hits need
+// none), and its watch writes back every allocation it held, in
+// create-if-absent transactions (the key record and the port record must
+// both be absent; the user's count is compared and moved as in a claim).
+// A record another instance wrote back first is present, one another
+// writer made first on the key or the port wins; then the watch reloads
+// and hands the allocator the result as a reset, so an instance whose
+// record lost follows what etcd holds. One warning gives the counts.
 
 import (
 	"cmp"
@@ -67,6 +82,12 @@ const (
 	etcdLoadPage = 5000
 	// etcdRetryDelay is how long the watch waits before reconnecting.
 	etcdRetryDelay = 200 * time.Millisecond
+	// etcdCheckInterval is how often an instance asks etcd whether it is
+	// still the etcd it loaded, whatever else it asks.
+	etcdCheckInterval = time.Second
+	// etcdRestoreBatch is how many records one write-back transaction
+	// holds: 3 writes each and a count per user stay within etcdMaxTxnOps.
+	etcdRestoreBatch = etcdMaxTxnOps / 4
 )
 
 // etcdOptions configure openEtcdStore.
@@ -120,6 +141,25 @@ type etcdStore struct {
 	// concurrent claims of one user would only lose to each other.
 	usersMu sync.Mutex
 	users   map[string]*userLock
+
+	// What the store knows of the etcd it loaded (guarded by mu): its
+	// cluster ID, the highest revision an answer showed, and gen, which a
+	// write-back bumps when memory is rebuilt from the new etcd.
+	clusterID uint64
+	highRev   int64
+	gen       int64
+	// lost, when set, says why etcd is not the etcd memory came from:
+	// writes are refused until the watch has written back held, what
+	// memory held then (guarded by mu). lostAgain: it happened again
+	// during a write-back.
+	lost      string
+	lostAgain bool
+	held      []record
+	lostc     chan struct{} // wakes the watch when lost is set
+	// writeGate: claims and releases hold it shared, a write-back alone.
+	writeGate sync.RWMutex
+	// restored hears of every finished write-back (metrics).
+	restored func(restoreReport)
 }
 
 // userLock is one user's write lock, dropped when nobody holds or waits.
@@ -244,6 +284,8 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 		eps:       o.endpoints,
 		tls:       tlsConfig,
 		mem:       map[string]etcdEntry{},
+		lostc:     make(chan struct{}, 1),
+		restored:  func(restoreReport) {},
 	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   o.endpoints,
@@ -371,6 +413,137 @@ func (s *etcdStore) bound(ctx context.Context) (context.Context, context.CancelF
 
 func (s *etcdStore) close() error { return s.cli.Close() }
 
+// onRestore sets what hears of every finished write-back; call it before
+// watch.
+func (s *etcdStore) onRestore(f func(restoreReport)) { s.restored = f }
+
+// ---------------------------------------------------------------------------
+// Is this the etcd memory came from?
+
+// etcdFloor is what the store knew when it sent a request: an answer of
+// the same etcd shows at least this revision, since etcd serves reads
+// linearizably and revisions only grow.
+type etcdFloor struct{ gen, rev int64 }
+
+func (s *etcdStore) floor() etcdFloor {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return etcdFloor{gen: s.gen, rev: s.highRev}
+}
+
+// sameEtcd checks the header of an answer to a request sent at f, and
+// says whether memory may learn from it. An answer of another cluster, or
+// one whose revision went back, means etcd lost its data: the store then
+// refuses writes until the watch has written back what it held. An answer
+// to a request sent before memory was rebuilt is not learned from either.
+func (s *etcdStore) sameEtcd(f etcdFloor, h *pb.ResponseHeader) bool {
+	if h == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f.gen != s.gen {
+		return false
+	}
+	switch {
+	case s.clusterID == 0:
+		s.clusterID = h.ClusterId
+	case h.ClusterId != s.clusterID:
+		s.lostLocked(fmt.Sprintf("its cluster ID changed from %x to %x", s.clusterID, h.ClusterId))
+		return false
+	}
+	if h.Revision < f.rev {
+		s.lostLocked(fmt.Sprintf("its revision went back from %d to %d", f.rev, h.Revision))
+		return false
+	}
+	s.highRev = max(s.highRev, h.Revision)
+	return true
+}
+
+// sameCluster checks the cluster ID of a watch answer (whose revision says
+// nothing: a member may answer a watch before it caught up).
+func (s *etcdStore) sameCluster(h *pb.ResponseHeader) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if h != nil && s.clusterID != 0 && h.ClusterId != 0 && h.ClusterId != s.clusterID {
+		s.lostLocked(fmt.Sprintf("its cluster ID changed from %x to %x", s.clusterID, h.ClusterId))
+		return false
+	}
+	return true
+}
+
+// lostLocked records that etcd lost its data, and what memory held then.
+func (s *etcdStore) lostLocked(why string) {
+	if s.lost != "" {
+		s.lostAgain = true
+		return
+	}
+	s.lost = why
+	if s.held == nil {
+		s.held = s.heldLocked()
+	}
+	s.log.Info("etcd is not the etcd this server loaded: it lost its data; refusing writes until the allocations held are written back",
+		"endpoints", s.endpoints, "why", why, "allocations", len(s.held))
+	select {
+	case s.lostc <- struct{}{}:
+	default:
+	}
+}
+
+// heldLocked is every allocation memory holds, as load would serve them:
+// key records whose port record names them, oldest first.
+func (s *etcdStore) heldLocked() []record {
+	held := []record{}
+	for name := range s.mem {
+		esc, ok := strings.CutPrefix(name, "key/")
+		if !ok {
+			continue
+		}
+		key, err := url.PathUnescape(esc)
+		if err != nil {
+			continue
+		}
+		if r, _, ok := s.recordLocked(key); ok && validRecord(r) {
+			if h, _ := s.holderLocked(r.Port); h == key {
+				held = append(held, r)
+			}
+		}
+	}
+	slices.SortFunc(held, func(a, b record) int {
+		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
+	})
+	return held
+}
+
+// refusal is the error every write gets while etcd's lost data is being
+// written back; nil otherwise.
+func (s *etcdStore) refusal() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lost == "" {
+		return nil
+	}
+	return fmt.Errorf("%w: etcd at %s: %s; writes resume once every allocation this server holds is written back",
+		errStoreRestoring, s.endpoints, s.lost)
+}
+
+// enterWrite admits a claim or release unless a write-back is due or
+// under way (it never waits for one), and returns what ends it.
+func (s *etcdStore) enterWrite() (func(), error) {
+	if !s.writeGate.TryRLock() {
+		return nil, cmp.Or(s.refusal(), fmt.Errorf("%w: etcd at %s", errStoreRestoring, s.endpoints))
+	}
+	if err := s.refusal(); err != nil {
+		s.writeGate.RUnlock()
+		return nil, err
+	}
+	return s.writeGate.RUnlock, nil
+}
+
+// errEtcdChanged says an answer came from an etcd memory no longer
+// follows (it was rebuilt meanwhile).
+var errEtcdChanged = errors.New("etcd changed while the request was under way; try again")
+
 // ---------------------------------------------------------------------------
 // Memory.
 
@@ -479,8 +652,9 @@ func (s *etcdStore) commit(ctx context.Context, cmps []clientv3.Cmp, then, els [
 	go func() {
 		lctx, cancel := context.WithTimeout(s.cli.Ctx(), etcdLateWrite)
 		defer cancel()
+		f := s.floor()
 		resp, err := s.cli.Txn(lctx).If(cmps...).Then(then...).Else(els...).Commit()
-		if err == nil {
+		if err == nil && s.sameEtcd(f, resp.Header) {
 			s.learnTxn(resp, then, els)
 		}
 		done <- result{resp, err}
@@ -516,9 +690,13 @@ func (s *etcdStore) refresh(ctx context.Context, names []string) error {
 	for _, n := range names {
 		ops = append(ops, clientv3.OpGet(s.prefix+n))
 	}
+	f := s.floor()
 	resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
 		return s.readError(err)
+	}
+	if !s.sameEtcd(f, resp.Header) {
+		return cmp.Or(s.refusal(), errEtcdChanged)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -580,6 +758,11 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 	if c.at.IsZero() {
 		c.at = time.Now()
 	}
+	leave, err := s.enterWrite()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	users := []string{c.want.User}
@@ -608,6 +791,11 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 	if at.IsZero() {
 		at = time.Now()
 	}
+	leave, err := s.enterWrite()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
@@ -627,6 +815,9 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *conflictError) ([]change, error) {
 	fresh := false // memory holds a read made during this call
 	for range etcdClaimAttempts {
+		if err := s.refusal(); err != nil {
+			return nil, err // etcd lost its data: memory plans nothing
+		}
 		p, verdict := plan()
 		if verdict != etcdPlanned {
 			if !fresh {
@@ -908,9 +1099,12 @@ func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
 				[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.prefix+etcdKeyName(k)), ">", 0)},
 				[]clientv3.Op{clientv3.OpPut(s.prefix+etcdSeenName(k), string(value))}, nil))
 		}
-		if _, err := s.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+		f := s.floor()
+		resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
+		if err != nil {
 			return s.describe("write last-seen times to", err)
 		}
+		s.sameEtcd(f, resp.Header)
 	}
 	return nil
 }
@@ -922,10 +1116,15 @@ func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
 func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	kvs, rev, err := s.readAll(ctx)
+	f := s.floor()
+	kvs, header, err := s.readAll(ctx)
 	if err != nil {
 		return snapshot{}, s.unreachable("read from", err)
 	}
+	if !s.sameEtcd(f, header) {
+		return snapshot{}, cmp.Or(s.refusal(), errEtcdChanged)
+	}
+	rev := header.Revision
 	snap := snapshot{rev: rev, lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, from: "etcd"}
 	keys := map[string]record{}
 	keyRevs := map[string]int64{} // ModRevision of each valid key record
@@ -1040,39 +1239,49 @@ var errChanged = errors.New("changed meanwhile")
 
 // repair runs one guarded fix of load and learns what it wrote.
 func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
+	f := s.floor()
 	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
 		return false, s.describe("repair in", err)
 	}
-	if resp.Succeeded {
+	if resp.Succeeded && s.sameEtcd(f, resp.Header) {
 		s.learnTxn(resp, ops, nil)
 	}
 	return resp.Succeeded, nil
 }
 
-// readAll reads every record under the prefix at one revision.
-func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, int64, error) {
+// readAll reads every record under the prefix at one revision, and
+// returns them with the header of the first answer.
+func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.ResponseHeader, error) {
 	var kvs []*mvccpb.KeyValue
-	var rev int64
-	from, end := s.prefix, clientv3.GetPrefixRangeEnd(s.prefix)
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(etcdLoadPage)}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
+	var header *pb.ResponseHeader
+	for _, r := range [][2]string{{s.prefix, clientv3.GetPrefixRangeEnd(s.prefix)}} {
+		from, end := r[0], r[1]
+		for {
+			opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(etcdLoadPage)}
+			if header != nil {
+				opts = append(opts, clientv3.WithRev(header.Revision))
+			}
+			resp, err := s.cli.Get(ctx, from, opts...)
+			if err != nil {
+				if header != nil && errors.Is(err, rpctypes.ErrFutureRev) {
+					s.mu.Lock()
+					s.lostLocked(fmt.Sprintf("revision %d, which it had just answered at, is in its future", header.Revision))
+					s.mu.Unlock()
+				}
+				return nil, nil, err
+			}
+			if header == nil {
+				header = resp.Header
+			}
+			kvs = append(kvs, resp.Kvs...)
+			if !resp.More || len(resp.Kvs) == 0 {
+				break
+			}
+			from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 		}
-		resp, err := s.cli.Get(ctx, from, opts...)
-		if err != nil {
-			return nil, 0, err
-		}
-		if rev == 0 {
-			rev = resp.Header.Revision
-		}
-		kvs = append(kvs, resp.Kvs...)
-		if !resp.More || len(resp.Kvs) == 0 {
-			return kvs, rev, nil
-		}
-		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
+	return kvs, header, nil
 }
 
 // learnSnapshotLocked replaces memory with a whole read at rev: what it
@@ -1139,8 +1348,13 @@ func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[stri
 }
 
 // watch delivers every change after rev; see portStore. It returns
-// ctx's error when ctx ends, or an error when the store is closed.
+// ctx's error when ctx ends, or an error when the store is closed. It also
+// checks that etcd is still the etcd memory came from, and when it is not
+// writes back what memory held (restore).
 func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) error {
+	checkCtx, stopChecks := context.WithCancel(ctx)
+	defer stopChecks()
+	go s.checkLoop(checkCtx)
 	next := rev + 1
 	for {
 		if ctx.Err() != nil {
@@ -1149,10 +1363,35 @@ func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) er
 		if s.cli.Ctx().Err() != nil {
 			return errors.New("etcd store closed")
 		}
+		if s.refusal() != nil {
+			if rev, ok := s.restore(ctx, apply); ok {
+				next = rev + 1
+				continue
+			}
+			select {
+			case <-ctx.Done():
+			case <-s.cli.Ctx().Done():
+			case <-time.After(etcdRetryDelay):
+			}
+			continue
+		}
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		ch := s.cli.Watch(wctx, s.prefix, clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithPrevKV())
-		compacted := false
-		for resp := range ch {
+		compacted, lost := false, false
+	events:
+		for {
+			var resp clientv3.WatchResponse
+			var ok bool
+			select {
+			case resp, ok = <-ch:
+			case <-s.lostc:
+				// A watch on a revision etcd has not reached waits silently.
+				lost = true
+				break events
+			}
+			if !ok {
+				break
+			}
 			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
 				compacted = true
 				break
@@ -1161,9 +1400,16 @@ func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) er
 				s.log.Warn("etcd watch failed; reconnecting", "endpoints", s.endpoints, "err", err)
 				break
 			}
+			if !s.sameCluster(resp.Header) {
+				lost = true // none of another cluster's events is delivered
+				break
+			}
 			next = s.deliver(resp.Events, next, apply)
 		}
 		cancel()
+		if lost {
+			continue
+		}
 		if compacted && ctx.Err() == nil {
 			s.log.Warn("etcd watch fell behind a compaction; reloading", "endpoints", s.endpoints, "from_rev", next)
 			snap, err := s.load(ctx)
@@ -1180,6 +1426,167 @@ func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) er
 		case <-time.After(etcdRetryDelay):
 		}
 	}
+}
+
+// checkLoop asks etcd every etcdCheckInterval for a record that does not
+// exist, for the answer's header alone, so an idle instance notices an etcd
+// that lost its data too; until ctx ends.
+func (s *etcdStore) checkLoop(ctx context.Context) {
+	tick := time.NewTicker(etcdCheckInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		f := s.floor()
+		cctx, cancel := s.bound(ctx)
+		resp, err := s.cli.Get(cctx, s.prefix)
+		cancel()
+		if err == nil {
+			s.sameEtcd(f, resp.Header)
+		}
+	}
+}
+
+// restore writes back what memory held when etcd lost its data, then
+// reloads and applies the result as a reset; it returns the revision to
+// watch from and whether it finished (if not, it is tried again).
+func (s *etcdStore) restore(ctx context.Context, apply func(change)) (int64, bool) {
+	report, lostKeys, snap, err := s.writeBack(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("writing the allocations back to etcd failed; retrying", "endpoints", s.endpoints, "err", err)
+		}
+		return 0, false
+	}
+	apply(change{kind: changeReset, rev: snap.rev, reset: &snap})
+	s.mu.Lock()
+	why := s.lost
+	if s.lostAgain {
+		// Lost again since the write-back: write back what it left.
+		s.lostAgain, s.held = false, s.heldLocked()
+	} else {
+		s.lost, s.held = "", nil
+	}
+	s.mu.Unlock()
+	attrs := []any{"endpoints", s.endpoints, "why", why, "restored", report.restored, "present", report.present, "lost", report.lost}
+	if len(lostKeys) > 0 {
+		if len(lostKeys) > 20 {
+			lostKeys = append(lostKeys[:20], fmt.Sprintf("and %d more", len(lostKeys)-20))
+		}
+		attrs = append(attrs, "lost_keys", strings.Join(lostKeys, "; "))
+	}
+	s.log.Warn("etcd lost its data; wrote back the allocations this server held (present: written back by another instance first; lost: another writer took the key or port first, and the key follows what etcd holds)", attrs...)
+	s.restored(report)
+	return snap.rev, true
+}
+
+// writeBack rebuilds memory from what etcd holds now and writes back every
+// allocation held before, in create-if-absent transactions, then loads.
+func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, snapshot, error) {
+	var report restoreReport
+	s.writeGate.Lock() // waits for claims and releases under way
+	defer s.writeGate.Unlock()
+	rctx, cancel := s.bound(ctx)
+	kvs, header, err := s.readAll(rctx)
+	cancel()
+	if err != nil {
+		return report, nil, snapshot{}, s.unreachable("read from", err)
+	}
+	s.mu.Lock()
+	s.gen++ // answers to requests sent before are not learned from
+	s.clusterID, s.highRev, s.lostAgain = header.ClusterId, header.Revision, false
+	s.mem = map[string]etcdEntry{}
+	s.learnSnapshotLocked(kvs, header.Revision)
+	held := s.held
+	s.mu.Unlock()
+
+	var lostKeys []string
+	restored := map[string]bool{} // by this call, so a retry counts them as restored
+	pending := held
+	for round := 0; len(pending) > 0; round++ {
+		if round > len(held)+etcdClaimAttempts {
+			return report, nil, snapshot{}, errors.New("the records kept changing")
+		}
+		var todo []record
+		s.mu.Lock()
+		for _, r := range pending {
+			cur, _, has := s.recordLocked(r.Key)
+			holder, _ := s.holderLocked(r.Port)
+			switch {
+			case has && cur.Port == r.Port && holder == r.Key:
+				if !restored[r.Key] {
+					report.present++
+				}
+			case has && cur.Port != r.Port:
+				report.lost++
+				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, etcd now has it on %d", r.Key, r.Port, cur.Port))
+			case has || holder != "":
+				report.lost++
+				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, which etcd now gives %q", r.Key, r.Port, holder))
+			default:
+				todo = append(todo, r)
+			}
+		}
+		s.mu.Unlock()
+		pending = nil
+		for batch := range slices.Chunk(todo, etcdRestoreBatch) {
+			p := s.planRestore(batch)
+			wctx, cancel := s.bound(ctx)
+			resp, err := s.commit(wctx, p.cmps, p.then, p.els)
+			cancel()
+			if err != nil {
+				return report, nil, snapshot{}, err
+			}
+			s.mu.Lock()
+			again := s.lostAgain
+			s.mu.Unlock()
+			switch {
+			case again:
+				return report, nil, snapshot{}, errors.New("etcd lost its data again")
+			case resp.Succeeded:
+				report.restored += len(batch)
+				for _, r := range batch {
+					restored[r.Key] = true
+				}
+			default:
+				// Another writer was first with one of them (or moved a
+				// user's count): the else branch read what it wrote.
+				pending = append(pending, batch...)
+			}
+		}
+	}
+	snap, err := s.load(ctx)
+	if err != nil {
+		return report, nil, snapshot{}, err
+	}
+	return report, lostKeys, snap, nil
+}
+
+// planRestore builds the transaction that writes back records whose key
+// and port records are both absent, moving their users' counts.
+func (s *etcdStore) planRestore(batch []record) etcdPlan {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var p etcdPlan
+	delta := map[string]int{}
+	for _, r := range batch {
+		key, port := s.prefix+etcdKeyName(r.Key), s.prefix+etcdPortName(r.Port)
+		value, err := json.Marshal(r)
+		if err != nil {
+			panic(err) // a record always marshals
+		}
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
+		p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, r.Key),
+			clientv3.OpDelete(s.prefix+etcdFreedName(r.Port)))
+		p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
+		delta[r.User]++
+	}
+	s.countOpsLocked(&p, delta)
+	return p
 }
 
 // deliver turns watch events into changes, revision by revision, and

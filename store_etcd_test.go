@@ -611,3 +611,121 @@ func TestEtcdOptionsFromFlags(t *testing.T) {
 		t.Fatalf("parseConfig(-etcd-username only) = %v; want the pairing error", err)
 	}
 }
+
+// TestEtcdStoreRestoreAfterDataLoss: etcd comes back with none of its data
+// (the same cluster with its revision gone back, or another cluster whose
+// revision is already past the old one) under two loaded handles, and a
+// third writer is first on one held port and on one held key. The handle
+// that notices refuses writes; each watch writes back what its handle
+// held, create-if-absent: records written by the other handle are found
+// present, the two the third writer took are lost, and the reset each
+// watch delivers holds what etcd holds, user counts included.
+func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
+	for _, tc := range []struct {
+		name, token string
+		pad         int // writes outside the prefix before the stores notice
+	}{
+		{"revision went back", "", 0},
+		{"cluster ID changed", "another-cluster", 60},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startEtcd(t, nil)
+			raw := srv.client(t)
+			const prefix = "/lost/"
+			h := &contractHarness{t: t, kind: "etcd"}
+			s1 := openTestEtcdStore(t, srv, prefix)
+			rev1 := h.load(s1).rev
+			a, b := contractRec("a.web", 28001, "u"), contractRec("b.web", 28002, "u")
+			c, d := contractRec("c.web", 28003, "v"), contractRec("d.web", 28004, "v")
+			for _, r := range []record{a, b, c, d} {
+				h.claimOK(s1, claim{want: r})
+			}
+			alloc := newAllocatorOn(t, s1, "28001-28010", allocatorOptions{})
+			s2 := openTestEtcdStore(t, srv, prefix)
+			snap2 := h.load(s2)
+			wantAllocations(t, "the second handle", snap2, a, b, c, d)
+			var reports [2]chan restoreReport
+			for i, s := range []*etcdStore{s1, s2} {
+				reports[i] = make(chan restoreReport, 4)
+				s.onRestore(func(r restoreReport) { reports[i] <- r })
+			}
+
+			srv.wipe(t, tc.token)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			for i := range tc.pad {
+				if _, err := raw.Put(ctx, fmt.Sprintf("/pad/%d", i), "x"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The third writer takes c's port and puts d on another port.
+			intruder := contractRec("intruder.web", c.Port, "w")
+			d2 := contractRec(d.Key, 28009, d.User)
+			ij, _ := json.Marshal(intruder)
+			dj, _ := json.Marshal(d2)
+			if _, err := raw.Txn(ctx).Then(
+				clientv3.OpPut(prefix+etcdKeyName(intruder.Key), string(ij)), clientv3.OpPut(prefix+etcdPortName(c.Port), intruder.Key),
+				clientv3.OpPut(prefix+etcdUserName("w"), "1"),
+				clientv3.OpPut(prefix+etcdKeyName(d.Key), string(dj)), clientv3.OpPut(prefix+etcdPortName(d2.Port), d.Key),
+				clientv3.OpPut(prefix+etcdUserName("v"), "1"),
+			).Commit(); err != nil {
+				t.Fatal(err)
+			}
+
+			// s1 notices at its first answer, and refuses writes until
+			// it has written back what it holds; sticky hits need none.
+			_, _, err := alloc.allocate(proxyRequest{User: "u", ProxyName: "e.web", ProxyType: "tcp"})
+			if reason := rejectReason(err); !strings.Contains(reason, "could not store the port allocation: the port store failed (the store lost its data and is being written back from memory); try again") {
+				t.Fatalf("a new key after etcd lost its data: %v; reject reason %q", err, reason)
+			} else {
+				t.Logf("reject reason: %s", reason)
+			}
+			if port, how, err := alloc.allocate(proxyRequest{User: "u", ProxyName: a.Key, ProxyType: "tcp"}); port != a.Port || how != outcomeHit || err != nil {
+				t.Fatalf("a held key after etcd lost its data = %d %s %v; want its port %d, a hit", port, how, err, a.Port)
+			}
+			e := contractRec("e.web", 28005, "u")
+			if _, err := h.claim(s1, claim{want: e}); !errors.Is(err, errStoreRestoring) {
+				t.Fatalf("a new key's claim after etcd lost its data = %v; want errStoreRestoring", err)
+			} else {
+				t.Logf("claim refused: %v", err)
+			}
+			if _, err := h.release(s1, a, contractBase); !errors.Is(err, errStoreRestoring) {
+				t.Fatalf("a release after etcd lost its data = %v; want errStoreRestoring", err)
+			}
+
+			after := func(w *watchCollector, what string) snapshot {
+				t.Helper()
+				for {
+					if c := w.next(t, what); c.kind == changeReset {
+						return *c.reset
+					}
+				}
+			}
+			w1 := h.startWatch(s1, rev1)
+			wantAllocations(t, "the reset of the handle that noticed", after(w1, "s1's write-back"), a, b, intruder, d2)
+			// s2 has not asked etcd anything: its check notices.
+			w2 := h.startWatch(s2, snap2.rev)
+			wantAllocations(t, "the reset of the other handle", after(w2, "s2's write-back"), a, b, intruder, d2)
+			r1, r2 := <-reports[0], <-reports[1]
+			t.Logf("s1 wrote back %+v; s2 %+v", r1, r2)
+			if r1 != (restoreReport{restored: 2, lost: 2}) || r2 != (restoreReport{present: 2, lost: 2}) {
+				t.Fatalf("write-backs %+v and %+v; want a and b restored by s1 and found present by s2, c and d lost at both", r1, r2)
+			}
+			for name, want := range map[string]string{
+				etcdPortName(a.Port): a.Key, etcdPortName(b.Port): b.Key, etcdPortName(c.Port): intruder.Key,
+				etcdPortName(d.Port): "", etcdPortName(d2.Port): d.Key,
+				etcdUserName("u"): "2", etcdUserName("v"): "1", etcdUserName("w"): "1",
+			} {
+				if got := etcdGet(t, raw, prefix+name); got != want {
+					t.Errorf("%s after the write-back = %q; want %q", name, got, want)
+				}
+			}
+			// Writes work again, on what etcd holds now.
+			h.claimOK(s1, claim{want: e})
+			h.claimOK(s2, claim{want: contractRec("f.web", d.Port, "v")})
+			if _, err := h.release(s2, a, contractBase); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
