@@ -209,7 +209,7 @@ func TestHistoryFileTornLine(t *testing.T) {
 }
 
 // TestHistoryPrune: entries older than the retention go, newer stay, on
-// every store (etcd's under a prefix of its own).
+// every store (etcd's under history/ in the prefix).
 func TestHistoryPrune(t *testing.T) {
 	var etcd *etcdServer
 	for _, kind := range append(storeKinds, "etcd") {

@@ -13,6 +13,7 @@ package main
 //	user/<url.PathEscape(user)>  how many keys the user holds (decimal; absent: 0)
 //	seen/<url.PathEscape(key)>   {"last_seen":…,"online":…} (touch; losing it is harmless)
 //	freed/<%05d>                 since when the port is free (RFC 3339); orders reuse
+//	history/<entry ID>           the history (see etcdHistory); load and watch skip it
 //
 // A key record and its port record are only ever written together, in one
 // transaction, so there is no crash state to repair: etcd applies a
@@ -88,6 +89,9 @@ const (
 	// etcdRestoreBatch is how many records one write-back transaction
 	// holds: 3 writes each and a count per user stay within etcdMaxTxnOps.
 	etcdRestoreBatch = etcdMaxTxnOps / 4
+	// etcdHistoryDir holds the history under the prefix: no record kind
+	// is named so, and load and watch skip it.
+	etcdHistoryDir = "history/"
 )
 
 // etcdOptions configure openEtcdStore.
@@ -1250,12 +1254,13 @@ func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clie
 	return resp.Succeeded, nil
 }
 
-// readAll reads every record under the prefix at one revision, and
-// returns them with the header of the first answer.
+// readAll reads every record under the prefix at one revision, the
+// history aside, and returns them with the header of the first answer.
 func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.ResponseHeader, error) {
 	var kvs []*mvccpb.KeyValue
 	var header *pb.ResponseHeader
-	for _, r := range [][2]string{{s.prefix, clientv3.GetPrefixRangeEnd(s.prefix)}} {
+	hist := s.prefix + etcdHistoryDir
+	for _, r := range [][2]string{{s.prefix, hist}, {clientv3.GetPrefixRangeEnd(hist), clientv3.GetPrefixRangeEnd(s.prefix)}} {
 		from, end := r[0], r[1]
 		for {
 			opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(etcdLoadPage)}
@@ -1672,17 +1677,29 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 	return next
 }
 
-// The history lives beside the allocations, under a prefix of its own
-// ("/frp-port-keeper-history/" next to "/frp-port-keeper/"), so loading
-// and watching the allocations never reads it: one key per entry, named
-// by the entry's ID, so keys sort by time. Entries are written once and
-// never changed, so etcd's compaction (which drops old revisions of keys)
-// takes nothing from them; only -history-keep's pruning deletes them.
+// The history lives under the prefix, in history/ (load reads around it,
+// watch skips it), so an etcd role granted on the prefix covers it: one
+// key per entry, named by the entry's ID, so keys sort by time. Entries are
+// written once and never changed, so etcd's compaction (which drops old
+// revisions of keys) takes nothing from them; only -history-keep's pruning
+// deletes them. Earlier versions wrote it beside the prefix
+// ("/frp-port-keeper-history/" next to "/frp-port-keeper/"): reading and
+// pruning take in what is there too, unless etcd denies it (a role
+// granted on the prefix alone); nothing is written there any more.
 type etcdHistory struct{ s *etcdStore }
 
 func (s *etcdStore) history() historyLog { return etcdHistory{s} }
 
-func (h etcdHistory) prefix() string { return strings.TrimSuffix(h.s.prefix, "/") + "-history/" }
+func (h etcdHistory) prefix() string { return h.s.prefix + etcdHistoryDir }
+
+// legacyPrefix is where earlier versions wrote the history.
+func (h etcdHistory) legacyPrefix() string { return strings.TrimSuffix(h.s.prefix, "/") + "-history/" }
+
+// legacyDenied says a read or delete where earlier versions wrote the
+// history was refused: there is nothing this user may see or prune there.
+func legacyDenied(err error) bool {
+	return errors.Is(err, rpctypes.ErrPermissionDenied) || status.Code(err) == codes.PermissionDenied
+}
 
 func (h etcdHistory) appendEntries(ctx context.Context, entries []historyEntry) error {
 	ctx, cancel := h.s.bound(ctx)
@@ -1707,15 +1724,40 @@ func (h etcdHistory) appendEntries(ctx context.Context, entries []historyEntry) 
 func (h etcdHistory) entries(ctx context.Context, q historyQuery) ([]historyEntry, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
-	end := clientv3.GetPrefixRangeEnd(h.prefix())
+	out, err := h.entriesUnder(ctx, h.prefix(), q)
+	if err != nil {
+		return nil, h.s.describe("read the history", err)
+	}
+	old, err := h.entriesUnder(ctx, h.legacyPrefix(), q)
+	switch {
+	case legacyDenied(err):
+		return out, nil
+	case err != nil:
+		return nil, h.s.describe("read the history", err)
+	case len(old) == 0:
+		return out, nil
+	}
+	// Each holds the newest entries q selects of its prefix: the newest
+	// of both are among them.
+	out = append(out, old...)
+	slices.SortStableFunc(out, func(a, b historyEntry) int { return cmp.Compare(b.ID, a.ID) })
+	if q.limit > 0 && len(out) > q.limit {
+		out = out[:q.limit]
+	}
+	return out, nil
+}
+
+// entriesUnder returns the entries q selects under prefix, newest first.
+func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q historyQuery) ([]historyEntry, error) {
+	end := clientv3.GetPrefixRangeEnd(prefix)
 	if q.before != "" {
-		end = h.prefix() + q.before
+		end = prefix + q.before
 	}
 	var out []historyEntry
 	for {
-		resp, err := h.s.cli.Get(ctx, h.prefix(), clientv3.WithRange(end), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(500))
+		resp, err := h.s.cli.Get(ctx, prefix, clientv3.WithRange(end), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(500))
 		if err != nil {
-			return nil, h.s.describe("read the history", err)
+			return nil, err
 		}
 		for _, kv := range resp.Kvs {
 			var e historyEntry
@@ -1742,9 +1784,16 @@ func (h etcdHistory) entries(ctx context.Context, q historyQuery) ([]historyEntr
 func (h etcdHistory) prune(ctx context.Context, before time.Time) (int, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
-	resp, err := h.s.cli.Delete(ctx, h.prefix(), clientv3.WithRange(h.prefix()+fmt.Sprintf("%019d", before.UnixNano())))
-	if err != nil {
-		return 0, h.s.describe("prune the history", err)
+	var n int
+	for _, prefix := range []string{h.prefix(), h.legacyPrefix()} {
+		resp, err := h.s.cli.Delete(ctx, prefix, clientv3.WithRange(prefix+fmt.Sprintf("%019d", before.UnixNano())))
+		switch {
+		case prefix == h.legacyPrefix() && legacyDenied(err):
+		case err != nil:
+			return n, h.s.describe("prune the history", err)
+		default:
+			n += int(resp.Deleted)
+		}
 	}
-	return int(resp.Deleted), nil
+	return n, nil
 }

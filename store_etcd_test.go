@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"reflect"
 	"slices"
 	"strings"
@@ -727,5 +728,193 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// putLegacyHistory writes e where versions before the history moved under
+// the prefix wrote it: "<prefix without its slash>-history/<ID>".
+func putLegacyHistory(t *testing.T, cli *clientv3.Client, prefix string, e historyEntry) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	data, _ := json.Marshal(e)
+	if _, err := cli.Put(ctx, strings.TrimSuffix(prefix, "/")+"-history/"+e.ID, string(data)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// historyAt is an entry of key on port at when.
+func historyAt(when time.Time, key string, port int) historyEntry {
+	return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), port), Time: when, Key: key, Port: port, Change: histNew}
+}
+
+// TestEtcdHistoryUnderPrefix: a server writes nothing outside -etcd-prefix
+// (its history included), and the history is read, paged and pruned
+// across the prefix and where earlier versions wrote it, newest first.
+func TestEtcdHistoryUnderPrefix(t *testing.T) {
+	srv := startEtcd(t, nil)
+	raw := srv.client(t)
+	const prefix = "/hl/"
+	day := func(m time.Month, d int) time.Time { return time.Date(2025, m, d, 0, 0, 0, 0, time.UTC) }
+	l1, n1, l2 := historyAt(day(1, 10), "old.one", 30051), historyAt(day(2, 10), "new.one", 30052), historyAt(day(3, 10), "old.two", 30051)
+	putLegacyHistory(t, raw, prefix, l1)
+	putLegacyHistory(t, raw, prefix, l2)
+
+	s := startInProc(t, "-store", "etcd", "-etcd-endpoints", srv.endpoint(), "-etcd-prefix", prefix, "-probe=false", "-allow-ports", "30000-30099",
+		"-history-keep", "0") // the 2025 entries stay
+	for _, name := range []string{"a.x", "a.y", "b.z"} {
+		if got := tryPost(s, strings.Split(name, ".")[0], name, ""); got.port == 0 {
+			t.Fatalf("%s: %+v", name, got)
+		}
+	}
+	req, _ := http.NewRequest("DELETE", s.url+"/api/allocations/a.y", nil)
+	if resp, err := s.client.Do(req); err != nil || resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE a.y: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	store := openTestEtcdStore(t, srv, prefix)
+	log := store.history()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	waitFor(t, "the workload's history", 5*time.Second, func() bool {
+		got, err := log.entries(ctx, historyQuery{since: day(6, 1)})
+		return err == nil && len(got) == 4
+	})
+	if err := log.appendEntries(ctx, []historyEntry{n1}); err != nil {
+		t.Fatal(err)
+	}
+	all, err := raw.Get(ctx, "\x00", clientv3.WithFromKey(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var history int
+	for _, kv := range all.Kvs {
+		k := string(kv.Key)
+		switch {
+		case k == "/hl-history/"+l1.ID, k == "/hl-history/"+l2.ID: // written by hand, as before
+		case !strings.HasPrefix(k, prefix):
+			t.Errorf("%q is outside -etcd-prefix %s", k, prefix)
+		case strings.HasPrefix(k, prefix+"history/"):
+			history++
+		}
+	}
+	if history != 5 {
+		t.Errorf("%d history keys under %shistory/; want 5", history, prefix)
+	}
+	snap := loadEtcd(t, store)
+	if len(snap.problems) != 0 || len(snap.allocations) != 2 {
+		t.Fatalf("load with the history under the prefix: %d allocations, problems %q; want 2, none", len(snap.allocations), snap.problems)
+	}
+
+	keys := func(es []historyEntry) string {
+		var ks []string
+		for _, e := range es {
+			ks = append(ks, e.Key)
+		}
+		return strings.Join(ks, ",")
+	}
+	old := historyQuery{until: day(12, 31)}
+	for _, tc := range []struct {
+		q    historyQuery
+		want string
+	}{
+		{old, "old.two,new.one,old.one"},
+		{historyQuery{until: day(12, 31), limit: 2}, "old.two,new.one"},
+		{historyQuery{before: l2.ID, limit: 1}, "new.one"},
+		{historyQuery{port: 30051, until: day(12, 31)}, "old.two,old.one"},
+	} {
+		got, err := log.entries(ctx, tc.q)
+		if err != nil || keys(got) != tc.want {
+			t.Fatalf("entries(%+v) = %s, %v; want %s", tc.q, keys(got), err, tc.want)
+		}
+	}
+	if e, held, ok, err := holderAt(ctx, log, 30051, day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
+		t.Fatalf("port 30051 on 1 February: %+v held %v known %v (%v); want old.one", e, held, ok, err)
+	}
+	if n, err := log.prune(ctx, day(2, 20)); err != nil || n != 2 {
+		t.Fatalf("prune before 20 February = %d, %v; want 2 (one of each layout)", n, err)
+	}
+	if got, err := log.entries(ctx, old); err != nil || keys(got) != "old.two" {
+		t.Fatalf("after pruning: %s, %v; want old.two", keys(got), err)
+	}
+}
+
+// loadEtcd loads s.
+func loadEtcd(t *testing.T, s *etcdStore) snapshot {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	snap, err := s.load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return snap
+}
+
+// TestEtcdHistoryAuth: a user whose role may only read and write
+// -etcd-prefix writes and reads the history (where earlier versions wrote
+// it is skipped, not an error); one also granted reading there reads the
+// entries earlier versions wrote.
+func TestEtcdHistoryAuth(t *testing.T) {
+	srv := startEtcd(t, nil)
+	cli := srv.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const prefix, legacy = "/ah/", "/ah-history/"
+	old := historyAt(time.Date(2025, 1, 10, 0, 0, 0, 0, time.UTC), "old.one", 30051)
+	putLegacyHistory(t, cli, prefix, old)
+	steps := []func() error{
+		func() error { _, err := cli.UserAdd(ctx, "root", "root-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := cli.RoleAdd(ctx, "keeper"); return err },
+		func() error {
+			_, err := cli.RoleGrantPermission(ctx, "keeper", prefix, clientv3.GetPrefixRangeEnd(prefix), clientv3.PermissionType(clientv3.PermReadWrite))
+			return err
+		},
+		func() error { _, err := cli.RoleAdd(ctx, "old-reader"); return err },
+		func() error {
+			_, err := cli.RoleGrantPermission(ctx, "old-reader", legacy, clientv3.GetPrefixRangeEnd(legacy), clientv3.PermissionType(clientv3.PermRead))
+			return err
+		},
+		func() error { _, err := cli.UserAdd(ctx, "keeper", "keeper-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "keeper", "keeper"); return err },
+		func() error { _, err := cli.UserAdd(ctx, "upgraded", "upgraded-secret"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "upgraded", "keeper"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "upgraded", "old-reader"); return err },
+		func() error { _, err := cli.AuthEnable(ctx); return err },
+	}
+	for i, step := range steps {
+		if err := step(); err != nil {
+			t.Fatalf("auth set-up step %d: %v", i, err)
+		}
+	}
+	openAs := func(user, password string) historyLog {
+		o := srv.options(t, prefix)
+		o.username, o.password = user, password
+		s, err := openEtcdStore(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.close() })
+		if _, err := s.load(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return s.history()
+	}
+	fresh := historyAt(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC), "new.one", 30052)
+	keeper := openAs("keeper", "keeper-secret")
+	if err := keeper.appendEntries(ctx, []historyEntry{fresh}); err != nil {
+		t.Fatalf("history written as a user granted only %s: %v", prefix, err)
+	}
+	if got, err := keeper.entries(ctx, historyQuery{}); err != nil || len(got) != 1 || got[0].Key != fresh.Key {
+		t.Fatalf("history read as a user granted only %s: %+v, %v; want the new entry", prefix, got, err)
+	}
+	if n, err := keeper.prune(ctx, time.Date(2025, 6, 1, 0, 0, 0, 0, time.UTC)); err != nil || n != 0 {
+		t.Fatalf("prune as a user granted only %s = %d, %v; want 0, no error", prefix, n, err)
+	}
+	upgraded := openAs("upgraded", "upgraded-secret")
+	if got, err := upgraded.entries(ctx, historyQuery{}); err != nil || len(got) != 2 || got[0].Key != fresh.Key || got[1].Key != old.Key {
+		t.Fatalf("history read by a user also granted reading %s: %+v, %v; want the new entry, then the old", legacy, got, err)
 	}
 }
