@@ -358,6 +358,7 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 	}
 
 	etcd.wipe(t, "")
+	wiped := time.Now()
 	waitFor(t, "every allocation written back to the empty etcd", 15*time.Second, func() bool {
 		return etcdCount(t, raw, prefix+"key/") == int64(len(held))
 	})
@@ -365,12 +366,20 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 	waitFor(t, "a restore counted at both instances", 10*time.Second, func() bool {
 		return metricAt(a, restores) == 1 && metricAt(b, restores) == 1
 	})
+	t.Logf("both instances had written back %v after etcd came back empty", time.Since(wiped).Round(time.Millisecond))
+	var counts [2]map[string]float64
 	sum := func(result string) float64 {
 		series := `frp_port_keeper_store_restored_records_total{result="` + result + `"}`
-		return metricAt(a, series) + metricAt(b, series)
+		for i, s := range fleet {
+			if counts[i] == nil {
+				counts[i] = map[string]float64{}
+			}
+			counts[i][result] = metricAt(s, series)
+		}
+		return counts[0][result] + counts[1][result]
 	}
 	restored, present, lost := sum("restored"), sum("present"), sum("lost")
-	t.Logf("records restored %v, found present %v, lost %v (both instances together)", restored, present, lost)
+	t.Logf("records restored %v, found present %v, lost %v (a: %v; b: %v)", restored, present, lost, counts[0], counts[1])
 	if restored != float64(len(held)) || present != float64(len(held)) || lost != 0 {
 		t.Fatalf("restored %v, present %v, lost %v; want each of the %d records restored by one instance and found present by the other, none lost",
 			restored, present, lost, len(held))
