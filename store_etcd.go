@@ -23,8 +23,9 @@ package main
 // data directory, a backup restored) is written back from their memory.
 // Each instance notices that etcd is not the one it loaded: an answer shows
 // another cluster ID, or a revision below one an earlier answer showed (a
-// linearizable answer never does), or a paged read finds its revision gone;
-// a check every etcdCheckInterval makes sure an idle instance notices too.
+// linearizable answer never does); a check every etcdCheckInterval makes
+// sure an idle instance notices too (etcd 3.7 lets a watch wait silently
+// on a revision it has not reached).
 // From then on it refuses every write (errStoreRestoring; sticky hits need
 // none), and its watch writes back every allocation it held, in
 // create-if-absent transactions (the key record and the port record must
@@ -1269,11 +1270,6 @@ func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.Respon
 			}
 			resp, err := s.cli.Get(ctx, from, opts...)
 			if err != nil {
-				if header != nil && errors.Is(err, rpctypes.ErrFutureRev) {
-					s.mu.Lock()
-					s.lostLocked(fmt.Sprintf("revision %d, which it had just answered at, is in its future", header.Revision))
-					s.mu.Unlock()
-				}
 				return nil, nil, err
 			}
 			if header == nil {
