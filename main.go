@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -113,6 +115,11 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	}
 	for _, p := range got.problems {
 		log.Warn("store repaired", "problem", p)
+	}
+	if got.damaged > 0 || len(got.heldBack) > 0 {
+		held := slices.Sorted(maps.Keys(got.heldBack))
+		log.Warn("records damaged, likely by a crash or power cut: their ports are held back from new keys until an operator releases them (release -port N)",
+			"damaged_records", got.damaged, "held_back", len(held), "ports", fmt.Sprint(held))
 	}
 	if got.degraded != "" {
 		log.Error("the store cannot take writes: serving the allocations it holds, refusing new keys", "why", got.degraded)
