@@ -136,8 +136,10 @@ func TestDurableCommitOrder(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("u", "u.a", "tcp")); p != 30000 {
 		t.Fatalf("u.a = %d; want 30000", p)
 	}
-	inOrder(t, "new key", rec.take(), "write "+fileOf(portName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
+	ops := rec.take()
+	inOrder(t, "new key", ops, "write "+fileOf(portName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
 		"rename "+key, "syncdir .")
+	inOrder(t, "new key's port record", ops, "write "+fileOf(portName(30000)), "sync "+fileOf(portName(30000)), "rename "+key)
 
 	if _, err := a.assign("u.a", 30001, operatorChange{}); err != nil {
 		t.Fatal(err)
@@ -216,8 +218,8 @@ func TestGroupCommit(t *testing.T) {
 	if n := rec.count("syncdir"); n != 2 {
 		t.Fatalf("%d writers made %d directory fsyncs; want 2 (the first batch, then all the rest)", writers, n)
 	}
-	if n := rec.count("sync "); n != writers {
-		t.Fatalf("%d key records synced; want %d", n, writers)
+	if n := rec.count("sync "); n != 2*writers {
+		t.Fatalf("%d records synced; want %d (a key and a port record each)", n, 2*writers)
 	}
 	crashStore(store)
 	b := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})

@@ -32,23 +32,23 @@ import (
 // step marked "ack" is on stable storage; a power cut may leave any record
 // written without an fsync empty or missing, which the rule allows for:
 //
-//	new key K on P:  1 port-P{K}                      -> unfinished: dropped, P free (left empty: P held back)
-//	                 2 key-K.tmp{P}, fsync             -> tmp deleted; as 1
+//	new key K on P:  1 port-P{K}, key-K.tmp{P}       -> unfinished: port-P dropped, P free (left empty: P held back)
+//	                 2 fsync both                      -> as 1
 //	                 3 rename to key-K, fsync dir      -> K on P (ack)
-//	move K, P to Q:  1 port-Q{K}                      -> K on P; port-Q dropped (left empty: Q held back)
-//	                 2 key-K.tmp{Q}, fsync             -> as 1
+//	move K, P to Q:  1 port-Q{K}, key-K.tmp{Q}       -> K on P; port-Q dropped (left empty: Q held back)
+//	                 2 fsync both                      -> as 1
 //	                 3 rename to key-K, fsync dir      -> K on Q; port-P dropped (ack)
 //	                 4 port-P deleted, freed-P         -> K on Q
-//	reclaim V's P:   1 port-P{K}, fsync                -> V on P; port-P rewritten for V
-//	                 2 key-K.tmp{P}, fsync             -> as 1
+//	reclaim V's P:   1 port-P{K}, key-K.tmp{P}       -> V on P; port-P rewritten for V
+//	                 2 fsync both                      -> as 1
 //	                 3 rename to key-K, key-V deleted,
-//	                   fsync dir                       -> K on P (ack; before the unlink lands the synced port-P names K)
+//	                   fsync dir                       -> K on P (ack; before the unlink lands, the synced port-P names K)
 //	release K on P:  1 key-K deleted, fsync dir       -> P free; port-P dropped (ack)
 //	                 2 port-P deleted, freed-P         -> P free
 //
-// Port, freed-port and last-seen records are written without an fsync: a
-// power cut can lose how long a port has been free or when a key was last
-// seen, never an allocation. A step that fails leaves the state of the step
+// A leftover key-K.tmp is deleted at the start. Freed-port and last-seen
+// records are written without an fsync: a power cut can lose how long a
+// port has been free or when a key was last seen, never an allocation. A step that fails leaves the state of the step
 // before it (a failed directory fsync puts the old key records back), and
 // leftovers of later steps are deleted at the next write or start.
 //
@@ -599,23 +599,21 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 		}
 		staged = append(staged, w)
 	}
-	// The new key records (and a reclaim's port record) reach the disk
-	// before they replace anything.
+	// The new key records and their port records reach the disk before
+	// they replace anything: a port record is then never found empty after
+	// a power cut unless its write was never acknowledged, and a reclaim's
+	// names the new owner while the old key record may still be there.
 	var syncs []string
 	for _, w := range staged {
-		if w.claim == nil {
-			continue
-		}
-		syncs = append(syncs, w.staged)
-		if w.claim.victim != nil {
-			syncs = append(syncs, fileOf(portName(w.claim.want.Port)))
+		if w.claim != nil {
+			syncs = append(syncs, w.staged, fileOf(portName(w.claim.want.Port)))
 		}
 	}
 	failed := s.syncFiles(syncs)
 	var committed []*pendingWrite
 	for _, w := range staged {
 		err := failed[w.staged]
-		if w.claim != nil && w.claim.victim != nil && err == nil {
+		if w.claim != nil && err == nil {
 			err = failed[fileOf(portName(w.claim.want.Port))]
 		}
 		if err == nil {
