@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/url"
@@ -634,13 +635,32 @@ type fileHistory struct {
 	s       *fileStore
 	mu      sync.Mutex
 	checked map[string]bool // files whose last byte was checked this run
+	// open opens a month file for append (or a directory, to sync it);
+	// tests replace it to inject faults and to watch the syncs.
+	open func(name string, flag int) (historyFileHandle, error)
+}
+
+// historyFileHandle is an open month file as appends use it; *os.File is one.
+type historyFileHandle interface {
+	io.Writer
+	io.ReaderAt
+	Stat() (fs.FileInfo, error)
+	Truncate(size int64) error
+	Sync() error
+	Close() error
 }
 
 func (s *fileStore) history() historyLog {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.hist == nil {
-		s.hist = &fileHistory{s: s, checked: map[string]bool{}}
+		s.hist = &fileHistory{s: s, checked: map[string]bool{}, open: func(name string, flag int) (historyFileHandle, error) {
+			f, err := s.root.OpenFile(name, flag, 0o600)
+			if err != nil {
+				return nil, err // not a nil *os.File in a non-nil interface
+			}
+			return f, nil
+		}}
 	}
 	return s.hist
 }
@@ -678,7 +698,7 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 }
 
 func (h *fileHistory) appendFile(name string, data []byte) error {
-	f, err := h.s.root.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := h.open(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
 	if err != nil {
 		return err
 	}
@@ -686,10 +706,7 @@ func (h *fileHistory) appendFile(name string, data []byte) error {
 	if !h.checked[name] {
 		if fi, err := f.Stat(); err == nil && fi.Size() > 0 {
 			last := make([]byte, 1)
-			if r, err := h.s.root.Open(name); err == nil {
-				r.ReadAt(last, fi.Size()-1)
-				r.Close()
-			}
+			f.ReadAt(last, fi.Size()-1)
 			if last[0] != '\n' { // a line torn by a crash: end it
 				data = append([]byte{'\n'}, data...)
 			}
