@@ -208,6 +208,116 @@ func TestHistoryFileTornLine(t *testing.T) {
 	}
 }
 
+// watchedHistory watches what a file history does to its files: the
+// lines it writes, its syncs, and how many lines each sync made durable.
+// With hold set, the first open of a month file waits until hold is
+// closed, so what is recorded meanwhile queues up behind that batch.
+type watchedHistory struct {
+	hold    chan struct{}
+	mu      sync.Mutex
+	written map[string]int // lines written to each file
+	synced  map[string]int // lines written to each file before its last sync
+	syncs   map[string]int // syncs of each file and directory
+	events  []string       // "write NAME", "sync NAME", in order
+}
+
+func watchHistory(h *fileHistory) *watchedHistory {
+	w := &watchedHistory{written: map[string]int{}, synced: map[string]int{}, syncs: map[string]int{}}
+	open, held := h.open, false
+	h.open = func(name string, flag int) (historyFileHandle, error) {
+		if w.hold != nil && !held && strings.HasSuffix(name, ".jsonl") {
+			held = true // appends are serialized: no lock needed
+			<-w.hold
+		}
+		f, err := open(name, flag)
+		if err != nil {
+			return nil, err
+		}
+		return &watchedFile{historyFileHandle: f, name: name, w: w}, nil
+	}
+	return w
+}
+
+func (w *watchedHistory) get(read func() int) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return read()
+}
+
+type watchedFile struct {
+	historyFileHandle
+	name string
+	w    *watchedHistory
+}
+
+func (f *watchedFile) Write(p []byte) (int, error) {
+	n, err := f.historyFileHandle.Write(p)
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	f.w.written[f.name] += bytes.Count(p[:n], []byte("\n"))
+	f.w.events = append(f.w.events, "write "+f.name)
+	return n, err
+}
+
+func (f *watchedFile) Sync() error {
+	err := f.historyFileHandle.Sync()
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	if err == nil {
+		f.w.synced[f.name] = f.w.written[f.name]
+		f.w.syncs[f.name]++
+		f.w.events = append(f.w.events, "sync "+f.name)
+	}
+	return err
+}
+
+// TestHistoryFileSyncsEachBatch: each batch of history is made durable by
+// one fsync of its month file (and of each directory it created), so a
+// burst of changes costs a few fsyncs, not one a change, and every change
+// is on disk soon after it was recorded.
+func TestHistoryFileSyncsEachBatch(t *testing.T) {
+	dir := t.TempDir()
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h := store.history().(*fileHistory)
+	w := watchHistory(h)
+	w.hold = make(chan struct{})
+	rec := newHistoryRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
+	defer rec.stop()
+	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
+	const burst = 2000
+	start := time.Now()
+	for i := range burst {
+		rec.record(historyEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: histNew})
+	}
+	close(w.hold)
+	file := filepath.Join(historyDir, "2026-03.jsonl")
+	waitFor(t, "every entry of the burst to be synced", 10*time.Second, func() bool {
+		return w.get(func() int { return w.synced[file] }) == burst
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	t.Logf("%d entries synced by %d fsyncs %v after the burst began", burst, w.syncs[file], time.Since(start))
+	// At most the batch held open, then full batches of 512.
+	if n := w.syncs[file]; n > 1+(burst-1+511)/512 {
+		t.Errorf("%d fsyncs of %s for %d entries in a burst; want one a batch", n, file, burst)
+	}
+	// The new directory and the new month file are durable before the
+	// first entry is written into them.
+	firstWrite := slices.Index(w.events, "write "+file)
+	if i := slices.Index(w.events, "sync ."); i < 0 || i > firstWrite || w.syncs["."] != 1 {
+		t.Errorf("the data directory was not synced once, before the first write, after the history directory was made: %v", w.events[:firstWrite+1])
+	}
+	if i := slices.Index(w.events, "sync "+historyDir); i < 0 || i > firstWrite || w.syncs[historyDir] != 1 {
+		t.Errorf("the history directory was not synced once, before the first write, after the month file was made: %v", w.events[:firstWrite+1])
+	}
+	if got, err := h.entries(context.Background(), historyQuery{}); err != nil || len(got) != burst {
+		t.Errorf("%d entries readable (%v); want %d", len(got), err, burst)
+	}
+}
+
 // TestHistoryPrune: entries older than the retention go, newer stay, on
 // every store (etcd's under a prefix of its own).
 func TestHistoryPrune(t *testing.T) {

@@ -673,8 +673,14 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 	if err := h.s.sameDir(); err != nil {
 		return err
 	}
+	_, missing := h.s.root.Stat(historyDir)
 	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
 		return classify(err)
+	}
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir("."); err != nil {
+			return classify(err)
+		}
 	}
 	byFile := map[string][]byte{}
 	var order []string
@@ -697,12 +703,20 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 	return nil
 }
 
+// appendFile appends whole lines to a month file and syncs it: once it
+// returns, they survive a power cut.
 func (h *fileHistory) appendFile(name string, data []byte) error {
+	_, missing := h.s.root.Stat(name)
 	f, err := h.open(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir(historyDir); err != nil {
+			return err
+		}
+	}
 	if !h.checked[name] {
 		if fi, err := f.Stat(); err == nil && fi.Size() > 0 {
 			last := make([]byte, 1)
@@ -714,7 +728,24 @@ func (h *fileHistory) appendFile(name string, data []byte) error {
 		h.checked[name] = true
 	}
 	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
 	return err
+}
+
+// syncDir makes the entries of a directory durable: a new file or
+// directory survives a power cut only once its parent is synced.
+func (h *fileHistory) syncDir(name string) error {
+	if runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
+		return nil
+	}
+	d, err := h.open(name, os.O_RDONLY)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // files lists the history's month files, newest first.
