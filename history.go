@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -64,6 +65,16 @@ type historyLog interface {
 	// prune deletes entries older than before and says how many.
 	prune(ctx context.Context, before time.Time) (int, error)
 }
+
+// historyAppendError is an append that failed after the first written of
+// its entries were written (and made durable); the rest are lost.
+type historyAppendError struct {
+	written int
+	err     error
+}
+
+func (e *historyAppendError) Error() string { return e.err.Error() }
+func (e *historyAppendError) Unwrap() error { return e.err }
 
 // historyOf returns the store's history log, if it keeps one.
 func historyOf(store portStore) historyLog {
@@ -172,8 +183,13 @@ func (r *historyRecorder) run() {
 		err := r.log.appendEntries(ctx, batch)
 		cancel()
 		if err != nil {
-			r.failed(len(batch))
-			r.logger.Warn("history entries not written; the allocations stand", "entries", len(batch), "err", err)
+			lost := len(batch)
+			var partial *historyAppendError
+			if errors.As(err, &partial) {
+				lost -= partial.written
+			}
+			r.failed(lost)
+			r.logger.Warn("history entries lost: not written; the allocations stand", "entries", lost, "err", err)
 		}
 	}
 }
