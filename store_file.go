@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/url"
@@ -993,23 +994,43 @@ func (s *fileStore) saveCheckpoint() error {
 }
 
 // historyDir holds the history, one file a month ("2026-03.jsonl"), one
-// JSON line an entry, appended to and never rewritten: a crash can only
-// tear the last line, which reading skips (and the next append starts on
-// a line of its own).
+// JSON line an entry, appended to (each batch synced) and never
+// rewritten: a crash can only tear the last line, which reading skips, and
+// an append that fails part-way is cut off; either way the next append
+// starts on a line of its own.
 const historyDir = "history"
 
 // fileHistory is the file store's history log.
 type fileHistory struct {
 	s       *fileStore
 	mu      sync.Mutex
-	checked map[string]bool // files whose last byte was checked this run
+	checked map[string]bool // files whose last byte was checked since the start or their last failed append
+	// open opens a month file for append (or a directory, to sync it);
+	// tests replace it to inject faults and to watch the syncs.
+	open func(name string, flag int) (historyFileHandle, error)
+}
+
+// historyFileHandle is an open month file as appends use it; *os.File is one.
+type historyFileHandle interface {
+	io.Writer
+	io.ReaderAt
+	Stat() (fs.FileInfo, error)
+	Truncate(size int64) error
+	Sync() error
+	Close() error
 }
 
 func (s *fileStore) history() historyLog {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.hist == nil {
-		s.hist = &fileHistory{s: s, checked: map[string]bool{}}
+		s.hist = &fileHistory{s: s, checked: map[string]bool{}, open: func(name string, flag int) (historyFileHandle, error) {
+			f, err := s.root.OpenFile(name, flag, 0o600)
+			if err != nil {
+				return nil, err // not a nil *os.File in a non-nil interface
+			}
+			return f, nil
+		}}
 	}
 	return s.hist
 }
@@ -1022,10 +1043,17 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 	if err := h.s.sameDir(); err != nil {
 		return err
 	}
+	_, missing := h.s.root.Stat(historyDir)
 	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
 		return classify(err)
 	}
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir("."); err != nil {
+			return classify(err)
+		}
+	}
 	byFile := map[string][]byte{}
+	lines := map[string]int{}
 	var order []string
 	for _, e := range entries {
 		line, err := json.Marshal(e)
@@ -1037,36 +1065,76 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 			order = append(order, name)
 		}
 		byFile[name] = append(append(byFile[name], line...), '\n')
+		lines[name]++
 	}
+	written := 0
 	for _, name := range order {
 		if err := h.appendFile(name, byFile[name]); err != nil {
-			return classify(err)
+			return &historyAppendError{written: written, err: classify(err)}
 		}
+		written += lines[name]
 	}
 	return nil
 }
 
+// appendFile appends whole lines to a month file and syncs it: once it
+// returns, they survive a power cut. When that fails (a full disk tears a
+// write part-way) it cuts the file back to its size before, so the next
+// append starts on a line of its own; if even that fails, the next append
+// checks the last byte again and ends the torn line first.
 func (h *fileHistory) appendFile(name string, data []byte) error {
-	f, err := h.s.root.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	_, missing := h.s.root.Stat(name)
+	f, err := h.open(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if !h.checked[name] {
-		if fi, err := f.Stat(); err == nil && fi.Size() > 0 {
-			last := make([]byte, 1)
-			if r, err := h.s.root.Open(name); err == nil {
-				r.ReadAt(last, fi.Size()-1)
-				r.Close()
-			}
-			if last[0] != '\n' { // a line torn by a crash: end it
-				data = append([]byte{'\n'}, data...)
-			}
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir(historyDir); err != nil {
+			return err
 		}
-		h.checked[name] = true
 	}
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	if !h.checked[name] && size > 0 {
+		last := make([]byte, 1)
+		if _, err := f.ReadAt(last, size-1); err != nil {
+			return err
+		}
+		if last[0] != '\n' { // a line torn by a crash or a failed append: end it
+			h.s.log.Warn("history: the last line of a month file was torn (its entry is lost); ending it", "file", name)
+			data = append([]byte{'\n'}, data...)
+		}
+	}
+	h.checked[name] = true
 	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if err != nil {
+		delete(h.checked, name) // whatever is left, check the last byte again
+		if terr := f.Truncate(size); terr != nil {
+			return fmt.Errorf("%w (and the torn append could not be cut off: %v; the next append ends it)", err, terr)
+		}
+	}
 	return err
+}
+
+// syncDir makes the entries of a directory durable: a new file or
+// directory survives a power cut only once its parent is synced.
+func (h *fileHistory) syncDir(name string) error {
+	if runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
+		return nil
+	}
+	d, err := h.open(name, os.O_RDONLY)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // files lists the history's month files, newest first.
