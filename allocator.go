@@ -178,8 +178,11 @@ type allocator struct {
 	mu      sync.RWMutex
 	byKey   map[string]*allocation
 	byPort  map[int]*allocation
-	held    portSet // ports of byPort
-	policy  *policy
+	held    portSet // ports of byPort, and those heldBack
+	// heldBack are ports a damaged record keeps from fresh allocation
+	// (snapshot.heldBack), with the reason, until an operator releases them.
+	heldBack map[int]string
+	policy   *policy
 	// perUser counts keys by user, for quotas.
 	perUser map[string]int
 	// freed holds ports that were given back, since freedAt (unix
@@ -330,6 +333,13 @@ func (a *allocator) reset(snap snapshot) {
 	slices.SortFunc(freed, func(x, y int) int { return cmp.Compare(a.freedAt[x], a.freedAt[y]) })
 	for _, port := range freed {
 		a.markFreed(port, a.freedAt[port])
+	}
+	a.heldBack = map[int]string{}
+	for port, why := range snap.heldBack {
+		if !a.held.has(port) {
+			a.heldBack[port] = why
+			a.held.add(port)
+		}
 	}
 }
 
@@ -904,6 +914,44 @@ func (a *allocator) current(key string) (record, bool) {
 	return *al.record, true
 }
 
+// heldBackDetail is what a device asking for a held-back port is told.
+const heldBackDetail = "held back: its record was damaged (a crash?) and its key is unknown; an operator can release it"
+
+// releaseHeldBack frees a port that a damaged record held back, on an
+// operator's word that no device still counts on it.
+func (a *allocator) releaseHeldBack(port int, by string) error {
+	a.mu.Lock()
+	why, ok := a.heldBack[port]
+	if !ok {
+		a.mu.Unlock()
+		return errNoAllocation
+	}
+	if a.reserved.has(port) {
+		a.mu.Unlock()
+		return &portError{port: port, err: errPortReserved}
+	}
+	a.reserved.add(port)
+	a.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	err := a.store.releaseDamaged(ctx, port)
+	now := a.now()
+	a.mu.Lock()
+	a.reserved.remove(port)
+	if err == nil || errors.Is(err, errNotHeldBack) {
+		delete(a.heldBack, port)
+		a.held.remove(port)
+		a.markFreed(port, now.UnixNano())
+	}
+	a.mu.Unlock()
+	if err != nil && !errors.Is(err, errNotHeldBack) {
+		a.storeFailed(err)
+		return &storeError{kind: errStoreFailed, err: err}
+	}
+	a.changed(historyEntry{Time: now, OldPort: port, Change: histReleased, By: by, Note: "held back: " + why})
+	return nil
+}
+
 // release forgets key's allocation; its port becomes free once stored.
 func (a *allocator) release(key, by string) error {
 	key = validUTF8(key)
@@ -1168,6 +1216,8 @@ func (a *allocator) checkRequested(key string, port int) error {
 		return &portError{port: port, err: errPortInvalid}
 	case holder != nil && holder.Key != key:
 		return &portError{port: port, err: errPortReserved}
+	case a.heldBack[port] != "":
+		return &portError{port: port, err: errPortReserved, detail: heldBackDetail}
 	case a.excluded[port] != "":
 		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
 	case !a.pool.has(port):
@@ -1188,6 +1238,8 @@ func (a *allocator) checkOperatorPort(key string, port int) error {
 		return &portError{port: port, err: errPortInvalid}
 	case holder != nil && holder.Key != key, a.reserved.has(port):
 		return &portError{port: port, err: errPortReserved}
+	case a.heldBack[port] != "":
+		return &portError{port: port, err: errPortReserved, detail: heldBackDetail}
 	case a.excluded[port] != "":
 		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
 	}
@@ -1253,6 +1305,11 @@ func (a *allocator) stats() poolStats {
 			s.Used++
 		}
 	}
+	for p := range a.heldBack {
+		if a.pool.has(p) {
+			s.Used++
+		}
+	}
 	s.Free = s.Size - s.Used
 	return s
 }
@@ -1273,6 +1330,9 @@ func (a *allocator) snapshot() []allocationView {
 type allocationView struct {
 	record
 	LastSeen time.Time `json:"last_seen"`
+	// HeldBack, set on a row of no key, says why the port is held back
+	// (a damaged record of an unknown key).
+	HeldBack string `json:"held_back,omitempty"`
 	// OutsidePool marks a port outside the pool (an operator put it there,
 	// or the pool shrank); it stays until an operator moves it.
 	OutsidePool bool `json:"outside_pool"`

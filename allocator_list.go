@@ -42,11 +42,14 @@ func (a *allocator) listPage(after, limit int, keep func(allocationView) bool) (
 				return page, page[len(page)-1].Port
 			}
 			from = p + 1
-			al := a.byPort[p]
-			if al == nil {
+			var v allocationView
+			if al := a.byPort[p]; al != nil {
+				v = a.view(al)
+			} else if why := a.heldBack[p]; why != "" {
+				v = allocationView{record: record{Port: p}, HeldBack: why, OutsidePool: !a.pool.has(p)}
+			} else {
 				continue
 			}
-			v := a.view(al)
 			if keep != nil && !keep(v) {
 				continue
 			}

@@ -65,8 +65,8 @@ func commands() []command {
 		{name: "assign", args: "KEY PORT", minArgs: 2, maxArgs: 2, summary: "pin a key to a port",
 			about: "Pins KEY (new or existing) to PORT on the running server; the key's old port becomes free. The pin wins over the device's own remotePort until you release the key. PORT may lie outside the pool (shown as \"outside pool\"), never on frps's own ports. It takes effect when the device registers again (frpc restarts or reconnects; frpc reload does not re-register). " + serverAbout,
 			setup: setupAssign},
-		{name: "release", args: "KEY", minArgs: 1, maxArgs: 1, summary: "forget a key; its port becomes free",
-			about: "Forgets KEY on the running server; its port becomes free. A device still connected keeps its listener until it registers again (frpc restarts or reconnects), and then gets a port anew. " + serverAbout,
+		{name: "release", args: "KEY | -port PORT", maxArgs: 1, summary: "forget a key; its port becomes free",
+			about: "Forgets KEY on the running server; its port becomes free. A device still connected keeps its listener until it registers again (frpc restarts or reconnects), and then gets a port anew. -port PORT frees a port by number: the key that holds it, or a port held back because a crash damaged its record (list shows it as held by an unknown key). " + serverAbout,
 			setup: setupRelease},
 		{name: "note", args: "KEY TEXT", minArgs: 2, maxArgs: 2, summary: "attach a note to an allocation (\"\" clears it)",
 			about: "Sets the note of KEY's allocation on the running server (\"Alice's NAS\"); list, show, the page and export show it, and it stays when the key moves. " + serverAbout,
@@ -425,6 +425,8 @@ func (c adminClient) list(ctx context.Context, filter url.Values, asJSON bool, s
 					out.WriteByte(',')
 				}
 				fmt.Fprintf(out, "\n    %s", b)
+			} else if a.HeldBack != "" {
+				fmt.Fprintf(tw, "%d\t(unknown)\t-\t-\t-\t-\t%s\n", a.Port, listNotes(a))
 			} else {
 				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
 					a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), listNotes(a))
@@ -472,6 +474,9 @@ func listNotes(a apiAllocation) string {
 	}
 	if a.Note != "" {
 		notes = append(notes, strconv.Quote(a.Note))
+	}
+	if a.HeldBack != "" {
+		notes = append(notes, "held back: "+a.HeldBack)
 	}
 	return strings.Join(notes, ", ")
 }
@@ -535,7 +540,20 @@ func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 }
 
 func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
+	port := fs.Int("port", 0, "free this port instead of naming a key: its key's, or one held back by a damaged record")
 	return withClient(fs, e, func(c adminClient, args []string) error {
+		switch {
+		case *port != 0 && len(args) > 0:
+			return errors.New("give KEY or -port PORT, not both")
+		case *port != 0:
+			if err := c.do(e.ctx, "DELETE", "/api/ports/"+strconv.Itoa(*port), nil, nil); err != nil {
+				return err
+			}
+			_, err := fmt.Fprintf(e.stdout, "released port %d; it is free\n", *port)
+			return err
+		case len(args) == 0:
+			return errors.New("missing KEY (or -port PORT)")
+		}
 		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
 			return err
 		}

@@ -96,6 +96,7 @@ func newServer(alloc *allocator, log *slog.Logger, opts serverOptions) http.Hand
 		{"GET /api/allocations/{key}", s.admin(s.serveShow)},
 		{"PUT /api/allocations/{key}", s.admin(s.serveAssign)},
 		{"DELETE /api/allocations/{key}", s.admin(s.serveRelease)},
+		{"DELETE /api/ports/{port}", s.admin(s.serveReleasePort)},
 		{"PATCH /api/allocations/{key}", s.admin(s.serveNote)},
 		{"GET /api/export", s.admin(s.serveExport)},
 		{"POST /api/import", s.admin(s.serveImport)},
@@ -342,6 +343,9 @@ type apiAllocation struct {
 	// Pinned: an operator assigned this port; the device cannot move it.
 	Pinned bool   `json:"pinned"`
 	Note   string `json:"note,omitempty"`
+	// HeldBack, on a row with no key, says why its port is held back: a
+	// crash damaged its record, whose key is unknown (DELETE /api/ports/N).
+	HeldBack string `json:"held_back,omitempty"`
 	// OutsidePool marks a port outside the pool; OutsidePolicy one of the
 	// pool that today's policy would not give this user. Both stay until
 	// an operator moves them.
@@ -352,7 +356,7 @@ type apiAllocation struct {
 func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
 		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
-		Pinned: v.Pinned, Note: v.Note, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
+		Pinned: v.Pinned, Note: v.Note, HeldBack: v.HeldBack, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
 }
 
 // allocationList is the answer of GET /api/allocations.
@@ -412,6 +416,37 @@ func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, rejectReason(err))
 	default:
 		s.log.Info("admin released", "key", key)
+		w.WriteHeader(http.StatusNoContent)
+	}
+}
+
+// serveReleasePort frees a port by number: the key holding it is
+// released, or the hold of a damaged record of an unknown key is lifted.
+func (s *server) serveReleasePort(w http.ResponseWriter, r *http.Request) {
+	port, err := strconv.Atoi(r.PathValue("port"))
+	if err != nil || port < 1 || port > maxPort {
+		writeError(w, http.StatusBadRequest, "port must be a number from 1 to 65535")
+		return
+	}
+	var key string
+	page, _ := s.alloc.listPage(port-1, 1, nil)
+	if len(page) == 1 && page[0].Port == port {
+		key = page[0].Key
+	}
+	by := adminActor(r)
+	if key != "" {
+		err = s.alloc.release(key, by)
+	} else {
+		err = s.alloc.releaseHeldBack(port, by)
+	}
+	switch {
+	case errors.Is(err, errNoAllocation):
+		writeError(w, http.StatusNotFound, "nobody holds this port")
+	case err != nil:
+		s.log.Warn("admin release failed", "port", port, "err", err)
+		writeError(w, http.StatusServiceUnavailable, rejectReason(err))
+	default:
+		s.log.Info("admin released", "port", port, "key", key)
 		w.WriteHeader(http.StatusNoContent)
 	}
 }

@@ -197,6 +197,20 @@ func (f *faultyOps) remove(name string) error {
 	return f.fileOps.remove(name)
 }
 
+func (f *faultyOps) syncFile(name string) error {
+	if err := f.fault("sync", name); err != nil {
+		return err
+	}
+	return f.fileOps.syncFile(name)
+}
+
+func (f *faultyOps) syncDir(name string) error {
+	if err := f.fault("syncdir", name); err != nil {
+		return err
+	}
+	return f.fileOps.syncDir(name)
+}
+
 // newTestStore opens a file store on dir without the directory lock.
 func newTestStore(t testing.TB, dir string) *fileStore {
 	t.Helper()

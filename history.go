@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -65,6 +66,16 @@ type historyLog interface {
 	prune(ctx context.Context, before time.Time) (int, error)
 }
 
+// historyAppendError is an append that failed after the first written of
+// its entries were written (and made durable); the rest are lost.
+type historyAppendError struct {
+	written int
+	err     error
+}
+
+func (e *historyAppendError) Error() string { return e.err.Error() }
+func (e *historyAppendError) Unwrap() error { return e.err }
+
 // historyOf returns the store's history log, if it keeps one.
 func historyOf(store portStore) historyLog {
 	if h, ok := store.(interface{ history() historyLog }); ok {
@@ -98,7 +109,10 @@ func (q historyQuery) match(e historyEntry) bool {
 // historyRecorder stamps each change with an ID and writes it to the
 // history in the background, in batches: a plugin answer never waits for
 // it, and an entry that cannot be written is counted and logged while the
-// allocation stands. It also hands every entry to publish (events).
+// allocation stands. It also hands every entry to publish (events). A
+// batch is what queued while the one before it was written, and is written
+// at once: an entry waits for at most one append (and its fsync) besides
+// its own, so the history is on disk well within a second of a change.
 type historyRecorder struct {
 	log      historyLog // nil: no history kept
 	logger   *slog.Logger
@@ -169,8 +183,13 @@ func (r *historyRecorder) run() {
 		err := r.log.appendEntries(ctx, batch)
 		cancel()
 		if err != nil {
-			r.failed(len(batch))
-			r.logger.Warn("history entries not written; the allocations stand", "entries", len(batch), "err", err)
+			lost := len(batch)
+			var partial *historyAppendError
+			if errors.As(err, &partial) {
+				lost -= partial.written
+			}
+			r.failed(lost)
+			r.logger.Warn("history entries lost: not written; the allocations stand", "entries", lost, "err", err)
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -17,6 +18,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -205,6 +208,328 @@ func TestHistoryFileTornLine(t *testing.T) {
 	}
 	if strings.Join(keys, ",") != "k4,k2,k1" {
 		t.Fatalf("entries after a torn line: %v; want k4,k2,k1", keys)
+	}
+}
+
+// watchedHistory watches what a file history does to its files: the
+// lines it writes, its syncs, and how many lines each sync made durable.
+// With hold set, the first open of a month file waits until hold is
+// closed, so what is recorded meanwhile queues up behind that batch.
+type watchedHistory struct {
+	hold    chan struct{}
+	mu      sync.Mutex
+	written map[string]int // lines written to each file
+	synced  map[string]int // lines written to each file before its last sync
+	syncs   map[string]int // syncs of each file and directory
+	events  []string       // "write NAME", "sync NAME", in order
+}
+
+func watchHistory(h *fileHistory) *watchedHistory {
+	w := &watchedHistory{written: map[string]int{}, synced: map[string]int{}, syncs: map[string]int{}}
+	open, held := h.open, false
+	h.open = func(name string, flag int) (historyFileHandle, error) {
+		if w.hold != nil && !held && strings.HasSuffix(name, ".jsonl") {
+			held = true // appends are serialized: no lock needed
+			<-w.hold
+		}
+		f, err := open(name, flag)
+		if err != nil {
+			return nil, err
+		}
+		return &watchedFile{historyFileHandle: f, name: name, w: w}, nil
+	}
+	return w
+}
+
+func (w *watchedHistory) get(read func() int) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return read()
+}
+
+type watchedFile struct {
+	historyFileHandle
+	name string
+	w    *watchedHistory
+}
+
+func (f *watchedFile) Write(p []byte) (int, error) {
+	n, err := f.historyFileHandle.Write(p)
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	f.w.written[f.name] += bytes.Count(p[:n], []byte("\n"))
+	f.w.events = append(f.w.events, "write "+f.name)
+	return n, err
+}
+
+func (f *watchedFile) Sync() error {
+	err := f.historyFileHandle.Sync()
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	if err == nil {
+		f.w.synced[f.name] = f.w.written[f.name]
+		f.w.syncs[f.name]++
+		f.w.events = append(f.w.events, "sync "+f.name)
+	}
+	return err
+}
+
+// TestHistoryFileSyncsEachBatch: each batch of history is made durable by
+// one fsync of its month file (and of each directory it created), so a
+// burst of changes costs a few fsyncs, not one a change, and every change
+// is on disk soon after it was recorded.
+func TestHistoryFileSyncsEachBatch(t *testing.T) {
+	dir := t.TempDir()
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h := store.history().(*fileHistory)
+	w := watchHistory(h)
+	w.hold = make(chan struct{})
+	rec := newHistoryRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
+	defer rec.stop()
+	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
+	const burst = 2000
+	start := time.Now()
+	for i := range burst {
+		rec.record(historyEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: histNew})
+	}
+	close(w.hold)
+	file := filepath.Join(historyDir, "2026-03.jsonl")
+	waitFor(t, "every entry of the burst to be synced", 10*time.Second, func() bool {
+		return w.get(func() int { return w.synced[file] }) == burst
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	t.Logf("%d entries synced by %d fsyncs %v after the burst began", burst, w.syncs[file], time.Since(start))
+	// At most the batch held open, then full batches of 512.
+	if n := w.syncs[file]; n > 1+(burst-1+511)/512 {
+		t.Errorf("%d fsyncs of %s for %d entries in a burst; want one a batch", n, file, burst)
+	}
+	// The new directory and the new month file are durable before the
+	// first entry is written into them.
+	firstWrite := slices.Index(w.events, "write "+file)
+	if i := slices.Index(w.events, "sync ."); i < 0 || i > firstWrite || w.syncs["."] != 1 {
+		t.Errorf("the data directory was not synced once, before the first write, after the history directory was made: %v", w.events[:firstWrite+1])
+	}
+	if i := slices.Index(w.events, "sync "+historyDir); i < 0 || i > firstWrite || w.syncs[historyDir] != 1 {
+		t.Errorf("the history directory was not synced once, before the first write, after the month file was made: %v", w.events[:firstWrite+1])
+	}
+	if got, err := h.entries(context.Background(), historyQuery{}); err != nil || len(got) != burst {
+		t.Errorf("%d entries readable (%v); want %d", len(got), err, burst)
+	}
+}
+
+// TestHistoryFileTornAppendOnFullDisk: an append that a full disk tears
+// part-way is taken back whole and counted as lost; once space is back
+// the next changes are written whole, and "who held port N at T" is right.
+func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
+	disk := mountTmpfs(t, "1m")
+	dir := filepath.Join(disk, "data")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	log := store.history()
+	var lost atomic.Int64
+	record := func(es ...historyEntry) {
+		rec := newHistoryRecorder(log, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
+		for _, e := range es {
+			rec.record(e)
+		}
+		rec.stop() // writes what it holds
+	}
+	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
+	record(historyEntry{Time: t0, Key: "k1", Port: 30001, Change: histNew},
+		historyEntry{Time: t0.Add(time.Second), Key: "k2", Port: 30002, Change: histNew})
+	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
+	fi, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	room := 4096 - fi.Size()%4096 // what the file's last page still holds
+	fillDisk(t, disk)
+	// A change whose line is longer than that room is torn part-way.
+	record(historyEntry{Time: t0.Add(time.Minute), Key: "k9", Port: 30009, Change: histNew, Note: strings.Repeat("x", int(room))})
+	if n := lost.Load(); n != 1 {
+		t.Fatalf("%d entries counted as lost on a full disk; want 1", n)
+	}
+	if after, _ := os.Stat(file); after.Size() != fi.Size() {
+		t.Errorf("the history file is %d bytes after the torn append; want it taken back to %d", after.Size(), fi.Size())
+	}
+	filler, _ := filepath.Glob(filepath.Join(disk, "filler*"))
+	for _, f := range filler {
+		os.Remove(f)
+	}
+	record(historyEntry{Time: t0.Add(2 * time.Minute), Key: "k1", OldPort: 30001, Change: histReleased},
+		historyEntry{Time: t0.Add(3 * time.Minute), Key: "k3", Port: 30003, Change: histNew})
+
+	if n := lost.Load(); n != 1 {
+		t.Errorf("%d entries counted as lost; want 1 (the torn one)", n)
+	}
+	got, err := log.entries(context.Background(), historyQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Reverse(got)
+	want := "new k1 port=30001 old=0 victim= by= note=\"\"\n" +
+		"new k2 port=30002 old=0 victim= by= note=\"\"\n" +
+		"released k1 port=0 old=30001 victim= by= note=\"\"\n" +
+		"new k3 port=30003 old=0 victim= by= note=\"\"\n"
+	if describeAll(got) != want {
+		t.Errorf("history after a torn append:\n%swant every acknowledged entry:\n%s", describeAll(got), want)
+	}
+	for _, c := range []struct {
+		port     int
+		at       time.Time
+		held, ok bool
+		key      string
+	}{
+		{30001, t0.Add(90 * time.Second), true, true, "k1"},
+		{30001, t0.Add(150 * time.Second), false, true, ""}, // released
+		{30003, t0.Add(time.Hour), true, true, "k3"},
+		{30009, t0.Add(time.Hour), false, false, ""}, // never written
+	} {
+		e, held, ok, err := holderAt(context.Background(), log, c.port, c.at)
+		if err != nil || held != c.held || ok != c.ok || (held && e.Key != c.key) {
+			t.Errorf("who held %d at %s: %s held=%v known=%v (%v); want %q held=%v known=%v",
+				c.port, c.at.Format(time.TimeOnly), e.Key, held, ok, err, c.key, c.held, c.ok)
+		}
+	}
+}
+
+// tornFile tears every write in half and cannot be truncated, as a disk
+// failing part-way through an append might.
+type tornFile struct{ historyFileHandle }
+
+func (f tornFile) Write(p []byte) (int, error) {
+	n, _ := f.historyFileHandle.Write(p[:len(p)/2])
+	return n, syscall.ENOSPC
+}
+func (f tornFile) Truncate(int64) error { return syscall.EIO }
+
+// TestHistoryFileTornAppendEndedNextTime: a torn append that cannot be
+// taken back is ended by the next append of the same run, so that next
+// entry starts a line of its own and is not lost.
+func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
+	dir := t.TempDir()
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h := store.history().(*fileHistory)
+	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
+	entry := func(i int, key string, port, old int, change historyChange) historyEntry {
+		when := t0.Add(time.Duration(i) * time.Minute)
+		return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: key, Port: port, OldPort: old, Change: change}
+	}
+	if err := h.appendEntries(context.Background(), []historyEntry{entry(1, "k1", 30001, 0, histNew)}); err != nil {
+		t.Fatal(err)
+	}
+	open := h.open
+	h.open = func(name string, flag int) (historyFileHandle, error) {
+		f, err := open(name, flag)
+		if err == nil && strings.HasSuffix(name, ".jsonl") {
+			return tornFile{f}, nil
+		}
+		return f, err
+	}
+	if err := h.appendEntries(context.Background(), []historyEntry{entry(2, "k9", 30009, 0, histNew)}); !errors.Is(err, errStoreFull) {
+		t.Fatalf("a torn append returned %v; want the full disk", err)
+	}
+	h.open = open
+	if err := h.appendEntries(context.Background(), []historyEntry{entry(3, "k1", 0, 30001, histReleased)}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := h.entries(context.Background(), historyQuery{})
+	if len(got) != 2 || got[0].Change != histReleased || got[1].Change != histNew {
+		t.Fatalf("history after a torn append that stayed:\n%s", describeAll(got))
+	}
+	if _, held, _, err := holderAt(context.Background(), h, 30001, t0.Add(4*time.Minute)); err != nil || held {
+		t.Fatalf("port 30001 after its release: held=%v (%v); want free", held, err)
+	}
+}
+
+// fullFile fails every write before writing anything.
+type fullFile struct{ historyFileHandle }
+
+func (fullFile) Write([]byte) (int, error) { return 0, syscall.ENOSPC }
+
+// TestHistoryFileCrashTornLineEndedAfterFailure: the newline that ends a
+// line torn by a crash goes with the append that failed; the next append
+// ends that line again instead of gluing its entry onto it.
+func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, historyDir), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	torn := `{"id":"0000000000000000001-x-000001","time":"2026-03-03T14:0` // a crash tore it
+	if err := os.WriteFile(filepath.Join(dir, historyDir, "2026-03.jsonl"), []byte(torn), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h := store.history().(*fileHistory)
+	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
+	entry := historyEntry{ID: fmt.Sprintf("%019d-x-%06d", at.UnixNano(), 2), Time: at, Key: "k2", Port: 30002, Change: histNew}
+	open := h.open
+	h.open = func(name string, flag int) (historyFileHandle, error) {
+		f, err := open(name, flag)
+		if err == nil && strings.HasSuffix(name, ".jsonl") {
+			return fullFile{f}, nil
+		}
+		return f, err
+	}
+	if err := h.appendEntries(context.Background(), []historyEntry{entry}); !errors.Is(err, errStoreFull) {
+		t.Fatalf("an append on a full disk returned %v; want the full disk", err)
+	}
+	h.open = open
+	if err := h.appendEntries(context.Background(), []historyEntry{entry}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := h.entries(context.Background(), historyQuery{}); len(got) != 1 || got[0].Key != "k2" {
+		t.Fatalf("history after a failed append behind a torn line:\n%swant k2", describeAll(got))
+	}
+}
+
+// TestHistoryLostCountedExactly: a batch whose second month file cannot be
+// written counts only that month's entries as lost; the first month's are
+// written and readable.
+func TestHistoryLostCountedExactly(t *testing.T) {
+	dir := t.TempDir()
+	store := newTestStore(t, dir)
+	if _, err := store.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h := store.history().(*fileHistory)
+	w := watchHistory(h)
+	w.hold = make(chan struct{})
+	open := h.open
+	h.open = func(name string, flag int) (historyFileHandle, error) {
+		if strings.HasSuffix(name, "2026-03.jsonl") {
+			return nil, syscall.EIO
+		}
+		return open(name, flag)
+	}
+	var lost atomic.Int64
+	rec := newHistoryRecorder(h, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
+	feb, mar := time.Date(2026, 2, 28, 23, 59, 0, 0, time.UTC), time.Date(2026, 3, 1, 0, 1, 0, 0, time.UTC)
+	for i, when := range []time.Time{feb, feb, feb, mar, mar, mar} {
+		rec.record(historyEntry{Time: when.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: histNew})
+	}
+	close(w.hold) // the first batch held the others back: one batch spans both months
+	rec.stop()
+	if n := lost.Load(); n != 3 {
+		t.Errorf("%d entries counted as lost; want 3 (March's)", n)
+	}
+	if got, _ := h.entries(context.Background(), historyQuery{}); len(got) != 3 {
+		t.Errorf("readable after March failed:\n%swant February's 3", describeAll(got))
 	}
 }
 

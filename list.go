@@ -300,6 +300,10 @@ func appendAPIAllocation(b []byte, a apiAllocation) []byte {
 		b = append(b, `,"note":`...)
 		b = appendJSONString(b, a.Note)
 	}
+	if a.HeldBack != "" {
+		b = append(b, `,"held_back":`...)
+		b = appendJSONString(b, a.HeldBack)
+	}
 	b = append(b, `,"outside_pool":`...)
 	b = strconv.AppendBool(b, a.OutsidePool)
 	b = append(b, `,"outside_policy":`...)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -114,8 +116,20 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		store.close()
 		return err
 	}
-	for _, p := range got.problems {
+	// After a power cut every lazily written record may be damaged: name
+	// the first few, count them all in one line.
+	const namedProblems = 20
+	for i, p := range got.problems {
+		if i == namedProblems {
+			log.Warn("store repaired: further problems not listed", "more", len(got.problems)-namedProblems)
+			break
+		}
 		log.Warn("store repaired", "problem", p)
+	}
+	if got.damaged > 0 || len(got.heldBack) > 0 {
+		held := slices.Sorted(maps.Keys(got.heldBack))
+		log.Warn("records found damaged (a crash or power cut?): ports whose record is damaged and whose key is unknown are held back from new keys until an operator releases them (release -port N)",
+			"damaged_records", got.damaged, "held_back", len(held), "ports", fmt.Sprint(held))
 	}
 	if got.degraded != "" {
 		log.Error("the store cannot take writes: serving the allocations it holds, refusing new keys", "why", got.degraded)

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"syscall"
 	"time"
@@ -43,9 +44,16 @@ type portStore interface {
 	// it delivers a changeReset carrying a whole new snapshot. It returns
 	// ctx's error when ctx ends, or an error when the store is closed.
 	watch(ctx context.Context, rev int64, apply func(change)) error
+	// releaseDamaged forgets the damaged record that holds port back (see
+	// snapshot.heldBack): an operator's word that nobody holds it.
+	// errNotHeldBack when no such record is there.
+	releaseDamaged(ctx context.Context, port int) error
 	// close releases the store; a file store writes its checkpoint here.
 	close() error
 }
+
+// errNotHeldBack says a port is not held back by a damaged record.
+var errNotHeldBack = errors.New("no damaged record holds this port back")
 
 // record is one allocation as the store keeps it.
 type record struct {
@@ -72,6 +80,14 @@ type snapshot struct {
 	lastSeen    map[string]time.Time
 	online      map[string]bool // keys whose proxy was online when last written
 	freed       map[int]time.Time
+	// heldBack are ports whose record was found damaged (a power cut left
+	// it empty, say) with no allocation behind it: the key that held them
+	// is unknown, so they are kept from fresh allocation, with the reason,
+	// until an operator releases them (releaseDamaged).
+	heldBack map[int]string
+	// damaged counts the records found damaged (unreadable, empty, or not
+	// matching their name), for the start's summary.
+	damaged int
 	// problems are human-readable reports of what was repaired, set aside,
 	// or could not be repaired.
 	problems []string
@@ -215,13 +231,16 @@ type rawRecords struct {
 	// key record is only ever replaced whole, so a damaged one was
 	// committed and is rebuilt from its port record.
 	damagedKeys map[string]bool
-	seen        map[string]seenRecord
-	freed       map[int]time.Time
+	// damagedPorts are port records that exist but could not be read, with
+	// why: their port is held back unless a key record names it.
+	damagedPorts map[int]string
+	seen         map[string]seenRecord
+	freed        map[int]time.Time
 }
 
 func newRawRecords() rawRecords {
 	return rawRecords{ports: map[int]record{}, keys: map[string]record{}, damagedKeys: map[string]bool{},
-		seen: map[string]seenRecord{}, freed: map[int]time.Time{}}
+		damagedPorts: map[int]string{}, seen: map[string]seenRecord{}, freed: map[int]time.Time{}}
 }
 
 // resolution is what resolve decided, with the writes that make the
@@ -236,6 +255,8 @@ type resolution struct {
 	// key records that lost their port to another key.
 	drop     []int
 	setAside []string
+	// heldBack are damaged port records no key record names.
+	heldBack map[int]string
 	problems []string
 }
 
@@ -247,9 +268,12 @@ type resolution struct {
 //     (a reclaim that crashed before retiring the victim), else the newest;
 //   - a port record with no key record behind it is an unfinished write
 //     (a new key or a move that never committed, a release that did) and is
-//     dropped, unless its key record is damaged, when it rebuilds it.
+//     dropped, unless its key record is damaged, when it rebuilds it;
+//   - a damaged port record no key record names holds its port back: whose
+//     it was cannot be told, and handing it out could give an acknowledged
+//     port to a stranger.
 func resolve(raw rawRecords) resolution {
-	res := resolution{allocations: map[string]record{}}
+	res := resolution{allocations: map[string]record{}, heldBack: map[int]string{}}
 	report := func(format string, args ...any) {
 		res.problems = append(res.problems, fmt.Sprintf(format, args...))
 	}
@@ -318,6 +342,11 @@ func resolve(raw rawRecords) resolution {
 		report("%s: %q never committed it (an unfinished write); dropped", portName(port), pr.Key)
 		res.drop = append(res.drop, port)
 	}
+	for port, why := range raw.damagedPorts {
+		if _, ok := owner[port]; !ok { // else rewritten from its key record above
+			res.heldBack[port] = why
+		}
+	}
 	return res
 }
 
@@ -337,9 +366,12 @@ func (res resolution) snapshot(raw rawRecords) snapshot {
 		}
 	}
 	for port, t := range raw.freed {
-		if !held[port] {
+		if !held[port] && res.heldBack[port] == "" {
 			snap.freed[port] = t
 		}
+	}
+	if len(res.heldBack) > 0 {
+		snap.heldBack = res.heldBack
 	}
 	slices.SortFunc(snap.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
 	return snap
@@ -357,6 +389,8 @@ type localIndex struct {
 	byPort  []string // by port: the key holding it, "" when free
 	perUser map[string]int
 	freed   map[int]time.Time
+	// damaged are ports held back by a damaged record (snapshot.heldBack).
+	damaged map[int]string
 }
 
 // indexEntry is one key's record and its last written last_seen. The
@@ -393,7 +427,10 @@ func shareStrings(recs []record) {
 func newLocalIndex(snap snapshot) localIndex {
 	shareStrings(snap.allocations)
 	idx := localIndex{byKey: make(map[string]indexEntry, len(snap.allocations)), byPort: make([]string, maxPort+1),
-		perUser: map[string]int{}, freed: map[int]time.Time{}}
+		perUser: map[string]int{}, freed: map[int]time.Time{}, damaged: map[int]string{}}
+	for p, why := range snap.heldBack {
+		idx.damaged[p] = why
+	}
 	for i := range snap.allocations {
 		r := &snap.allocations[i]
 		e := indexEntry{rec: r, online: snap.online[r.Key]}
@@ -463,6 +500,9 @@ func (idx *localIndex) check(c claim) error {
 			}
 		}
 		return &conflictError{current: current}
+	}
+	if why := idx.damaged[want.Port]; why != "" {
+		return fmt.Errorf("port %d is held back by a damaged record (%s)", want.Port, why)
 	}
 	switch {
 	case c.old == nil && has, c.old != nil && (!has || !sameRecord(cur, *c.old)):
@@ -541,6 +581,9 @@ func (idx *localIndex) snapshot() snapshot {
 	slices.SortFunc(snap.allocations, func(a, b record) int { return cmp.Compare(a.Port, b.Port) })
 	for p, t := range idx.freed {
 		snap.freed[p] = t
+	}
+	if len(idx.damaged) > 0 {
+		snap.heldBack = maps.Clone(idx.damaged)
 	}
 	return snap
 }

@@ -87,7 +87,9 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 					return nil
 				}
 				if json.Unmarshal(v, &r) != nil || !validRecord(r) || r.Port != port {
-					bad("not a valid port record")
+					// Kept: it holds the port back (see resolve).
+					problems = append(problems, fmt.Sprintf("%s: not a valid port record", name))
+					raw.damagedPorts[port] = fmt.Sprintf("%s: not a valid port record", name)
 					return nil
 				}
 				raw.ports[port] = r
@@ -121,6 +123,7 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 	}
 	res := resolve(raw)
 	snap := res.snapshot(raw)
+	snap.damaged = len(problems)
 	snap.problems = append(problems, snap.problems...)
 	if len(res.rewrite)+len(res.rewriteKeys)+len(res.drop)+len(res.setAside)+len(damaged) > 0 {
 		if err := s.update(func(b *bolt.Bucket) error {
@@ -246,6 +249,19 @@ func (s *boltStore) release(_ context.Context, r record, at time.Time) ([]change
 		return nil, err
 	}
 	return s.idx.released(r, at), nil
+}
+
+func (s *boltStore) releaseDamaged(_ context.Context, port int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.idx.damaged[port]; !ok {
+		return errNotHeldBack
+	}
+	if err := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(portName(port))) }); err != nil {
+		return err
+	}
+	delete(s.idx.damaged, port)
+	return nil
 }
 
 func (s *boltStore) touch(_ context.Context, marks []seenMark) error {

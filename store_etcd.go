@@ -418,6 +418,10 @@ func (s *etcdStore) bound(ctx context.Context) (context.Context, context.CancelF
 
 func (s *etcdStore) close() error { return s.cli.Close() }
 
+// releaseDamaged: etcd's records are written whole or not at all, so none
+// is ever found damaged.
+func (s *etcdStore) releaseDamaged(context.Context, int) error { return errNotHeldBack }
+
 // onRestore sets what hears of every finished write-back; call it before
 // watch.
 func (s *etcdStore) onRestore(f func(restoreReport)) { s.restored = f }

@@ -124,3 +124,5 @@ func (f *fakeStore) watch(ctx context.Context, _ int64, apply func(change)) erro
 }
 
 func (f *fakeStore) close() error { return nil }
+
+func (f *fakeStore) releaseDamaged(context.Context, int) error { return errNotHeldBack }

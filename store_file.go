@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/url"
@@ -23,27 +24,40 @@ import (
 // out as gokv's file store lays them out (url.PathEscape(name)+".json"), so
 // a person can read them and gokv can still open them. It does its own
 // writes, through a handle on the directory it loaded (os.Root): a key
-// record is replaced whole (temporary file, then rename), which makes it
-// the commit point of every change, and a directory removed or replaced
-// while the server runs is never written to.
+// record is replaced whole (temporary file, fsync, rename, fsync of the
+// directory), which makes it the commit point of every change, and a
+// directory removed or replaced while the server runs is never written to.
 //
 // What is on disk after each step of each write, and what a start makes of
-// it (resolve in store.go is the rule):
+// it (resolve in store.go is the rule). Nothing is acknowledged before the
+// step marked "ack" is on stable storage; a power cut may leave any record
+// written without an fsync empty or missing, which the rule allows for:
 //
-//	new key K on P:   1 port-P{K}          -> unfinished: dropped, P free
-//	                  2 key-K{P} (rename)  -> K on P (committed)
-//	move K, P to Q:   1 port-Q{K}          -> K on P; port-Q dropped
-//	                  2 key-K{Q} (rename)  -> K on Q; port-P dropped
-//	                  3 port-P deleted     -> K on Q
-//	reclaim V's P:    1 port-P{K}          -> V on P; port-P rewritten for V
-//	                  2 key-K{P} (rename)  -> K on P; key-V set aside
-//	                  3 key-V deleted      -> K on P
-//	release K on P:   1 key-K deleted      -> P free; port-P dropped
-//	                  2 port-P deleted     -> P free
+//	new key K on P:  1 port-P{K}, key-K.tmp{P}       -> unfinished: port-P dropped, P free (left empty: P held back)
+//	                 2 fsync both                      -> as 1
+//	                 3 rename to key-K, fsync dir      -> K on P (ack)
+//	move K, P to Q:  1 port-Q{K}, key-K.tmp{Q}       -> K on P; port-Q dropped (left empty: Q held back)
+//	                 2 fsync both                      -> as 1
+//	                 3 rename to key-K, fsync dir      -> K on Q; port-P dropped (ack)
+//	                 4 port-P deleted, freed-P         -> K on Q
+//	reclaim V's P:   1 port-P{K}, key-K.tmp{P}       -> V on P; port-P rewritten for V
+//	                 2 fsync both                      -> as 1
+//	                 3 rename to key-K, key-V deleted,
+//	                   fsync dir                       -> K on P (ack; before the unlink lands, the synced port-P names K)
+//	release K on P:  1 key-K deleted, fsync dir       -> P free; port-P dropped (ack)
+//	                 2 port-P deleted, freed-P         -> P free
 //
-// A step that fails leaves the state of the step before it: nothing is
-// acknowledged until step 2 (release: 1) succeeded, and leftovers of later
-// steps are deleted at the next write or start.
+// A leftover key-K.tmp is deleted at the start. Freed-port and last-seen
+// records are written without an fsync: a power cut can lose how long a
+// port has been free or when a key was last seen, never an allocation. A step that fails leaves the state of the step
+// before it (a failed directory fsync puts the old key records back), and
+// leftovers of later steps are deleted at the next write or start.
+//
+// Writes are committed in batches (group commit): while one batch waits
+// for the disk, the writes that arrive queue up, and the next batch makes
+// all of them durable with one round of parallel fsyncs and one fsync of
+// the directory, so a burst of registrations does not pay an fsync each
+// in series.
 type fileStore struct {
 	dir  string
 	root *os.Root
@@ -57,6 +71,12 @@ type fileStore struct {
 	loaded    bool
 	goneNoted bool
 	hist      *fileHistory
+
+	// queueMu guards the writes waiting for a batch; committing says a
+	// caller is leading one (see commit).
+	queueMu    sync.Mutex
+	queue      []*pendingWrite
+	committing bool
 }
 
 // fileOps are the writes a file store makes, relative to its directory.
@@ -64,9 +84,17 @@ type fileOps interface {
 	writeFile(name string, data []byte) error
 	rename(from, to string) error
 	remove(name string) error
+	// syncFile makes a file's data stable; syncDir a directory's entries.
+	syncFile(name string) error
+	syncDir(name string) error
 }
 
-type rootOps struct{ root *os.Root }
+type rootOps struct {
+	root *os.Root
+	// noSync skips every fsync: only the benchmarks set it, to measure
+	// what durability costs.
+	noSync bool
+}
 
 func (r rootOps) writeFile(name string, data []byte) error {
 	return r.root.WriteFile(name, data, 0o600)
@@ -77,6 +105,28 @@ func (r rootOps) remove(name string) error {
 		return err
 	}
 	return nil
+}
+
+func (r rootOps) syncFile(name string) error {
+	if r.noSync {
+		return nil
+	}
+	f, err := r.root.Open(name)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (r rootOps) syncDir(name string) error {
+	if r.noSync || runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
+		return nil
+	}
+	return r.syncFile(name)
 }
 
 // quarantineDir is where unreadable files are moved, inside the data directory.
@@ -96,7 +146,7 @@ func openFileStore(dir string, log *slog.Logger) (*fileStore, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &fileStore{dir: dir, root: root, ops: rootOps{root}, log: log, leftovers: map[string]bool{}}, nil
+	return &fileStore{dir: dir, root: root, ops: rootOps{root: root}, log: log, leftovers: map[string]bool{}}, nil
 }
 
 func fileOf(name string) string { return url.PathEscape(name) + ".json" }
@@ -116,6 +166,7 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 	if err != nil {
 		return snapshot{}, err
 	}
+	damaged := len(readProblems)
 	problems = append(problems, readProblems...)
 	res := resolve(raw)
 	problems = append(problems, res.problems...)
@@ -125,6 +176,11 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 	note := func(what string, err error) {
 		if err != nil {
 			failed = append(failed, fmt.Sprintf("could not %s: %v", what, err))
+		}
+	}
+	for port, why := range raw.damagedPorts {
+		if _, held := res.heldBack[port]; !held { // its key record says whose it is: rewritten below
+			note("quarantine "+portName(port), s.quarantine(fileOf(portName(port)), why))
 		}
 	}
 	for _, r := range res.rewrite {
@@ -139,6 +195,9 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 	for _, key := range res.setAside {
 		note("set aside "+keyName(key), s.quarantine(fileOf(keyName(key)), "in conflict with another record"))
 	}
+	if len(res.rewriteKeys)+len(res.setAside) > 0 {
+		note("sync the data directory", s.ops.syncDir("."))
+	}
 	snap := res.snapshot(raw)
 	snap.problems = append(problems, snap.problems...)
 	snap.problems = append(snap.problems, failed...)
@@ -146,6 +205,7 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 		snap.degraded = why.Error()
 	}
 	snap.from = "records"
+	snap.damaged = damaged
 	s.idx, s.loaded = newLocalIndex(snap), true
 	return snap, nil
 }
@@ -203,11 +263,23 @@ func (s *fileStore) readRecords() (rawRecords, []string, error) {
 		wg.Wait()
 		close(results)
 	}()
+	loadedAt := time.Now().UTC()
 	for r := range results {
 		if r.problem != "" {
 			problems = append(problems, r.problem)
-			if strings.HasPrefix(r.name, keyPrefix) {
+			switch {
+			case strings.HasPrefix(r.name, keyPrefix):
 				raw.damagedKeys[r.name] = true
+			case r.port > 0 && strings.HasPrefix(r.name, portPrefix):
+				// Left in place: it holds the port back, at this start
+				// and the next, until resolve finds its owner or an
+				// operator releases it.
+				raw.damagedPorts[r.port] = r.problem
+				continue
+			case r.port > 0 && strings.HasPrefix(r.name, freedPrefix):
+				// Freed, since when is lost: as of now, so it is
+				// reused last rather than first.
+				raw.freed[r.port] = loadedAt
 			}
 			if err := s.quarantine(r.file, r.problem); err != nil {
 				problems = append(problems, fmt.Sprintf("could not quarantine %s: %v", r.file, err))
@@ -237,6 +309,7 @@ type fileResult struct {
 	seen    seenRecord
 	freed   freedRecord
 	problem string // set when the file is damaged
+	port    int    // the port a port or freed-port record's name gives
 }
 
 // readRecordFile reads and checks one file of the store directory.
@@ -259,9 +332,10 @@ func (s *fileStore) readRecordFile(file string) (r fileResult) {
 	switch {
 	case strings.HasPrefix(name, portPrefix):
 		port, err := strconv.Atoi(name[len(portPrefix):])
-		if err != nil {
+		if err != nil || port < 1 || port > maxPort {
 			return r // not ours
 		}
+		r.port = port
 		if len(data) == 0 {
 			return bad("empty file")
 		}
@@ -289,6 +363,9 @@ func (s *fileStore) readRecordFile(file string) (r fileResult) {
 			return bad("not a valid last-seen record")
 		}
 	case strings.HasPrefix(name, freedPrefix):
+		if port, err := strconv.Atoi(name[len(freedPrefix):]); err == nil && port >= 1 && port <= maxPort {
+			r.port = port
+		}
 		if err := json.Unmarshal(data, &r.freed); err != nil || freedName(r.freed.Port) != name {
 			return bad("not a valid freed-port record")
 		}
@@ -319,18 +396,38 @@ func (s *fileStore) writeRecord(name string, v any) error {
 	return classify(s.ops.writeFile(fileOf(name), data))
 }
 
-// commitRecord replaces a record file whole: a key record is either the
-// old one or the new one, whatever happens meanwhile.
+// commitRecord replaces a record file whole and durably (temporary file,
+// fsync, rename): a key record is either the old one or the new one,
+// whatever happens meanwhile. The caller fsyncs the directory.
 func (s *fileStore) commitRecord(name string, v any) error {
-	data, err := json.Marshal(v)
+	tmp, err := s.stageRecord(name, v)
 	if err != nil {
 		return err
 	}
-	file := fileOf(name)
-	if err := s.ops.writeFile(file+".tmp", data); err != nil {
-		s.ops.remove(file + ".tmp")
+	if err := s.ops.syncFile(tmp); err != nil {
+		s.ops.remove(tmp)
 		return classify(err)
 	}
+	return s.renameStaged(name)
+}
+
+// stageRecord writes name's next content to its temporary file.
+func (s *fileStore) stageRecord(name string, v any) (tmp string, err error) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return "", err
+	}
+	tmp = fileOf(name) + ".tmp"
+	if err := s.ops.writeFile(tmp, data); err != nil {
+		s.ops.remove(tmp)
+		return "", classify(err)
+	}
+	return tmp, nil
+}
+
+// renameStaged puts name's temporary file in its place.
+func (s *fileStore) renameStaged(name string) error {
+	file := fileOf(name)
 	if err := s.ops.rename(file+".tmp", file); err != nil {
 		s.ops.remove(file + ".tmp")
 		return classify(err)
@@ -387,36 +484,315 @@ func (s *fileStore) retire(name string) {
 }
 
 func (s *fileStore) claim(_ context.Context, c claim) ([]change, error) {
+	return s.commit(&pendingWrite{claim: &c})
+}
+
+func (s *fileStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
+	return s.commit(&pendingWrite{release: &r, at: at})
+}
+
+func (s *fileStore) releaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
-		return nil, err
+		return err
 	}
-	if err := s.idx.check(c); err != nil {
-		return nil, err
+	if _, ok := s.idx.damaged[port]; !ok {
+		return errNotHeldBack
 	}
-	want := c.want
-	// Steps 1 and 2: the port record, then the commit.
-	delete(s.leftovers, fileOf(portName(want.Port)))
-	if err := s.writeRecord(portName(want.Port), want); err != nil {
-		s.undoPort(c)
-		return nil, err
+	if err := s.ops.remove(fileOf(portName(port))); err != nil {
+		return classify(err)
 	}
-	if err := s.commitRecord(keyName(want.Key), want); err != nil {
-		s.undoPort(c)
-		return nil, err
+	if err := s.ops.syncDir("."); err != nil {
+		return classify(err)
 	}
-	// Committed; what follows only tidies up.
+	delete(s.idx.damaged, port)
+	return nil
+}
+
+// pendingWrite is a claim or a release waiting for its batch.
+type pendingWrite struct {
+	claim   *claim
+	release *record
+	at      time.Time // release: when the port became free
+	// done receives the outcome, or lead: the caller is to commit the
+	// next batch.
+	done chan writeOutcome
+	// staged is the key record's temporary file, once written.
+	staged string
+}
+
+type writeOutcome struct {
+	changes []change
+	err     error
+	lead    bool
+}
+
+// commit queues w and returns its outcome. Whoever finds no batch in
+// progress leads: it commits everything queued as one batch, then hands
+// the lead to the first writer that queued meanwhile, so the writes that
+// arrive while the disk is busy share the next round of fsyncs, and no
+// goroutine outlives the callers.
+func (s *fileStore) commit(w *pendingWrite) ([]change, error) {
+	w.done = make(chan writeOutcome, 1)
+	s.queueMu.Lock()
+	s.queue = append(s.queue, w)
+	lead := !s.committing
+	s.committing = true
+	s.queueMu.Unlock()
+	for {
+		if !lead {
+			out := <-w.done
+			if !out.lead {
+				return out.changes, out.err
+			}
+		}
+		s.queueMu.Lock()
+		batch := s.queue
+		s.queue = nil
+		s.queueMu.Unlock()
+		deferred := s.commitBatch(batch)
+		s.queueMu.Lock()
+		s.queue = append(deferred, s.queue...)
+		if len(s.queue) > 0 {
+			s.queue[0].done <- writeOutcome{lead: true}
+		} else {
+			s.committing = false
+		}
+		s.queueMu.Unlock()
+		lead = false
+	}
+}
+
+// maxBatch bounds how many writes share one round of fsyncs.
+const maxBatch = 256
+
+// commitBatch commits batch and answers each write, except those touching
+// a key or port an earlier write of the batch touches: it returns them,
+// to be committed in the next batch against what this one left.
+func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ready(); err != nil {
+		for _, w := range batch {
+			w.done <- writeOutcome{err: err}
+		}
+		return nil
+	}
+	keys, ports := map[string]bool{}, map[int]bool{}
+	var staged []*pendingWrite
+	for _, w := range batch {
+		wk, wp := w.touches()
+		if len(staged) >= maxBatch || slices.ContainsFunc(wk, func(k string) bool { return keys[k] }) ||
+			slices.ContainsFunc(wp, func(p int) bool { return ports[p] }) {
+			deferred = append(deferred, w)
+			continue
+		}
+		for _, k := range wk {
+			keys[k] = true
+		}
+		for _, p := range wp {
+			ports[p] = true
+		}
+		if err := s.stage(w); err != nil {
+			w.done <- writeOutcome{err: err}
+			continue
+		}
+		staged = append(staged, w)
+	}
+	// The new key records and their port records reach the disk before
+	// they replace anything: a port record is then never found empty after
+	// a power cut unless its write was never acknowledged, and a reclaim's
+	// names the new owner while the old key record may still be there.
+	var syncs []string
+	for _, w := range staged {
+		if w.claim != nil {
+			syncs = append(syncs, w.staged, fileOf(portName(w.claim.want.Port)))
+		}
+	}
+	failed := s.syncFiles(syncs)
+	var committed []*pendingWrite
+	for _, w := range staged {
+		err := failed[w.staged]
+		if w.claim != nil && err == nil {
+			err = failed[fileOf(portName(w.claim.want.Port))]
+		}
+		if err == nil {
+			err = s.switchOver(w)
+		}
+		if err != nil {
+			s.unstage(w)
+			w.done <- writeOutcome{err: classify(err)}
+			continue
+		}
+		committed = append(committed, w)
+	}
+	if len(committed) == 0 {
+		return deferred
+	}
+	if err := s.ops.syncDir("."); err != nil {
+		// Whether the renames reached the disk is unknown: put the old
+		// records back so that memory, disk and every answer agree on the
+		// state before the batch.
+		for _, w := range committed {
+			s.revert(w)
+			w.done <- writeOutcome{err: classify(err)}
+		}
+		if serr := s.ops.syncDir("."); serr != nil {
+			s.log.Error("the data directory could not be synced; the next start repairs what a crash leaves", "err", serr)
+		}
+		return deferred
+	}
+	for _, w := range committed {
+		w.done <- writeOutcome{changes: s.finish(w)}
+	}
+	return deferred
+}
+
+// touches names the keys and ports w writes.
+func (w *pendingWrite) touches() (keys []string, ports []int) {
+	if w.release != nil {
+		return []string{w.release.Key}, []int{w.release.Port}
+	}
+	c := w.claim
+	keys, ports = []string{c.want.Key}, []int{c.want.Port}
+	if c.old != nil {
+		ports = append(ports, c.old.Port)
+	}
 	if c.victim != nil {
-		s.retire(keyName(c.victim.Key))
+		keys = append(keys, c.victim.Key)
+	}
+	return keys, ports
+}
+
+// stage checks w against the index and writes what precedes its commit:
+// for a claim the port record and the key record's temporary file.
+func (s *fileStore) stage(w *pendingWrite) error {
+	if r := w.release; r != nil {
+		if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, *r) {
+			return &conflictError{current: s.idx.current(r.Key, r.Port)}
+		}
+		return nil
+	}
+	c := *w.claim
+	if err := s.idx.check(c); err != nil {
+		return err
+	}
+	delete(s.leftovers, fileOf(portName(c.want.Port)))
+	if err := s.writeRecord(portName(c.want.Port), c.want); err != nil {
+		s.undoPort(c)
+		return err
+	}
+	tmp, err := s.stageRecord(keyName(c.want.Key), c.want)
+	if err != nil {
+		s.undoPort(c)
+		return err
+	}
+	w.staged = tmp
+	return nil
+}
+
+// switchOver makes w's change in the directory: the rename that commits a
+// claim (and the reclaimed key's delete), or a release's delete.
+func (s *fileStore) switchOver(w *pendingWrite) error {
+	if r := w.release; r != nil {
+		return s.ops.remove(fileOf(keyName(r.Key)))
+	}
+	if err := s.renameStaged(keyName(w.claim.want.Key)); err != nil {
+		return err
+	}
+	if v := w.claim.victim; v != nil {
+		if err := s.ops.remove(fileOf(keyName(v.Key))); err != nil {
+			// The synced port record names the new owner: resolve
+			// keeps it, and the next start deletes key-V.
+			s.leftovers[fileOf(keyName(v.Key))] = true
+		}
+	}
+	return nil
+}
+
+// unstage cleans up after a write that did not commit. Called with mu held.
+func (s *fileStore) unstage(w *pendingWrite) {
+	if w.claim == nil {
+		return
+	}
+	if w.staged != "" {
+		s.ops.remove(w.staged)
+	}
+	s.undoPort(*w.claim)
+}
+
+// revert puts back the records w replaced, after a directory fsync that
+// failed. Called with mu held.
+func (s *fileStore) revert(w *pendingWrite) {
+	restore := func(r record) {
+		if err := s.commitRecord(keyName(r.Key), r); err != nil {
+			s.log.Error("could not restore a key record after a failed sync; the next start resolves it", "key", r.Key, "err", err)
+		}
+	}
+	if r := w.release; r != nil {
+		restore(*r)
+		return
+	}
+	c := *w.claim
+	if c.old != nil {
+		restore(*c.old)
+	} else if err := s.ops.remove(fileOf(keyName(c.want.Key))); err != nil {
+		s.log.Error("could not remove a key record after a failed sync; the next start resolves it", "key", c.want.Key, "err", err)
+	}
+	if c.victim != nil {
+		restore(*c.victim)
+	}
+	s.undoPort(c)
+}
+
+// finish applies a committed write to the index and tidies up what it
+// left behind; none of that needs to be durable. Called with mu held.
+func (s *fileStore) finish(w *pendingWrite) []change {
+	if r := w.release; r != nil {
+		s.retire(portName(r.Port))
+		s.retire(seenName(r.Key))
+		s.writeRecord(freedName(r.Port), freedRecord{Port: r.Port, FreedAt: w.at.UTC()})
+		return s.idx.released(*r, w.at)
+	}
+	c := *w.claim
+	if c.victim != nil {
 		s.retire(seenName(c.victim.Key))
 	}
-	if c.old != nil && c.old.Port != want.Port {
+	if c.old != nil && c.old.Port != c.want.Port {
 		s.retire(portName(c.old.Port))
 		s.writeRecord(freedName(c.old.Port), freedRecord{Port: c.old.Port, FreedAt: c.at.UTC()})
 	}
-	s.retire(freedName(want.Port))
-	return s.idx.claimed(c), nil
+	s.retire(freedName(c.want.Port))
+	return s.idx.claimed(c)
+}
+
+// syncFiles fsyncs files in parallel (so one journal commit can serve
+// several) and returns the errors by file.
+func (s *fileStore) syncFiles(files []string) map[string]error {
+	failed := map[string]error{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	next := make(chan string)
+	for range min(len(files), 16) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for f := range next {
+				if err := s.ops.syncFile(f); err != nil {
+					mu.Lock()
+					failed[f] = err
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, f := range files {
+		next <- f
+	}
+	close(next)
+	wg.Wait()
+	return failed
 }
 
 // undoPort puts the port record back as the index holds it after a claim
@@ -431,24 +807,6 @@ func (s *fileStore) undoPort(c claim) {
 		return
 	}
 	s.retire(portName(port))
-}
-
-func (s *fileStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := s.ready(); err != nil {
-		return nil, err
-	}
-	if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, r) {
-		return nil, &conflictError{current: s.idx.current(r.Key, r.Port)}
-	}
-	if err := s.ops.remove(fileOf(keyName(r.Key))); err != nil {
-		return nil, classify(err)
-	}
-	s.retire(portName(r.Port))
-	s.retire(seenName(r.Key))
-	s.writeRecord(freedName(r.Port), freedRecord{Port: r.Port, FreedAt: at.UTC()})
-	return s.idx.released(r, at), nil
 }
 
 func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
@@ -521,6 +879,7 @@ const checkpointVersion = 2
 type checkpointFile struct {
 	Allocations []exportRecord    `json:"allocations"`
 	Freed       map[int]time.Time `json:"freed,omitempty"`
+	HeldBack    map[int]string    `json:"held_back,omitempty"`
 }
 
 func (s *fileStore) dirMtime() (int64, error) {
@@ -569,7 +928,15 @@ func (s *fileStore) loadCheckpoint() (snap snapshot, ok bool, why string) {
 	for port, t := range cp.Freed {
 		snap.freed[port] = t
 	}
-	if err := s.root.Remove(checkpointName); err != nil {
+	if len(cp.HeldBack) > 0 {
+		snap.heldBack = cp.HeldBack
+	}
+	// Deleted for good before any write: a power cut must not bring it back.
+	err = s.root.Remove(checkpointName)
+	if err == nil {
+		err = s.ops.syncDir(checkpointDir)
+	}
+	if err != nil {
 		return snapshot{}, false, fmt.Sprintf("checkpoint not used: it cannot be deleted (%v), and a checkpoint is good for one start only", err)
 	}
 	return snap, true, ""
@@ -592,7 +959,7 @@ func (s *fileStore) saveCheckpoint() error {
 		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
 	}
 	snap := s.idx.snapshot()
-	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.allocations)), Freed: snap.freed}
+	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.allocations)), Freed: snap.freed, HeldBack: snap.heldBack}
 	for _, r := range snap.allocations {
 		cp.Allocations = append(cp.Allocations, exportRecord{record: r, LastSeen: snap.lastSeen[r.Key], Online: snap.online[r.Key]})
 	}
@@ -620,27 +987,50 @@ func (s *fileStore) saveCheckpoint() error {
 		s.root.Remove(tmp)
 		return err
 	}
-	return s.root.Rename(tmp, checkpointName)
+	if err := s.root.Rename(tmp, checkpointName); err != nil {
+		return err
+	}
+	return s.ops.syncDir(checkpointDir)
 }
 
 // historyDir holds the history, one file a month ("2026-03.jsonl"), one
-// JSON line an entry, appended to and never rewritten: a crash can only
-// tear the last line, which reading skips (and the next append starts on
-// a line of its own).
+// JSON line an entry, appended to (each batch synced) and never
+// rewritten: a crash can only tear the last line, which reading skips, and
+// an append that fails part-way is cut off; either way the next append
+// starts on a line of its own.
 const historyDir = "history"
 
 // fileHistory is the file store's history log.
 type fileHistory struct {
 	s       *fileStore
 	mu      sync.Mutex
-	checked map[string]bool // files whose last byte was checked this run
+	checked map[string]bool // files whose last byte was checked since the start or their last failed append
+	// open opens a month file for append (or a directory, to sync it);
+	// tests replace it to inject faults and to watch the syncs.
+	open func(name string, flag int) (historyFileHandle, error)
+}
+
+// historyFileHandle is an open month file as appends use it; *os.File is one.
+type historyFileHandle interface {
+	io.Writer
+	io.ReaderAt
+	Stat() (fs.FileInfo, error)
+	Truncate(size int64) error
+	Sync() error
+	Close() error
 }
 
 func (s *fileStore) history() historyLog {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.hist == nil {
-		s.hist = &fileHistory{s: s, checked: map[string]bool{}}
+		s.hist = &fileHistory{s: s, checked: map[string]bool{}, open: func(name string, flag int) (historyFileHandle, error) {
+			f, err := s.root.OpenFile(name, flag, 0o600)
+			if err != nil {
+				return nil, err // not a nil *os.File in a non-nil interface
+			}
+			return f, nil
+		}}
 	}
 	return s.hist
 }
@@ -653,10 +1043,17 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 	if err := h.s.sameDir(); err != nil {
 		return err
 	}
+	_, missing := h.s.root.Stat(historyDir)
 	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
 		return classify(err)
 	}
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir("."); err != nil {
+			return classify(err)
+		}
+	}
 	byFile := map[string][]byte{}
+	lines := map[string]int{}
 	var order []string
 	for _, e := range entries {
 		line, err := json.Marshal(e)
@@ -668,36 +1065,76 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 			order = append(order, name)
 		}
 		byFile[name] = append(append(byFile[name], line...), '\n')
+		lines[name]++
 	}
+	written := 0
 	for _, name := range order {
 		if err := h.appendFile(name, byFile[name]); err != nil {
-			return classify(err)
+			return &historyAppendError{written: written, err: classify(err)}
 		}
+		written += lines[name]
 	}
 	return nil
 }
 
+// appendFile appends whole lines to a month file and syncs it: once it
+// returns, they survive a power cut. When that fails (a full disk tears a
+// write part-way) it cuts the file back to its size before, so the next
+// append starts on a line of its own; if even that fails, the next append
+// checks the last byte again and ends the torn line first.
 func (h *fileHistory) appendFile(name string, data []byte) error {
-	f, err := h.s.root.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	_, missing := h.s.root.Stat(name)
+	f, err := h.open(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if !h.checked[name] {
-		if fi, err := f.Stat(); err == nil && fi.Size() > 0 {
-			last := make([]byte, 1)
-			if r, err := h.s.root.Open(name); err == nil {
-				r.ReadAt(last, fi.Size()-1)
-				r.Close()
-			}
-			if last[0] != '\n' { // a line torn by a crash: end it
-				data = append([]byte{'\n'}, data...)
-			}
+	if errors.Is(missing, fs.ErrNotExist) {
+		if err := h.syncDir(historyDir); err != nil {
+			return err
 		}
-		h.checked[name] = true
 	}
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	if !h.checked[name] && size > 0 {
+		last := make([]byte, 1)
+		if _, err := f.ReadAt(last, size-1); err != nil {
+			return err
+		}
+		if last[0] != '\n' { // a line torn by a crash or a failed append: end it
+			h.s.log.Warn("history: the last line of a month file was torn (its entry is lost); ending it", "file", name)
+			data = append([]byte{'\n'}, data...)
+		}
+	}
+	h.checked[name] = true
 	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if err != nil {
+		delete(h.checked, name) // whatever is left, check the last byte again
+		if terr := f.Truncate(size); terr != nil {
+			return fmt.Errorf("%w (and the torn append could not be cut off: %v; the next append ends it)", err, terr)
+		}
+	}
 	return err
+}
+
+// syncDir makes the entries of a directory durable: a new file or
+// directory survives a power cut only once its parent is synced.
+func (h *fileHistory) syncDir(name string) error {
+	if runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
+		return nil
+	}
+	d, err := h.open(name, os.O_RDONLY)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // files lists the history's month files, newest first.
