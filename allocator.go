@@ -525,11 +525,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	for attempt := 1; ; attempt++ {
 		port, how, err := a.allocateOnce(ctx, key, req, now, attempt)
 		var lost *conflictError
-		if !errors.As(err, &lost) || lost.quota {
-			if lost != nil {
-				up := a.policy.forUser(req.User)
-				err = &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
-			}
+		if !errors.As(err, &lost) {
 			return port, how, err
 		}
 		if attempt == maxClaimAttempts || ctx.Err() != nil {
@@ -607,6 +603,11 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 			victimDone()
 		}
 	})
+	var lost *conflictError
+	if errors.As(err, &lost) && lost.quota {
+		// The quota the claim was made under, not a policy reloaded since.
+		return 0, "", &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
+	}
 	if err != nil {
 		return 0, "", err
 	}
@@ -624,7 +625,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		a.reclaimed(victim.rec)
 		e.Change, e.Victim = histReclaimed, victim.rec.Key
 		e.Reason = fmt.Sprintf("%s (user %q) unseen since %s, longer than -reclaim-after %s", victim.rec.Key, victim.rec.User,
-			lastSeen.Format(time.RFC3339), a.policy.reclaimAfter)
+			lastSeen.Format(time.RFC3339), victim.after)
 	}
 	a.changed(e)
 	return port, how, nil
@@ -633,14 +634,18 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 // fillIn completes a key an operator assigned before its device ever
 // registered: user, type and proxy name come from the first registration.
 // The port stays; if the write fails the device still gets its port (the
-// details are filled in at its next registration). Called with mu held;
-// returns with it released.
+// details are filled in at its next registration). A lost race is not a
+// failed write: the key may have moved or gone, so it is decided again.
+// Called with mu held; returns with it released.
 func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
 	c := claim{want: *cur.record, old: cur.record, at: now}
 	c.want.User, c.want.ProxyName, c.want.ProxyType, c.want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
-	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
+	var lost *conflictError
+	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); errors.As(err, &lost) {
+		return 0, "", err
+	} else if err != nil {
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
 	} else {
 		a.changed(historyEntry{Time: now, Key: c.want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.want.Port,
@@ -655,6 +660,7 @@ type reclaimVictim struct {
 	rec      record
 	lastSeen int64
 	settled  func()
+	after    time.Duration // the policy's reclaimAfter that chose it
 }
 
 // choose picks key's port, with mu not held: the requested one, else a
@@ -729,7 +735,7 @@ func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time
 			a.mu.Unlock()
 			break
 		}
-		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key)}
+		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key), after: a.policy.reclaimAfter}
 		a.reserved.add(v.Port)
 		a.mu.Unlock()
 		// A port frps still listens on belongs to a proxy that is online,
@@ -876,18 +882,30 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 
 // setNote changes the note of key's allocation, keeping its port.
 func (a *allocator) setNote(key, note, by string) (record, error) {
-	r, ok := a.current(key)
-	if !ok {
-		return record{}, errNoAllocation
-	}
+	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	cur, err := a.lockKey(ctx, validUTF8(key))
+	for attempt := 1; ; attempt++ {
+		rec, err := a.setNoteOnce(ctx, key, note, by, now)
+		var lost *conflictError
+		if !errors.As(err, &lost) {
+			return rec, err
+		}
+		if attempt == maxClaimAttempts {
+			return record{}, &storeError{kind: errStoreFailed, err: err}
+		}
+	}
+}
+
+// setNoteOnce sets the note on the key's record as memory holds it; a
+// *conflictError means another instance changed it first.
+func (a *allocator) setNoteOnce(ctx context.Context, key, note, by string, now time.Time) (record, error) {
+	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return record{}, err
 	}
-	if cur == nil || cur.Port != r.Port {
+	if cur == nil {
 		a.mu.Unlock()
 		return record{}, errNoAllocation
 	}
