@@ -728,10 +728,10 @@ func parseWhen(v string, now time.Time) (time.Time, error) {
 // A client that reads too slowly is cut off; it reconnects and reads what
 // it missed from /api/history (each event's id is the entry's).
 func (s *server) serveEvents(w http.ResponseWriter, r *http.Request) {
-	ch, cancel, ok := s.events.subscribe()
-	if !ok {
+	ch, cancel, err := s.events.subscribe()
+	if err != nil {
 		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "too many event streams open")
+		writeError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
 	defer cancel()
