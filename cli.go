@@ -75,7 +75,7 @@ func commands() []command {
 			about: "Prints the allocation history of the running server, newest first. -port N -at TIME answers who held port N at that moment (or \"free\"). TIME is 2026-03-03 14:05 (local time), a date, or RFC 3339. " + serverAbout,
 			setup: setupHistory},
 		{name: "watch", summary: "print every change as it happens",
-			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. " + serverAbout,
+			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. When the stream ends or the server cannot be reached (it stopped or restarted) it says so on stderr and reconnects, after 1s and then doubling up to 30s; changes made while it was away are in history. " + serverAbout,
 			setup: setupWatch},
 		{name: "export", summary: "write every allocation as JSON (from -server, or -data-dir)",
 			about: "Writes every allocation as JSON to stdout. With -server, a consistent snapshot from the running server (a backup without downtime); without it, from -data-dir, which it refuses while a server holds the directory.",
@@ -669,36 +669,91 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	})
 }
 
+// watchBackoff is how long watch waits before it reconnects: from 1s,
+// doubling up to 30s while the server stays away.
+func watchBackoff(attempt int) time.Duration {
+	return min(time.Second<<min(attempt, 5), 30*time.Second)
+}
+
 func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	asJSON := fs.Bool("json", false, "print each change as a JSON line")
 	return withClient(fs, e, func(c adminClient, _ []string) error {
-		req, err := http.NewRequestWithContext(e.ctx, "GET", c.base+"/api/events", nil)
-		if err != nil {
-			return err
+		var outErr error // stdout failed: nobody reads what watch prints
+		show := func(en historyEntry, raw []byte) error {
+			if *asJSON {
+				_, outErr = fmt.Fprintf(e.stdout, "%s\n", raw)
+			} else {
+				_, outErr = fmt.Fprintln(e.stdout, describeHistory(en))
+			}
+			return outErr
 		}
-		if c.token != "" {
-			req.Header.Set("Authorization", "Bearer "+c.token)
-		}
-		resp, err := (&http.Client{}).Do(req) // no timeout: a stream
-		if err != nil {
+		// A stream ends when the server stops or restarts, or the network
+		// drops it: watch keeps following until it is interrupted, and
+		// says on stderr where its output has a gap.
+		var lostAt time.Time
+		for attempt := 0; ; attempt++ {
+			opened, err := followEvents(e.ctx, c, func() {
+				if !lostAt.IsZero() {
+					fmt.Fprintf(e.stderr, "reconnected to %s; changes made meanwhile: frp-port-keeper history -since %q\n",
+						c.base, lostAt.Format("2006-01-02 15:04:05"))
+				}
+			}, show)
 			if e.ctx.Err() != nil {
 				return nil
 			}
-			return unreachable(c.base, err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("server answered %s", resp.Status)
-		}
-		return readEvents(resp.Body, func(en historyEntry, raw []byte) error {
-			if *asJSON {
-				_, err := fmt.Fprintf(e.stdout, "%s\n", raw)
-				return err
+			if outErr != nil {
+				return outErr
 			}
-			_, err := fmt.Fprintln(e.stdout, describeHistory(en))
-			return err
-		})
+			var se *statusError
+			if errors.As(err, &se) && se.status != http.StatusServiceUnavailable && se.status < 500 {
+				return err // a wrong token or server: waiting does not fix it
+			}
+			if opened {
+				attempt, lostAt = 0, time.Now()
+				why := "the server ended the stream: it stopped or restarted"
+				if err != nil {
+					why = err.Error()
+				}
+				err = fmt.Errorf("connection lost (%s)", why)
+			}
+			wait := watchBackoff(attempt)
+			fmt.Fprintf(e.stderr, "%v; reconnecting in %v\n", err, wait)
+			select {
+			case <-e.ctx.Done():
+				return nil
+			case <-time.After(wait):
+			}
+		}
 	})
+}
+
+// followEvents reads c's /api/events until the stream ends, calling opened
+// once it is open and fn for each change. opened says whether it was.
+func followEvents(ctx context.Context, c adminClient, open func(), fn func(historyEntry, []byte) error) (opened bool, err error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", c.base+"/api/events", nil)
+	if err != nil {
+		return false, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := (&http.Client{}).Do(req) // no timeout: a stream
+	if err != nil {
+		return false, unreachable(c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		se := &statusError{status: resp.StatusCode, msg: "server answered " + resp.Status}
+		var body struct {
+			Error string `json:"error"`
+		}
+		if json.NewDecoder(io.LimitReader(resp.Body, 4<<10)).Decode(&body) == nil && body.Error != "" {
+			se.msg = fmt.Sprintf("%s (%s)", body.Error, resp.Status)
+		}
+		return false, se
+	}
+	open()
+	return true, readEvents(resp.Body, fn)
 }
 
 // readEvents reads a server-sent event stream, calling fn for each

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -148,5 +149,93 @@ func TestServeErrorDrains(t *testing.T) {
 	entries, err := historyOf(store).entries(context.Background(), historyQuery{key: "u.a"})
 	if err != nil || len(entries) != 1 || entries[0].Change != histNew {
 		t.Errorf("history of u.a after the exit: %+v, %v; want its new entry", entries, err)
+	}
+}
+
+// TestWatchReconnects: watch follows a server that stops and starts again
+// on the same address: it says on stderr that the connection was lost and
+// when it is back, and prints the changes made after that.
+func TestWatchReconnects(t *testing.T) {
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	noEnv := func(string) string { return "" }
+	serveOnce := func() (stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() {
+			done <- run(ctx, []string{"-listen", addr, "-data-dir", dir, "-allow-ports", "30000-30099", "-probe=false"}, noEnv, io.Discard, testWriter{t})
+		}()
+		waitFor(t, "the server to answer /ping", 10*time.Second, func() bool {
+			resp, err := http.Get("http://" + addr + "/ping")
+			if err == nil {
+				resp.Body.Close()
+			}
+			return err == nil
+		})
+		return func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("server stop: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("server did not stop")
+			}
+		}
+	}
+	stop := serveOnce()
+	var out, errOut syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	watched := make(chan error, 1)
+	go func() { watched <- run(ctx, []string{"watch", "-server", addr}, noEnv, &out, &errOut) }()
+	defer func() {
+		cancel()
+		if err := <-watched; err != nil {
+			t.Errorf("watch after interrupt: %v; want nil", err)
+		}
+	}()
+	// The stream opens in the background: change things until one shows.
+	n := 0
+	waitFor(t, "watch to print a change", 10*time.Second, func() bool {
+		n++
+		name := fmt.Sprintf("u.a%d", n)
+		port := register(t, "http://"+addr, "u", name, "tcp")
+		time.Sleep(50 * time.Millisecond)
+		return strings.Contains(out.String(), fmt.Sprintf("new       %s %d", name, port))
+	})
+	stop()
+	waitFor(t, "watch to say the connection was lost", 10*time.Second, func() bool {
+		return strings.Contains(errOut.String(), "connection lost") && strings.Contains(errOut.String(), "reconnecting in 1s")
+	})
+	stop = serveOnce()
+	defer stop()
+	waitFor(t, "watch to reconnect", 30*time.Second, func() bool { return strings.Contains(errOut.String(), "reconnected") })
+	port := register(t, "http://"+addr, "u", "u.b", "tcp")
+	waitFor(t, "watch to print a change after reconnecting", 10*time.Second, func() bool {
+		return strings.Contains(out.String(), fmt.Sprintf("new       u.b %d", port))
+	})
+	t.Logf("watch's stderr:\n%s", errOut.String())
+}
+
+// TestWatchGivesUpOnRefusal: a refusal that waiting cannot fix (a wrong
+// token) ends watch with the server's reason instead of retrying forever.
+func TestWatchGivesUpOnRefusal(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusUnauthorized, "a valid admin token is required (Authorization: Bearer ...)")
+	}))
+	defer srv.Close()
+	done := make(chan error, 1)
+	var out, errOut syncBuffer
+	go func() {
+		done <- run(context.Background(), []string{"watch", "-server", srv.URL}, func(string) string { return "" }, &out, &errOut)
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "a valid admin token is required") || !strings.Contains(err.Error(), "401 Unauthorized") {
+			t.Fatalf("watch refused with 401: %v; want the server's reason", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("watch still retrying a 401; stderr:\n%s", errOut.String())
 	}
 }
