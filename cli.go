@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -931,6 +932,12 @@ func setupStoreTool(cmd string) func(fs *flag.FlagSet, e cmdEnv) func([]string) 
 	return func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		var cfg config
 		cfg.declareStore(fs)
+		if cmd == "import" {
+			// The server's checks need frps's ports and the pool; as flags
+			// (and from the server's environment) they read as serve's do.
+			fs.StringVar(&cfg.frpsConfig, "frps-config", "", "without -server: frps config file; frps's own ports are refused, as the server refuses them")
+			fs.StringVar(&cfg.allowPorts, "allow-ports", "", "without -server: the server's pool, to say which imported ports lie outside it (default "+defaultPool+")")
+		}
 		server := fs.String("server", "", "work through this running server (URL or host:port) instead of -data-dir")
 		token := fs.String("admin-token", "", "the server's admin token, with -server")
 		return func(args []string) error {
@@ -1004,88 +1011,87 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 	if cfg.storeTimeout <= 0 {
 		cfg.storeTimeout = 2 * time.Second
 	}
+	if cmd == "import" {
+		return importOffline(cfg, args, stderr)
+	}
 	store, unlock, err := openStore(cfg, nil)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	defer store.close()
-	ctx := context.Background()
-	got, err := store.load(ctx)
+	got, err := store.load(context.Background())
 	if err != nil {
 		return err
 	}
 	for _, p := range got.problems {
 		fmt.Fprintf(stderr, "store repaired: %s\n", p)
 	}
-	if cmd == "export" {
-		out := exportFile{Allocations: []exportRecord{}}
-		for _, r := range got.allocations {
-			out.Allocations = append(out.Allocations, exportRecord{record: r, LastSeen: got.lastSeen[r.Key]})
-		}
-		return printJSON(stdout, out)
+	out := exportFile{Allocations: []exportRecord{}}
+	for _, r := range got.allocations {
+		out.Allocations = append(out.Allocations, exportRecord{record: r, LastSeen: got.lastSeen[r.Key]})
 	}
+	return printJSON(stdout, out)
+}
 
+// importOffline imports an export file into cfg's store with no server
+// running, through the allocator's importAll as POST /api/import does: the
+// same checks (frps's ports, held ports, notes), all or nothing, with the
+// history written before the store closes.
+func importOffline(cfg config, args []string, stderr io.Writer) error {
+	// The server's own listening port is not known offline: only an
+	// import through the server refuses a key on it.
+	plan, err := planPool(cfg, 0)
+	if err != nil {
+		return err
+	}
 	file, err := readExportFile(args)
 	if err != nil {
 		return err
 	}
-	byKey, byPort := map[string]record{}, map[int]string{}
-	for _, r := range got.allocations {
-		byKey[r.Key], byPort[r.Port] = r, r.Key
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	store, unlock, err := openStore(cfg, log)
+	if err != nil {
+		return err
 	}
-	// Check everything before writing anything: an import applies whole or not at all.
-	seen := map[string]bool{}
+	defer unlock()
+	defer store.close()
+	recorder := newHistoryRecorder(historyOf(store), log, nil, nil)
+	defer recorder.stop() // before the store closes
+	alloc, got, err := newAllocator(store, plan.pool, allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout,
+		log: log, changed: recorder.record})
+	if err != nil {
+		return err
+	}
+	for _, p := range got.problems {
+		fmt.Fprintf(stderr, "store repaired: %s\n", p)
+	}
+	recs := make([]record, 0, len(file.Allocations))
+	var seen []seenMark // last_seen of the allocations this import writes
 	for _, r := range file.Allocations {
-		switch {
-		case !validRecord(r.record):
-			return fmt.Errorf("import: allocation %q on port %d is not valid", r.Key, r.Port)
-		case seen[r.Key]:
-			return fmt.Errorf("import: key %q appears twice", r.Key)
-		case byPort[r.Port] != "" && byPort[r.Port] != r.Key:
-			return fmt.Errorf("import: port %d of %q already belongs to %q", r.Port, r.Key, byPort[r.Port])
-		}
-		seen[r.Key] = true
-		byPort[r.Port] = r.Key
-	}
-	imported := 0
-	now := time.Now().UTC()
-	var entries []historyEntry
-	for i, r := range file.Allocations {
-		if r.CreatedAt.IsZero() {
-			r.CreatedAt = now
-		}
-		if r.AssignedAt.IsZero() {
-			r.AssignedAt = r.CreatedAt
-		}
-		c := claim{want: r.record, at: now}
-		if old, ok := byKey[r.Key]; ok {
-			if old.Port == r.Port {
-				continue
-			}
-			c.old = &old
-		}
-		if _, err := store.claim(ctx, c); err != nil {
-			return fmt.Errorf("import %q: %v", r.Key, err)
-		}
-		e := historyEntry{ID: fmt.Sprintf("%019d-import-%06d", now.UnixNano(), i), Time: now, Key: r.Key, User: r.User,
-			ProxyType: r.ProxyType, Port: r.Port, Change: histImported, By: "import -data-dir", Note: r.Note}
-		if c.old != nil {
-			e.OldPort = c.old.Port
-		}
-		entries = append(entries, e)
-		if !r.LastSeen.IsZero() {
-			if err := store.touch(ctx, []seenMark{{key: r.Key, seen: r.LastSeen}}); err != nil {
-				return fmt.Errorf("import %q: %v", r.Key, err)
-			}
-		}
-		imported++
-	}
-	if hist := historyOf(store); hist != nil && len(entries) > 0 {
-		if err := hist.appendEntries(ctx, entries); err != nil {
-			fmt.Fprintf(stderr, "the history of this import was not written: %v\n", err)
+		recs = append(recs, r.record)
+		if cur, ok := alloc.current(r.Key); !r.LastSeen.IsZero() && (!ok || cur.Port != r.Port) {
+			seen = append(seen, seenMark{key: validUTF8(r.Key), seen: r.LastSeen})
 		}
 	}
-	fmt.Fprintf(stderr, "imported %d allocations into %s (%d already there)\n", imported, cfg.dataDir, len(file.Allocations)-imported)
-	return nil
+	n, err := alloc.importAll(recs, histImported, "import -data-dir")
+	if err != nil {
+		return fmt.Errorf("import: %v (nothing imported)", err)
+	}
+	for i := 0; i < len(seen); i += 256 {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.storeTimeout)
+		err := store.touch(ctx, seen[i:min(i+256, len(seen))])
+		cancel()
+		if err != nil {
+			fmt.Fprintf(stderr, "the imported last_seen times were not all written (they only order reclaims): %v\n", err)
+			break
+		}
+	}
+	warnOutsidePool(stderr, alloc.importSummary(recs, n))
+	where := cfg.dataDir
+	if cfg.store == "etcd" {
+		where = "etcd " + cfg.etcd.endpoints
+	}
+	_, err = fmt.Fprintf(stderr, "imported %d allocations into %s (%d already there)\n", n, where, len(recs)-n)
+	return err
 }

@@ -584,13 +584,19 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(recs)-n)
-	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: s.alloc.poolStr}
+	writeValue(w, http.StatusOK, s.alloc.importSummary(recs, n))
+}
+
+// importSummary is what an import of recs that changed n reports, through
+// the server or offline.
+func (a *allocator) importSummary(recs []record, n int) importResult {
+	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: a.poolStr}
 	for _, r := range recs {
-		if !s.alloc.pool.has(r.Port) {
+		if !a.pool.has(r.Port) {
 			res.OutsidePool = append(res.OutsidePool, fmt.Sprintf("%s:%d", r.Key, r.Port))
 		}
 	}
-	writeValue(w, http.StatusOK, res)
+	return res
 }
 
 // importResult is the answer of POST /api/import.
