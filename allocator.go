@@ -32,7 +32,16 @@ var (
 	errKeyBusy       = errors.New("another change to this key is still being stored")
 	errQuota         = errors.New("quota reached")
 	errPinned        = errors.New("pinned by an operator")
+	errNoteTooLong   = fmt.Errorf("a note is at most %d bytes", maxNoteBytes)
 )
+
+// checkNote refuses a note over maxNoteBytes, on every path that sets one.
+func checkNote(note string) error {
+	if len(note) > maxNoteBytes {
+		return fmt.Errorf("the note is %d bytes; %w", len(note), errNoteTooLong)
+	}
+	return nil
+}
 
 // pinError refuses a device's request to move a key an operator pinned.
 type pinError struct {
@@ -814,6 +823,11 @@ type operatorChange struct {
 // assign pins key to port on an operator's word: a new key or a move. The
 // operator may use any port of the pool, whatever the policy says.
 func (a *allocator) assign(key string, port int, op operatorChange) (record, error) {
+	if op.note != nil {
+		if err := checkNote(*op.note); err != nil {
+			return record{}, err
+		}
+	}
 	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
@@ -882,6 +896,9 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 
 // setNote changes the note of key's allocation, keeping its port.
 func (a *allocator) setNote(key, note, by string) (record, error) {
+	if err := checkNote(note); err != nil {
+		return record{}, err
+	}
 	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
@@ -1426,6 +1443,8 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 			err = fmt.Errorf("key %q appears twice", r.Key)
 		case ports[r.Port] != "":
 			err = fmt.Errorf("port %d is given to both %q and %q", r.Port, ports[r.Port], r.Key)
+		case checkNote(r.Note) != nil:
+			err = fmt.Errorf("%q: %w", r.Key, checkNote(r.Note))
 		default:
 			err = a.checkOperatorPort(r.Key, r.Port)
 			if err != nil {

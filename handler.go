@@ -534,6 +534,9 @@ func (s *server) writeChangeError(w http.ResponseWriter, what, key string, err e
 	case errors.Is(err, errNoAllocation):
 		writeError(w, http.StatusNotFound, "no allocation for this key")
 		return
+	case errors.Is(err, errNoteTooLong):
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
 	case errors.Is(err, errPortReserved):
 		status = http.StatusConflict
 	case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
@@ -576,8 +579,11 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 	n, err := s.alloc.importAll(recs, how, adminActor(r))
 	if err != nil {
 		status := http.StatusUnprocessableEntity
-		if errors.Is(err, errStoreTimedOut) || errors.Is(err, errStoreFailed) {
+		switch {
+		case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
 			status = http.StatusServiceUnavailable
+		case errors.Is(err, errNoteTooLong):
+			status = http.StatusBadRequest
 		}
 		s.log.Warn("admin import refused", "err", err)
 		writeError(w, status, err.Error())
