@@ -726,10 +726,14 @@ func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, err
 }
 
 // parseWhen reads a time as operators write it: RFC 3339, or a local
-// "2006-01-02 15:04[:05]", or a date (its midnight, local time).
+// "2006-01-02 15:04[:05]", or a date (its midnight, local time). Go's zero
+// time (0001-01-01 UTC) is refused: a history query reads it as no bound.
 func parseWhen(v string, now time.Time) (time.Time, error) {
 	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "2006-01-02T15:04", "2006-01-02 15:04", "2006-01-02"} {
 		if t, err := time.ParseInLocation(layout, v, now.Location()); err == nil {
+			if t.IsZero() {
+				return t, fmt.Errorf("%q is the zero time (0001-01-01 00:00 UTC), which would mean no bound: give a real time", v)
+			}
 			return t, nil
 		}
 	}

@@ -5,10 +5,12 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 )
 
 // adminRequest sends an admin request to h from loopback.
@@ -67,3 +69,34 @@ func TestNoteBoundEverywhere(t *testing.T) {
 	}
 }
 
+// TestZeroTimeRefused: 0001-01-01 (Go's zero time) as until= or at= would
+// read as "no bound" and answer today's holder: every history endpoint
+// and CLI flag that takes a time refuses it with 400 and why.
+func TestZeroTimeRefused(t *testing.T) {
+	store := newTestStore(t, t.TempDir())
+	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+	h := newServer(a, testLogger(t), serverOptions{history: historyOf(store)})
+	zeros := []string{"0001-01-01T00:00:00Z", "0001-01-01T01:00:00%2B01:00", "0001-01-01T00:00:00.000Z"}
+	if _, offset := time.Date(1, 1, 1, 0, 0, 0, 0, time.Local).Zone(); offset == 0 {
+		zeros = append(zeros, "0001-01-01", "0001-01-01%2000:00", "0001-01-01T00:00", "0001-01-01%2000:00:00")
+	}
+	for _, z := range zeros {
+		for _, query := range []string{"until=" + z, "since=" + z, "port=30000&at=" + z} {
+			rec := adminRequest(h, "GET", "/api/history?"+query, "")
+			if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "zero time") {
+				t.Errorf("GET /api/history?%s: %d %s; want 400 saying it is the zero time", query, rec.Code, rec.Body)
+			}
+		}
+	}
+	closed := fmt.Sprintf("127.0.0.1:%d", freePort(t)) // the flag is refused before any request
+	for _, flag := range []string{"-until", "-since", "-at"} {
+		_, _, err := runCLI(nil, "history", "-port", "30000", flag, "0001-01-01T00:00:00Z", "-server", closed)
+		if err == nil || !strings.HasPrefix(err.Error(), flag+": ") || !strings.Contains(err.Error(), "zero time") {
+			t.Errorf("history %s 0001-01-01T00:00:00Z: %v; want it refused", flag, err)
+		}
+	}
+	// A real time still answers.
+	if rec := adminRequest(h, "GET", "/api/history?port=30000&at=2026-03-03T14:05:00Z", ""); rec.Code != http.StatusOK {
+		t.Errorf("GET /api/history?port=30000&at=2026-03-03T14:05:00Z: %d %s", rec.Code, rec.Body)
+	}
+}
