@@ -728,7 +728,7 @@ func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	})
 }
 
-// followEvents reads c's /api/events until the stream ends, calling opened
+// followEvents reads c's /api/events until the stream ends, calling open
 // once it is open and fn for each change. opened says whether it was.
 func followEvents(ctx context.Context, c adminClient, open func(), fn func(historyEntry, []byte) error) (opened bool, err error) {
 	req, err := http.NewRequestWithContext(ctx, "GET", c.base+"/api/events", nil)
