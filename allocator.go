@@ -32,7 +32,16 @@ var (
 	errKeyBusy       = errors.New("another change to this key is still being stored")
 	errQuota         = errors.New("quota reached")
 	errPinned        = errors.New("pinned by an operator")
+	errNoteTooLong   = fmt.Errorf("a note is at most %d bytes", maxNoteBytes)
 )
+
+// checkNote refuses a note over maxNoteBytes, on every path that sets one.
+func checkNote(note string) error {
+	if len(note) > maxNoteBytes {
+		return fmt.Errorf("the note is %d bytes; %w", len(note), errNoteTooLong)
+	}
+	return nil
+}
 
 // pinError refuses a device's request to move a key an operator pinned.
 type pinError struct {
@@ -525,11 +534,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	for attempt := 1; ; attempt++ {
 		port, how, err := a.allocateOnce(ctx, key, req, now, attempt)
 		var lost *conflictError
-		if !errors.As(err, &lost) || lost.quota {
-			if lost != nil {
-				up := a.policy.forUser(req.User)
-				err = &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
-			}
+		if !errors.As(err, &lost) {
 			return port, how, err
 		}
 		if attempt == maxClaimAttempts || ctx.Err() != nil {
@@ -607,6 +612,11 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 			victimDone()
 		}
 	})
+	var lost *conflictError
+	if errors.As(err, &lost) && lost.quota {
+		// The quota the claim was made under, not a policy reloaded since.
+		return 0, "", &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
+	}
 	if err != nil {
 		return 0, "", err
 	}
@@ -624,7 +634,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		a.reclaimed(victim.rec)
 		e.Change, e.Victim = histReclaimed, victim.rec.Key
 		e.Reason = fmt.Sprintf("%s (user %q) unseen since %s, longer than -reclaim-after %s", victim.rec.Key, victim.rec.User,
-			lastSeen.Format(time.RFC3339), a.policy.reclaimAfter)
+			lastSeen.Format(time.RFC3339), victim.after)
 	}
 	a.changed(e)
 	return port, how, nil
@@ -633,14 +643,18 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 // fillIn completes a key an operator assigned before its device ever
 // registered: user, type and proxy name come from the first registration.
 // The port stays; if the write fails the device still gets its port (the
-// details are filled in at its next registration). Called with mu held;
-// returns with it released.
+// details are filled in at its next registration). A lost race is not a
+// failed write: the key may have moved or gone, so it is decided again.
+// Called with mu held; returns with it released.
 func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
 	c := claim{want: *cur.record, old: cur.record, at: now}
 	c.want.User, c.want.ProxyName, c.want.ProxyType, c.want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
-	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
+	var lost *conflictError
+	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); errors.As(err, &lost) {
+		return 0, "", err
+	} else if err != nil {
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
 	} else {
 		a.changed(historyEntry{Time: now, Key: c.want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.want.Port,
@@ -655,6 +669,7 @@ type reclaimVictim struct {
 	rec      record
 	lastSeen int64
 	settled  func()
+	after    time.Duration // the policy's reclaimAfter that chose it
 }
 
 // choose picks key's port, with mu not held: the requested one, else a
@@ -729,7 +744,7 @@ func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time
 			a.mu.Unlock()
 			break
 		}
-		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key)}
+		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key), after: a.policy.reclaimAfter}
 		a.reserved.add(v.Port)
 		a.mu.Unlock()
 		// A port frps still listens on belongs to a proxy that is online,
@@ -808,6 +823,11 @@ type operatorChange struct {
 // assign pins key to port on an operator's word: a new key or a move. The
 // operator may use any port of the pool, whatever the policy says.
 func (a *allocator) assign(key string, port int, op operatorChange) (record, error) {
+	if op.note != nil {
+		if err := checkNote(*op.note); err != nil {
+			return record{}, err
+		}
+	}
 	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
@@ -876,18 +896,33 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 
 // setNote changes the note of key's allocation, keeping its port.
 func (a *allocator) setNote(key, note, by string) (record, error) {
-	r, ok := a.current(key)
-	if !ok {
-		return record{}, errNoAllocation
+	if err := checkNote(note); err != nil {
+		return record{}, err
 	}
+	key = validUTF8(key)
 	now := a.now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	cur, err := a.lockKey(ctx, validUTF8(key))
+	for attempt := 1; ; attempt++ {
+		rec, err := a.setNoteOnce(ctx, key, note, by, now)
+		var lost *conflictError
+		if !errors.As(err, &lost) {
+			return rec, err
+		}
+		if attempt == maxClaimAttempts {
+			return record{}, &storeError{kind: errStoreFailed, err: err}
+		}
+	}
+}
+
+// setNoteOnce sets the note on the key's record as memory holds it; a
+// *conflictError means another instance changed it first.
+func (a *allocator) setNoteOnce(ctx context.Context, key, note, by string, now time.Time) (record, error) {
+	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return record{}, err
 	}
-	if cur == nil || cur.Port != r.Port {
+	if cur == nil {
 		a.mu.Unlock()
 		return record{}, errNoAllocation
 	}
@@ -1408,6 +1443,8 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 			err = fmt.Errorf("key %q appears twice", r.Key)
 		case ports[r.Port] != "":
 			err = fmt.Errorf("port %d is given to both %q and %q", r.Port, ports[r.Port], r.Key)
+		case checkNote(r.Note) != nil:
+			err = fmt.Errorf("%q: %w", r.Key, checkNote(r.Note))
 		default:
 			err = a.checkOperatorPort(r.Key, r.Port)
 			if err != nil {

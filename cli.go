@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -75,7 +76,7 @@ func commands() []command {
 			about: "Prints the allocation history of the running server, newest first. -port N -at TIME answers who held port N at that moment (or \"free\"). TIME is 2026-03-03 14:05 (local time), a date, or RFC 3339. " + serverAbout,
 			setup: setupHistory},
 		{name: "watch", summary: "print every change as it happens",
-			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. " + serverAbout,
+			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. When the stream ends or the server cannot be reached (it stopped or restarted) it says so on stderr and reconnects, after 1s and then doubling up to 30s; changes made while it was away are in history. " + serverAbout,
 			setup: setupWatch},
 		{name: "export", summary: "write every allocation as JSON (from -server, or -data-dir)",
 			about: "Writes every allocation as JSON to stdout. With -server, a consistent snapshot from the running server (a backup without downtime); without it, from -data-dir, which it refuses while a server holds the directory.",
@@ -669,36 +670,91 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	})
 }
 
+// watchBackoff is how long watch waits before it reconnects: from 1s,
+// doubling up to 30s while the server stays away.
+func watchBackoff(attempt int) time.Duration {
+	return min(time.Second<<min(attempt, 5), 30*time.Second)
+}
+
 func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	asJSON := fs.Bool("json", false, "print each change as a JSON line")
 	return withClient(fs, e, func(c adminClient, _ []string) error {
-		req, err := http.NewRequestWithContext(e.ctx, "GET", c.base+"/api/events", nil)
-		if err != nil {
-			return err
+		var outErr error // stdout failed: nobody reads what watch prints
+		show := func(en historyEntry, raw []byte) error {
+			if *asJSON {
+				_, outErr = fmt.Fprintf(e.stdout, "%s\n", raw)
+			} else {
+				_, outErr = fmt.Fprintln(e.stdout, describeHistory(en))
+			}
+			return outErr
 		}
-		if c.token != "" {
-			req.Header.Set("Authorization", "Bearer "+c.token)
-		}
-		resp, err := (&http.Client{}).Do(req) // no timeout: a stream
-		if err != nil {
+		// A stream ends when the server stops or restarts, or the network
+		// drops it: watch keeps following until it is interrupted, and
+		// says on stderr where its output has a gap.
+		var lostAt time.Time
+		for attempt := 0; ; attempt++ {
+			opened, err := followEvents(e.ctx, c, func() {
+				if !lostAt.IsZero() {
+					fmt.Fprintf(e.stderr, "reconnected to %s; changes made meanwhile: frp-port-keeper history -since %q\n",
+						c.base, lostAt.Format("2006-01-02 15:04:05"))
+				}
+			}, show)
 			if e.ctx.Err() != nil {
 				return nil
 			}
-			return unreachable(c.base, err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("server answered %s", resp.Status)
-		}
-		return readEvents(resp.Body, func(en historyEntry, raw []byte) error {
-			if *asJSON {
-				_, err := fmt.Fprintf(e.stdout, "%s\n", raw)
-				return err
+			if outErr != nil {
+				return outErr
 			}
-			_, err := fmt.Fprintln(e.stdout, describeHistory(en))
-			return err
-		})
+			var se *statusError
+			if errors.As(err, &se) && se.status != http.StatusServiceUnavailable && se.status < 500 {
+				return err // a wrong token or server: waiting does not fix it
+			}
+			if opened {
+				attempt, lostAt = 0, time.Now()
+				why := "the server ended the stream: it stopped or restarted"
+				if err != nil {
+					why = err.Error()
+				}
+				err = fmt.Errorf("connection lost (%s)", why)
+			}
+			wait := watchBackoff(attempt)
+			fmt.Fprintf(e.stderr, "%v; reconnecting in %v\n", err, wait)
+			select {
+			case <-e.ctx.Done():
+				return nil
+			case <-time.After(wait):
+			}
+		}
 	})
+}
+
+// followEvents reads c's /api/events until the stream ends, calling open
+// once it is open and fn for each change. opened says whether it was.
+func followEvents(ctx context.Context, c adminClient, open func(), fn func(historyEntry, []byte) error) (opened bool, err error) {
+	req, err := http.NewRequestWithContext(ctx, "GET", c.base+"/api/events", nil)
+	if err != nil {
+		return false, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := (&http.Client{}).Do(req) // no timeout: a stream
+	if err != nil {
+		return false, unreachable(c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		se := &statusError{status: resp.StatusCode, msg: "server answered " + resp.Status}
+		var body struct {
+			Error string `json:"error"`
+		}
+		if json.NewDecoder(io.LimitReader(resp.Body, 4<<10)).Decode(&body) == nil && body.Error != "" {
+			se.msg = fmt.Sprintf("%s (%s)", body.Error, resp.Status)
+		}
+		return false, se
+	}
+	open()
+	return true, readEvents(resp.Body, fn)
 }
 
 // readEvents reads a server-sent event stream, calling fn for each
@@ -876,6 +932,12 @@ func setupStoreTool(cmd string) func(fs *flag.FlagSet, e cmdEnv) func([]string) 
 	return func(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		var cfg config
 		cfg.declareStore(fs)
+		if cmd == "import" {
+			// The server's checks need frps's ports and the pool; as flags
+			// (and from the server's environment) they read as serve's do.
+			fs.StringVar(&cfg.frpsConfig, "frps-config", "", "without -server: frps config file; frps's own ports are refused, as the server refuses them")
+			fs.StringVar(&cfg.allowPorts, "allow-ports", "", "without -server: the server's pool, to say which imported ports lie outside it (default "+defaultPool+")")
+		}
 		server := fs.String("server", "", "work through this running server (URL or host:port) instead of -data-dir")
 		token := fs.String("admin-token", "", "the server's admin token, with -server")
 		return func(args []string) error {
@@ -949,88 +1011,87 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 	if cfg.storeTimeout <= 0 {
 		cfg.storeTimeout = 2 * time.Second
 	}
+	if cmd == "import" {
+		return importOffline(cfg, args, stderr)
+	}
 	store, unlock, err := openStore(cfg, nil)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	defer store.close()
-	ctx := context.Background()
-	got, err := store.load(ctx)
+	got, err := store.load(context.Background())
 	if err != nil {
 		return err
 	}
 	for _, p := range got.problems {
 		fmt.Fprintf(stderr, "store repaired: %s\n", p)
 	}
-	if cmd == "export" {
-		out := exportFile{Allocations: []exportRecord{}}
-		for _, r := range got.allocations {
-			out.Allocations = append(out.Allocations, exportRecord{record: r, LastSeen: got.lastSeen[r.Key]})
-		}
-		return printJSON(stdout, out)
+	out := exportFile{Allocations: []exportRecord{}}
+	for _, r := range got.allocations {
+		out.Allocations = append(out.Allocations, exportRecord{record: r, LastSeen: got.lastSeen[r.Key]})
 	}
+	return printJSON(stdout, out)
+}
 
+// importOffline imports an export file into cfg's store with no server
+// running, through the allocator's importAll as POST /api/import does: the
+// same checks (frps's ports, held ports, notes), all or nothing, with the
+// history written before the store closes.
+func importOffline(cfg config, args []string, stderr io.Writer) error {
+	// The server's own listening port is not known offline: only an
+	// import through the server refuses a key on it.
+	plan, err := planPool(cfg, 0)
+	if err != nil {
+		return err
+	}
 	file, err := readExportFile(args)
 	if err != nil {
 		return err
 	}
-	byKey, byPort := map[string]record{}, map[int]string{}
-	for _, r := range got.allocations {
-		byKey[r.Key], byPort[r.Port] = r, r.Key
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	store, unlock, err := openStore(cfg, log)
+	if err != nil {
+		return err
 	}
-	// Check everything before writing anything: an import applies whole or not at all.
-	seen := map[string]bool{}
+	defer unlock()
+	defer store.close()
+	recorder := newHistoryRecorder(historyOf(store), log, nil, nil)
+	defer recorder.stop() // before the store closes
+	alloc, got, err := newAllocator(store, plan.pool, allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout,
+		log: log, changed: recorder.record})
+	if err != nil {
+		return err
+	}
+	for _, p := range got.problems {
+		fmt.Fprintf(stderr, "store repaired: %s\n", p)
+	}
+	recs := make([]record, 0, len(file.Allocations))
+	var seen []seenMark // last_seen of the allocations this import writes
 	for _, r := range file.Allocations {
-		switch {
-		case !validRecord(r.record):
-			return fmt.Errorf("import: allocation %q on port %d is not valid", r.Key, r.Port)
-		case seen[r.Key]:
-			return fmt.Errorf("import: key %q appears twice", r.Key)
-		case byPort[r.Port] != "" && byPort[r.Port] != r.Key:
-			return fmt.Errorf("import: port %d of %q already belongs to %q", r.Port, r.Key, byPort[r.Port])
-		}
-		seen[r.Key] = true
-		byPort[r.Port] = r.Key
-	}
-	imported := 0
-	now := time.Now().UTC()
-	var entries []historyEntry
-	for i, r := range file.Allocations {
-		if r.CreatedAt.IsZero() {
-			r.CreatedAt = now
-		}
-		if r.AssignedAt.IsZero() {
-			r.AssignedAt = r.CreatedAt
-		}
-		c := claim{want: r.record, at: now}
-		if old, ok := byKey[r.Key]; ok {
-			if old.Port == r.Port {
-				continue
-			}
-			c.old = &old
-		}
-		if _, err := store.claim(ctx, c); err != nil {
-			return fmt.Errorf("import %q: %v", r.Key, err)
-		}
-		e := historyEntry{ID: fmt.Sprintf("%019d-import-%06d", now.UnixNano(), i), Time: now, Key: r.Key, User: r.User,
-			ProxyType: r.ProxyType, Port: r.Port, Change: histImported, By: "import -data-dir", Note: r.Note}
-		if c.old != nil {
-			e.OldPort = c.old.Port
-		}
-		entries = append(entries, e)
-		if !r.LastSeen.IsZero() {
-			if err := store.touch(ctx, []seenMark{{key: r.Key, seen: r.LastSeen}}); err != nil {
-				return fmt.Errorf("import %q: %v", r.Key, err)
-			}
-		}
-		imported++
-	}
-	if hist := historyOf(store); hist != nil && len(entries) > 0 {
-		if err := hist.appendEntries(ctx, entries); err != nil {
-			fmt.Fprintf(stderr, "the history of this import was not written: %v\n", err)
+		recs = append(recs, r.record)
+		if cur, ok := alloc.current(r.Key); !r.LastSeen.IsZero() && (!ok || cur.Port != r.Port) {
+			seen = append(seen, seenMark{key: validUTF8(r.Key), seen: r.LastSeen})
 		}
 	}
-	fmt.Fprintf(stderr, "imported %d allocations into %s (%d already there)\n", imported, cfg.dataDir, len(file.Allocations)-imported)
-	return nil
+	n, err := alloc.importAll(recs, histImported, "import -data-dir")
+	if err != nil {
+		return fmt.Errorf("import: %v (nothing imported)", err)
+	}
+	for i := 0; i < len(seen); i += 256 {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.storeTimeout)
+		err := store.touch(ctx, seen[i:min(i+256, len(seen))])
+		cancel()
+		if err != nil {
+			fmt.Fprintf(stderr, "the imported last_seen times were not all written (they only order reclaims): %v\n", err)
+			break
+		}
+	}
+	warnOutsidePool(stderr, alloc.importSummary(recs, n))
+	where := cfg.dataDir
+	if cfg.store == "etcd" {
+		where = "etcd " + cfg.etcd.endpoints
+	}
+	_, err = fmt.Fprintf(stderr, "imported %d allocations into %s (%d already there)\n", n, where, len(recs)-n)
+	return err
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 type eventHub struct {
 	mu        sync.Mutex
 	subs      map[chan historyEntry]struct{}
+	closed    bool // the server is stopping: streams end, none start
 	notifiers []*notifier
 }
 
@@ -47,13 +49,23 @@ func (h *eventHub) publish(e historyEntry) {
 	}
 }
 
+// Why subscribe refused a stream.
+var (
+	errTooManyStreams = errors.New("too many event streams open")
+	errHubClosed      = errors.New("the server is shutting down")
+)
+
 // subscribe returns a stream of entries, closed when the subscriber falls
-// behind; ok is false when there are too many subscribers.
-func (h *eventHub) subscribe() (ch chan historyEntry, cancel func(), ok bool) {
+// behind or the server stops; it refuses when there are too many
+// subscribers or the server is stopping.
+func (h *eventHub) subscribe() (ch chan historyEntry, cancel func(), err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.subs) >= maxEventSubscribers {
-		return nil, nil, false
+	switch {
+	case h.closed:
+		return nil, nil, errHubClosed
+	case len(h.subs) >= maxEventSubscribers:
+		return nil, nil, errTooManyStreams
 	}
 	ch = make(chan historyEntry, 256)
 	h.subs[ch] = struct{}{}
@@ -64,7 +76,19 @@ func (h *eventHub) subscribe() (ch chan historyEntry, cancel func(), ok bool) {
 			close(ch)
 		}
 		h.mu.Unlock()
-	}, true
+	}, nil
+}
+
+// close ends every stream and refuses new ones: an open stream would
+// otherwise hold the server's shutdown until its deadline.
+func (h *eventHub) close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for ch := range h.subs {
+		delete(h.subs, ch)
+		close(ch)
+	}
 }
 
 // notifier POSTs each change to one webhook URL, in order, at least once

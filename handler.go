@@ -534,6 +534,9 @@ func (s *server) writeChangeError(w http.ResponseWriter, what, key string, err e
 	case errors.Is(err, errNoAllocation):
 		writeError(w, http.StatusNotFound, "no allocation for this key")
 		return
+	case errors.Is(err, errNoteTooLong):
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
 	case errors.Is(err, errPortReserved):
 		status = http.StatusConflict
 	case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
@@ -576,21 +579,30 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 	n, err := s.alloc.importAll(recs, how, adminActor(r))
 	if err != nil {
 		status := http.StatusUnprocessableEntity
-		if errors.Is(err, errStoreTimedOut) || errors.Is(err, errStoreFailed) {
+		switch {
+		case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
 			status = http.StatusServiceUnavailable
+		case errors.Is(err, errNoteTooLong):
+			status = http.StatusBadRequest
 		}
 		s.log.Warn("admin import refused", "err", err)
 		writeError(w, status, err.Error())
 		return
 	}
 	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(recs)-n)
-	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: s.alloc.poolStr}
+	writeValue(w, http.StatusOK, s.alloc.importSummary(recs, n))
+}
+
+// importSummary is what an import of recs that changed n reports, through
+// the server or offline.
+func (a *allocator) importSummary(recs []record, n int) importResult {
+	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: a.poolStr}
 	for _, r := range recs {
-		if !s.alloc.pool.has(r.Port) {
+		if !a.pool.has(r.Port) {
 			res.OutsidePool = append(res.OutsidePool, fmt.Sprintf("%s:%d", r.Key, r.Port))
 		}
 	}
-	writeValue(w, http.StatusOK, res)
+	return res
 }
 
 // importResult is the answer of POST /api/import.
@@ -714,10 +726,14 @@ func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, err
 }
 
 // parseWhen reads a time as operators write it: RFC 3339, or a local
-// "2006-01-02 15:04[:05]", or a date (its midnight, local time).
+// "2006-01-02 15:04[:05]", or a date (its midnight, local time). Go's zero
+// time (0001-01-01 UTC) is refused: a history query reads it as no bound.
 func parseWhen(v string, now time.Time) (time.Time, error) {
 	for _, layout := range []string{time.RFC3339Nano, "2006-01-02T15:04:05", "2006-01-02 15:04:05", "2006-01-02T15:04", "2006-01-02 15:04", "2006-01-02"} {
 		if t, err := time.ParseInLocation(layout, v, now.Location()); err == nil {
+			if t.IsZero() {
+				return t, fmt.Errorf("%q is the zero time (0001-01-01 00:00 UTC), which would mean no bound: give a real time", v)
+			}
 			return t, nil
 		}
 	}
@@ -728,10 +744,10 @@ func parseWhen(v string, now time.Time) (time.Time, error) {
 // A client that reads too slowly is cut off; it reconnects and reads what
 // it missed from /api/history (each event's id is the entry's).
 func (s *server) serveEvents(w http.ResponseWriter, r *http.Request) {
-	ch, cancel, ok := s.events.subscribe()
-	if !ok {
+	ch, cancel, err := s.events.subscribe()
+	if err != nil {
 		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "too many event streams open")
+		writeError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
 	defer cancel()

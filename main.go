@@ -113,6 +113,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	opts.changed = recorder.record
 	alloc, got, err := newAllocator(store, plan.pool, opts)
 	if err != nil {
+		recorder.stop()
 		store.close()
 		return err
 	}
@@ -158,6 +159,8 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// Shutdown waits for every handler; an event stream's never ends by itself.
+	srv.RegisterOnShutdown(events.close)
 	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
 		"pool_size", plan.pool.len(), "allocations", count, "loaded_from", from, "store", cfg.store,
 		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "plugin_allow", cfg.allowNets.String(), "policy_rules", len(pol.rules),
@@ -183,6 +186,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	var serveErr error
 	for running := true; running; {
 		select {
 		case <-hup:
@@ -193,9 +197,9 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 			}
 			alloc.setPolicy(p)
 			log.Info("policy reloaded", "file", cfg.policyFile, "rules", len(p.rules))
-		case err := <-errc:
-			store.close()
-			return err
+		case serveErr = <-errc:
+			log.Error("serving stopped", "err", serveErr)
+			running = false
 		case <-ctx.Done():
 			running = false
 		case <-flush.C:
@@ -204,10 +208,16 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 			}
 		}
 	}
+	// One order for every exit: no request in flight, last_seen flushed,
+	// the history drained, and only then the store closed (it writes its
+	// checkpoint; what reaches it later is lost).
 	log.Info("shutting down")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	err = srv.Shutdown(shutdownCtx)
+	if serveErr != nil {
+		err = serveErr
+	}
 	if n, ferr := alloc.flushSeen(0); ferr != nil {
 		log.Warn("writing last_seen failed", "err", ferr)
 	} else {
