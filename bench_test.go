@@ -2,8 +2,9 @@ package main
 
 // Micro-benchmarks of issue 6: the sticky-hit path of the HTTP handler, and
 // the allocator's hit and fresh paths with 0, 10,000 and 50,000 existing
-// allocations in a file store; and of issue 9: one admin listing of 64,000
-// allocations. Run them with
+// allocations in a file store; of issue 9: one admin listing of 64,000
+// allocations; and of issue 15: fresh claims into a durable file store,
+// the same without fsyncs, and bbolt. Run them with
 //
 //	go test -run XXX -bench . -benchmem
 //
@@ -18,11 +19,18 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 )
 
 // benchPool is the widest pool a server can have: 64,512 ports.
@@ -323,5 +331,271 @@ func BenchmarkAdminList(b *testing.B) {
 			}
 			b.ReportMetric(float64(size), "body-bytes")
 		})
+	}
+}
+
+// BenchmarkFreshClaims measures what durable commits cost (issue 15):
+// allocate() of fresh keys (probe off), one client at a time and from 16
+// concurrent clients, into a store holding 0 or 50,000 allocations, for
+// the file store (every claim fsync'd, concurrent claims group-committed),
+// the file store without its fsyncs (the old undurable store, for
+// comparison only) and bbolt (one fsync'd transaction per claim). It
+// reports claims/s and the latency of one claim (p50-ms, p99-ms).
+//
+// The data directories are on the disk BENCH_TMP names, else the system's
+// temporary directory: on tmpfs an fsync costs nothing, so put them on
+// the disk a server would use. Setting up a store (seeding, opening,
+// loading) and removing it stay outside the timer, and the disk is synced
+// before the timer starts, so the writeback of the set-up does not land on
+// the timed claims. Nothing is deleted while the timer runs: when the pool
+// is about to run dry, the claims go on in a fresh copy of the store.
+func BenchmarkFreshClaims(b *testing.B) {
+	root := benchDataRoot(b)
+	templates := map[string]string{} // seeded stores of 50,000 to copy, by format
+	template := func(b *testing.B, format string, n int) string {
+		if dir, ok := templates[format]; ok {
+			return dir
+		}
+		dir, err := os.MkdirTemp(root, "template-"+format+"-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		if format == "bbolt" {
+			benchSeedBolt(b, filepath.Join(dir, benchBoltFile), n)
+		} else {
+			benchSeed(b, dir, 0, n)
+		}
+		templates[format] = dir
+		return dir
+	}
+	pool, err := parsePorts(benchPool)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, kind := range []string{"file", "file-nosync", "bbolt"} {
+		format := strings.TrimSuffix(kind, "-nosync")
+		for _, existing := range []int{0, 50000} {
+			for _, clients := range []int{1, 16} {
+				b.Run(fmt.Sprintf("store=%s/existing=%d/clients=%d", kind, existing, clients), func(b *testing.B) {
+					var from string
+					if existing > 0 {
+						from = template(b, format, existing)
+					}
+					open := func() *allocator {
+						dir, err := os.MkdirTemp(root, "claims-")
+						if err != nil {
+							b.Fatal(err)
+						}
+						b.Cleanup(func() { os.RemoveAll(dir) })
+						if from != "" {
+							benchCopyStore(b, from, dir)
+						}
+						var store portStore
+						if format == "bbolt" {
+							store, err = openBoltStore(filepath.Join(dir, benchBoltFile), benchLogger())
+						} else {
+							var fs *fileStore
+							fs, err = openFileStore(dir, benchLogger())
+							if err == nil && kind == "file-nosync" {
+								fs.ops = rootOps{root: fs.root, noSync: true}
+							}
+							store = fs
+						}
+						if err != nil {
+							b.Fatal(err)
+						}
+						a, _, err := newAllocator(store, pool, allocatorOptions{log: benchLogger()})
+						if err != nil {
+							b.Fatal(err)
+						}
+						if got := len(a.byKey); got != existing {
+							b.Fatalf("the store holds %d allocations; want %d", got, existing)
+						}
+						syscall.Sync() // the set-up's writes reach the disk before the timer starts
+						return a
+					}
+					benchClaims(b, open, pool.len()-existing, clients)
+				})
+			}
+		}
+	}
+}
+
+// benchBoltFile is the bbolt store's file in its data directory (see openStore).
+const benchBoltFile = "allocations.bbolt"
+
+// benchClaims drives allocate() of fresh keys from clients goroutines, one
+// b.Loop iteration a claim, in a store open makes; each store takes at most
+// room claims before the next one is opened (with the timer stopped).
+func benchClaims(b *testing.B, open func() *allocator, room, clients int) {
+	var (
+		a       *allocator
+		keys    chan string
+		workers sync.WaitGroup
+		mu      sync.Mutex
+		lat     []time.Duration
+		failed  atomic.Bool
+	)
+	start := func() {
+		a = open()
+		keys = make(chan string)
+		for range clients {
+			workers.Go(func() {
+				var mine []time.Duration
+				for key := range keys {
+					if failed.Load() {
+						continue // drain, so the loop never blocks
+					}
+					t0 := time.Now()
+					_, how, err := a.allocate(proxyRequest{User: "u", ProxyName: key, ProxyType: "tcp"})
+					if err != nil || how != outcomeNew {
+						failed.Store(true)
+						b.Errorf("allocate(%s) = %s, %v; want a new port", key, how, err)
+						continue
+					}
+					mine = append(mine, time.Since(t0))
+				}
+				mu.Lock()
+				lat = append(lat, mine...)
+				mu.Unlock()
+			})
+		}
+	}
+	stop := func() {
+		close(keys)
+		workers.Wait()
+		a.store.close()
+	}
+	start()
+	left := room
+	var timed time.Duration
+	t0 := time.Now()
+	for b.Loop() {
+		if left == 0 {
+			stop()
+			timed += time.Since(t0)
+			b.StopTimer()
+			start()
+			left = room
+			b.StartTimer()
+			t0 = time.Now()
+		}
+		keys <- fmt.Sprintf("bench-claim-%08d", benchFreshKeys.Add(1))
+		left--
+	}
+	// The claims still in flight when b.Loop stopped the timer count in
+	// claims/s and the latencies, not in ns/op.
+	close(keys)
+	workers.Wait()
+	timed += time.Since(t0)
+	a.store.close()
+	if b.Failed() {
+		return
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(len(lat))/timed.Seconds(), "claims/s")
+	b.ReportMetric(percentile(lat, 0.50), "p50-ms")
+	b.ReportMetric(percentile(lat, 0.99), "p99-ms")
+}
+
+// benchDataRoot is where BenchmarkFreshClaims keeps its stores: under
+// BENCH_TMP when set (as bench/run.sh's load tool does), else b.TempDir().
+func benchDataRoot(b *testing.B) string {
+	parent := os.Getenv("BENCH_TMP")
+	if parent == "" {
+		return b.TempDir()
+	}
+	dir, err := os.MkdirTemp(parent, "frp-port-keeper-claims-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// benchCopyStore makes dst a copy of the seeded store in src. Record files
+// are hard-linked: a fresh claim only creates files and renames over new
+// names, so it never writes to a seeded record, and the store's directory
+// holds the same entries as a copy's without 100,000 files written (and
+// later freed) per set-up. The bbolt file is written to, so it is copied.
+func benchCopyStore(b *testing.B, src, dst string) {
+	b.Helper()
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, e := range entries {
+		from, to := filepath.Join(src, e.Name()), filepath.Join(dst, e.Name())
+		if e.Name() == benchBoltFile {
+			data, err := os.ReadFile(from)
+			if err == nil {
+				err = os.WriteFile(to, data, 0o600)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			continue
+		}
+		if !e.Type().IsRegular() {
+			b.Fatalf("seeded store %s holds %s, not a record file", src, e.Name())
+		}
+		if err := os.Link(from, to); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// benchSeedBolt writes the allocations bench-seed-<i> on port 1024+i for
+// i in [0, n) into a new bbolt store at path, in one transaction.
+func benchSeedBolt(b *testing.B, path string, n int) {
+	b.Helper()
+	start := time.Now()
+	s, err := openBoltStore(path, benchLogger())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.db.Close()
+	created := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	err = s.update(func(bk *bolt.Bucket) error {
+		for i := range n {
+			key := benchSeedKey(i)
+			r := record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
+			if err := putJSON(bk, portName(r.Port), r); err != nil {
+				return err
+			}
+			if err := putJSON(bk, keyName(r.Key), r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatalf("seeding bbolt: %v", err)
+	}
+	b.Logf("seeded %d allocations into bbolt in %v", n, time.Since(start).Round(time.Millisecond))
+}
+
+// TestBenchClaimsOpensAFreshStoreWhenThePoolRunsDry runs benchClaims on a
+// pool of 10 ports for a second: every claim must find a port, because a
+// store that has given out room ports is replaced by a fresh one.
+func TestBenchClaimsOpensAFreshStoreWhenThePoolRunsDry(t *testing.T) {
+	var opened atomic.Int64
+	res := testing.Benchmark(func(b *testing.B) {
+		open := func() *allocator {
+			opened.Add(1)
+			s := newTestStore(b, t.TempDir())
+			s.ops = rootOps{root: s.root, noSync: true}
+			return newAllocatorOn(b, s, "20000-20009", allocatorOptions{log: benchLogger()})
+		}
+		benchClaims(b, open, 10, 4)
+	})
+	if res.N == 0 {
+		t.Fatal("the benchmark failed: a claim found no port")
+	}
+	if want := int64(res.N+9) / 10; opened.Load() < want {
+		t.Errorf("%d claims in %d stores of 10 ports; want at least %d stores", res.N, opened.Load(), want)
+	}
+	if res.Extra["claims/s"] <= 0 || res.Extra["p50-ms"] <= 0 || res.Extra["p99-ms"] < res.Extra["p50-ms"] {
+		t.Errorf("metrics %v; want claims/s, p50-ms and p99-ms", res.Extra)
 	}
 }

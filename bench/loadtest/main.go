@@ -345,7 +345,8 @@ func loadAvg() string {
 }
 
 // fsType names the filesystem holding dir, from /proc/self/mounts (the
-// longest mount point that prefixes it).
+// longest mount point that prefixes it), and for ext4 whether it has a
+// journal: what an fsync costs depends on it.
 func fsType(dir string) string {
 	data, err := os.ReadFile("/proc/self/mounts")
 	if err != nil {
@@ -360,7 +361,28 @@ func fsType(dir string) string {
 		mp := f[1]
 		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) > len(best) {
 			best, typ = mp, f[2]+" ("+f[0]+" on "+mp+")"
+			if f[2] == "ext4" {
+				typ += ext4Journal(filepath.Base(f[0]))
+			}
 		}
 	}
 	return typ
+}
+
+// ext4Journal says whether the ext4 file system on dev (as /proc/fs/ext4
+// names it) has a journal: a journaled one has a jbd2 entry, "dev-8".
+func ext4Journal(dev string) string {
+	if _, err := os.Stat(filepath.Join("/proc/fs/ext4", dev)); err != nil {
+		return ""
+	}
+	entries, err := os.ReadDir("/proc/fs/jbd2")
+	if err != nil {
+		return ""
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), dev+"-") {
+			return ", with a journal"
+		}
+	}
+	return ", without a journal (no jbd2 entry in /proc/fs/jbd2)"
 }

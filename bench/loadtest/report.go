@@ -56,6 +56,8 @@ type microResult struct {
 	BOp    float64 // median
 	Allocs float64 // median
 	Other  map[string]float64
+	// OtherRuns holds every count's value of each metric of Other.
+	OtherRuns map[string][]float64
 }
 
 var benchLine = regexp.MustCompile(`^(Benchmark\S+?)(?:-\d+)?\s+(\d+)\s+(.+)$`)
@@ -81,7 +83,7 @@ func readMicro(path string) ([]microResult, error) {
 		name := m[1]
 		r := byName[name]
 		if r == nil {
-			r = &microResult{Name: name, Other: map[string]float64{}}
+			r = &microResult{Name: name, Other: map[string]float64{}, OtherRuns: map[string][]float64{}}
 			byName[name] = r
 			order = append(order, name)
 		}
@@ -111,6 +113,7 @@ func readMicro(path string) ([]microResult, error) {
 		for k, v := range others {
 			if metric, ok := strings.CutPrefix(k, name+"\x00"); ok {
 				r.Other[metric] = median(v)
+				r.OtherRuns[metric] = v
 			}
 		}
 		out = append(out, *r)
@@ -307,7 +310,7 @@ func markdown(cfg config, res *results, micro []microResult) string {
 	p("Other work on the machine shows in the load average above. Figures that swing from run to run are the median of several runs, and every run is listed.\n\n")
 
 	p("## Targets\n\n| Target | Measured (medians) | Status |\n|---|---|---|\n")
-	for _, t := range targets(res) {
+	for _, t := range append(targets(res), durableTargets(micro)...) {
 		p("| %s | %s | %s |\n", t.What, t.Measured, status(t))
 	}
 	p("\n")
@@ -348,7 +351,8 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("- **FleetClaims/instances=N**: fresh allocations from 16 concurrent clients spread over N allocators sharing one real etcd (one transaction per claim, user counts compared): *claims/s* and the latency of one claim, *p50-ms*/*p99-ms* (issue 10).\n")
 		p("- **StickyHitByStore/store=S**: `allocate()` of keys that have their port at a file store and at an etcd-backed instance: the same in-memory path, no etcd round trip (target: etcd ≥ 0.95× file).\n")
 		p("- **FleetVisibility**: from the start of a claim at one instance until another instance holds it in memory: the claim's round trip plus the watch's (*p50-ms*, *p99-ms*).\n")
-		p("- **HandlerStickyHitHistoryOn**: HandlerStickyHit with the history, the event stream and a webhook whose receiver never answers: a sticky hit is not a change, so it should cost what HandlerStickyHit costs (issue 12).\n\n")
+		p("- **HandlerStickyHitHistoryOn**: HandlerStickyHit with the history, the event stream and a webhook whose receiver never answers: a sticky hit is not a change, so it should cost what HandlerStickyHit costs (issue 12).\n")
+		p("- **FreshClaims/store=S/existing=N/clients=C**: fresh allocations into a durable file store, the same without fsyncs, and bbolt: see section 7.\n\n")
 	}
 
 	if s := res.Storm; s != nil {
@@ -463,6 +467,7 @@ func markdown(cfg config, res *results, micro []microResult) string {
 	if a := res.Admin; a != nil {
 		adminMarkdown(p, cfg, a)
 	}
+	durableMarkdown(p, res.Machine, micro)
 	return b.String()
 }
 
@@ -547,4 +552,128 @@ func quoteArgs(args []string) []string {
 		out[i] = a
 	}
 	return out
+}
+
+// ---------------------------------------------------------------------------
+// Durable commits (issue 15): BenchmarkFreshClaims in the micro-benchmarks.
+
+type claimsCase struct {
+	store             string
+	existing, clients int
+}
+
+// claimsStores are BenchmarkFreshClaims's stores, in its order.
+var claimsStores = []string{"file", "file-nosync", "bbolt"}
+
+// freshClaims picks the BenchmarkFreshClaims results out of micro.
+func freshClaims(micro []microResult) (map[claimsCase]microResult, []claimsCase) {
+	byCase := map[claimsCase]microResult{}
+	var order []claimsCase
+	for _, r := range micro {
+		rest, ok := strings.CutPrefix(r.Name, "BenchmarkFreshClaims/")
+		if !ok {
+			continue
+		}
+		var c claimsCase
+		var existing, clients string
+		for _, part := range strings.Split(rest, "/") {
+			k, v, _ := strings.Cut(part, "=")
+			switch k {
+			case "store":
+				c.store = v
+			case "existing":
+				existing = v
+			case "clients":
+				clients = v
+			}
+		}
+		var err1, err2 error
+		c.existing, err1 = strconv.Atoi(existing)
+		c.clients, err2 = strconv.Atoi(clients)
+		if c.store == "" || err1 != nil || err2 != nil {
+			continue
+		}
+		byCase[c] = r
+		order = append(order, c)
+	}
+	return byCase, order
+}
+
+// durableTargets are issue 15's speed targets: group commit keeps 16
+// concurrent clients' durable claims/s at ≥ 0.5× the undurable store's,
+// and one client's durable p50 is within 1.5× of bbolt's.
+func durableTargets(micro []microResult) []target {
+	byCase, order := freshClaims(micro)
+	groupWhat := "Durable commits, 16 concurrent clients: file store claims/s ≥ 0.5× the undurable file store's"
+	seqWhat := "Durable commits, one client: file store p50 ≤ 1.5× bbolt's"
+	var sizes []int
+	for _, c := range order {
+		if !slices.Contains(sizes, c.existing) {
+			sizes = append(sizes, c.existing)
+		}
+	}
+	ratioTarget := func(what string, a, b claimsCase, metric string, format func(float64) string, ok func(float64) bool) target {
+		t := target{What: what, Pass: len(sizes) > 0, Missing: len(sizes) == 0}
+		var parts []string
+		for _, size := range sizes {
+			a.existing, b.existing = size, size
+			ra, okA := byCase[a]
+			rb, okB := byCase[b]
+			if !okA || !okB {
+				t.Missing = true
+				continue
+			}
+			va, vb := ra.Other[metric], rb.Other[metric]
+			t.Pass = t.Pass && ok(va/vb)
+			parts = append(parts, fmt.Sprintf("%.2f× at %s existing (%s vs %s)", va/vb, n(size), format(va), format(vb)))
+		}
+		t.Measured = strings.Join(parts, "; ")
+		return t
+	}
+	return []target{
+		ratioTarget(groupWhat, claimsCase{store: "file", clients: 16}, claimsCase{store: "file-nosync", clients: 16}, "claims/s",
+			func(v float64) string { return rate(v) + " claims/s" }, func(r float64) bool { return r >= 0.5 }),
+		ratioTarget(seqWhat, claimsCase{store: "file", clients: 1}, claimsCase{store: "bbolt", clients: 1}, "p50-ms",
+			func(v float64) string { return fmt.Sprintf("%.3f ms", v) }, func(r float64) bool { return r <= 1.5 }),
+	}
+}
+
+// durableMarkdown is section 7, from BenchmarkFreshClaims; nothing when it
+// did not run.
+func durableMarkdown(p func(string, ...any), m machine, micro []microResult) {
+	byCase, order := freshClaims(micro)
+	if len(order) == 0 {
+		return
+	}
+	runs := byCase[order[0]].Runs
+	p("## 7. Durable commits\n\n")
+	p("`BenchmarkFreshClaims` (bench_test.go, issue 15): `allocate()` of fresh keys, bind test off, from one client and from 16 concurrent clients, ")
+	p("into a store already holding 0 or 50,000 allocations. Stores:\n\n")
+	p("- **file**: the file store as it ships. Before a claim is answered, its port record and its key record's temporary file are fsync'd (in parallel), ")
+	p("the key record renamed into place and the directory fsync'd. The claims that queue while one batch waits for the disk are committed together in the next (group commit).\n")
+	p("- **file-nosync**: the same store with every fsync skipped: the old, undurable file store, kept only to measure what durability costs.\n")
+	p("- **bbolt**: one fsync'd bbolt transaction per claim.\n\n")
+	p("Set-up (seeding 50,000 allocations, copying the seeded store, opening and loading it) is outside the timer, and the disk is synced before the timer starts. ")
+	p("Nothing is deleted while the timer runs. *claims/s* counts the claims over the timed wall time; *p50*/*p99* are the latencies of single claims. ")
+	p("Medians of %d counts, and the range of claims/s over the counts. Data directories on %s.\n\n", runs, m.FS)
+	p("| Store | Existing | Clients | p50 | p99 | claims/s | claims/s range |\n|---|---|---|---|---|---|---|\n")
+	for _, store := range claimsStores {
+		for _, c := range order {
+			if c.store != store {
+				continue
+			}
+			r := byCase[c]
+			cs := r.OtherRuns["claims/s"]
+			rng := ""
+			if len(cs) > 0 {
+				rng = fmt.Sprintf("%s – %s", rate(slices.Min(cs)), rate(slices.Max(cs)))
+			}
+			p("| %s | %s | %d | %.3f ms | %.2f ms | %s | %s |\n", c.store, n(c.existing), c.clients, r.Other["p50-ms"], r.Other["p99-ms"], rate(r.Other["claims/s"]), rng)
+		}
+	}
+	p("\n")
+	for _, t := range durableTargets(micro) {
+		p("- %s: %s (%s).\n", t.What, t.Measured, strings.Trim(status(t), "*"))
+	}
+	p("\nSticky hits write nothing, durable or not: the reconnect storm of section 2 runs against the durable file store.\n\n")
 }
