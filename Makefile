@@ -5,6 +5,8 @@ LDFLAGS  := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 5s
 PLATFORMS := linux/amd64 linux/arm64 linux/arm/7 darwin/arm64 windows/amd64
 IMAGE    ?= frp-port-keeper
+# staticcheck, pinned; go run fetches it from the module proxy once.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
 .PHONY: build run test test-deps lint bench bench-profile fuzz dist image
 
@@ -48,9 +50,11 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime 5m .
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePorts$$' -fuzztime 2m .
 
+# lint: gofmt, go vet and staticcheck, all clean.
 lint:
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt -l found unformatted files:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 # dist cross-compiles static binaries with SHA256SUMS.
 dist:

@@ -229,8 +229,7 @@ func TestE2ELoadBalancingGroupSharesPort(t *testing.T) {
 // stops (frps sends CloseProxy), bob gets one of her ports.
 func TestE2EReclaimSparesConnectedProxy(t *testing.T) {
 	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
-		var env *e2eEnv
-		env = newE2EEnv(t, v, func(e *e2eEnv) {
+		env := newE2EEnv(t, v, func(e *e2eEnv) {
 			e.pluginArgs = []string{"-allow-ports", fmt.Sprintf("%d-%d", e.pool.lo, e.pool.lo+1), "-reclaim-after", "3s"}
 		})
 		echo0, echo1, bobEcho := startTCPEcho(t), startTCPEcho(t), startTCPEcho(t)

@@ -338,26 +338,6 @@ func (e *etcdServer) client(t testing.TB) *clientv3.Client {
 	return cli
 }
 
-// compact compacts etcd's history up to rev (0: the current revision) and
-// returns the revision compacted to.
-func (e *etcdServer) compact(t testing.TB, rev int64) int64 {
-	t.Helper()
-	cli := e.client(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if rev == 0 {
-		resp, err := cli.Get(ctx, "compact-probe")
-		if err != nil {
-			t.Fatal(err)
-		}
-		rev = resp.Header.Revision
-	}
-	if _, err := cli.Compact(ctx, rev, clientv3.WithCompactPhysical()); err != nil {
-		t.Fatalf("compact etcd to %d: %v", rev, err)
-	}
-	return rev
-}
-
 // etcdTail is the last n lines of log.
 func etcdTail(log []byte, n int) string {
 	lines := strings.Split(strings.TrimRight(string(log), "\n"), "\n")
@@ -374,13 +354,13 @@ func etcdTail(log []byte, n int) string {
 // client certificate it signed, and a client certificate an unrelated CA
 // signed, as PEM files.
 type etcdTestPKI struct {
-	caFile                 string
-	serverCert, serverKey  string
-	clientCert, clientKey  string
-	otherCert, otherKey    string // signed by a CA etcd does not trust
-	otherCAFile            string
-	caPool                 *x509.CertPool
-	clientPair, serverPair tls.Certificate
+	caFile                string
+	serverCert, serverKey string
+	clientCert, clientKey string
+	otherCert, otherKey   string // signed by a CA etcd does not trust
+	otherCAFile           string
+	caPool                *x509.CertPool
+	clientPair            tls.Certificate
 }
 
 // newEtcdTestPKI makes ECDSA P-256 keys and certificates valid for an hour.
