@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net/http"
@@ -19,9 +20,9 @@ import (
 
 // newMemStore is the fake store (store_fake_test.go) holding recs: tens
 // of thousands of allocations without creating a file for each.
-func newMemStore(recs []record) *fakeStore {
+func newMemStore(recs []store.Record) *fakeStore {
 	f := newFakeStore()
-	f.idx = newLocalIndex(snapshot{allocations: recs})
+	f.idx = newLocalIndex(store.Snapshot{Allocations: recs})
 	return f
 }
 
@@ -36,10 +37,10 @@ func bigAllocator(t testing.TB, n, users int) *allocator {
 func spreadAllocator(t testing.TB, n, users, step int) *allocator {
 	t.Helper()
 	created := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	recs := make([]record, n)
+	recs := make([]store.Record, n)
 	for i := range recs {
 		key := fmt.Sprintf("list-%06d", i)
-		recs[i] = record{Key: key, Port: 1024 + i*step, User: fmt.Sprintf("u%d", i%users), ProxyName: key,
+		recs[i] = store.Record{Key: key, Port: 1024 + i*step, User: fmt.Sprintf("u%d", i%users), ProxyName: key,
 			ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
 	}
 	return newAllocatorOn(t, newMemStore(recs), "1024-65535", allocatorOptions{log: slog.New(slog.DiscardHandler)})

@@ -162,10 +162,10 @@ func TestLastSeen(t *testing.T) {
 // TestMetricsMove scrapes /metrics before and after some decisions.
 func TestMetricsMove(t *testing.T) {
 	dir := t.TempDir()
-	store, kv := newFaultyStore(t, dir)
+	st, kv := newFaultyStore(t, dir)
 	var a *allocator
 	m := newMetrics(func() poolStats { return a.stats() })
-	a = newAllocatorOn(t, store, "30000-30001", allocatorOptions{storeFailed: func(error) { m.storeErrors.Inc() }})
+	a = newAllocatorOn(t, st, "30000-30001", allocatorOptions{storeFailed: func(error) { m.storeErrors.Inc() }})
 	h := newServer(a, testLogger(t), serverOptions{metrics: m})
 	scrape := func() string {
 		rec := httptest.NewRecorder()
@@ -288,9 +288,10 @@ func binary(t testing.TB) string {
 // unless wantErr.
 func cli(t testing.TB, wantErr bool, stdin string, args ...string) (string, string) {
 	t.Helper()
+	bin := binary(t) // built on first use: not within the run's deadline
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary(t), args...)
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -427,12 +428,12 @@ func adminGet(t testing.TB, url string, v any) {
 // otherwise wait forever for the first one's file lock), and SIGTERM stops
 // the first cleanly, writing its checkpoint.
 func TestSignalsAndSecondServer(t *testing.T) {
-	for _, store := range storeKinds {
-		t.Run(store, func(t *testing.T) {
+	for _, st := range storeKinds {
+		t.Run(st, func(t *testing.T) {
 			dir := t.TempDir()
 			addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 			var stderr bytes.Buffer
-			first := exec.Command(binary(t), "-listen", addr, "-data-dir", dir, "-store", store, "-probe=false", "-allow-ports", "31000-31009")
+			first := exec.Command(binary(t), "-listen", addr, "-data-dir", dir, "-store", st, "-probe=false", "-allow-ports", "31000-31009")
 			first.Stderr = &stderr
 			if err := first.Start(); err != nil {
 				t.Fatal(err)
@@ -449,7 +450,7 @@ func TestSignalsAndSecondServer(t *testing.T) {
 			port := register(t, base, "a", "a.p", "tcp")
 
 			start := time.Now()
-			_, errOut := cli(t, true, "", "-listen", "127.0.0.1:0", "-data-dir", dir, "-store", store)
+			_, errOut := cli(t, true, "", "-listen", "127.0.0.1:0", "-data-dir", dir, "-store", st)
 			if !strings.Contains(errOut, "in use by another frp-port-keeper") || time.Since(start) > 10*time.Second {
 				t.Fatalf("second server: %q after %v; want a prompt refusal", errOut, time.Since(start))
 			}
@@ -468,10 +469,10 @@ func TestSignalsAndSecondServer(t *testing.T) {
 			if !strings.Contains(stderr.String(), "shutting down") {
 				t.Fatalf("no shutdown in the log:\n%s", stderr.String())
 			}
-			if _, err := os.Stat(filepath.Join(dir, checkpointName)); store == "file" && err != nil {
+			if _, err := os.Stat(filepath.Join(dir, checkpointName)); st == "file" && err != nil {
 				t.Fatalf("no checkpoint after SIGTERM: %v", err)
 			}
-			base2, _ := startServer(t, "-data-dir", dir, "-store", store, "-allow-ports", "31000-31009")
+			base2, _ := startServer(t, "-data-dir", dir, "-store", st, "-allow-ports", "31000-31009")
 			if got := register(t, base2, "a", "a.p", "tcp"); got != port {
 				t.Fatalf("after SIGTERM and restart a.p = %d; want %d", got, port)
 			}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"net"
 	"net/http"
@@ -47,7 +48,7 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		}
 		file := exportFile{}
 		for _, r := range found {
-			file.Allocations = append(file.Allocations, exportRecord{record: r})
+			file.Allocations = append(file.Allocations, exportRecord{Record: r})
 		}
 		if *dryRun {
 			for _, r := range found {
@@ -133,9 +134,9 @@ type dashboardProxy struct {
 
 // onlinePorts lists the online tcp and udp proxies as allocations; skipped
 // says which proxies could not be adopted and why.
-func (d frpsDashboard) onlinePorts(ctx context.Context) (found []record, skipped []string, err error) {
+func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, skipped []string, err error) {
 	client := &http.Client{Timeout: 10 * time.Second}
-	byKey := map[string]record{}
+	byKey := map[string]store.Record{}
 	now := time.Now().UTC()
 	for _, typ := range []string{"tcp", "udp"} {
 		req, err := http.NewRequestWithContext(ctx, "GET", d.base+"/api/proxy/"+typ, nil)
@@ -182,7 +183,7 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []record, skipped
 			if !hasUser {
 				user = ""
 			}
-			r := record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}
+			r := store.Record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}
 			r.Key = proxyRequest{User: user, ProxyName: p.Name, Group: group}.key()
 			if prev, ok := byKey[r.Key]; ok {
 				if prev.Port != port {
@@ -194,6 +195,6 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []record, skipped
 			found = append(found, r)
 		}
 	}
-	slices.SortFunc(found, func(a, b record) int { return a.Port - b.Port })
+	slices.SortFunc(found, func(a, b store.Record) int { return a.Port - b.Port })
 	return found, skipped, nil
 }

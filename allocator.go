@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -154,7 +155,7 @@ type allocation struct {
 	// *record is shared, never changed: a change makes a new allocation.
 	// At start it points into the snapshot the store's index points into
 	// too, so tens of thousands of records are held once.
-	*record
+	*store.Record
 	rev      int64        // the store's revision of record (0: a store without revisions)
 	lastSeen atomic.Int64 // unix nanoseconds
 	// storedSeen and seenWrittenAt (unix nanoseconds) keep last_seen writes
@@ -168,7 +169,7 @@ type allocation struct {
 // is this instance's own store write or one that watch brought in from
 // another instance, so none of them can drift from the records.
 type allocator struct {
-	store   portStore
+	store   store.Store
 	pool    *portSet
 	poolStr string
 	// excluded names ports taken out of the pool for a reason a client
@@ -180,8 +181,8 @@ type allocator struct {
 	log      *slog.Logger
 	// storeFailed hears of every store call that failed or timed out.
 	storeFailed func(error)
-	reclaimed   func(victim record)
-	changed     func(historyEntry)
+	reclaimed   func(victim store.Record)
+	changed     func(store.HistoryEntry)
 
 	flushMu sync.Mutex // one last_seen flush at a time
 	mu      sync.RWMutex
@@ -234,9 +235,9 @@ type allocatorOptions struct {
 	// policy divides the pool; nil: one shared pool, no quota, no reclaim.
 	policy *policy
 	// reclaimed hears of every port taken back from an abandoned key.
-	reclaimed func(victim record)
+	reclaimed func(victim store.Record)
 	// changed hears of every change this instance made (history, events).
-	changed func(historyEntry)
+	changed func(store.HistoryEntry)
 }
 
 // maxClaimAttempts bounds how often a claim that lost a race to another
@@ -245,9 +246,9 @@ type allocatorOptions struct {
 const maxClaimAttempts = 16
 
 // newAllocator loads every allocation from store and serves from pool.
-func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*allocator, snapshot, error) {
+func newAllocator(st store.Store, pool *portSet, opts allocatorOptions) (*allocator, store.Snapshot, error) {
 	a := &allocator{
-		store:       store,
+		store:       st,
 		pool:        pool,
 		poolStr:     pool.String(),
 		excluded:    opts.excluded,
@@ -276,10 +277,10 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 		a.storeFailed = func(error) {}
 	}
 	if a.reclaimed == nil {
-		a.reclaimed = func(record) {}
+		a.reclaimed = func(store.Record) {}
 	}
 	if a.changed == nil {
-		a.changed = func(historyEntry) {}
+		a.changed = func(store.HistoryEntry) {}
 	}
 	if a.policy == nil {
 		a.policy = &policy{shared: pool, sharedSpec: a.poolStr}
@@ -289,7 +290,7 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 	// an etcd cluster to answer: more than one store call's deadline.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*a.timeout)
 	defer cancel()
-	got, err := store.load(ctx)
+	got, err := st.Load(ctx)
 	if err != nil {
 		return nil, got, fmt.Errorf("load allocations: %w", err)
 	}
@@ -301,24 +302,24 @@ func newAllocator(store portStore, pool *portSet, opts allocatorOptions) (*alloc
 
 // reset replaces what memory holds with snap: at start, and when a watch
 // fell too far behind. Called with mu held.
-func (a *allocator) reset(snap snapshot) {
+func (a *allocator) reset(snap store.Snapshot) {
 	old := a.byKey
-	a.byKey = make(map[string]*allocation, len(snap.allocations))
-	a.byPort = make(map[int]*allocation, len(snap.allocations))
+	a.byKey = make(map[string]*allocation, len(snap.Allocations))
+	a.byPort = make(map[int]*allocation, len(snap.Allocations))
 	a.held = portSet{}
 	a.perUser = map[string]int{}
 	a.freed, a.freedAt, a.freeQueue = portSet{}, map[int]int64{}, nil
 	a.tombs = map[string]int64{}
-	a.rev, a.watchRev = snap.rev, snap.rev
+	a.rev, a.watchRev = snap.Rev, snap.Rev
 	now := a.now().UnixNano()
-	shareStrings(snap.allocations) // a no-op when the store did it already
-	for i := range snap.allocations {
-		r := &snap.allocations[i]
-		al := &allocation{record: r, rev: snap.rev}
+	shareStrings(snap.Allocations) // a no-op when the store did it already
+	for i := range snap.Allocations {
+		r := &snap.Allocations[i]
+		al := &allocation{Record: r, rev: snap.Rev}
 		// A time from the future (a clock that was ahead) would pin the
 		// key as seen forever: no time from disk is later than now.
 		seen := r.CreatedAt.UnixNano()
-		if t, ok := snap.lastSeen[r.Key]; ok && t.UnixNano() > seen {
+		if t, ok := snap.LastSeen[r.Key]; ok && t.UnixNano() > seen {
 			seen = t.UnixNano()
 		}
 		seen = min(seen, now)
@@ -328,12 +329,12 @@ func (a *allocator) reset(snap snapshot) {
 		al.lastSeen.Store(seen)
 		al.storedSeen = seen
 		a.add(al)
-		if snap.online[r.Key] {
+		if snap.Online[r.Key] {
 			a.online.restore(r.Key)
 		}
 	}
-	freed := make([]int, 0, len(snap.freed))
-	for port, t := range snap.freed {
+	freed := make([]int, 0, len(snap.Freed))
+	for port, t := range snap.Freed {
 		if !a.held.has(port) {
 			freed = append(freed, port)
 			a.freedAt[port] = min(t.UnixNano(), now)
@@ -344,7 +345,7 @@ func (a *allocator) reset(snap snapshot) {
 		a.markFreed(port, a.freedAt[port])
 	}
 	a.heldBack = map[int]string{}
-	for port, why := range snap.heldBack {
+	for port, why := range snap.HeldBack {
 		if !a.held.has(port) {
 			a.heldBack[port] = why
 			a.held.add(port)
@@ -357,11 +358,11 @@ func (a *allocator) follow(ctx context.Context) error {
 	a.mu.RLock()
 	rev := a.rev
 	a.mu.RUnlock()
-	return a.store.watch(ctx, rev, func(c change) {
+	return a.store.Watch(ctx, rev, func(c store.Change) {
 		a.mu.Lock()
 		a.apply(c)
-		if c.rev > a.watchRev {
-			a.watchRev = c.rev
+		if c.Rev > a.watchRev {
+			a.watchRev = c.Rev
 		}
 		a.mu.Unlock()
 	})
@@ -371,32 +372,32 @@ func (a *allocator) follow(ctx context.Context) error {
 // and watched changes both come through here; a change older than what
 // memory already holds for its key or port is an echo and is skipped.
 // Called with mu held.
-func (a *allocator) apply(c change) {
-	if c.rev > a.rev {
-		a.rev = c.rev
+func (a *allocator) apply(c store.Change) {
+	if c.Rev > a.rev {
+		a.rev = c.Rev
 	}
-	switch c.kind {
-	case changePut:
-		r := c.rec
+	switch c.Kind {
+	case store.ChangePut:
+		r := c.Rec
 		cur := a.byKey[r.Key]
-		if c.rev != 0 && ((cur != nil && c.rev <= cur.rev) || c.rev <= a.tombs[r.Key]) {
+		if c.Rev != 0 && ((cur != nil && c.Rev <= cur.rev) || c.Rev <= a.tombs[r.Key]) {
 			return
 		}
 		if h := a.byPort[r.Port]; h != nil && h.Key != r.Key {
-			if c.rev != 0 && c.rev <= h.rev {
+			if c.Rev != 0 && c.Rev <= h.rev {
 				return
 			}
 			// The holder's own delete or move is on its way; it lost the port.
 			a.drop(h, r.AssignedAt.UnixNano())
 		}
-		n := &allocation{record: &r, rev: c.rev}
+		n := &allocation{Record: &r, rev: c.Rev}
 		seen := min(r.AssignedAt.UnixNano(), a.now().UnixNano())
 		if cur != nil {
 			seen = max(seen, cur.lastSeen.Load())
 			n.storedSeen, n.seenWrittenAt = cur.storedSeen, cur.seenWrittenAt
 			freedAt := r.AssignedAt
-			if !c.at.IsZero() {
-				freedAt = c.at
+			if !c.At.IsZero() {
+				freedAt = c.At
 			}
 			a.drop(cur, freedAt.UnixNano())
 		} else {
@@ -405,34 +406,34 @@ func (a *allocator) apply(c change) {
 		n.lastSeen.Store(seen)
 		a.add(n)
 		delete(a.tombs, r.Key)
-	case changeDelete:
-		cur := a.byKey[c.key]
-		if c.rev != 0 {
-			if cur != nil && c.rev <= cur.rev {
+	case store.ChangeDelete:
+		cur := a.byKey[c.Key]
+		if c.Rev != 0 {
+			if cur != nil && c.Rev <= cur.rev {
 				return
 			}
-			a.tombs[c.key] = max(a.tombs[c.key], c.rev)
+			a.tombs[c.Key] = max(a.tombs[c.Key], c.Rev)
 			a.pruneTombs()
 		}
 		if cur != nil {
-			at := c.at
+			at := c.At
 			if at.IsZero() {
 				at = a.now()
 			}
 			a.drop(cur, at.UnixNano())
 		}
-	case changeSeen:
-		if cur := a.byKey[c.key]; cur != nil {
-			seen := min(c.seen.UnixNano(), a.now().UnixNano())
+	case store.ChangeSeen:
+		if cur := a.byKey[c.Key]; cur != nil {
+			seen := min(c.Seen.UnixNano(), a.now().UnixNano())
 			for old := cur.lastSeen.Load(); seen > old && !cur.lastSeen.CompareAndSwap(old, seen); old = cur.lastSeen.Load() {
 			}
 			if seen > cur.storedSeen {
 				cur.storedSeen, cur.seenWrittenAt = seen, a.now().UnixNano()
 			}
 		}
-	case changeReset:
-		if c.reset != nil {
-			a.reset(*c.reset)
+	case store.ChangeReset:
+		if c.Reset != nil {
+			a.reset(*c.Reset)
 		}
 	}
 }
@@ -533,7 +534,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		port, how, err := a.allocateOnce(ctx, key, req, now, attempt)
-		var lost *conflictError
+		var lost *store.ConflictError
 		if !errors.As(err, &lost) {
 			return port, how, err
 		}
@@ -591,48 +592,48 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 		a.mu.Unlock()
 		return 0, "", err
 	}
-	want := record{Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
+	want := store.Record{Key: key, Port: port, User: req.User, ProxyName: req.ProxyName,
 		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now}
-	c := claim{want: want, at: now}
+	c := store.Claim{Want: want, At: now}
 	if cur != nil {
-		c.want.CreatedAt, c.want.Note = cur.CreatedAt, cur.Note
-		c.old = cur.record
+		c.Want.CreatedAt, c.Want.Note = cur.CreatedAt, cur.Note
+		c.Old = cur.Record
 	} else {
-		c.maxKeys = up.maxPorts
+		c.MaxKeys = up.maxPorts
 	}
 	var victimDone func()
 	if victim != nil {
-		c.victim = &victim.rec
+		c.Victim = &victim.rec
 		victimDone = victim.settled
 	}
-	_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+	_, err = a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 		done()
 		a.reserved.remove(port)
 		if victimDone != nil {
 			victimDone()
 		}
 	})
-	var lost *conflictError
-	if errors.As(err, &lost) && lost.quota {
+	var lost *store.ConflictError
+	if errors.As(err, &lost) && lost.Quota {
 		// The quota the claim was made under, not a policy reloaded since.
 		return 0, "", &quotaError{user: req.User, max: up.maxPorts, rule: up.rule}
 	}
 	if err != nil {
 		return 0, "", err
 	}
-	e := historyEntry{Time: now, Key: key, User: req.User, ProxyType: req.ProxyType, Port: port, Change: histNew, By: "frps reqid=" + req.ReqID, Note: c.want.Note}
+	e := store.HistoryEntry{Time: now, Key: key, User: req.User, ProxyType: req.ProxyType, Port: port, Change: store.HistNew, By: "frps reqid=" + req.ReqID, Note: c.Want.Note}
 	switch {
 	case cur != nil:
-		e.Change, e.OldPort = histMoved, cur.Port
+		e.Change, e.OldPort = store.HistMoved, cur.Port
 	case how == outcomeRequested:
-		e.Change = histRequested
+		e.Change = store.HistRequested
 	}
 	if victim != nil {
 		lastSeen := time.Unix(0, victim.lastSeen).UTC()
 		a.log.Warn("port reclaimed", "port", port, "from", victim.rec.Key, "from_user", victim.rec.User,
 			"last_seen", lastSeen, "to", key)
 		a.reclaimed(victim.rec)
-		e.Change, e.Victim = histReclaimed, victim.rec.Key
+		e.Change, e.Victim = store.HistReclaimed, victim.rec.Key
 		e.Reason = fmt.Sprintf("%s (user %q) unseen since %s, longer than -reclaim-after %s", victim.rec.Key, victim.rec.User,
 			lastSeen.Format(time.RFC3339), victim.after)
 	}
@@ -647,18 +648,18 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 // failed write: the key may have moved or gone, so it is decided again.
 // Called with mu held; returns with it released.
 func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
-	c := claim{want: *cur.record, old: cur.record, at: now}
-	c.want.User, c.want.ProxyName, c.want.ProxyType, c.want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
+	c := store.Claim{Want: *cur.Record, Old: cur.Record, At: now}
+	c.Want.User, c.Want.ProxyName, c.Want.ProxyType, c.Want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
-	var lost *conflictError
-	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); errors.As(err, &lost) {
+	var lost *store.ConflictError
+	if _, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, settled); errors.As(err, &lost) {
 		return 0, "", err
 	} else if err != nil {
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
 	} else {
-		a.changed(historyEntry{Time: now, Key: c.want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.want.Port,
-			Change: histFilledIn, By: "frps reqid=" + req.ReqID, Note: c.want.Note})
+		a.changed(store.HistoryEntry{Time: now, Key: c.Want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.Want.Port,
+			Change: store.HistFilledIn, By: "frps reqid=" + req.ReqID, Note: c.Want.Note})
 	}
 	return cur.Port, outcomeHit, nil
 }
@@ -666,7 +667,7 @@ func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyReques
 // reclaimVictim is an abandoned key chosen to give up its port; its key is
 // kept busy (no hit for it is answered) until the claim settles.
 type reclaimVictim struct {
-	rec      record
+	rec      store.Record
 	lastSeen int64
 	settled  func()
 	after    time.Duration // the policy's reclaimAfter that chose it
@@ -744,7 +745,7 @@ func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time
 			a.mu.Unlock()
 			break
 		}
-		victim := &reclaimVictim{rec: *v.record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key), after: a.policy.reclaimAfter}
+		victim := &reclaimVictim{rec: *v.Record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key), after: a.policy.reclaimAfter}
 		a.reserved.add(v.Port)
 		a.mu.Unlock()
 		// A port frps still listens on belongs to a proxy that is online,
@@ -817,15 +818,15 @@ func (a *allocator) abandoned(ports, refused *portSet) *allocation {
 type operatorChange struct {
 	note   *string
 	by     string
-	change historyChange // histAssigned unless an import or adopt
+	change store.HistoryChange // histAssigned unless an import or adopt
 }
 
 // assign pins key to port on an operator's word: a new key or a move. The
 // operator may use any port of the pool, whatever the policy says.
-func (a *allocator) assign(key string, port int, op operatorChange) (record, error) {
+func (a *allocator) assign(key string, port int, op operatorChange) (store.Record, error) {
 	if op.note != nil {
 		if err := checkNote(*op.note); err != nil {
-			return record{}, err
+			return store.Record{}, err
 		}
 	}
 	key = validUTF8(key)
@@ -834,70 +835,70 @@ func (a *allocator) assign(key string, port int, op operatorChange) (record, err
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		rec, err := a.assignOnce(ctx, key, port, now, op)
-		var lost *conflictError
+		var lost *store.ConflictError
 		if !errors.As(err, &lost) {
 			return rec, err
 		}
 		if attempt == maxClaimAttempts {
-			return record{}, &storeError{kind: errStoreFailed, err: err}
+			return store.Record{}, &storeError{kind: errStoreFailed, err: err}
 		}
 	}
 }
 
-func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time, op operatorChange) (record, error) {
+func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time, op operatorChange) (store.Record, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
-		return record{}, err
+		return store.Record{}, err
 	}
 	if cur != nil && cur.Port == port && cur.Pinned && (op.note == nil || *op.note == cur.Note) {
-		r := *cur.record
+		r := *cur.Record
 		a.mu.Unlock()
 		return r, nil
 	}
 	if err := a.checkOperatorPort(key, port); err != nil {
 		a.mu.Unlock()
-		return record{}, err
+		return store.Record{}, err
 	}
-	c := claim{want: record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, at: now}
+	c := store.Claim{Want: store.Record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, At: now}
 	if cur != nil {
-		c.old = cur.record
-		c.want = *cur.record
-		c.want.Port, c.want.AssignedAt = port, now
+		c.Old = cur.Record
+		c.Want = *cur.Record
+		c.Want.Port, c.Want.AssignedAt = port, now
 	} else {
-		c.want.ProxyName, c.want.Group = keyNames(key)
+		c.Want.ProxyName, c.Want.Group = keyNames(key)
 	}
-	c.want.Pinned = true
+	c.Want.Pinned = true
 	if op.note != nil {
-		c.want.Note = *op.note
+		c.Want.Note = *op.note
 	}
 	settled := a.markBusy(key)
 	a.reserved.add(port)
 	a.mu.Unlock()
-	_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+	_, err = a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 		settled()
 		a.reserved.remove(port)
 	})
 	if err != nil {
-		return record{}, err
+		return store.Record{}, err
 	}
-	e := historyEntry{Time: now, Key: key, User: c.want.User, ProxyType: c.want.ProxyType, Port: port, Change: histAssigned, By: op.by, Note: c.want.Note}
+	e := store.HistoryEntry{Time: now, Key: key, User: c.Want.User, ProxyType: c.Want.ProxyType, Port: port, Change: store.HistAssigned, By: op.by, Note: c.Want.Note}
 	if op.change != "" {
 		e.Change = op.change
 	}
 	if cur != nil {
 		e.OldPort = cur.Port
 		if cur.Port == port {
-			e.Change = histNoted
+			e.Change = store.HistNoted
 		}
 	}
 	a.changed(e)
-	return c.want, nil
+	return c.Want, nil
 }
 
 // setNote changes the note of key's allocation, keeping its port.
-func (a *allocator) setNote(key, note, by string) (record, error) {
+func (a *allocator) setNote(key, note, by string) (store.Record, error) {
 	if err := checkNote(note); err != nil {
-		return record{}, err
+		return store.Record{}, err
 	}
 	key = validUTF8(key)
 	now := a.now()
@@ -905,48 +906,48 @@ func (a *allocator) setNote(key, note, by string) (record, error) {
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		rec, err := a.setNoteOnce(ctx, key, note, by, now)
-		var lost *conflictError
+		var lost *store.ConflictError
 		if !errors.As(err, &lost) {
 			return rec, err
 		}
 		if attempt == maxClaimAttempts {
-			return record{}, &storeError{kind: errStoreFailed, err: err}
+			return store.Record{}, &storeError{kind: errStoreFailed, err: err}
 		}
 	}
 }
 
 // setNoteOnce sets the note on the key's record as memory holds it; a
 // *conflictError means another instance changed it first.
-func (a *allocator) setNoteOnce(ctx context.Context, key, note, by string, now time.Time) (record, error) {
+func (a *allocator) setNoteOnce(ctx context.Context, key, note, by string, now time.Time) (store.Record, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
-		return record{}, err
+		return store.Record{}, err
 	}
 	if cur == nil {
 		a.mu.Unlock()
-		return record{}, errNoAllocation
+		return store.Record{}, errNoAllocation
 	}
-	c := claim{want: *cur.record, old: cur.record, at: now}
-	c.want.Note = note
+	c := store.Claim{Want: *cur.Record, Old: cur.Record, At: now}
+	c.Want.Note = note
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
-	if _, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, settled); err != nil {
-		return record{}, err
+	if _, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, settled); err != nil {
+		return store.Record{}, err
 	}
-	a.changed(historyEntry{Time: now, Key: c.want.Key, User: c.want.User, ProxyType: c.want.ProxyType, Port: c.want.Port,
-		Change: histNoted, By: by, Note: note})
-	return c.want, nil
+	a.changed(store.HistoryEntry{Time: now, Key: c.Want.Key, User: c.Want.User, ProxyType: c.Want.ProxyType, Port: c.Want.Port,
+		Change: store.HistNoted, By: by, Note: note})
+	return c.Want, nil
 }
 
 // current returns key's record.
-func (a *allocator) current(key string) (record, bool) {
+func (a *allocator) current(key string) (store.Record, bool) {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	al := a.byKey[validUTF8(key)]
 	if al == nil {
-		return record{}, false
+		return store.Record{}, false
 	}
-	return *al.record, true
+	return *al.Record, true
 }
 
 // heldBackDetail is what a device asking for a held-back port is told.
@@ -969,21 +970,21 @@ func (a *allocator) releaseHeldBack(port int, by string) error {
 	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	err := a.store.releaseDamaged(ctx, port)
+	err := a.store.ReleaseDamaged(ctx, port)
 	now := a.now()
 	a.mu.Lock()
 	a.reserved.remove(port)
-	if err == nil || errors.Is(err, errNotHeldBack) {
+	if err == nil || errors.Is(err, store.ErrNotHeldBack) {
 		delete(a.heldBack, port)
 		a.held.remove(port)
 		a.markFreed(port, now.UnixNano())
 	}
 	a.mu.Unlock()
-	if err != nil && !errors.Is(err, errNotHeldBack) {
+	if err != nil && !errors.Is(err, store.ErrNotHeldBack) {
 		a.storeFailed(err)
 		return &storeError{kind: errStoreFailed, err: err}
 	}
-	a.changed(historyEntry{Time: now, OldPort: port, Change: histReleased, By: by, Note: "held back: " + why})
+	a.changed(store.HistoryEntry{Time: now, OldPort: port, Change: store.HistReleased, By: by, Note: "held back: " + why})
 	return nil
 }
 
@@ -1004,13 +1005,13 @@ func (a *allocator) release(key, by string) error {
 		}
 		settled := a.markBusy(key)
 		a.mu.Unlock()
-		r := *cur.record
-		_, err = a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.release(ctx, r, now) }, settled)
+		r := *cur.Record
+		_, err = a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Release(ctx, r, now) }, settled)
 		if err == nil {
-			a.changed(historyEntry{Time: now, Key: r.Key, User: r.User, ProxyType: r.ProxyType, OldPort: r.Port,
-				Change: histReleased, By: by, Note: r.Note})
+			a.changed(store.HistoryEntry{Time: now, Key: r.Key, User: r.User, ProxyType: r.ProxyType, OldPort: r.Port,
+				Change: store.HistReleased, By: by, Note: r.Note})
 		}
-		var lost *conflictError
+		var lost *store.ConflictError
 		if !errors.As(err, &lost) {
 			return err
 		}
@@ -1027,9 +1028,9 @@ func (a *allocator) release(key, by string) error {
 // port that was meanwhile given to someone else. The caller hears a
 // timeout in that case; a conflict comes back as *conflictError, with
 // memory already brought up to date.
-func (a *allocator) write(ctx context.Context, call func(context.Context) ([]change, error), settle func()) ([]change, error) {
+func (a *allocator) write(ctx context.Context, call func(context.Context) ([]store.Change, error), settle func()) ([]store.Change, error) {
 	type result struct {
-		changes []change
+		changes []store.Change
 		err     error
 	}
 	done := make(chan result, 1)
@@ -1040,14 +1041,14 @@ func (a *allocator) write(ctx context.Context, call func(context.Context) ([]cha
 	finish := func(r result) {
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		var lost *conflictError
+		var lost *store.ConflictError
 		switch {
 		case r.err == nil:
 			for _, c := range r.changes {
 				a.apply(c)
 			}
 		case errors.As(r.err, &lost):
-			for _, c := range lost.current {
+			for _, c := range lost.Current {
 				a.apply(c)
 			}
 		}
@@ -1056,11 +1057,11 @@ func (a *allocator) write(ctx context.Context, call func(context.Context) ([]cha
 	select {
 	case r := <-done:
 		finish(r)
-		var lost *conflictError
+		var lost *store.ConflictError
 		switch {
 		case r.err == nil, errors.As(r.err, &lost):
 			return r.changes, r.err
-		case errors.Is(r.err, errOutcomeUnknown), errors.Is(r.err, context.DeadlineExceeded):
+		case errors.Is(r.err, store.ErrOutcomeUnknown), errors.Is(r.err, context.DeadlineExceeded):
 			err := &storeError{kind: errStoreTimedOut, err: r.err}
 			a.storeFailed(err)
 			return nil, err
@@ -1122,7 +1123,7 @@ func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 	defer a.flushMu.Unlock()
 	now := a.now().UnixNano()
 	a.mu.RLock()
-	var marks []seenMark
+	var marks []store.SeenMark
 	var due []*allocation
 	for key, al := range a.byKey {
 		online := a.online.has(key)
@@ -1131,7 +1132,7 @@ func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 		}
 		if a.busy[key] == nil && al.lastSeen.Load() > al.storedSeen && now-al.seenWrittenAt >= int64(minGap) {
 			due = append(due, al)
-			marks = append(marks, seenMark{key: key, seen: time.Unix(0, al.lastSeen.Load()).UTC(), online: online})
+			marks = append(marks, store.SeenMark{Key: key, Seen: time.Unix(0, al.lastSeen.Load()).UTC(), Online: online})
 		}
 	}
 	a.mu.RUnlock()
@@ -1141,7 +1142,7 @@ func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 	for i := 0; i < len(marks); i += batch {
 		j := min(i+batch, len(marks))
 		ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
-		err := a.store.touch(ctx, marks[i:j])
+		err := a.store.Touch(ctx, marks[i:j])
 		cancel()
 		if err != nil {
 			if firstErr == nil {
@@ -1151,7 +1152,7 @@ func (a *allocator) flushSeen(minGap time.Duration) (int, error) {
 		}
 		a.mu.Lock()
 		for k := i; k < j; k++ {
-			due[k].storedSeen, due[k].seenWrittenAt = marks[k].seen.UnixNano(), now
+			due[k].storedSeen, due[k].seenWrittenAt = marks[k].Seen.UnixNano(), now
 		}
 		a.mu.Unlock()
 		written += j - i
@@ -1313,15 +1314,15 @@ func (e *quotaError) Error() string {
 func (e *quotaError) Unwrap() error { return errQuota }
 
 // lookup returns key's allocation.
-func (a *allocator) lookup(key string) (record, time.Time, bool) {
+func (a *allocator) lookup(key string) (store.Record, time.Time, bool) {
 	key = validUTF8(key)
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	al := a.byKey[key]
 	if al == nil {
-		return record{}, time.Time{}, false
+		return store.Record{}, time.Time{}, false
 	}
-	return *al.record, time.Unix(0, al.lastSeen.Load()), true
+	return *al.Record, time.Unix(0, al.lastSeen.Load()), true
 }
 
 // poolStats counts the pool: size, allocated ports inside it, and free.
@@ -1363,7 +1364,7 @@ func (a *allocator) snapshot() []allocationView {
 
 // allocationView is an allocation as operators see it.
 type allocationView struct {
-	record
+	store.Record
 	LastSeen time.Time `json:"last_seen"`
 	// HeldBack, set on a row of no key, says why the port is held back
 	// (a damaged record of an unknown key).
@@ -1379,7 +1380,7 @@ type allocationView struct {
 // view describes al. Called with mu held.
 func (a *allocator) view(al *allocation) allocationView {
 	inPool := a.pool.has(al.Port)
-	return allocationView{record: *al.record, LastSeen: time.Unix(0, al.lastSeen.Load()),
+	return allocationView{Record: *al.Record, LastSeen: time.Unix(0, al.lastSeen.Load()),
 		OutsidePool: !inPool, OutsidePolicy: inPool && !a.policy.forUser(al.User).ports.has(al.Port)}
 }
 
@@ -1428,11 +1429,11 @@ func bindProbe(addr string) func(port int) error {
 // fails midway the ones made are undone. Ports outside the pool follow the
 // operators' rule (checkOperatorPort). It returns how many were new or
 // moved; the rest were there already.
-func (a *allocator) importAll(recs []record, how historyChange, by string) (int, error) {
+func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by string) (int, error) {
 	now := a.now()
 	a.mu.RLock()
 	seen, ports := map[string]bool{}, map[int]string{}
-	var todo []record
+	var todo []store.Record
 	var err error
 	for _, r := range recs {
 		r.Key = validUTF8(r.Key)
@@ -1469,17 +1470,17 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 	if err != nil {
 		return 0, err
 	}
-	var done []claim
+	var done []store.Claim
 	undo := func() {
 		for i := len(done) - 1; i >= 0; i-- {
 			c := done[i]
 			ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
-			var changes []change
+			var changes []store.Change
 			var uerr error
-			if c.old == nil {
-				changes, uerr = a.store.release(ctx, c.want, now)
+			if c.Old == nil {
+				changes, uerr = a.store.Release(ctx, c.Want, now)
 			} else {
-				changes, uerr = a.store.claim(ctx, claim{want: *c.old, old: &c.want, at: now})
+				changes, uerr = a.store.Claim(ctx, store.Claim{Want: *c.Old, Old: &c.Want, At: now})
 			}
 			cancel()
 			a.mu.Lock()
@@ -1488,7 +1489,7 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 			}
 			a.mu.Unlock()
 			if uerr != nil {
-				a.log.Error("import: could not undo a write after a failure; check this key", "key", c.want.Key, "err", uerr)
+				a.log.Error("import: could not undo a write after a failure; check this key", "key", c.Want.Key, "err", uerr)
 			}
 		}
 	}
@@ -1506,16 +1507,16 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 			undo()
 			return 0, fmt.Errorf("%q: %w", r.Key, err)
 		}
-		c := claim{want: r, at: now}
+		c := store.Claim{Want: r, At: now}
 		if cur != nil {
-			c.old = cur.record
-			c.want.CreatedAt = cur.CreatedAt
+			c.Old = cur.Record
+			c.Want.CreatedAt = cur.CreatedAt
 		}
 		settled := a.markBusy(r.Key)
 		a.reserved.add(r.Port)
 		a.mu.Unlock()
 		port := r.Port
-		_, err := a.write(ctx, func(ctx context.Context) ([]change, error) { return a.store.claim(ctx, c) }, func() {
+		_, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 			settled()
 			a.reserved.remove(port)
 		})
@@ -1527,10 +1528,10 @@ func (a *allocator) importAll(recs []record, how historyChange, by string) (int,
 		done = append(done, c)
 	}
 	for _, c := range done {
-		e := historyEntry{Time: now, Key: c.want.Key, User: c.want.User, ProxyType: c.want.ProxyType, Port: c.want.Port,
-			Change: how, By: by, Note: c.want.Note}
-		if c.old != nil {
-			e.OldPort = c.old.Port
+		e := store.HistoryEntry{Time: now, Key: c.Want.Key, User: c.Want.User, ProxyType: c.Want.ProxyType, Port: c.Want.Port,
+			Change: how, By: by, Note: c.Want.Note}
+		if c.Old != nil {
+			e.OldPort = c.Old.Port
 		}
 		a.changed(e)
 	}

@@ -1,5 +1,7 @@
 package main
 
+import "frp-port-keeper/internal/store"
+
 // listChunk is how many held ports listPage looks at per hold of the read
 // lock. A sticky hit never waits on a listing (both are readers); a fresh
 // allocation or a release waits at most for one chunk, a few tens of
@@ -46,7 +48,7 @@ func (a *allocator) listPage(after, limit int, keep func(allocationView) bool) (
 			if al := a.byPort[p]; al != nil {
 				v = a.view(al)
 			} else if why := a.heldBack[p]; why != "" {
-				v = allocationView{record: record{Port: p}, HeldBack: why, OutsidePool: !a.pool.has(p)}
+				v = allocationView{Record: store.Record{Port: p}, HeldBack: why, OutsidePool: !a.pool.has(p)}
 			} else {
 				continue
 			}

@@ -38,18 +38,18 @@ func benchFleet(b *testing.B, n int) []*allocator {
 	var out []*allocator
 	for range n {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		store, err := openEtcdStore(ctx, benchEtcd.srv.options(b, prefix))
+		st, err := openEtcdStore(ctx, benchEtcd.srv.options(b, prefix))
 		cancel()
 		if err != nil {
 			b.Fatal(err)
 		}
-		a, _, err := newAllocator(store, set, allocatorOptions{log: benchLogger()})
+		a, _, err := newAllocator(st, set, allocatorOptions{log: benchLogger()})
 		if err != nil {
 			b.Fatal(err)
 		}
 		fctx, stop := context.WithCancel(context.Background())
 		go a.follow(fctx)
-		b.Cleanup(func() { stop(); store.close() })
+		b.Cleanup(func() { stop(); st.Close() })
 		out = append(out, a)
 	}
 	return out
@@ -197,7 +197,7 @@ func BenchmarkFleetVisibility(b *testing.B) {
 // it should cost the same.
 func BenchmarkHandlerStickyHitHistoryOn(b *testing.B) {
 	dir := b.TempDir()
-	store := newTestStore(b, dir)
+	st := newTestStore(b, dir)
 	dead := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { time.Sleep(time.Hour) }))
 	b.Cleanup(dead.CloseClientConnections)
 	m := newMetrics(func() poolStats { return poolStats{} })
@@ -206,14 +206,14 @@ func BenchmarkHandlerStickyHitHistoryOn(b *testing.B) {
 	b.Cleanup(cancel)
 	go n.run(ctx)
 	events := newEventHub([]*notifier{n})
-	rec := newHistoryRecorder(store.history(), benchLogger(), nil, events.publish)
+	rec := newHistoryRecorder(st.History(), benchLogger(), nil, events.publish)
 	b.Cleanup(rec.stop)
 	set, _ := parsePorts(benchPool)
-	a, _, err := newAllocator(store, set, allocatorOptions{log: benchLogger(), changed: rec.record})
+	a, _, err := newAllocator(st, set, allocatorOptions{log: benchLogger(), changed: rec.record})
 	if err != nil {
 		b.Fatal(err)
 	}
-	h := newServer(a, benchLogger(), serverOptions{metrics: m, history: store.history(), events: events})
+	h := newServer(a, benchLogger(), serverOptions{metrics: m, history: st.History(), events: events})
 	r := newBenchRequest([]byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
 	r.mustServe(b, h) // the first request allocates: one change, one entry
 	b.ReportAllocs()

@@ -15,6 +15,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net/http"
@@ -140,7 +141,7 @@ func benchSeed(b *testing.B, dir string, from, to int) {
 			defer wg.Done()
 			for i := from + w; i < to; i += writers {
 				key := benchSeedKey(i)
-				r := record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp",
+				r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp",
 					CreatedAt: created, AssignedAt: created}
 				// A committed allocation as the file store writes it.
 				if err := kv.Set(portName(r.Port), r); err != nil {
@@ -245,7 +246,7 @@ func BenchmarkAllocator(b *testing.B) {
 				b.Fatalf("after releasing: %d allocations; want %d", got, n)
 			}
 		})
-		a.store.close()
+		a.store.Close()
 	}
 }
 
@@ -263,14 +264,14 @@ func benchLoad(b *testing.B, dir string, n int) {
 	var keep *allocator
 	b.ReportAllocs()
 	for b.Loop() {
-		store := newTestStore(b, dir)
-		a, got, err := newAllocator(store, pool, opts)
+		st := newTestStore(b, dir)
+		a, got, err := newAllocator(st, pool, opts)
 		if err != nil {
 			b.Fatal(err)
 		}
-		store.root.Close() // no close(): that would write a checkpoint
-		if len(got.allocations) != n || len(got.problems) != 0 {
-			b.Fatalf("loaded %d allocations, problems %q; want %d and none", len(got.allocations), got.problems, n)
+		st.root.Close() // no close(): that would write a checkpoint
+		if len(got.Allocations) != n || len(got.Problems) != 0 {
+			b.Fatalf("loaded %d allocations, problems %q; want %d and none", len(got.Allocations), got.Problems, n)
 		}
 		keep = a
 	}
@@ -390,21 +391,21 @@ func BenchmarkFreshClaims(b *testing.B) {
 						if from != "" {
 							benchCopyStore(b, from, dir)
 						}
-						var store portStore
+						var st store.Store
 						if format == "bbolt" {
-							store, err = openBoltStore(filepath.Join(dir, benchBoltFile), benchLogger())
+							st, err = openBoltStore(filepath.Join(dir, benchBoltFile), benchLogger())
 						} else {
 							var fs *fileStore
 							fs, err = openFileStore(dir, benchLogger())
 							if err == nil && kind == "file-nosync" {
 								fs.ops = rootOps{root: fs.root, noSync: true}
 							}
-							store = fs
+							st = fs
 						}
 						if err != nil {
 							b.Fatal(err)
 						}
-						a, _, err := newAllocator(store, pool, allocatorOptions{log: benchLogger()})
+						a, _, err := newAllocator(st, pool, allocatorOptions{log: benchLogger()})
 						if err != nil {
 							b.Fatal(err)
 						}
@@ -464,7 +465,7 @@ func benchClaims(b *testing.B, open func() *allocator, room, clients int) {
 	stop := func() {
 		close(keys)
 		workers.Wait()
-		a.store.close()
+		a.store.Close()
 	}
 	start()
 	left := room
@@ -488,7 +489,7 @@ func benchClaims(b *testing.B, open func() *allocator, room, clients int) {
 	close(keys)
 	workers.Wait()
 	timed += time.Since(t0)
-	a.store.close()
+	a.store.Close()
 	if b.Failed() {
 		return
 	}
@@ -559,7 +560,7 @@ func benchSeedBolt(b *testing.B, path string, n int) {
 	err = s.update(func(bk *bolt.Bucket) error {
 		for i := range n {
 			key := benchSeedKey(i)
-			r := record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
+			r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
 			if err := putJSON(bk, portName(r.Port), r); err != nil {
 				return err
 			}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net"
@@ -680,7 +681,7 @@ func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	asJSON := fs.Bool("json", false, "print each change as a JSON line")
 	return withClient(fs, e, func(c adminClient, _ []string) error {
 		var outErr error // stdout failed: nobody reads what watch prints
-		show := func(en historyEntry, raw []byte) error {
+		show := func(en store.HistoryEntry, raw []byte) error {
 			if *asJSON {
 				_, outErr = fmt.Fprintf(e.stdout, "%s\n", raw)
 			} else {
@@ -730,7 +731,7 @@ func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 
 // followEvents reads c's /api/events until the stream ends, calling open
 // once it is open and fn for each change. opened says whether it was.
-func followEvents(ctx context.Context, c adminClient, open func(), fn func(historyEntry, []byte) error) (opened bool, err error) {
+func followEvents(ctx context.Context, c adminClient, open func(), fn func(store.HistoryEntry, []byte) error) (opened bool, err error) {
 	req, err := http.NewRequestWithContext(ctx, "GET", c.base+"/api/events", nil)
 	if err != nil {
 		return false, err
@@ -759,7 +760,7 @@ func followEvents(ctx context.Context, c adminClient, open func(), fn func(histo
 
 // readEvents reads a server-sent event stream, calling fn for each
 // change, until the stream ends.
-func readEvents(r io.Reader, fn func(historyEntry, []byte) error) error {
+func readEvents(r io.Reader, fn func(store.HistoryEntry, []byte) error) error {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -767,7 +768,7 @@ func readEvents(r io.Reader, fn func(historyEntry, []byte) error) error {
 		if !ok {
 			continue
 		}
-		var en historyEntry
+		var en store.HistoryEntry
 		if err := json.Unmarshal(data, &en); err != nil {
 			continue
 		}
@@ -920,7 +921,7 @@ type exportFile struct {
 }
 
 type exportRecord struct {
-	record
+	store.Record
 	LastSeen time.Time `json:"last_seen,omitzero"`
 	Online   bool      `json:"online,omitempty"`
 }
@@ -1014,22 +1015,22 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 	if cmd == "import" {
 		return importOffline(cfg, args, stderr)
 	}
-	store, unlock, err := openStore(cfg, nil)
+	st, unlock, err := openStore(cfg, nil)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	defer store.close()
-	got, err := store.load(context.Background())
+	defer st.Close()
+	got, err := st.Load(context.Background())
 	if err != nil {
 		return err
 	}
-	for _, p := range got.problems {
+	for _, p := range got.Problems {
 		fmt.Fprintf(stderr, "store repaired: %s\n", p)
 	}
 	out := exportFile{Allocations: []exportRecord{}}
-	for _, r := range got.allocations {
-		out.Allocations = append(out.Allocations, exportRecord{record: r, LastSeen: got.lastSeen[r.Key]})
+	for _, r := range got.Allocations {
+		out.Allocations = append(out.Allocations, exportRecord{Record: r, LastSeen: got.LastSeen[r.Key]})
 	}
 	return printJSON(stdout, out)
 }
@@ -1050,37 +1051,37 @@ func importOffline(cfg config, args []string, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	store, unlock, err := openStore(cfg, log)
+	st, unlock, err := openStore(cfg, log)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	defer store.close()
-	recorder := newHistoryRecorder(historyOf(store), log, nil, nil)
+	defer st.Close()
+	recorder := newHistoryRecorder(st.History(), log, nil, nil)
 	defer recorder.stop() // before the store closes
-	alloc, got, err := newAllocator(store, plan.pool, allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout,
+	alloc, got, err := newAllocator(st, plan.pool, allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout,
 		log: log, changed: recorder.record})
 	if err != nil {
 		return err
 	}
-	for _, p := range got.problems {
+	for _, p := range got.Problems {
 		fmt.Fprintf(stderr, "store repaired: %s\n", p)
 	}
-	recs := make([]record, 0, len(file.Allocations))
-	var seen []seenMark // last_seen of the allocations this import writes
+	recs := make([]store.Record, 0, len(file.Allocations))
+	var seen []store.SeenMark // last_seen of the allocations this import writes
 	for _, r := range file.Allocations {
-		recs = append(recs, r.record)
+		recs = append(recs, r.Record)
 		if cur, ok := alloc.current(r.Key); !r.LastSeen.IsZero() && (!ok || cur.Port != r.Port) {
-			seen = append(seen, seenMark{key: validUTF8(r.Key), seen: r.LastSeen})
+			seen = append(seen, store.SeenMark{Key: validUTF8(r.Key), Seen: r.LastSeen})
 		}
 	}
-	n, err := alloc.importAll(recs, histImported, "import -data-dir")
+	n, err := alloc.importAll(recs, store.HistImported, "import -data-dir")
 	if err != nil {
 		return fmt.Errorf("import: %v (nothing imported)", err)
 	}
 	for i := 0; i < len(seen); i += 256 {
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.storeTimeout)
-		err := store.touch(ctx, seen[i:min(i+256, len(seen))])
+		err := st.Touch(ctx, seen[i:min(i+256, len(seen))])
 		cancel()
 		if err != nil {
 			fmt.Fprintf(stderr, "the imported last_seen times were not all written (they only order reclaims): %v\n", err)

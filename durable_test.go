@@ -129,8 +129,8 @@ func inOrder(t *testing.T, what string, ops []string, steps ...string) {
 // synced (a release: the key record deleted, then the directory synced).
 func TestDurableCommitOrder(t *testing.T) {
 	dir := t.TempDir()
-	store, rec := newRecordingStore(t, dir)
-	a := newAllocatorOn(t, store, "30000-30001", allocatorOptions{})
+	st, rec := newRecordingStore(t, dir)
+	a := newAllocatorOn(t, st, "30000-30001", allocatorOptions{})
 	key := fileOf(keyName("u.a"))
 
 	if p, _ := mustAllocate(t, a, req("u", "u.a", "tcp")); p != 30000 {
@@ -161,8 +161,8 @@ func TestReclaimSyncsPortRecord(t *testing.T) {
 	dir := t.TempDir()
 	now, advance := fakeClock(testStart)
 	pol := mustPolicy(t, "", "30000-30000", 0, time.Hour)
-	store, rec := newRecordingStore(t, dir)
-	a := newAllocatorOn(t, store, "30000-30000", allocatorOptions{policy: pol, now: now})
+	st, rec := newRecordingStore(t, dir)
+	a := newAllocatorOn(t, st, "30000-30000", allocatorOptions{policy: pol, now: now})
 	mustAllocate(t, a, req("u", "u.old", "tcp"))
 	advance(2 * pol.reclaimAfter)
 	rec.take()
@@ -178,8 +178,8 @@ func TestReclaimSyncsPortRecord(t *testing.T) {
 // committed together in the next one, sharing one directory fsync.
 func TestGroupCommit(t *testing.T) {
 	dir := t.TempDir()
-	store, rec := newRecordingStore(t, dir)
-	a := newAllocatorOn(t, store, "30000-30099", allocatorOptions{})
+	st, rec := newRecordingStore(t, dir)
+	a := newAllocatorOn(t, st, "30000-30099", allocatorOptions{})
 	rec.take()
 	rec.mu.Lock()
 	rec.hold = make(chan struct{})
@@ -201,9 +201,9 @@ func TestGroupCommit(t *testing.T) {
 	// One writer leads a batch and waits on the held fsync; the others
 	// queue behind it.
 	waitFor(t, "15 writes to queue behind the first batch", 10*time.Second, func() bool {
-		store.queueMu.Lock()
-		defer store.queueMu.Unlock()
-		return len(store.queue) == writers-1
+		st.queueMu.Lock()
+		defer st.queueMu.Unlock()
+		return len(st.queue) == writers-1
 	})
 	close(rec.hold)
 	wg.Wait()
@@ -221,7 +221,7 @@ func TestGroupCommit(t *testing.T) {
 	if n := rec.count("sync "); n != 2*writers {
 		t.Fatalf("%d records synced; want %d (a key and a port record each)", n, 2*writers)
 	}
-	crashStore(store)
+	crashStore(st)
 	b := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if len(b.snapshot()) != writers {
 		t.Fatalf("after a crash %d allocations; want %d", len(b.snapshot()), writers)
@@ -234,8 +234,8 @@ func TestFailedSyncKeepsOldState(t *testing.T) {
 	for _, op := range []string{"sync", "syncdir"} {
 		t.Run(op, func(t *testing.T) {
 			dir := t.TempDir()
-			store, faults := newFaultyStore(t, dir)
-			a := newAllocatorOn(t, store, "30000-30010", allocatorOptions{})
+			st, faults := newFaultyStore(t, dir)
+			a := newAllocatorOn(t, st, "30000-30010", allocatorOptions{})
 			mustAllocate(t, a, req("u", "u.a", "tcp"))
 			faults.failWhen(syscall.EIO, func(o, _ string) bool { return o == op })
 			if _, err := a.assign("u.a", 30005, operatorChange{}); err == nil {
@@ -253,7 +253,7 @@ func TestFailedSyncKeepsOldState(t *testing.T) {
 			if r, _, ok := a.lookup("u.a"); !ok || r.Port != 30000 {
 				t.Fatalf("u.a in memory = %+v (%v); want 30000", r, ok)
 			}
-			crashStore(store)
+			crashStore(st)
 			b := newTestAllocator(t, dir, "30000-30010", allocatorOptions{})
 			got := b.snapshot()
 			if len(got) != 1 || got[0].Key != "u.a" || got[0].Port != 30000 {
@@ -272,14 +272,14 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if err := os.WriteFile(storeFile(dir, portName(30001)), nil, 0o600); err != nil { // a new key's record, torn by a power cut
 		t.Fatal(err)
 	}
-	store := newTestStore(t, dir)
+	st := newTestStore(t, dir)
 	set, _ := parsePorts("30000-30003")
-	a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
+	a, got, err := newAllocator(st, set, allocatorOptions{log: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.damaged != 1 || got.heldBack[30001] == "" {
-		t.Fatalf("load: damaged %d, held back %v; want 1 and port 30001", got.damaged, got.heldBack)
+	if got.Damaged != 1 || got.HeldBack[30001] == "" {
+		t.Fatalf("load: damaged %d, held back %v; want 1 and port 30001", got.Damaged, got.HeldBack)
 	}
 	if p, _ := mustAllocate(t, a, req("v", "v.b", "tcp")); p != 30002 {
 		t.Fatalf("a new key got %d; want 30002, past the held-back 30001", p)
@@ -308,7 +308,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	}
 
 	// A clean stop and start (the checkpoint) keeps it held back.
-	store.close()
+	st.Close()
 	a = newTestAllocator(t, dir, "30000-30003", allocatorOptions{})
 	if p, _ := mustAllocate(t, a, req("x", "x.d", "tcp")); p != 30003 {
 		t.Fatalf("after a restart a new key got %d; want 30003", p)

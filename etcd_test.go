@@ -462,7 +462,7 @@ func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcdStore {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.close() })
+	t.Cleanup(func() { s.Close() })
 	return s
 }
 

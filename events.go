@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"log/slog"
 	"net/http"
 	"sync"
@@ -21,7 +22,7 @@ import (
 // missed from /api/history), a notifier queues.
 type eventHub struct {
 	mu        sync.Mutex
-	subs      map[chan historyEntry]struct{}
+	subs      map[chan store.HistoryEntry]struct{}
 	closed    bool // the server is stopping: streams end, none start
 	notifiers []*notifier
 }
@@ -30,10 +31,10 @@ type eventHub struct {
 const maxEventSubscribers = 64
 
 func newEventHub(notifiers []*notifier) *eventHub {
-	return &eventHub{subs: map[chan historyEntry]struct{}{}, notifiers: notifiers}
+	return &eventHub{subs: map[chan store.HistoryEntry]struct{}{}, notifiers: notifiers}
 }
 
-func (h *eventHub) publish(e historyEntry) {
+func (h *eventHub) publish(e store.HistoryEntry) {
 	h.mu.Lock()
 	for ch := range h.subs {
 		select {
@@ -58,7 +59,7 @@ var (
 // subscribe returns a stream of entries, closed when the subscriber falls
 // behind or the server stops; it refuses when there are too many
 // subscribers or the server is stopping.
-func (h *eventHub) subscribe() (ch chan historyEntry, cancel func(), err error) {
+func (h *eventHub) subscribe() (ch chan store.HistoryEntry, cancel func(), err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	switch {
@@ -67,7 +68,7 @@ func (h *eventHub) subscribe() (ch chan historyEntry, cancel func(), err error) 
 	case len(h.subs) >= maxEventSubscribers:
 		return nil, nil, errTooManyStreams
 	}
-	ch = make(chan historyEntry, 256)
+	ch = make(chan store.HistoryEntry, 256)
 	h.subs[ch] = struct{}{}
 	return ch, func() {
 		h.mu.Lock()
@@ -107,7 +108,7 @@ type notifier struct {
 	stats   *notifyStats
 
 	mu    sync.Mutex
-	queue []historyEntry
+	queue []store.HistoryEntry
 	wake  chan struct{}
 }
 
@@ -131,7 +132,7 @@ func newNotifier(url string, secret string, log *slog.Logger, stats *notifyStats
 		}}
 }
 
-func (n *notifier) enqueue(e historyEntry) {
+func (n *notifier) enqueue(e store.HistoryEntry) {
 	n.mu.Lock()
 	if len(n.queue) >= n.max {
 		n.queue = n.queue[1:]
@@ -155,7 +156,7 @@ func (n *notifier) length() int {
 func (n *notifier) run(ctx context.Context) {
 	for {
 		n.mu.Lock()
-		var head historyEntry
+		var head store.HistoryEntry
 		have := len(n.queue) > 0
 		if have {
 			head = n.queue[0]
@@ -202,7 +203,7 @@ func (n *notifier) stillHead(id string) bool {
 	return len(n.queue) > 0 && n.queue[0].ID == id
 }
 
-func (n *notifier) deliver(ctx context.Context, e historyEntry) error {
+func (n *notifier) deliver(ctx context.Context, e store.HistoryEntry) error {
 	body, err := json.Marshal(e)
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"net"
 	"os"
 	"os/exec"
@@ -42,8 +43,8 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 		for _, tt := range tests {
 			t.Run(via+"/"+tt.name, func(t *testing.T) {
 				dir := t.TempDir()
-				store, faults := newFaultyStore(t, dir)
-				a := newAllocatorOn(t, store, "61000-61010", allocatorOptions{})
+				st, faults := newFaultyStore(t, dir)
+				a := newAllocatorOn(t, st, "61000-61010", allocatorOptions{})
 				if p, _ := mustAllocate(t, a, req("u", "u.m-0", "tcp")); p != 61000 {
 					t.Fatalf("u.m-0 = %d; want 61000", p)
 				}
@@ -65,7 +66,7 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 				if p != tt.wantPort || how != outcomeHit {
 					t.Fatalf("after the failed move u.m-0 = %d %s; want a hit on %d", p, how, tt.wantPort)
 				}
-				crashStore(store)
+				crashStore(st)
 
 				b := newTestAllocator(t, dir, "61000-61010", allocatorOptions{})
 				if r, _, ok := b.lookup("u.m-0"); !ok || r.Port != tt.wantPort {
@@ -88,9 +89,9 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 // owner of its port, and it does not count against the user's quota.
 func TestUnfinishedAllocationDropped(t *testing.T) {
 	dir := t.TempDir()
-	store, faults := newFaultyStore(t, dir)
+	st, faults := newFaultyStore(t, dir)
 	pol := mustPolicy(t, "", "30000-30001", 1, 0)
-	a := newAllocatorOn(t, store, "30000-30001", allocatorOptions{policy: pol})
+	a := newAllocatorOn(t, st, "30000-30001", allocatorOptions{policy: pol})
 	faults.failWhen(syscall.ENOSPC, func(op, name string) bool { return op == "rename" })
 	_, _, err := a.allocate(req("u", "u.ghost", "tcp"))
 	if err == nil || !strings.Contains(rejectReason(err), "disk is full") {
@@ -100,9 +101,9 @@ func TestUnfinishedAllocationDropped(t *testing.T) {
 		t.Fatalf("the unfinished allocation's port record was left behind (%v)", err)
 	}
 	faults.set(nil, nil)
-	crashStore(store)
+	crashStore(st)
 	// Leave the port record behind as a crash at that moment would.
-	newFileKV(t, dir).Set(portName(30000), record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
+	newFileKV(t, dir).Set(portName(30000), store.Record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
 
 	b := newAllocatorOn(t, newTestStore(t, dir), "30000-30001", allocatorOptions{policy: pol})
 	if _, _, ok := b.lookup("u.ghost"); ok {
@@ -263,7 +264,7 @@ func TestFutureTimesClamped(t *testing.T) {
 	clock := time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC)
 	now, advance := fakeClock(clock)
 	future := clock.AddDate(1, 0, 0)
-	r := record{Key: "u.old", Port: 30000, User: "u", ProxyName: "u.old", ProxyType: "tcp", CreatedAt: future, AssignedAt: future}
+	r := store.Record{Key: "u.old", Port: 30000, User: "u", ProxyName: "u.old", ProxyType: "tcp", CreatedAt: future, AssignedAt: future}
 	kv := newFileKV(t, dir)
 	kv.Set(portName(30000), r)
 	kv.Set(keyName(r.Key), r)
@@ -381,12 +382,12 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 func TestGroupMoveKeepsCounts(t *testing.T) {
 	for _, fails := range []bool{false, true} {
 		t.Run(fmt.Sprintf("store fails %v", fails), func(t *testing.T) {
-			store := newFakeStore()
-			a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+			st := newFakeStore()
+			a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 			alice := proxyRequest{User: "alice", ProxyName: "alice.w", ProxyType: "tcp", Group: "web"}
 			mustAllocate(t, a, alice)
 			if fails {
-				store.fail = errors.New("injected")
+				st.fail = errors.New("injected")
 			}
 			bob := proxyRequest{User: "bob", ProxyName: "bob.w", ProxyType: "tcp", Group: "web", RemotePort: 30005}
 			_, _, err := a.allocate(bob)
@@ -434,11 +435,11 @@ func TestProbeOutsideLock(t *testing.T) {
 // TestLostRaceRetried: a claim that another instance beat is decided
 // again with the winner's state and never announces the lost port.
 func TestLostRaceRetried(t *testing.T) {
-	store := newFakeStore()
-	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+	st := newFakeStore()
+	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	at := time.Now()
-	store.rival = func(f *fakeStore) {
-		f.put(record{Key: "other.x", Port: 30000, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	st.rival = func(f *fakeStore) {
+		f.put(store.Record{Key: "other.x", Port: 30000, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
 	}
 	p, how := mustAllocate(t, a, req("u", "u.a", "tcp"))
 	if p == 30000 || how != outcomeNew {
@@ -448,8 +449,8 @@ func TestLostRaceRetried(t *testing.T) {
 		t.Fatalf("the winner is not in memory: %+v", r)
 	}
 	// The same key won at the other instance: both answer its port.
-	store.rival = func(f *fakeStore) {
-		f.put(record{Key: "u.b", Port: 30007, User: "u", ProxyName: "u.b", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	st.rival = func(f *fakeStore) {
+		f.put(store.Record{Key: "u.b", Port: 30007, User: "u", ProxyName: "u.b", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
 	}
 	if p, how := mustAllocate(t, a, req("u", "u.b", "tcp")); p != 30007 || how != outcomeHit {
 		t.Fatalf("u.b claimed elsewhere first = %d %s; want a hit on 30007", p, how)
@@ -461,11 +462,11 @@ func TestLostRaceRetried(t *testing.T) {
 // nothing; ports outside the pool are kept and reported.
 func TestImportAllOrNothing(t *testing.T) {
 	dir := t.TempDir()
-	store, faults := newFaultyStore(t, dir)
-	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+	st, faults := newFaultyStore(t, dir)
+	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	mustAllocate(t, a, req("u", "u.held", "tcp"))
-	recs := []record{{Key: "u.x", Port: 30005, User: "u", ProxyType: "tcp"}, {Key: "u.y", Port: 6000, User: "u", ProxyType: "tcp"}}
-	if _, err := a.importAll(append(recs, record{Key: "u.z", Port: 30000}), histImported, "test"); err == nil || !strings.Contains(err.Error(), "reserved") {
+	recs := []store.Record{{Key: "u.x", Port: 30005, User: "u", ProxyType: "tcp"}, {Key: "u.y", Port: 6000, User: "u", ProxyType: "tcp"}}
+	if _, err := a.importAll(append(recs, store.Record{Key: "u.z", Port: 30000}), store.HistImported, "test"); err == nil || !strings.Contains(err.Error(), "reserved") {
 		t.Fatalf("import naming a held port: %v; want it refused", err)
 	}
 	writes := 0
@@ -476,7 +477,7 @@ func TestImportAllOrNothing(t *testing.T) {
 		}
 		return false
 	})
-	if _, err := a.importAll(recs, histImported, "test"); err == nil {
+	if _, err := a.importAll(recs, store.HistImported, "test"); err == nil {
 		t.Fatal("import with a failing second write succeeded")
 	}
 	faults.set(nil, nil)
@@ -489,7 +490,7 @@ func TestImportAllOrNothing(t *testing.T) {
 	if len(b.snapshot()) != 1 {
 		t.Fatalf("after a failed import and a restart: %+v; want only u.held", b.snapshot())
 	}
-	n, err := b.importAll(recs, histImported, "test")
+	n, err := b.importAll(recs, store.HistImported, "test")
 	if err != nil || n != 2 {
 		t.Fatalf("import = %d, %v", n, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net"
@@ -39,7 +40,7 @@ type server struct {
 	pluginAllow allowList
 	// quiet rate-limits the warnings a peer can trigger at will.
 	quiet   *logLimiter
-	history historyLog // nil: no history kept
+	history store.HistoryLog // nil: no history kept
 	events  *eventHub
 	started time.Time
 	bufs    sync.Pool // *bytes.Buffer, reused between requests
@@ -57,7 +58,7 @@ type serverOptions struct {
 	pluginAllow allowList
 	// history is the store's history log (nil: none kept); events streams
 	// every change as it happens.
-	history historyLog
+	history store.HistoryLog
 	events  *eventHub
 	// heavySlots is how many listings and pages may run at once (default
 	// 2); heavyWait how long another waits for a slot before it is
@@ -400,7 +401,7 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 	s.log.Info("admin assigned", "key", key, "port", rec.Port)
 	v, ok := s.alloc.find(key)
 	if !ok || v.Port != rec.Port { // changed again meanwhile: answer what was assigned
-		v = allocationView{record: rec, LastSeen: rec.AssignedAt}
+		v = allocationView{Record: rec, LastSeen: rec.AssignedAt}
 	}
 	writeValue(w, http.StatusOK, s.toAPI(v))
 }
@@ -483,7 +484,7 @@ func rejectReason(err error) string {
 		return "frp-port-keeper could not store the port allocation: " + errStoreTimedOut.Error() + "; try again"
 	case errors.Is(err, errStoreFailed):
 		why := errStoreFailed.Error()
-		for _, known := range []error{errStoreFull, errStoreReadOnly, errStoreGone, errStoreRestoring} {
+		for _, known := range []error{store.ErrFull, store.ErrReadOnly, store.ErrGone, store.ErrRestoring} {
 			if errors.Is(err, known) {
 				why += " (" + known.Error() + ")"
 			}
@@ -553,7 +554,7 @@ func (s *server) writeChangeError(w http.ResponseWriter, what, key string, err e
 func (s *server) serveExport(w http.ResponseWriter, _ *http.Request) {
 	out := exportFile{Allocations: []exportRecord{}}
 	for _, v := range s.alloc.snapshot() {
-		out.Allocations = append(out.Allocations, exportRecord{record: v.record, LastSeen: v.LastSeen.UTC()})
+		out.Allocations = append(out.Allocations, exportRecord{Record: v.Record, LastSeen: v.LastSeen.UTC()})
 	}
 	writeValue(w, http.StatusOK, out)
 }
@@ -568,13 +569,13 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "not an export file: "+err.Error())
 		return
 	}
-	how := histImported
+	how := store.HistImported
 	if r.URL.Query().Get("as") == "adopt" {
-		how = histAdopted
+		how = store.HistAdopted
 	}
-	recs := make([]record, 0, len(file.Allocations))
+	recs := make([]store.Record, 0, len(file.Allocations))
 	for _, e := range file.Allocations {
-		recs = append(recs, e.record)
+		recs = append(recs, e.Record)
 	}
 	n, err := s.alloc.importAll(recs, how, adminActor(r))
 	if err != nil {
@@ -595,7 +596,7 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 
 // importSummary is what an import of recs that changed n reports, through
 // the server or offline.
-func (a *allocator) importSummary(recs []record, n int) importResult {
+func (a *allocator) importSummary(recs []store.Record, n int) importResult {
 	res := importResult{Imported: n, Unchanged: len(recs) - n, Pool: a.poolStr}
 	for _, r := range recs {
 		if !a.pool.has(r.Port) {
@@ -617,7 +618,7 @@ type importResult struct {
 
 // historyPage is the answer of GET /api/history.
 type historyPage struct {
-	Entries []historyEntry `json:"entries"`
+	Entries []store.HistoryEntry `json:"entries"`
 	// Next, when set, is the before= of the next (older) page.
 	Next string `json:"next,omitempty"`
 }
@@ -628,11 +629,11 @@ type portAt struct {
 	At   time.Time `json:"at"`
 	// Held says a key held it; Key and User name it. Known is false when
 	// neither the history nor today's allocations say anything of it then.
-	Held  bool          `json:"held"`
-	Known bool          `json:"known"`
-	Key   string        `json:"key,omitempty"`
-	User  string        `json:"user,omitempty"`
-	Entry *historyEntry `json:"entry,omitempty"` // the change that decided it
+	Held  bool                `json:"held"`
+	Known bool                `json:"known"`
+	Key   string              `json:"key,omitempty"`
+	User  string              `json:"user,omitempty"`
+	Entry *store.HistoryEntry `json:"entry,omitempty"` // the change that decided it
 }
 
 // serveHistory answers history queries, newest first, paged.
@@ -642,17 +643,17 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
-	var hq historyQuery
+	var hq store.HistoryQuery
 	var err error
 	bad := func(msg string) { writeError(w, http.StatusBadRequest, msg) }
 	if v := q.Get("port"); v != "" {
-		if hq.port, err = strconv.Atoi(v); err != nil || hq.port < 1 || hq.port > maxPort {
+		if hq.Port, err = strconv.Atoi(v); err != nil || hq.Port < 1 || hq.Port > maxPort {
 			bad("port must be 1-65535")
 			return
 		}
 	}
-	hq.key, hq.user, hq.before = q.Get("key"), q.Get("user"), q.Get("before")
-	for name, dst := range map[string]*time.Time{"since": &hq.since, "until": &hq.until} {
+	hq.Key, hq.User, hq.Before = q.Get("key"), q.Get("user"), q.Get("before")
+	for name, dst := range map[string]*time.Time{"since": &hq.Since, "until": &hq.Until} {
 		if v := q.Get(name); v != "" {
 			if *dst, err = parseWhen(v, time.Now()); err != nil {
 				bad(name + ": " + err.Error())
@@ -660,15 +661,15 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
-	hq.limit = 100
+	hq.Limit = 100
 	if v := q.Get("limit"); v != "" {
-		if hq.limit, err = strconv.Atoi(v); err != nil || hq.limit < 1 || hq.limit > 1000 {
+		if hq.Limit, err = strconv.Atoi(v); err != nil || hq.Limit < 1 || hq.Limit > 1000 {
 			bad("limit must be 1-1000")
 			return
 		}
 	}
 	if v := q.Get("at"); v != "" {
-		if hq.port == 0 {
+		if hq.Port == 0 {
 			bad("at needs port")
 			return
 		}
@@ -677,7 +678,7 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 			bad("at: " + err.Error())
 			return
 		}
-		ans, err := s.portAt(r.Context(), hq.port, at)
+		ans, err := s.portAt(r.Context(), hq.Port, at)
 		if err != nil {
 			writeError(w, http.StatusServiceUnavailable, "history unreadable: "+err.Error())
 			return
@@ -685,19 +686,19 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 		writeValue(w, http.StatusOK, ans)
 		return
 	}
-	hq.limit++ // one more tells whether a next page exists
-	got, err := s.history.entries(r.Context(), hq)
+	hq.Limit++ // one more tells whether a next page exists
+	got, err := s.history.Entries(r.Context(), hq)
 	if err != nil {
 		writeError(w, http.StatusServiceUnavailable, "history unreadable: "+err.Error())
 		return
 	}
 	page := historyPage{Entries: got}
-	if len(got) == hq.limit {
-		page.Entries = got[:hq.limit-1]
+	if len(got) == hq.Limit {
+		page.Entries = got[:hq.Limit-1]
 		page.Next = page.Entries[len(page.Entries)-1].ID
 	}
 	if page.Entries == nil {
-		page.Entries = []historyEntry{}
+		page.Entries = []store.HistoryEntry{}
 	}
 	writeValue(w, http.StatusOK, page)
 }

@@ -248,8 +248,8 @@ func TestUnknownFieldsRoundTrip(t *testing.T) {
 // with a reason, within the deadline.
 func TestStoreFaultsReject(t *testing.T) {
 	dir := t.TempDir()
-	store, kv := newFaultyStore(t, dir)
-	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{storeTimeout: 200 * time.Millisecond})
+	st, kv := newFaultyStore(t, dir)
+	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{storeTimeout: 200 * time.Millisecond})
 	h := newServer(a, testLogger(t), serverOptions{})
 
 	kv.set(errDiskFull, nil)

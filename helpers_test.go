@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"log/slog"
 	"math/big"
 	"net"
@@ -54,14 +55,14 @@ var storeKinds = []string{"file", "bbolt"}
 
 // openTestStore opens a store of kind in dir the way the server does,
 // lock included.
-func openTestStore(t testing.TB, kind, dir string) portStore {
+func openTestStore(t testing.TB, kind, dir string) store.Store {
 	t.Helper()
-	store, unlock, err := openStore(config{dataDir: dir, store: kind}, testLogger(t))
+	st, unlock, err := openStore(config{dataDir: dir, store: kind}, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { store.close(); unlock() })
-	return store
+	t.Cleanup(func() { st.Close(); unlock() })
+	return st
 }
 
 // newTestAllocator opens an allocator over a file store in dir with pool.
@@ -70,7 +71,7 @@ func newTestAllocator(t testing.TB, dir, pool string, opts allocatorOptions) *al
 	return newAllocatorOn(t, newTestStore(t, dir), pool, opts)
 }
 
-func newAllocatorOn(t testing.TB, store portStore, pool string, opts allocatorOptions) *allocator {
+func newAllocatorOn(t testing.TB, st store.Store, pool string, opts allocatorOptions) *allocator {
 	t.Helper()
 	set, err := parsePorts(pool)
 	if err != nil {
@@ -79,7 +80,7 @@ func newAllocatorOn(t testing.TB, store portStore, pool string, opts allocatorOp
 	if opts.log == nil {
 		opts.log = testLogger(t)
 	}
-	a, _, err := newAllocator(store, set, opts)
+	a, _, err := newAllocator(st, set, opts)
 	if err != nil {
 		t.Fatalf("newAllocator: %v", err)
 	}

@@ -6,105 +6,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
-
-// historyEntry is one change of an allocation, as the history keeps it and
-// as webhooks and /api/events deliver it. A sticky hit is not a change.
-type historyEntry struct {
-	// ID orders entries: the time in nanoseconds, zero-padded, then the
-	// writing instance and a sequence number, so IDs sort as time does.
-	ID        string        `json:"id"`
-	Time      time.Time     `json:"time"`
-	Key       string        `json:"key"`
-	User      string        `json:"user,omitempty"`
-	ProxyType string        `json:"proxy_type,omitempty"`
-	Port      int           `json:"port,omitempty"`     // the key's port after the change; 0: none
-	OldPort   int           `json:"old_port,omitempty"` // its port before; 0: none
-	Change    historyChange `json:"change"`
-	// By says who caused it: "frps reqid=…", "admin 127.0.0.1:5555",
-	// "import", "adopt".
-	By     string `json:"by"`
-	Reason string `json:"reason,omitempty"`
-	// Victim is the key whose port a reclaim took.
-	Victim string `json:"victim,omitempty"`
-	Note   string `json:"note,omitempty"`
-}
-
-// historyChange names a kind of change.
-type historyChange string
-
-const (
-	histNew       historyChange = "new"       // a fresh port from the pool
-	histRequested historyChange = "requested" // the port the device asked for
-	histFilledIn  historyChange = "filled_in" // an assigned key's first registration
-	histMoved     historyChange = "moved"     // the device asked for another port
-	histAssigned  historyChange = "assigned"  // an operator's assign
-	histReleased  historyChange = "released"  // an operator's release
-	histReclaimed historyChange = "reclaimed" // taken from an abandoned key (Victim)
-	histImported  historyChange = "imported"
-	histAdopted   historyChange = "adopted"
-	histNoted     historyChange = "noted" // an operator's note changed
-)
-
-// holds says whether e leaves its key on port.
-func (e historyEntry) holds(port int) bool { return e.Port == port }
-
-// involves says whether e concerns port, as holder before or after.
-func (e historyEntry) involves(port int) bool { return e.Port == port || e.OldPort == port }
-
-// historyLog is where a store keeps the history, beside its allocations.
-type historyLog interface {
-	appendEntries(ctx context.Context, entries []historyEntry) error
-	// entries returns the entries q selects, newest first.
-	entries(ctx context.Context, q historyQuery) ([]historyEntry, error)
-	// prune deletes entries older than before and says how many.
-	prune(ctx context.Context, before time.Time) (int, error)
-}
-
-// historyAppendError is an append that failed after the first written of
-// its entries were written (and made durable); the rest are lost.
-type historyAppendError struct {
-	written int
-	err     error
-}
-
-func (e *historyAppendError) Error() string { return e.err.Error() }
-func (e *historyAppendError) Unwrap() error { return e.err }
-
-// historyOf returns the store's history log, if it keeps one.
-func historyOf(store portStore) historyLog {
-	if h, ok := store.(interface{ history() historyLog }); ok {
-		return h.history()
-	}
-	return nil
-}
-
-// historyQuery selects entries; zero fields select everything.
-type historyQuery struct {
-	port         int
-	key, user    string
-	since, until time.Time // inclusive
-	before       string    // only entries with an ID below this (paging)
-	limit        int       // 0: no limit
-}
-
-func (q historyQuery) match(e historyEntry) bool {
-	switch {
-	case q.port != 0 && !e.involves(q.port),
-		q.key != "" && e.Key != q.key && e.Victim != q.key,
-		q.user != "" && e.User != q.user,
-		!q.since.IsZero() && e.Time.Before(q.since),
-		!q.until.IsZero() && e.Time.After(q.until),
-		q.before != "" && e.ID >= q.before:
-		return false
-	}
-	return true
-}
 
 // historyRecorder stamps each change with an ID and writes it to the
 // history in the background, in batches: a plugin answer never waits for
@@ -114,13 +22,13 @@ func (q historyQuery) match(e historyEntry) bool {
 // at once: an entry waits for at most one append (and its fsync) besides
 // its own, so the history is on disk well within a second of a change.
 type historyRecorder struct {
-	log      historyLog // nil: no history kept
+	log      store.HistoryLog // nil: no history kept
 	logger   *slog.Logger
 	instance string
 	seq      atomic.Uint64
-	queue    chan historyEntry
+	queue    chan store.HistoryEntry
 	failed   func(n int)
-	publish  func(historyEntry)
+	publish  func(store.HistoryEntry)
 	done     chan struct{}
 	stopOnce sync.Once
 }
@@ -129,23 +37,23 @@ type historyRecorder struct {
 // dropped (and counted) rather than memory grown.
 const historyQueue = 8192
 
-func newHistoryRecorder(log historyLog, logger *slog.Logger, failed func(int), publish func(historyEntry)) *historyRecorder {
+func newHistoryRecorder(log store.HistoryLog, logger *slog.Logger, failed func(int), publish func(store.HistoryEntry)) *historyRecorder {
 	var b [4]byte
 	rand.Read(b[:])
-	r := &historyRecorder{log: log, logger: logger, instance: hex.EncodeToString(b[:]), queue: make(chan historyEntry, historyQueue),
+	r := &historyRecorder{log: log, logger: logger, instance: hex.EncodeToString(b[:]), queue: make(chan store.HistoryEntry, historyQueue),
 		failed: failed, publish: publish, done: make(chan struct{})}
 	if r.failed == nil {
 		r.failed = func(int) {}
 	}
 	if r.publish == nil {
-		r.publish = func(historyEntry) {}
+		r.publish = func(store.HistoryEntry) {}
 	}
 	go r.run()
 	return r
 }
 
 // record takes one change; it never blocks.
-func (r *historyRecorder) record(e historyEntry) {
+func (r *historyRecorder) record(e store.HistoryEntry) {
 	if e.Time.IsZero() {
 		e.Time = time.Now()
 	}
@@ -166,7 +74,7 @@ func (r *historyRecorder) record(e historyEntry) {
 func (r *historyRecorder) run() {
 	defer close(r.done)
 	for e := range r.queue {
-		batch := []historyEntry{e}
+		batch := []store.HistoryEntry{e}
 	more:
 		for len(batch) < 512 {
 			select {
@@ -180,13 +88,13 @@ func (r *historyRecorder) run() {
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err := r.log.appendEntries(ctx, batch)
+		err := r.log.Append(ctx, batch)
 		cancel()
 		if err != nil {
 			lost := len(batch)
-			var partial *historyAppendError
+			var partial *store.HistoryAppendError
 			if errors.As(err, &partial) {
-				lost -= partial.written
+				lost -= partial.Written
 			}
 			r.failed(lost)
 			r.logger.Warn("history entries lost: not written; the allocations stand", "entries", lost, "err", err)
@@ -207,16 +115,16 @@ func (r *historyRecorder) stop() {
 // change of port at or before t that left a key on it, or "" when the
 // last such change freed it. ok is false when the history knows nothing of
 // port before t.
-func holderAt(ctx context.Context, log historyLog, port int, t time.Time) (e historyEntry, held, ok bool, err error) {
-	found, err := log.entries(ctx, historyQuery{port: port, until: t, limit: 1})
+func holderAt(ctx context.Context, log store.HistoryLog, port int, t time.Time) (e store.HistoryEntry, held, ok bool, err error) {
+	found, err := log.Entries(ctx, store.HistoryQuery{Port: port, Until: t, Limit: 1})
 	if err != nil || len(found) == 0 {
-		return historyEntry{}, false, false, err
+		return store.HistoryEntry{}, false, false, err
 	}
-	return found[0], found[0].holds(port), true, nil
+	return found[0], found[0].Holds(port), true, nil
 }
 
 // describeHistory is one line of an entry, for the CLI and logs.
-func describeHistory(e historyEntry) string {
+func describeHistory(e store.HistoryEntry) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s  %-9s %s", e.Time.Local().Format("2006-01-02 15:04:05"), e.Change, e.Key)
 	switch {

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"hash"
 	"io"
 	"net/http"
@@ -28,27 +29,27 @@ import (
 // go to the store's history through a recorder; flush waits for them.
 type historyAllocator struct {
 	*allocator
-	store    portStore
-	log      historyLog
+	store    store.Store
+	log      store.HistoryLog
 	recorder *historyRecorder
 }
 
 func newHistoryAllocator(t *testing.T, kind, pool string, opts allocatorOptions) *historyAllocator {
 	t.Helper()
-	store := openTestStore(t, kind, t.TempDir())
-	h := &historyAllocator{store: store, log: historyOf(store)}
+	st := openTestStore(t, kind, t.TempDir())
+	h := &historyAllocator{store: st, log: st.History()}
 	h.recorder = newHistoryRecorder(h.log, testLogger(t), func(int) { t.Error("history write failed") }, nil)
 	opts.changed = h.recorder.record
-	h.allocator = newAllocatorOn(t, store, pool, opts)
+	h.allocator = newAllocatorOn(t, st, pool, opts)
 	return h
 }
 
 // all stops the recorder (writing what it holds) and reads every entry,
 // oldest first.
-func (h *historyAllocator) all(t *testing.T) []historyEntry {
+func (h *historyAllocator) all(t *testing.T) []store.HistoryEntry {
 	t.Helper()
 	h.recorder.stop()
-	got, err := h.log.entries(context.Background(), historyQuery{})
+	got, err := h.log.Entries(context.Background(), store.HistoryQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +57,7 @@ func (h *historyAllocator) all(t *testing.T) []historyEntry {
 	return got
 }
 
-func describeAll(es []historyEntry) string {
+func describeAll(es []store.HistoryEntry) string {
 	var b strings.Builder
 	for _, e := range es {
 		fmt.Fprintf(&b, "%s %s port=%d old=%d victim=%s by=%s note=%q\n", e.Change, e.Key, e.Port, e.OldPort, e.Victim, e.By, e.Note)
@@ -94,7 +95,7 @@ func TestHistoryEveryChange(t *testing.T) {
 			if err := h.release("alice.web", "admin 127.0.0.1:2"); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := h.importAll([]record{{Key: "carol.x", Port: 30002, User: "carol", ProxyType: "tcp"}}, histImported, "admin 127.0.0.1:3"); err != nil {
+			if _, err := h.importAll([]store.Record{{Key: "carol.x", Port: 30002, User: "carol", ProxyType: "tcp"}}, store.HistImported, "admin 127.0.0.1:3"); err != nil {
 				t.Fatal(err)
 			}
 			advance(2 * time.Hour)
@@ -172,17 +173,17 @@ func TestHistoryPortAt(t *testing.T) {
 // read skips it, and the next append starts a line of its own.
 func TestHistoryFileTornLine(t *testing.T) {
 	dir := t.TempDir()
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	log := store.history()
+	log := st.History()
 	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
-	entry := func(i int) historyEntry {
-		return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", at.Add(time.Duration(i)*time.Second).UnixNano(), i),
-			Time: at.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: histNew}
+	entry := func(i int) store.HistoryEntry {
+		return store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", at.Add(time.Duration(i)*time.Second).UnixNano(), i),
+			Time: at.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: store.HistNew}
 	}
-	if err := log.appendEntries(context.Background(), []historyEntry{entry(1), entry(2)}); err != nil {
+	if err := log.Append(context.Background(), []store.HistoryEntry{entry(1), entry(2)}); err != nil {
 		t.Fatal(err)
 	}
 	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
@@ -194,11 +195,11 @@ func TestHistoryFileTornLine(t *testing.T) {
 	f.Close()
 
 	store2 := newTestStore(t, dir)
-	log = store2.history()
-	if err := log.appendEntries(context.Background(), []historyEntry{entry(4)}); err != nil {
+	log = store2.History()
+	if err := log.Append(context.Background(), []store.HistoryEntry{entry(4)}); err != nil {
 		t.Fatal(err)
 	}
-	got, err := log.entries(context.Background(), historyQuery{})
+	got, err := log.Entries(context.Background(), store.HistoryQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,11 +281,11 @@ func (f *watchedFile) Sync() error {
 // is on disk soon after it was recorded.
 func TestHistoryFileSyncsEachBatch(t *testing.T) {
 	dir := t.TempDir()
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := store.history().(*fileHistory)
+	h := st.History().(*fileHistory)
 	w := watchHistory(h)
 	w.hold = make(chan struct{})
 	rec := newHistoryRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
@@ -293,7 +294,7 @@ func TestHistoryFileSyncsEachBatch(t *testing.T) {
 	const burst = 2000
 	start := time.Now()
 	for i := range burst {
-		rec.record(historyEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: histNew})
+		rec.record(store.HistoryEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: store.HistNew})
 	}
 	close(w.hold)
 	file := filepath.Join(historyDir, "2026-03.jsonl")
@@ -316,7 +317,7 @@ func TestHistoryFileSyncsEachBatch(t *testing.T) {
 	if i := slices.Index(w.events, "sync "+historyDir); i < 0 || i > firstWrite || w.syncs[historyDir] != 1 {
 		t.Errorf("the history directory was not synced once, before the first write, after the month file was made: %v", w.events[:firstWrite+1])
 	}
-	if got, err := h.entries(context.Background(), historyQuery{}); err != nil || len(got) != burst {
+	if got, err := h.Entries(context.Background(), store.HistoryQuery{}); err != nil || len(got) != burst {
 		t.Errorf("%d entries readable (%v); want %d", len(got), err, burst)
 	}
 }
@@ -330,13 +331,13 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	log := store.history()
+	log := st.History()
 	var lost atomic.Int64
-	record := func(es ...historyEntry) {
+	record := func(es ...store.HistoryEntry) {
 		rec := newHistoryRecorder(log, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
 		for _, e := range es {
 			rec.record(e)
@@ -344,8 +345,8 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 		rec.stop() // writes what it holds
 	}
 	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
-	record(historyEntry{Time: t0, Key: "k1", Port: 30001, Change: histNew},
-		historyEntry{Time: t0.Add(time.Second), Key: "k2", Port: 30002, Change: histNew})
+	record(store.HistoryEntry{Time: t0, Key: "k1", Port: 30001, Change: store.HistNew},
+		store.HistoryEntry{Time: t0.Add(time.Second), Key: "k2", Port: 30002, Change: store.HistNew})
 	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
 	fi, err := os.Stat(file)
 	if err != nil {
@@ -354,7 +355,7 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	room := 4096 - fi.Size()%4096 // what the file's last page still holds
 	fillDisk(t, disk)
 	// A change whose line is longer than that room is torn part-way.
-	record(historyEntry{Time: t0.Add(time.Minute), Key: "k9", Port: 30009, Change: histNew, Note: strings.Repeat("x", int(room))})
+	record(store.HistoryEntry{Time: t0.Add(time.Minute), Key: "k9", Port: 30009, Change: store.HistNew, Note: strings.Repeat("x", int(room))})
 	if n := lost.Load(); n != 1 {
 		t.Fatalf("%d entries counted as lost on a full disk; want 1", n)
 	}
@@ -365,13 +366,13 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	for _, f := range filler {
 		os.Remove(f)
 	}
-	record(historyEntry{Time: t0.Add(2 * time.Minute), Key: "k1", OldPort: 30001, Change: histReleased},
-		historyEntry{Time: t0.Add(3 * time.Minute), Key: "k3", Port: 30003, Change: histNew})
+	record(store.HistoryEntry{Time: t0.Add(2 * time.Minute), Key: "k1", OldPort: 30001, Change: store.HistReleased},
+		store.HistoryEntry{Time: t0.Add(3 * time.Minute), Key: "k3", Port: 30003, Change: store.HistNew})
 
 	if n := lost.Load(); n != 1 {
 		t.Errorf("%d entries counted as lost; want 1 (the torn one)", n)
 	}
-	got, err := log.entries(context.Background(), historyQuery{})
+	got, err := log.Entries(context.Background(), store.HistoryQuery{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -417,17 +418,17 @@ func (f tornFile) Truncate(int64) error { return syscall.EIO }
 // entry starts a line of its own and is not lost.
 func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	dir := t.TempDir()
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := store.history().(*fileHistory)
+	h := st.History().(*fileHistory)
 	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
-	entry := func(i int, key string, port, old int, change historyChange) historyEntry {
+	entry := func(i int, key string, port, old int, change store.HistoryChange) store.HistoryEntry {
 		when := t0.Add(time.Duration(i) * time.Minute)
-		return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: key, Port: port, OldPort: old, Change: change}
+		return store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: key, Port: port, OldPort: old, Change: change}
 	}
-	if err := h.appendEntries(context.Background(), []historyEntry{entry(1, "k1", 30001, 0, histNew)}); err != nil {
+	if err := h.Append(context.Background(), []store.HistoryEntry{entry(1, "k1", 30001, 0, store.HistNew)}); err != nil {
 		t.Fatal(err)
 	}
 	open := h.open
@@ -438,15 +439,15 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 		}
 		return f, err
 	}
-	if err := h.appendEntries(context.Background(), []historyEntry{entry(2, "k9", 30009, 0, histNew)}); !errors.Is(err, errStoreFull) {
+	if err := h.Append(context.Background(), []store.HistoryEntry{entry(2, "k9", 30009, 0, store.HistNew)}); !errors.Is(err, store.ErrFull) {
 		t.Fatalf("a torn append returned %v; want the full disk", err)
 	}
 	h.open = open
-	if err := h.appendEntries(context.Background(), []historyEntry{entry(3, "k1", 0, 30001, histReleased)}); err != nil {
+	if err := h.Append(context.Background(), []store.HistoryEntry{entry(3, "k1", 0, 30001, store.HistReleased)}); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := h.entries(context.Background(), historyQuery{})
-	if len(got) != 2 || got[0].Change != histReleased || got[1].Change != histNew {
+	got, _ := h.Entries(context.Background(), store.HistoryQuery{})
+	if len(got) != 2 || got[0].Change != store.HistReleased || got[1].Change != store.HistNew {
 		t.Fatalf("history after a torn append that stayed:\n%s", describeAll(got))
 	}
 	if _, held, _, err := holderAt(context.Background(), h, 30001, t0.Add(4*time.Minute)); err != nil || held {
@@ -471,13 +472,13 @@ func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, historyDir, "2026-03.jsonl"), []byte(torn), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := store.history().(*fileHistory)
+	h := st.History().(*fileHistory)
 	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
-	entry := historyEntry{ID: fmt.Sprintf("%019d-x-%06d", at.UnixNano(), 2), Time: at, Key: "k2", Port: 30002, Change: histNew}
+	entry := store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", at.UnixNano(), 2), Time: at, Key: "k2", Port: 30002, Change: store.HistNew}
 	open := h.open
 	h.open = func(name string, flag int) (historyFileHandle, error) {
 		f, err := open(name, flag)
@@ -486,14 +487,14 @@ func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
 		}
 		return f, err
 	}
-	if err := h.appendEntries(context.Background(), []historyEntry{entry}); !errors.Is(err, errStoreFull) {
+	if err := h.Append(context.Background(), []store.HistoryEntry{entry}); !errors.Is(err, store.ErrFull) {
 		t.Fatalf("an append on a full disk returned %v; want the full disk", err)
 	}
 	h.open = open
-	if err := h.appendEntries(context.Background(), []historyEntry{entry}); err != nil {
+	if err := h.Append(context.Background(), []store.HistoryEntry{entry}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := h.entries(context.Background(), historyQuery{}); len(got) != 1 || got[0].Key != "k2" {
+	if got, _ := h.Entries(context.Background(), store.HistoryQuery{}); len(got) != 1 || got[0].Key != "k2" {
 		t.Fatalf("history after a failed append behind a torn line:\n%swant k2", describeAll(got))
 	}
 }
@@ -503,11 +504,11 @@ func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
 // written and readable.
 func TestHistoryLostCountedExactly(t *testing.T) {
 	dir := t.TempDir()
-	store := newTestStore(t, dir)
-	if _, err := store.load(context.Background()); err != nil {
+	st := newTestStore(t, dir)
+	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := store.history().(*fileHistory)
+	h := st.History().(*fileHistory)
 	w := watchHistory(h)
 	w.hold = make(chan struct{})
 	open := h.open
@@ -521,14 +522,14 @@ func TestHistoryLostCountedExactly(t *testing.T) {
 	rec := newHistoryRecorder(h, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
 	feb, mar := time.Date(2026, 2, 28, 23, 59, 0, 0, time.UTC), time.Date(2026, 3, 1, 0, 1, 0, 0, time.UTC)
 	for i, when := range []time.Time{feb, feb, feb, mar, mar, mar} {
-		rec.record(historyEntry{Time: when.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: histNew})
+		rec.record(store.HistoryEntry{Time: when.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: store.HistNew})
 	}
 	close(w.hold) // the first batch held the others back: one batch spans both months
 	rec.stop()
 	if n := lost.Load(); n != 3 {
 		t.Errorf("%d entries counted as lost; want 3 (March's)", n)
 	}
-	if got, _ := h.entries(context.Background(), historyQuery{}); len(got) != 3 {
+	if got, _ := h.Entries(context.Background(), store.HistoryQuery{}); len(got) != 3 {
 		t.Errorf("readable after March failed:\n%swant February's 3", describeAll(got))
 	}
 }
@@ -539,39 +540,39 @@ func TestHistoryPrune(t *testing.T) {
 	var etcd *etcdServer
 	for _, kind := range append(storeKinds, "etcd") {
 		t.Run(kind, func(t *testing.T) {
-			var store portStore
+			var st store.Store
 			if kind == "etcd" {
 				etcd = startEtcd(t, nil)
-				store = openTestEtcdStore(t, etcd, "/history-test/")
+				st = openTestEtcdStore(t, etcd, "/history-test/")
 			} else {
-				store = openTestStore(t, kind, t.TempDir())
+				st = openTestStore(t, kind, t.TempDir())
 			}
-			if _, err := store.load(context.Background()); err != nil {
+			if _, err := st.Load(context.Background()); err != nil {
 				t.Fatal(err)
 			}
-			log := historyOf(store)
-			var es []historyEntry
+			log := st.History()
+			var es []store.HistoryEntry
 			for i, when := range []time.Time{
 				time.Date(2025, 1, 10, 0, 0, 0, 0, time.UTC), time.Date(2025, 2, 10, 0, 0, 0, 0, time.UTC),
 				time.Date(2026, 2, 10, 0, 0, 0, 0, time.UTC), time.Date(2026, 3, 10, 0, 0, 0, 0, time.UTC),
 			} {
-				es = append(es, historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: fmt.Sprintf("k%d", i), Port: 30000, Change: histNew})
+				es = append(es, store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), i), Time: when, Key: fmt.Sprintf("k%d", i), Port: 30000, Change: store.HistNew})
 			}
-			if err := log.appendEntries(context.Background(), es); err != nil {
+			if err := log.Append(context.Background(), es); err != nil {
 				t.Fatal(err)
 			}
-			n, err := log.prune(context.Background(), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+			n, err := log.Prune(context.Background(), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 			if err != nil || n != 2 {
 				t.Fatalf("prune = %d, %v; want 2", n, err)
 			}
-			got, _ := log.entries(context.Background(), historyQuery{})
+			got, _ := log.Entries(context.Background(), store.HistoryQuery{})
 			if len(got) != 2 || got[0].Key != "k3" || got[1].Key != "k2" {
 				t.Fatalf("after pruning: %s", describeAll(got))
 			}
 			if e, held, _, err := holderAt(context.Background(), log, 30000, time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
 				t.Fatalf("port 30000 on 2026-03-01: %+v held %v (%v); want k2", e, held, err)
 			}
-			if page, _ := log.entries(context.Background(), historyQuery{before: got[0].ID}); len(page) != 1 || page[0].Key != "k2" {
+			if page, _ := log.Entries(context.Background(), store.HistoryQuery{Before: got[0].ID}); len(page) != 1 || page[0].Key != "k2" {
 				t.Fatalf("the page before %s: %s", got[0].ID, describeAll(page))
 			}
 		})
@@ -583,7 +584,7 @@ func TestHistoryPrune(t *testing.T) {
 type webhookReceiver struct {
 	*httptest.Server
 	mu        sync.Mutex
-	got       []historyEntry
+	got       []store.HistoryEntry
 	attempts  int
 	failFirst int
 	badSig    int
@@ -608,7 +609,7 @@ func newWebhookReceiver(t *testing.T, secret string, failFirst int) *webhookRece
 			rw.WriteHeader(http.StatusInternalServerError)
 			return
 		}
-		var e historyEntry
+		var e store.HistoryEntry
 		json.Unmarshal(body, &e)
 		w.got = append(w.got, e)
 	}))
@@ -616,7 +617,7 @@ func newWebhookReceiver(t *testing.T, secret string, failFirst int) *webhookRece
 	return w
 }
 
-func (w *webhookReceiver) entries() []historyEntry {
+func (w *webhookReceiver) entries() []store.HistoryEntry {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return slices.Clone(w.got)
@@ -674,7 +675,7 @@ func TestNotifierDropsOldest(t *testing.T) {
 	n := newNotifier("http://127.0.0.1:1", "", testLogger(t), &notifyStats{delivered: func() {}, failed: func() {}, dropped: func() { dropped++ }})
 	n.max = 3
 	for i := range 5 {
-		n.enqueue(historyEntry{ID: fmt.Sprint(i)})
+		n.enqueue(store.HistoryEntry{ID: fmt.Sprint(i)})
 	}
 	if dropped != 2 || n.length() != 3 || n.queue[0].ID != "2" {
 		t.Fatalf("dropped %d, queue %d from %s; want 2 dropped, 3 left from 2", dropped, n.length(), n.queue[0].ID)

@@ -38,9 +38,9 @@ const (
 
 func TestKillRestart(t *testing.T) {
 	bin := binary(t)
-	for _, store := range []string{"file", "bbolt"} {
-		t.Run(store, func(t *testing.T) {
-			killRestartRounds(t, bin, store, killRounds)
+	for _, backend := range []string{"file", "bbolt"} {
+		t.Run(backend, func(t *testing.T) {
+			killRestartRounds(t, bin, backend, killRounds)
 		})
 	}
 }
@@ -243,7 +243,7 @@ func (l *portLedger) check(t testing.TB) {
 	}
 }
 
-func killRestartRounds(t *testing.T, bin, store string, rounds int) {
+func killRestartRounds(t *testing.T, bin, backend string, rounds int) {
 	dataDir := filepath.Join(t.TempDir(), "data")
 	logDir := t.TempDir()
 	t.Cleanup(func() {
@@ -251,7 +251,7 @@ func killRestartRounds(t *testing.T, bin, store string, rounds int) {
 			dumpWarnings(t, logDir)
 		}
 	})
-	args := []string{"-data-dir", dataDir, "-allow-ports", killPool, "-probe=false", "-store", store}
+	args := []string{"-data-dir", dataDir, "-allow-ports", killPool, "-probe=false", "-store", backend}
 	ledger := newPortLedger()
 	var checked, loadSent, loadAcked, inflightAtKill, storedUnacked, repairedStarts int
 	var startTimes []time.Duration
@@ -305,7 +305,7 @@ func killRestartRounds(t *testing.T, bin, store string, rounds int) {
 			go func() {
 				defer wg.Done()
 				for n := 0; n < killMaxPerSender && ctx.Err() == nil; n++ {
-					key := fmt.Sprintf("kr.%s-r%02d-g%d-%04d", store, round, g, n)
+					key := fmt.Sprintf("kr.%s-r%02d-g%d-%04d", backend, round, g, n)
 					mu.Lock()
 					loadSent++
 					lastRound[key] = true
@@ -351,7 +351,7 @@ func killRestartRounds(t *testing.T, bin, store string, rounds int) {
 	}
 	slices.Sort(startTimes)
 	t.Logf("%s store: %d rounds, %d allocations sent, %d acknowledged before the kill, %d cut off by it (%d of them stored before it), %d answers re-checked after restarts, %d starts repaired the store; start to /ping median %v, max %v",
-		store, rounds, loadSent, loadAcked, inflightAtKill, storedUnacked, checked, repairedStarts, startTimes[len(startTimes)/2].Round(time.Millisecond),
+		backend, rounds, loadSent, loadAcked, inflightAtKill, storedUnacked, checked, repairedStarts, startTimes[len(startTimes)/2].Round(time.Millisecond),
 		startTimes[len(startTimes)-1].Round(time.Millisecond))
 }
 

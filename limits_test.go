@@ -6,6 +6,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -27,13 +28,13 @@ func adminRequest(h http.Handler, method, target, body string) *httptest.Respons
 // import, and by the allocator's assign and setNote themselves; nothing
 // is written.
 func TestNoteBoundEverywhere(t *testing.T) {
-	store := newFakeStore()
-	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
+	st := newFakeStore()
+	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	h := newServer(a, testLogger(t), serverOptions{})
 	huge := strings.Repeat("n", 2<<20)
 	file, _ := json.Marshal(exportFile{Allocations: []exportRecord{
-		{record: record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp"}},
-		{record: record{Key: "u.b", Port: 30002, User: "u", ProxyName: "u.b", ProxyType: "tcp", Note: huge}}}})
+		{Record: store.Record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp"}},
+		{Record: store.Record{Key: "u.b", Port: 30002, User: "u", ProxyName: "u.b", ProxyType: "tcp", Note: huge}}}})
 	for _, target := range []string{"/api/import", "/api/import?as=adopt"} {
 		rec := adminRequest(h, "POST", target, string(file))
 		if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "at most 1024 bytes") || !strings.Contains(rec.Body.String(), "u.b") {
@@ -44,7 +45,7 @@ func TestNoteBoundEverywhere(t *testing.T) {
 		t.Fatalf("a refused import wrote %+v", a.snapshot())
 	}
 	max := strings.Repeat("n", maxNoteBytes)
-	ok, _ := json.Marshal(exportFile{Allocations: []exportRecord{{record: record{Key: "u.c", Port: 30003, User: "u", Note: max}}}})
+	ok, _ := json.Marshal(exportFile{Allocations: []exportRecord{{Record: store.Record{Key: "u.c", Port: 30003, User: "u", Note: max}}}})
 	if rec := adminRequest(h, "POST", "/api/import", string(ok)); rec.Code != http.StatusOK {
 		t.Fatalf("POST /api/import with a note of exactly the limit: %d %s", rec.Code, rec.Body)
 	}
@@ -73,9 +74,9 @@ func TestNoteBoundEverywhere(t *testing.T) {
 // read as "no bound" and answer today's holder: every history endpoint
 // and CLI flag that takes a time refuses it with 400 and why.
 func TestZeroTimeRefused(t *testing.T) {
-	store := newTestStore(t, t.TempDir())
-	a := newAllocatorOn(t, store, "30000-30009", allocatorOptions{})
-	h := newServer(a, testLogger(t), serverOptions{history: historyOf(store)})
+	st := newTestStore(t, t.TempDir())
+	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
+	h := newServer(a, testLogger(t), serverOptions{history: st.History()})
 	zeros := []string{"0001-01-01T00:00:00Z", "0001-01-01T01:00:00%2B01:00", "0001-01-01T00:00:00.000Z"}
 	if _, offset := time.Date(1, 1, 1, 0, 0, 0, 0, time.Local).Zone(); offset == 0 {
 		zeros = append(zeros, "0001-01-01", "0001-01-01%2000:00", "0001-01-01T00:00", "0001-01-01%2000:00:00")

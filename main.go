@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"maps"
@@ -77,18 +78,20 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	store, unlock, err := openStore(cfg, log)
+	st, unlock, err := openStore(cfg, log)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	var alloc *allocator
 	m := newMetrics(func() poolStats { return alloc.stats() })
-	if r, ok := store.(interface{ onRestore(func(restoreReport)) }); ok {
-		r.onRestore(m.restored)
+	if r, ok := st.(interface {
+		OnRestore(func(store.RestoreReport))
+	}); ok {
+		r.OnRestore(m.restored)
 	}
 	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log, policy: pol,
-		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(record) { m.reclaims.Inc() }}
+		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(store.Record) { m.reclaims.Inc() }}
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
 	}
@@ -107,36 +110,36 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	}
 	m.notifyQueued.Store(&queued)
 	events := newEventHub(notifiers)
-	hist := historyOf(store)
+	hist := st.History()
 	recorder := newHistoryRecorder(hist, log, func(n int) { m.historyFailures.Add(float64(n)) }, events.publish)
 	defer recorder.stop()
 	opts.changed = recorder.record
-	alloc, got, err := newAllocator(store, plan.pool, opts)
+	alloc, got, err := newAllocator(st, plan.pool, opts)
 	if err != nil {
 		recorder.stop()
-		store.close()
+		st.Close()
 		return err
 	}
 	// After a power cut every lazily written record may be damaged: name
 	// the first few, count them all in one line.
 	const namedProblems = 20
-	for i, p := range got.problems {
+	for i, p := range got.Problems {
 		if i == namedProblems {
-			log.Warn("store repaired: further problems not listed", "more", len(got.problems)-namedProblems)
+			log.Warn("store repaired: further problems not listed", "more", len(got.Problems)-namedProblems)
 			break
 		}
 		log.Warn("store repaired", "problem", p)
 	}
-	if got.damaged > 0 || len(got.heldBack) > 0 {
-		held := slices.Sorted(maps.Keys(got.heldBack))
+	if got.Damaged > 0 || len(got.HeldBack) > 0 {
+		held := slices.Sorted(maps.Keys(got.HeldBack))
 		log.Warn("records found damaged (a crash or power cut?): ports whose record is damaged and whose key is unknown are held back from new keys until an operator releases them (release -port N)",
-			"damaged_records", got.damaged, "held_back", len(held), "ports", fmt.Sprint(held))
+			"damaged_records", got.Damaged, "held_back", len(held), "ports", fmt.Sprint(held))
 	}
-	if got.degraded != "" {
-		log.Error("the store cannot take writes: serving the allocations it holds, refusing new keys", "why", got.degraded)
+	if got.Degraded != "" {
+		log.Error("the store cannot take writes: serving the allocations it holds, refusing new keys", "why", got.Degraded)
 	}
-	count, from := len(got.allocations), got.from
-	got = snapshot{}
+	count, from := len(got.Allocations), got.From
+	got = store.Snapshot{}
 	// Loading made garbage many times the size of what stays: hand it back
 	// now rather than carry it until the heap grows again.
 	runtime.GC()
@@ -225,7 +228,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	}
 	stopFollow()
 	recorder.stop()
-	if cerr := store.close(); err == nil {
+	if cerr := st.Close(); err == nil {
 		err = cerr
 	}
 	return err
@@ -235,16 +238,16 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 // directory first: two servers on one directory would hand out the same
 // ports. A directory that cannot be written is opened all the same, so the
 // allocations it holds are still served.
-func openStore(cfg config, log *slog.Logger) (portStore, func(), error) {
+func openStore(cfg config, log *slog.Logger) (store.Store, func(), error) {
 	if cfg.store == "etcd" {
 		// Several instances on one etcd are the point: no directory lock.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*max(cfg.storeTimeout, time.Second))
 		defer cancel()
-		store, err := openEtcdStore(ctx, etcdOptionsFrom(cfg, log))
+		st, err := openEtcdStore(ctx, etcdOptionsFrom(cfg, log))
 		if err != nil {
 			return nil, nil, err
 		}
-		return store, func() {}, nil
+		return st, func() {}, nil
 	}
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("-data-dir: %v", err)
@@ -255,27 +258,27 @@ func openStore(cfg config, log *slog.Logger) (portStore, func(), error) {
 	}
 	switch cfg.store {
 	case "bbolt":
-		store, err := openBoltStore(filepath.Join(cfg.dataDir, "allocations.bbolt"), log)
+		st, err := openBoltStore(filepath.Join(cfg.dataDir, "allocations.bbolt"), log)
 		if err != nil {
 			unlock()
 			return nil, nil, err
 		}
-		return store, unlock, nil
+		return st, unlock, nil
 	default:
-		store, err := openFileStore(cfg.dataDir, log)
+		st, err := openFileStore(cfg.dataDir, log)
 		if err != nil {
 			unlock()
 			return nil, nil, err
 		}
-		return store, unlock, nil
+		return st, unlock, nil
 	}
 }
 
 // pruneHistory deletes history older than keep, at start and then daily.
-func pruneHistory(ctx context.Context, hist historyLog, keep time.Duration, log *slog.Logger) {
+func pruneHistory(ctx context.Context, hist store.HistoryLog, keep time.Duration, log *slog.Logger) {
 	for {
 		pctx, cancel := context.WithTimeout(ctx, time.Minute)
-		n, err := hist.prune(pctx, time.Now().Add(-keep))
+		n, err := hist.Prune(pctx, time.Now().Add(-keep))
 		cancel()
 		switch {
 		case err != nil:

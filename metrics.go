@@ -1,6 +1,7 @@
 package main
 
 import (
+	"frp-port-keeper/internal/store"
 	"net/http"
 	"sync/atomic"
 	"time"
@@ -102,11 +103,11 @@ func (m *metrics) decided(outcome string, since time.Time) {
 }
 
 // restored counts one write-back of a store that lost its data.
-func (m *metrics) restored(r restoreReport) {
+func (m *metrics) restored(r store.RestoreReport) {
 	m.restores.Inc()
-	m.restoredRecords.WithLabelValues("restored").Add(float64(r.restored))
-	m.restoredRecords.WithLabelValues("present").Add(float64(r.present))
-	m.restoredRecords.WithLabelValues("lost").Add(float64(r.lost))
+	m.restoredRecords.WithLabelValues("restored").Add(float64(r.Restored))
+	m.restoredRecords.WithLabelValues("present").Add(float64(r.Present))
+	m.restoredRecords.WithLabelValues("lost").Add(float64(r.Lost))
 }
 
 // poolCollector reads the pool's fill at scrape time.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	_ "embed"
+	"frp-port-keeper/internal/store"
 	"html/template"
 	"net/http"
 	"net/url"
@@ -30,7 +31,7 @@ type historyPageData struct {
 	Key     string
 	Port    int
 	Limit   int
-	Entries []historyEntry
+	Entries []store.HistoryEntry
 	Error   string
 }
 
@@ -51,7 +52,7 @@ func (s *server) servePageHistory(w http.ResponseWriter, r *http.Request) {
 	case data.Key == "" && data.Port == 0:
 		data.Error = "Name a key or a port."
 	default:
-		got, err := s.history.entries(r.Context(), historyQuery{key: data.Key, port: data.Port, limit: data.Limit})
+		got, err := s.history.Entries(r.Context(), store.HistoryQuery{Key: data.Key, Port: data.Port, Limit: data.Limit})
 		if err != nil {
 			data.Error = "The history could not be read: " + err.Error()
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"net/http"
 	"os"
@@ -175,7 +176,7 @@ func TestPolicyReuseOrderAndReclaim(t *testing.T) {
 	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
 	p := mustPolicy(t, "", "30000-30004", 0, 90*24*time.Hour)
 	reclaimed := []string{}
-	opts := allocatorOptions{policy: p, now: now, reclaimed: func(r record) { reclaimed = append(reclaimed, r.Key) }}
+	opts := allocatorOptions{policy: p, now: now, reclaimed: func(r store.Record) { reclaimed = append(reclaimed, r.Key) }}
 	a := newTestAllocator(t, dir, "30000-30004", opts)
 	for _, k := range []string{"k0", "k1", "k2", "k3", "k4"} {
 		mustAllocate(t, a, req("u", k, "tcp"))
@@ -280,11 +281,11 @@ func TestPolicyReload(t *testing.T) {
 // its port.
 func TestReclaimStoreFailure(t *testing.T) {
 	dir := t.TempDir()
-	store, kv := newFaultyStore(t, dir)
+	st, kv := newFaultyStore(t, dir)
 	clock := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var mu sync.Mutex
 	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	a := newAllocatorOn(t, store, "30000-30000",
+	a := newAllocatorOn(t, st, "30000-30000",
 		allocatorOptions{policy: mustPolicy(t, "", "30000-30000", 0, time.Hour), now: now})
 	mustAllocate(t, a, req("u", "old", "tcp"))
 	mu.Lock()

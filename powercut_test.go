@@ -45,8 +45,8 @@ const (
 func TestPowerCut(t *testing.T) {
 	requireLoopMount(t)
 	bin := binary(t)
-	for _, store := range []string{"file", "bbolt"} {
-		t.Run(store, func(t *testing.T) { powerCut(t, bin, store) })
+	for _, st := range []string{"file", "bbolt"} {
+		t.Run(st, func(t *testing.T) { powerCut(t, bin, st) })
 	}
 }
 
@@ -191,12 +191,12 @@ func (l *pcLedger) heldKeys() []string {
 	return keys
 }
 
-func powerCutArgs(dataDir, store string) []string {
-	return []string{"-data-dir", dataDir, "-store", store, "-probe=false",
+func powerCutArgs(dataDir, st string) []string {
+	return []string{"-data-dir", dataDir, "-store", st, "-probe=false",
 		"-allow-ports", fmt.Sprintf("%d-%d", powerCutPoolLow, powerCutPoolHigh)}
 }
 
-func powerCut(t *testing.T, bin, store string) {
+func powerCut(t *testing.T, bin, st string) {
 	work := t.TempDir()
 	logDir := t.TempDir()
 	t.Cleanup(func() {
@@ -219,9 +219,9 @@ func powerCut(t *testing.T, bin, store string) {
 	// store fsyncs reaches the image.
 	disk := mountImage(t, image, filepath.Join(work, "mnt"), "commit=300")
 	began := time.Now()
-	p := startKeeperProc(t, bin, filepath.Join(logDir, "before-cut.log"), powerCutArgs(filepath.Join(disk.dir, "data"), store)...)
+	p := startKeeperProc(t, bin, filepath.Join(logDir, "before-cut.log"), powerCutArgs(filepath.Join(disk.dir, "data"), st)...)
 
-	ledger := powerCutWorkload(t, p, store)
+	ledger := powerCutWorkload(t, p, st)
 	workTook := time.Since(began)
 
 	// The power cut: the backing file holds what the loop device was
@@ -238,15 +238,15 @@ func powerCut(t *testing.T, bin, store string) {
 	p.kill()
 	disk.close(t)
 
-	ctl := bootImage(t, bin, store, syncedImage, filepath.Join(work, "mnt-synced"), filepath.Join(logDir, "synced.log"))
+	ctl := bootImage(t, bin, st, syncedImage, filepath.Join(work, "mnt-synced"), filepath.Join(logDir, "synced.log"))
 	if lost := listedLosses(t, ctl.proc, ledger); lost.count() > 0 {
 		t.Fatalf("harness: the control copy, taken after sync, lost data, so this test cannot tell what a power cut does:\n%s", lost)
 	}
 	ctl.close(t)
 
-	after := bootImage(t, bin, store, cutImage, filepath.Join(work, "mnt-cut"), filepath.Join(logDir, "after-cut.log"))
+	after := bootImage(t, bin, st, cutImage, filepath.Join(work, "mnt-cut"), filepath.Join(logDir, "after-cut.log"))
 	t.Logf("%s store: %d changes acknowledged in %v from the server's start to the cut (%d keys held, %d released); the control copy after sync held all of them",
-		store, len(ledger.events), workTook.Round(time.Millisecond), len(ledger.held), len(ledger.released))
+		st, len(ledger.events), workTook.Round(time.Millisecond), len(ledger.held), len(ledger.released))
 
 	t.Run("ports", func(t *testing.T) { powerCutPorts(t, after.proc, ledger) })
 	t.Run("history", func(t *testing.T) { powerCutHistory(t, after.proc, ledger, cut) })
@@ -256,10 +256,10 @@ func powerCut(t *testing.T, bin, store string) {
 // recorded once acknowledged: fresh keys, device moves, operator assigns
 // and releases; a pause, so that those are acknowledged well before the
 // cut; then more of each in the last moments.
-func powerCutWorkload(t *testing.T, p *keeperProc, store string) *pcLedger {
+func powerCutWorkload(t *testing.T, p *keeperProc, st string) *pcLedger {
 	t.Helper()
 	l := &pcLedger{held: map[string]int{}, released: map[string]int{}}
-	key := func(i int) string { return fmt.Sprintf("pc-%s.%03d", store, i) }
+	key := func(i int) string { return fmt.Sprintf("pc-%s.%03d", st, i) }
 	fresh := func(from, to int) {
 		for i := from; i < to; i++ {
 			l.record(pcEvent{what: "new", key: key(i), port: pcNewProxy(t, p, key(i), 0), at: time.Now()})
@@ -376,7 +376,7 @@ func (b *bootedImage) close(t testing.TB) {
 
 // bootImage repairs image as a boot after a power cut would (e2fsck
 // replays the journal), mounts it on dir and starts the server on it.
-func bootImage(t *testing.T, bin, store, image, dir, logPath string) *bootedImage {
+func bootImage(t *testing.T, bin, st, image, dir, logPath string) *bootedImage {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -386,7 +386,7 @@ func bootImage(t *testing.T, bin, store, image, dir, logPath string) *bootedImag
 		t.Fatalf("e2fsck -fy %s: %v\n%s", image, err, out)
 	}
 	disk := mountImage(t, image, dir, "")
-	proc := startKeeperProc(t, bin, logPath, powerCutArgs(filepath.Join(dir, "data"), store)...)
+	proc := startKeeperProc(t, bin, logPath, powerCutArgs(filepath.Join(dir, "data"), st)...)
 	return &bootedImage{disk: disk, proc: proc}
 }
 

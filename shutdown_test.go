@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -135,19 +136,19 @@ func TestServeErrorDrains(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatalf("run did not return after its listener died; log:\n%s", logs)
 	}
-	store := openTestStore(t, "file", dir)
-	snap, err := store.load(context.Background())
+	st := openTestStore(t, "file", dir)
+	snap, err := st.Load(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(snap.allocations) != 1 || snap.allocations[0].Port != got {
-		t.Fatalf("allocations after the exit: %+v; want u.a on %d", snap.allocations, got)
+	if len(snap.Allocations) != 1 || snap.Allocations[0].Port != got {
+		t.Fatalf("allocations after the exit: %+v; want u.a on %d", snap.Allocations, got)
 	}
-	if _, ok := snap.lastSeen["u.a"]; !ok || !snap.online["u.a"] {
-		t.Errorf("last_seen of u.a not flushed before the store closed (seen %v, online %v); log:\n%s", snap.lastSeen, snap.online, logs)
+	if _, ok := snap.LastSeen["u.a"]; !ok || !snap.Online["u.a"] {
+		t.Errorf("last_seen of u.a not flushed before the store closed (seen %v, online %v); log:\n%s", snap.LastSeen, snap.Online, logs)
 	}
-	entries, err := historyOf(store).entries(context.Background(), historyQuery{key: "u.a"})
-	if err != nil || len(entries) != 1 || entries[0].Change != histNew {
+	entries, err := st.History().Entries(context.Background(), store.HistoryQuery{Key: "u.a"})
+	if err != nil || len(entries) != 1 || entries[0].Change != store.HistNew {
 		t.Errorf("history of u.a after the exit: %+v, %v; want its new entry", entries, err)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"log/slog"
 	"os"
 	"slices"
@@ -60,7 +61,7 @@ func openBoltStore(path string, log *slog.Logger) (*boltStore, error) {
 	return &boltStore{db: db, path: path, log: log}, nil
 }
 
-func (s *boltStore) load(ctx context.Context) (snapshot, error) {
+func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	raw := newRawRecords()
@@ -81,7 +82,7 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 			}
 			switch {
 			case strings.HasPrefix(name, portPrefix):
-				var r record
+				var r store.Record
 				port, perr := strconv.Atoi(name[len(portPrefix):])
 				if perr != nil {
 					return nil
@@ -94,7 +95,7 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 				}
 				raw.ports[port] = r
 			case strings.HasPrefix(name, keyPrefix):
-				var r record
+				var r store.Record
 				if json.Unmarshal(v, &r) != nil || !validRecord(r) || keyName(r.Key) != name {
 					bad("not a valid key record")
 					return nil
@@ -119,12 +120,12 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 		})
 	})
 	if err != nil {
-		return snapshot{}, fmt.Errorf("read bbolt store: %v", err)
+		return store.Snapshot{}, fmt.Errorf("read bbolt store: %v", err)
 	}
 	res := resolve(raw)
 	snap := res.snapshot(raw)
-	snap.damaged = len(problems)
-	snap.problems = append(problems, snap.problems...)
+	snap.Damaged = len(problems)
+	snap.Problems = append(problems, snap.Problems...)
 	if len(res.rewrite)+len(res.rewriteKeys)+len(res.drop)+len(res.setAside)+len(damaged) > 0 {
 		if err := s.update(func(b *bolt.Bucket) error {
 			for _, name := range damaged {
@@ -154,13 +155,13 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 			}
 			return nil
 		}); err != nil {
-			snap.problems = append(snap.problems, fmt.Sprintf("could not write the repairs: %v", err))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("could not write the repairs: %v", err))
 		}
 	}
 	if s.db.IsReadOnly() {
-		snap.degraded = errStoreReadOnly.Error()
+		snap.Degraded = store.ErrReadOnly.Error()
 	}
-	snap.from = "records"
+	snap.From = "records"
 	s.idx, s.loaded = newLocalIndex(snap), true
 	return snap, nil
 }
@@ -168,7 +169,7 @@ func (s *boltStore) load(ctx context.Context) (snapshot, error) {
 // update runs fn in one read-write transaction on the bucket.
 func (s *boltStore) update(fn func(b *bolt.Bucket) error) error {
 	if s.db.IsReadOnly() {
-		return errStoreReadOnly
+		return store.ErrReadOnly
 	}
 	return classify(s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(boltBucket)
@@ -187,7 +188,7 @@ func putJSON(b *bolt.Bucket, name string, v any) error {
 	return b.Put([]byte(name), data)
 }
 
-func (s *boltStore) claim(_ context.Context, c claim) ([]change, error) {
+func (s *boltStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.loaded {
@@ -196,21 +197,21 @@ func (s *boltStore) claim(_ context.Context, c claim) ([]change, error) {
 	if err := s.idx.check(c); err != nil {
 		return nil, err
 	}
-	want := c.want
+	want := c.Want
 	err := s.update(func(b *bolt.Bucket) error {
-		if c.victim != nil {
-			if err := b.Delete([]byte(keyName(c.victim.Key))); err != nil {
+		if c.Victim != nil {
+			if err := b.Delete([]byte(keyName(c.Victim.Key))); err != nil {
 				return err
 			}
-			if err := b.Delete([]byte(seenName(c.victim.Key))); err != nil {
+			if err := b.Delete([]byte(seenName(c.Victim.Key))); err != nil {
 				return err
 			}
 		}
-		if c.old != nil && c.old.Port != want.Port {
-			if err := b.Delete([]byte(portName(c.old.Port))); err != nil {
+		if c.Old != nil && c.Old.Port != want.Port {
+			if err := b.Delete([]byte(portName(c.Old.Port))); err != nil {
 				return err
 			}
-			if err := putJSON(b, freedName(c.old.Port), freedRecord{Port: c.old.Port, FreedAt: c.at.UTC()}); err != nil {
+			if err := putJSON(b, freedName(c.Old.Port), freedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()}); err != nil {
 				return err
 			}
 		}
@@ -228,14 +229,14 @@ func (s *boltStore) claim(_ context.Context, c claim) ([]change, error) {
 	return s.idx.claimed(c), nil
 }
 
-func (s *boltStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
+func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.loaded {
 		return nil, errors.New("store not loaded")
 	}
 	if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, r) {
-		return nil, &conflictError{current: s.idx.current(r.Key, r.Port)}
+		return nil, &store.ConflictError{Current: s.idx.current(r.Key, r.Port)}
 	}
 	err := s.update(func(b *bolt.Bucket) error {
 		for _, name := range []string{keyName(r.Key), portName(r.Port), seenName(r.Key)} {
@@ -251,11 +252,11 @@ func (s *boltStore) release(_ context.Context, r record, at time.Time) ([]change
 	return s.idx.released(r, at), nil
 }
 
-func (s *boltStore) releaseDamaged(_ context.Context, port int) error {
+func (s *boltStore) ReleaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, ok := s.idx.damaged[port]; !ok {
-		return errNotHeldBack
+		return store.ErrNotHeldBack
 	}
 	if err := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(portName(port))) }); err != nil {
 		return err
@@ -264,18 +265,18 @@ func (s *boltStore) releaseDamaged(_ context.Context, port int) error {
 	return nil
 }
 
-func (s *boltStore) touch(_ context.Context, marks []seenMark) error {
+func (s *boltStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var written []seenRecord
 	err := s.update(func(b *bolt.Bucket) error {
 		written = written[:0]
 		for _, m := range marks {
-			if _, ok := s.idx.get(m.key); !ok {
+			if _, ok := s.idx.get(m.Key); !ok {
 				continue
 			}
-			rec := seenRecord{Key: m.key, LastSeen: m.seen.UTC(), Online: m.online}
-			if err := putJSON(b, seenName(m.key), rec); err != nil {
+			rec := seenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
+			if err := putJSON(b, seenName(m.Key), rec); err != nil {
 				return err
 			}
 			written = append(written, rec)
@@ -291,13 +292,13 @@ func (s *boltStore) touch(_ context.Context, marks []seenMark) error {
 	return nil
 }
 
-// watch has nothing to deliver: only this process writes the file.
-func (s *boltStore) watch(ctx context.Context, _ int64, _ func(change)) error {
+// Watch has nothing to deliver: only this process writes the file.
+func (s *boltStore) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
 	return nil
 }
 
-func (s *boltStore) close() error {
+func (s *boltStore) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.loaded = false
@@ -310,11 +311,11 @@ var historyBucket = []byte("history")
 // boltHistory is the bbolt store's history log.
 type boltHistory struct{ s *boltStore }
 
-func (s *boltStore) history() historyLog { return boltHistory{s} }
+func (s *boltStore) History() store.HistoryLog { return boltHistory{s} }
 
-func (h boltHistory) appendEntries(_ context.Context, entries []historyEntry) error {
+func (h boltHistory) Append(_ context.Context, entries []store.HistoryEntry) error {
 	if h.s.db.IsReadOnly() {
-		return errStoreReadOnly
+		return store.ErrReadOnly
 	}
 	return classify(h.s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(historyBucket)
@@ -330,8 +331,8 @@ func (h boltHistory) appendEntries(_ context.Context, entries []historyEntry) er
 	}))
 }
 
-func (h boltHistory) entries(_ context.Context, q historyQuery) ([]historyEntry, error) {
-	var out []historyEntry
+func (h boltHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
+	var out []store.HistoryEntry
 	err := h.s.db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(historyBucket)
 		if b == nil {
@@ -339,8 +340,8 @@ func (h boltHistory) entries(_ context.Context, q historyQuery) ([]historyEntry,
 		}
 		c := b.Cursor()
 		var k, v []byte
-		if q.before != "" {
-			k, v = c.Seek([]byte(q.before))
+		if q.Before != "" {
+			k, v = c.Seek([]byte(q.Before))
 			if k == nil {
 				k, v = c.Last()
 			}
@@ -348,16 +349,16 @@ func (h boltHistory) entries(_ context.Context, q historyQuery) ([]historyEntry,
 			k, v = c.Last()
 		}
 		for ; k != nil; k, v = c.Prev() {
-			var e historyEntry
+			var e store.HistoryEntry
 			if json.Unmarshal(v, &e) != nil {
 				continue
 			}
-			if !q.since.IsZero() && e.Time.Before(q.since) {
+			if !q.Since.IsZero() && e.Time.Before(q.Since) {
 				break
 			}
-			if q.match(e) {
+			if q.Match(e) {
 				out = append(out, e)
-				if q.limit > 0 && len(out) >= q.limit {
+				if q.Limit > 0 && len(out) >= q.Limit {
 					break
 				}
 			}
@@ -367,9 +368,9 @@ func (h boltHistory) entries(_ context.Context, q historyQuery) ([]historyEntry,
 	return out, err
 }
 
-func (h boltHistory) prune(_ context.Context, before time.Time) (int, error) {
+func (h boltHistory) Prune(_ context.Context, before time.Time) (int, error) {
 	if h.s.db.IsReadOnly() {
-		return 0, errStoreReadOnly
+		return 0, store.ErrReadOnly
 	}
 	cutoff := []byte(fmt.Sprintf("%019d", before.UnixNano()))
 	pruned := 0

@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"errors"
+	"frp-port-keeper/internal/store"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -22,7 +23,7 @@ const contractTimeout = 10 * time.Second
 // handle on it (again after a close: a restart). shared says two handles
 // may be open at once (stores that several servers share), which the watch
 // cases need. The suite closes every handle it opens.
-func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) (open func(t *testing.T) portStore, shared bool)) {
+func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) (open func(t *testing.T) store.Store, shared bool)) {
 	tests := []struct {
 		name   string
 		shared bool // needs two handles open at once
@@ -59,94 +60,94 @@ func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) 
 type contractHarness struct {
 	t    *testing.T
 	kind string
-	open func(t *testing.T) portStore
+	open func(t *testing.T) store.Store
 
 	mu     sync.Mutex
-	closed map[portStore]bool
+	closed map[store.Store]bool
 }
 
 // openStore opens a handle, closed at the end of the case unless closed
 // before.
-func (h *contractHarness) openStore() portStore {
+func (h *contractHarness) openStore() store.Store {
 	h.t.Helper()
 	s := h.open(h.t)
 	h.t.Cleanup(func() { h.close(s) })
 	return s
 }
 
-func (h *contractHarness) close(s portStore) {
+func (h *contractHarness) close(s store.Store) {
 	h.t.Helper()
 	h.mu.Lock()
 	if h.closed == nil {
-		h.closed = map[portStore]bool{}
+		h.closed = map[store.Store]bool{}
 	}
 	done := h.closed[s]
 	h.closed[s] = true
 	h.mu.Unlock()
 	if !done {
-		if err := s.close(); err != nil {
+		if err := s.Close(); err != nil {
 			h.t.Errorf("close: %v", err)
 		}
 	}
 }
 
 // reopen closes s (a restart) and returns a new handle and what it loads.
-func (h *contractHarness) reopen(s portStore) (portStore, snapshot) {
+func (h *contractHarness) reopen(s store.Store) (store.Store, store.Snapshot) {
 	h.t.Helper()
 	h.close(s)
 	s = h.openStore()
 	return s, h.load(s)
 }
 
-func (h *contractHarness) load(s portStore) snapshot {
+func (h *contractHarness) load(s store.Store) store.Snapshot {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), contractTimeout)
 	defer cancel()
-	snap, err := s.load(ctx)
+	snap, err := s.Load(ctx)
 	if err != nil {
 		h.t.Fatalf("load: %v", err)
 	}
 	return snap
 }
 
-func (h *contractHarness) claim(s portStore, c claim) ([]change, error) {
+func (h *contractHarness) claim(s store.Store, c store.Claim) ([]store.Change, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), contractTimeout)
 	defer cancel()
-	return s.claim(ctx, c)
+	return s.Claim(ctx, c)
 }
 
 // claimOK claims and wants success.
-func (h *contractHarness) claimOK(s portStore, c claim) []change {
+func (h *contractHarness) claimOK(s store.Store, c store.Claim) []store.Change {
 	h.t.Helper()
 	changes, err := h.claim(s, c)
 	if err != nil {
-		h.t.Fatalf("claim %s@%d: %v", c.want.Key, c.want.Port, err)
+		h.t.Fatalf("claim %s@%d: %v", c.Want.Key, c.Want.Port, err)
 	}
 	return changes
 }
 
 // claimConflict claims and wants a *conflictError.
-func (h *contractHarness) claimConflict(s portStore, c claim) *conflictError {
+func (h *contractHarness) claimConflict(s store.Store, c store.Claim) *store.ConflictError {
 	h.t.Helper()
 	_, err := h.claim(s, c)
-	var cerr *conflictError
+	var cerr *store.ConflictError
 	if !errors.As(err, &cerr) {
-		h.t.Fatalf("claim %s@%d = %v; want a *conflictError", c.want.Key, c.want.Port, err)
+		h.t.Fatalf("claim %s@%d = %v; want a *conflictError", c.Want.Key, c.Want.Port, err)
 	}
 	return cerr
 }
 
-func (h *contractHarness) release(s portStore, r record, at time.Time) ([]change, error) {
+func (h *contractHarness) release(s store.Store, r store.Record, at time.Time) ([]store.Change, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), contractTimeout)
 	defer cancel()
-	return s.release(ctx, r, at)
+	return s.Release(ctx, r, at)
 }
 
-func (h *contractHarness) touch(s portStore, marks ...seenMark) {
+func (h *contractHarness) touch(s store.Store, marks ...store.SeenMark) {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), contractTimeout)
 	defer cancel()
-	if err := s.touch(ctx, marks); err != nil {
+	if err := s.Touch(ctx, marks); err != nil {
 		h.t.Fatalf("touch: %v", err)
 	}
 }
@@ -156,30 +157,30 @@ func (h *contractHarness) touch(s portStore, marks ...seenMark) {
 var contractBase = time.Date(2026, 11, 25, 16, 14, 5, 123456789, time.UTC)
 
 // contractRec is an allocation of key on port for user.
-func contractRec(key string, port int, user string) record {
+func contractRec(key string, port int, user string) store.Record {
 	at := contractBase.Add(time.Duration(port) * time.Second)
-	return record{Key: key, Port: port, User: user, ProxyName: key, ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
+	return store.Record{Key: key, Port: port, User: user, ProxyName: key, ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
 }
 
 // contractMoved is r on another port, assigned later.
-func contractMoved(r record, port int) record {
+func contractMoved(r store.Record, port int) store.Record {
 	r.Port = port
 	r.AssignedAt = r.AssignedAt.Add(time.Hour)
 	return r
 }
 
 // wantAllocations fails unless snap holds exactly recs.
-func wantAllocations(t *testing.T, what string, snap snapshot, recs ...record) {
+func wantAllocations(t *testing.T, what string, snap store.Snapshot, recs ...store.Record) {
 	t.Helper()
-	got := map[string]record{}
-	for _, r := range snap.allocations {
+	got := map[string]store.Record{}
+	for _, r := range snap.Allocations {
 		if _, dup := got[r.Key]; dup {
 			t.Fatalf("%s: key %q loaded twice", what, r.Key)
 		}
 		got[r.Key] = r
 	}
 	ports := map[int]string{}
-	for _, r := range snap.allocations {
+	for _, r := range snap.Allocations {
 		if other, dup := ports[r.Port]; dup {
 			t.Fatalf("%s: port %d loaded for %q and %q", what, r.Port, other, r.Key)
 		}
@@ -187,29 +188,29 @@ func wantAllocations(t *testing.T, what string, snap snapshot, recs ...record) {
 	}
 	for _, want := range recs {
 		if g, ok := got[want.Key]; !ok || !sameRecord(g, want) {
-			t.Fatalf("%s: allocations = %+v; want %+v among them", what, snap.allocations, want)
+			t.Fatalf("%s: allocations = %+v; want %+v among them", what, snap.Allocations, want)
 		}
 	}
-	if len(snap.allocations) != len(recs) {
-		t.Fatalf("%s: %d allocations %+v; want %d", what, len(snap.allocations), snap.allocations, len(recs))
+	if len(snap.Allocations) != len(recs) {
+		t.Fatalf("%s: %d allocations %+v; want %d", what, len(snap.Allocations), snap.Allocations, len(recs))
 	}
 }
 
 // wantChanges fails unless changes are, in order, puts of puts' records
 // and deletes of the keys in deletes, as listed by want.
-func wantChanges(t *testing.T, what string, got []change, want ...change) {
+func wantChanges(t *testing.T, what string, got []store.Change, want ...store.Change) {
 	t.Helper()
 	if len(got) != len(want) {
 		t.Fatalf("%s: changes = %+v; want %+v", what, got, want)
 	}
 	for i := range want {
 		g, w := got[i], want[i]
-		ok := g.kind == w.kind && g.key == w.key
-		switch w.kind {
-		case changePut:
-			ok = ok && sameRecord(g.rec, w.rec)
-		case changeDelete:
-			ok = ok && (w.at.IsZero() || g.at.Equal(w.at))
+		ok := g.Kind == w.Kind && g.Key == w.Key
+		switch w.Kind {
+		case store.ChangePut:
+			ok = ok && sameRecord(g.Rec, w.Rec)
+		case store.ChangeDelete:
+			ok = ok && (w.At.IsZero() || g.At.Equal(w.At))
 		}
 		if !ok {
 			t.Fatalf("%s: change %d = %+v; want %+v", what, i, g, w)
@@ -217,37 +218,39 @@ func wantChanges(t *testing.T, what string, got []change, want ...change) {
 	}
 	var last int64
 	for _, c := range got {
-		if c.rev != 0 && c.rev < last {
+		if c.Rev != 0 && c.Rev < last {
 			t.Fatalf("%s: revisions go back: %+v", what, got)
 		}
-		last = max(last, c.rev)
+		last = max(last, c.Rev)
 	}
 }
 
 // wantCurrent fails unless cerr.current holds a put of each record in
 // puts and a delete of each key in deletes.
-func wantCurrent(t *testing.T, what string, cerr *conflictError, puts []record, deletes []string) {
+func wantCurrent(t *testing.T, what string, cerr *store.ConflictError, puts []store.Record, deletes []string) {
 	t.Helper()
 	for _, want := range puts {
-		if !slices.ContainsFunc(cerr.current, func(c change) bool { return c.kind == changePut && sameRecord(c.rec, want) }) {
-			t.Fatalf("%s: conflict current = %+v; want a put of %+v", what, cerr.current, want)
+		if !slices.ContainsFunc(cerr.Current, func(c store.Change) bool { return c.Kind == store.ChangePut && sameRecord(c.Rec, want) }) {
+			t.Fatalf("%s: conflict current = %+v; want a put of %+v", what, cerr.Current, want)
 		}
 	}
 	for _, key := range deletes {
-		if !slices.ContainsFunc(cerr.current, func(c change) bool { return c.kind == changeDelete && c.key == key }) {
-			t.Fatalf("%s: conflict current = %+v; want a delete of %q", what, cerr.current, key)
+		if !slices.ContainsFunc(cerr.Current, func(c store.Change) bool { return c.Kind == store.ChangeDelete && c.Key == key }) {
+			t.Fatalf("%s: conflict current = %+v; want a delete of %q", what, cerr.Current, key)
 		}
 	}
-	for _, c := range cerr.current {
-		if c.kind == changePut && !validRecord(c.rec) {
+	for _, c := range cerr.Current {
+		if c.Kind == store.ChangePut && !validRecord(c.Rec) {
 			t.Fatalf("%s: conflict current holds an invalid put %+v", what, c)
 		}
 	}
 }
 
-func contractPut(r record) change { return change{kind: changePut, key: r.Key, rec: r} }
-func contractDel(key string, at time.Time) change {
-	return change{kind: changeDelete, key: key, at: at}
+func contractPut(r store.Record) store.Change {
+	return store.Change{Kind: store.ChangePut, Key: r.Key, Rec: r}
+}
+func contractDel(key string, at time.Time) store.Change {
+	return store.Change{Kind: store.ChangeDelete, Key: key, At: at}
 }
 
 // ---------------------------------------------------------------------------
@@ -257,8 +260,8 @@ func contractEmptyLoad(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	snap := h.load(s)
 	wantAllocations(t, "empty store", snap)
-	if len(snap.freed) != 0 || len(snap.lastSeen) != 0 {
-		t.Fatalf("empty store: freed %v, lastSeen %v; want none", snap.freed, snap.lastSeen)
+	if len(snap.Freed) != 0 || len(snap.LastSeen) != 0 {
+		t.Fatalf("empty store: freed %v, lastSeen %v; want none", snap.Freed, snap.LastSeen)
 	}
 }
 
@@ -266,7 +269,7 @@ func contractClaimNew(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	wantChanges(t, "claim", h.claimOK(s, claim{want: a}), contractPut(a))
+	wantChanges(t, "claim", h.claimOK(s, store.Claim{Want: a}), contractPut(a))
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after reopen", snap, a)
 }
@@ -275,11 +278,11 @@ func contractHeldPort(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	h.claimOK(s, claim{want: a})
+	h.claimOK(s, store.Claim{Want: a})
 	b := contractRec("bob.web", 20001, "bob")
-	cerr := h.claimConflict(s, claim{want: b})
-	wantCurrent(t, "bob on alice's port", cerr, []record{a}, nil)
-	if cerr.quota {
+	cerr := h.claimConflict(s, store.Claim{Want: b})
+	wantCurrent(t, "bob on alice's port", cerr, []store.Record{a}, nil)
+	if cerr.Quota {
 		t.Fatalf("bob on alice's port: quota = true; want false")
 	}
 	_, snap := h.reopen(s)
@@ -290,10 +293,10 @@ func contractExistingKey(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	h.claimOK(s, claim{want: a})
+	h.claimOK(s, store.Claim{Want: a})
 	again := contractRec("alice.web", 20002, "alice")
-	cerr := h.claimConflict(s, claim{want: again})
-	wantCurrent(t, "alice claimed as new again", cerr, []record{a}, nil)
+	cerr := h.claimConflict(s, store.Claim{Want: again})
+	wantCurrent(t, "alice claimed as new again", cerr, []store.Record{a}, nil)
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after the refused claim", snap, a)
 }
@@ -302,31 +305,31 @@ func contractMove(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	h.claimOK(s, claim{want: a})
+	h.claimOK(s, store.Claim{Want: a})
 	a2 := contractMoved(a, 20002)
 	at := contractBase.Add(48 * time.Hour)
-	wantChanges(t, "move", h.claimOK(s, claim{want: a2, old: &a, at: at}), contractPut(a2))
+	wantChanges(t, "move", h.claimOK(s, store.Claim{Want: a2, Old: &a, At: at}), contractPut(a2))
 	s, snap := h.reopen(s)
 	wantAllocations(t, "after the move", snap, a2)
-	if got, ok := snap.freed[a.Port]; !ok || !got.Equal(at) {
+	if got, ok := snap.Freed[a.Port]; !ok || !got.Equal(at) {
 		t.Fatalf("after the move: freed[%d] = %v, %v; want %v", a.Port, got, ok, at)
 	}
 	// The new port is held: nobody else gets it, and the old one is free.
-	cerr := h.claimConflict(s, claim{want: contractRec("bob.web", a2.Port, "bob")})
-	wantCurrent(t, "bob on alice's new port", cerr, []record{a2}, nil)
-	h.claimOK(s, claim{want: contractRec("bob.web", a.Port, "bob")})
+	cerr := h.claimConflict(s, store.Claim{Want: contractRec("bob.web", a2.Port, "bob")})
+	wantCurrent(t, "bob on alice's new port", cerr, []store.Record{a2}, nil)
+	h.claimOK(s, store.Claim{Want: contractRec("bob.web", a.Port, "bob")})
 }
 
 func contractStaleMove(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	h.claimOK(s, claim{want: a})
+	h.claimOK(s, store.Claim{Want: a})
 	a2 := contractMoved(a, 20002)
-	h.claimOK(s, claim{want: a2, old: &a, at: contractBase})
+	h.claimOK(s, store.Claim{Want: a2, Old: &a, At: contractBase})
 	a3 := contractMoved(a, 20003)
-	cerr := h.claimConflict(s, claim{want: a3, old: &a, at: contractBase})
-	wantCurrent(t, "move from a stale record", cerr, []record{a2}, nil)
+	cerr := h.claimConflict(s, store.Claim{Want: a3, Old: &a, At: contractBase})
+	wantCurrent(t, "move from a stale record", cerr, []store.Record{a2}, nil)
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after the refused move", snap, a2)
 }
@@ -335,21 +338,21 @@ func contractReclaim(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	v := contractRec("old.dev", 20001, "old")
-	h.claimOK(s, claim{want: v})
-	h.touch(s, seenMark{key: v.Key, seen: contractBase, online: false})
+	h.claimOK(s, store.Claim{Want: v})
+	h.touch(s, store.SeenMark{Key: v.Key, Seen: contractBase, Online: false})
 	w := contractRec("new.dev", 20001, "new")
 	at := contractBase.Add(time.Hour)
-	changes := h.claimOK(s, claim{want: w, victim: &v, at: at})
-	if !slices.ContainsFunc(changes, func(c change) bool { return c.kind == changeDelete && c.key == v.Key }) ||
-		!slices.ContainsFunc(changes, func(c change) bool { return c.kind == changePut && sameRecord(c.rec, w) }) || len(changes) != 2 {
+	changes := h.claimOK(s, store.Claim{Want: w, Victim: &v, At: at})
+	if !slices.ContainsFunc(changes, func(c store.Change) bool { return c.Kind == store.ChangeDelete && c.Key == v.Key }) ||
+		!slices.ContainsFunc(changes, func(c store.Change) bool { return c.Kind == store.ChangePut && sameRecord(c.Rec, w) }) || len(changes) != 2 {
 		t.Fatalf("reclaim: changes = %+v; want a delete of %q and a put of %+v", changes, v.Key, w)
 	}
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after the reclaim", snap, w)
-	if _, ok := snap.lastSeen[v.Key]; ok {
+	if _, ok := snap.LastSeen[v.Key]; ok {
 		t.Fatalf("after the reclaim: lastSeen[%q] still there", v.Key)
 	}
-	if _, ok := snap.freed[w.Port]; ok {
+	if _, ok := snap.Freed[w.Port]; ok {
 		t.Fatalf("after the reclaim: port %d listed as freed while %q holds it", w.Port, w.Key)
 	}
 }
@@ -358,17 +361,17 @@ func contractStaleVictim(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	v := contractRec("old.dev", 20001, "old")
-	h.claimOK(s, claim{want: v})
+	h.claimOK(s, store.Claim{Want: v})
 	if _, err := h.release(s, v, contractBase); err != nil {
 		t.Fatal(err)
 	}
 	w := contractRec("new.dev", 20001, "new")
-	cerr := h.claimConflict(s, claim{want: w, victim: &v, at: contractBase})
+	cerr := h.claimConflict(s, store.Claim{Want: w, Victim: &v, At: contractBase})
 	wantCurrent(t, "reclaim of a released victim", cerr, nil, []string{v.Key})
 	s, snap := h.reopen(s)
 	wantAllocations(t, "after the refused reclaim", snap)
 	// The port is simply free now.
-	h.claimOK(s, claim{want: w})
+	h.claimOK(s, store.Claim{Want: w})
 }
 
 func contractRelease(t *testing.T, h *contractHarness) {
@@ -376,9 +379,9 @@ func contractRelease(t *testing.T, h *contractHarness) {
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
 	b := contractRec("bob.web", 20002, "bob")
-	h.claimOK(s, claim{want: a})
-	h.claimOK(s, claim{want: b})
-	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	h.claimOK(s, store.Claim{Want: a})
+	h.claimOK(s, store.Claim{Want: b})
+	h.touch(s, store.SeenMark{Key: a.Key, Seen: contractBase, Online: true})
 	at := contractBase.Add(72 * time.Hour)
 	changes, err := h.release(s, a, at)
 	if err != nil {
@@ -387,10 +390,10 @@ func contractRelease(t *testing.T, h *contractHarness) {
 	wantChanges(t, "release", changes, contractDel(a.Key, at))
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after the release", snap, b)
-	if got, ok := snap.freed[a.Port]; !ok || !got.Equal(at) {
+	if got, ok := snap.Freed[a.Port]; !ok || !got.Equal(at) {
 		t.Fatalf("after the release: freed[%d] = %v, %v; want %v", a.Port, got, ok, at)
 	}
-	if _, ok := snap.lastSeen[a.Key]; ok {
+	if _, ok := snap.LastSeen[a.Key]; ok {
 		t.Fatalf("after the release: lastSeen[%q] still there", a.Key)
 	}
 }
@@ -399,15 +402,15 @@ func contractStaleRelease(t *testing.T, h *contractHarness) {
 	s := h.openStore()
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
-	h.claimOK(s, claim{want: a})
+	h.claimOK(s, store.Claim{Want: a})
 	a2 := contractMoved(a, 20002)
-	h.claimOK(s, claim{want: a2, old: &a, at: contractBase})
+	h.claimOK(s, store.Claim{Want: a2, Old: &a, At: contractBase})
 	_, err := h.release(s, a, contractBase)
-	var cerr *conflictError
+	var cerr *store.ConflictError
 	if !errors.As(err, &cerr) {
 		t.Fatalf("release of a stale record = %v; want a *conflictError", err)
 	}
-	wantCurrent(t, "release of a stale record", cerr, []record{a2}, nil)
+	wantCurrent(t, "release of a stale record", cerr, []store.Record{a2}, nil)
 	_, snap := h.reopen(s)
 	wantAllocations(t, "after the refused release", snap, a2)
 }
@@ -417,21 +420,21 @@ func contractTouch(t *testing.T, h *contractHarness) {
 	h.load(s)
 	a := contractRec("alice.web", 20001, "alice")
 	b := contractRec("bob.web", 20002, "bob")
-	h.claimOK(s, claim{want: a})
-	h.claimOK(s, claim{want: b})
+	h.claimOK(s, store.Claim{Want: a})
+	h.claimOK(s, store.Claim{Want: b})
 	seenA, seenB := contractBase.Add(time.Minute), contractBase.Add(2*time.Minute)
 	h.touch(s,
-		seenMark{key: a.Key, seen: seenA, online: true},
-		seenMark{key: b.Key, seen: seenB, online: false},
-		seenMark{key: "ghost.web", seen: seenB, online: true})
+		store.SeenMark{Key: a.Key, Seen: seenA, Online: true},
+		store.SeenMark{Key: b.Key, Seen: seenB, Online: false},
+		store.SeenMark{Key: "ghost.web", Seen: seenB, Online: true})
 	_, snap := h.reopen(s)
-	if got := snap.lastSeen[a.Key]; !got.Equal(seenA) || !snap.online[a.Key] {
-		t.Fatalf("after touch: %q last seen %v online %v; want %v true", a.Key, got, snap.online[a.Key], seenA)
+	if got := snap.LastSeen[a.Key]; !got.Equal(seenA) || !snap.Online[a.Key] {
+		t.Fatalf("after touch: %q last seen %v online %v; want %v true", a.Key, got, snap.Online[a.Key], seenA)
 	}
-	if got := snap.lastSeen[b.Key]; !got.Equal(seenB) || snap.online[b.Key] {
-		t.Fatalf("after touch: %q last seen %v online %v; want %v false", b.Key, got, snap.online[b.Key], seenB)
+	if got := snap.LastSeen[b.Key]; !got.Equal(seenB) || snap.Online[b.Key] {
+		t.Fatalf("after touch: %q last seen %v online %v; want %v false", b.Key, got, snap.Online[b.Key], seenB)
 	}
-	if _, ok := snap.lastSeen["ghost.web"]; ok {
+	if _, ok := snap.LastSeen["ghost.web"]; ok {
 		t.Fatalf("after touch: a key without a record got a last-seen time")
 	}
 }
@@ -441,41 +444,41 @@ func contractMaxKeys(t *testing.T, h *contractHarness) {
 	h.load(s)
 	const limit = 2
 	a1, a2 := contractRec("alice.one", 20001, "alice"), contractRec("alice.two", 20002, "alice")
-	h.claimOK(s, claim{want: a1, maxKeys: limit})
-	h.claimOK(s, claim{want: a2, maxKeys: limit})
+	h.claimOK(s, store.Claim{Want: a1, MaxKeys: limit})
+	h.claimOK(s, store.Claim{Want: a2, MaxKeys: limit})
 	a3 := contractRec("alice.three", 20003, "alice")
-	cerr := h.claimConflict(s, claim{want: a3, maxKeys: limit})
-	if !cerr.quota {
+	cerr := h.claimConflict(s, store.Claim{Want: a3, MaxKeys: limit})
+	if !cerr.Quota {
 		t.Fatalf("third key of alice with maxKeys %d: conflict %+v; want quota", limit, cerr)
 	}
 	// Others are not counted against alice, moves are not new keys, and
 	// no limit means none.
-	h.claimOK(s, claim{want: contractRec("bob.one", 20004, "bob"), maxKeys: limit})
+	h.claimOK(s, store.Claim{Want: contractRec("bob.one", 20004, "bob"), MaxKeys: limit})
 	a1m := contractMoved(a1, 20005)
-	h.claimOK(s, claim{want: a1m, old: &a1, maxKeys: limit, at: contractBase})
+	h.claimOK(s, store.Claim{Want: a1m, Old: &a1, MaxKeys: limit, At: contractBase})
 	s, snap := h.reopen(s)
 	wantAllocations(t, "after the refused third key", snap, a1m, a2, contractRec("bob.one", 20004, "bob"))
 	if _, err := h.release(s, a2, contractBase); err != nil {
 		t.Fatal(err)
 	}
-	h.claimOK(s, claim{want: a3, maxKeys: limit})
-	cerr = h.claimConflict(s, claim{want: contractRec("alice.four", 20006, "alice"), maxKeys: limit})
-	if !cerr.quota {
+	h.claimOK(s, store.Claim{Want: a3, MaxKeys: limit})
+	cerr = h.claimConflict(s, store.Claim{Want: contractRec("alice.four", 20006, "alice"), MaxKeys: limit})
+	if !cerr.Quota {
 		t.Fatalf("alice over her limit after a release and a claim: %+v; want quota", cerr)
 	}
-	h.claimOK(s, claim{want: contractRec("alice.four", 20006, "alice")})
+	h.claimOK(s, store.Claim{Want: contractRec("alice.four", 20006, "alice")})
 }
 
 // watchCollector gathers what a watch delivers.
 type watchCollector struct {
-	ch   chan change
+	ch   chan store.Change
 	done chan error
 }
 
-func (h *contractHarness) startWatch(s portStore, rev int64) *watchCollector {
+func (h *contractHarness) startWatch(s store.Store, rev int64) *watchCollector {
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &watchCollector{ch: make(chan change, 1000), done: make(chan error, 1)}
-	go func() { w.done <- s.watch(ctx, rev, func(c change) { w.ch <- c }) }()
+	w := &watchCollector{ch: make(chan store.Change, 1000), done: make(chan error, 1)}
+	go func() { w.done <- s.Watch(ctx, rev, func(c store.Change) { w.ch <- c }) }()
 	h.t.Cleanup(func() {
 		cancel()
 		select {
@@ -488,7 +491,7 @@ func (h *contractHarness) startWatch(s portStore, rev int64) *watchCollector {
 }
 
 // next is the next change the watch delivers.
-func (w *watchCollector) next(t *testing.T, what string) change {
+func (w *watchCollector) next(t *testing.T, what string) store.Change {
 	t.Helper()
 	select {
 	case c := <-w.ch:
@@ -498,7 +501,7 @@ func (w *watchCollector) next(t *testing.T, what string) change {
 	case <-time.After(contractTimeout):
 		t.Fatalf("%s: no change delivered within %v", what, contractTimeout)
 	}
-	return change{}
+	return store.Change{}
 }
 
 // quiet fails if the watch delivers anything within d.
@@ -514,14 +517,14 @@ func (w *watchCollector) quiet(t *testing.T, what string, d time.Duration) {
 func contractWatch(t *testing.T, h *contractHarness) {
 	a, b := h.openStore(), h.openStore()
 	h.load(a)
-	w := h.startWatch(b, h.load(b).rev)
+	w := h.startWatch(b, h.load(b).Rev)
 
 	x := contractRec("alice.web", 20001, "alice")
 	x2 := contractMoved(x, 20002)
 	seen, at := contractBase.Add(time.Minute), contractBase.Add(time.Hour)
-	h.claimOK(a, claim{want: x})
-	h.claimOK(a, claim{want: x2, old: &x, at: contractBase})
-	h.touch(a, seenMark{key: x.Key, seen: seen, online: true})
+	h.claimOK(a, store.Claim{Want: x})
+	h.claimOK(a, store.Claim{Want: x2, Old: &x, At: contractBase})
+	h.touch(a, store.SeenMark{Key: x.Key, Seen: seen, Online: true})
 	if _, err := h.release(a, x2, at); err != nil {
 		t.Fatal(err)
 	}
@@ -530,21 +533,21 @@ func contractWatch(t *testing.T, h *contractHarness) {
 	// port, so memory never holds two keys on one port.
 	v := contractRec("old.dev", 20003, "old")
 	nw := contractRec("new.dev", 20003, "new")
-	h.claimOK(a, claim{want: v})
-	h.claimOK(a, claim{want: nw, victim: &v, at: at})
+	h.claimOK(a, store.Claim{Want: v})
+	h.claimOK(a, store.Claim{Want: nw, Victim: &v, At: at})
 
-	var got []change
+	var got []store.Change
 	for range 7 {
 		got = append(got, w.next(t, "watch of the other handle"))
 	}
 	wantChanges(t, "watch of the other handle", got,
-		contractPut(x), contractPut(x2), change{kind: changeSeen, key: x.Key}, contractDel(x.Key, at),
+		contractPut(x), contractPut(x2), store.Change{Kind: store.ChangeSeen, Key: x.Key}, contractDel(x.Key, at),
 		contractPut(v), contractDel(v.Key, time.Time{}), contractPut(nw))
-	if c := got[2]; !c.seen.Equal(seen) || !c.online {
+	if c := got[2]; !c.Seen.Equal(seen) || !c.Online {
 		t.Fatalf("watch: seen change %+v; want last seen %v, online", c, seen)
 	}
 	for i := 1; i < 5; i++ {
-		if got[i].rev <= got[i-1].rev {
+		if got[i].Rev <= got[i-1].Rev {
 			t.Fatalf("watch: revisions not increasing: %+v", got)
 		}
 	}
@@ -562,35 +565,35 @@ func contractWatchReset(t *testing.T, h *contractHarness) {
 		t.Skipf("%s store has no history to compact", h.kind)
 	}
 	h.load(a)
-	behind := h.load(b).rev
+	behind := h.load(b).Rev
 	k1, k2 := contractRec("k.one", 20001, "u"), contractRec("k.two", 20002, "u")
-	h.claimOK(a, claim{want: k1})
-	h.claimOK(a, claim{want: k2})
+	h.claimOK(a, store.Claim{Want: k1})
+	h.claimOK(a, store.Claim{Want: k2})
 	cut.compactForTest(t)
 
 	w := h.startWatch(b, behind)
 	c := w.next(t, "watch behind a compaction")
-	if c.kind != changeReset || c.reset == nil {
+	if c.Kind != store.ChangeReset || c.Reset == nil {
 		t.Fatalf("watch behind a compaction: first change %+v; want a changeReset", c)
 	}
-	wantAllocations(t, "reset snapshot", *c.reset, k1, k2)
-	if c.rev != c.reset.rev {
-		t.Fatalf("reset: change rev %d, snapshot rev %d; want equal", c.rev, c.reset.rev)
+	wantAllocations(t, "reset snapshot", *c.Reset, k1, k2)
+	if c.Rev != c.Reset.Rev {
+		t.Fatalf("reset: change rev %d, snapshot rev %d; want equal", c.Rev, c.Reset.Rev)
 	}
 	k3 := contractRec("k.three", 20003, "u")
-	h.claimOK(a, claim{want: k3})
+	h.claimOK(a, store.Claim{Want: k3})
 	next := w.next(t, "watch after the reset")
-	wantChanges(t, "watch after the reset", []change{next}, contractPut(k3))
-	if next.rev <= c.reset.rev {
-		t.Fatalf("watch after the reset: rev %d; want after the snapshot's %d", next.rev, c.reset.rev)
+	wantChanges(t, "watch after the reset", []store.Change{next}, contractPut(k3))
+	if next.Rev <= c.Reset.Rev {
+		t.Fatalf("watch after the reset: rev %d; want after the snapshot's %d", next.Rev, c.Reset.Rev)
 	}
 }
 
 // The contract on the stores this process alone writes.
 func TestStoreContractFile(t *testing.T) {
-	testStoreContract(t, "file", func(t *testing.T) (func(t *testing.T) portStore, bool) {
+	testStoreContract(t, "file", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		dir := t.TempDir()
-		return func(t *testing.T) portStore {
+		return func(t *testing.T) store.Store {
 			s, err := openFileStore(dir, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
@@ -601,9 +604,9 @@ func TestStoreContractFile(t *testing.T) {
 }
 
 func TestStoreContractBbolt(t *testing.T) {
-	testStoreContract(t, "bbolt", func(t *testing.T) (func(t *testing.T) portStore, bool) {
+	testStoreContract(t, "bbolt", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		path := filepath.Join(t.TempDir(), "allocations.bbolt")
-		return func(t *testing.T) portStore {
+		return func(t *testing.T) store.Store {
 			s, err := openBoltStore(path, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
@@ -615,8 +618,8 @@ func TestStoreContractBbolt(t *testing.T) {
 
 // The fake store the allocator tests use keeps the contract too.
 func TestStoreContractFake(t *testing.T) {
-	testStoreContract(t, "fake", func(t *testing.T) (func(t *testing.T) portStore, bool) {
+	testStoreContract(t, "fake", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		f := newFakeStore()
-		return func(t *testing.T) portStore { return f }, false
+		return func(t *testing.T) store.Store { return f }, false
 	})
 }

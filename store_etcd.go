@@ -43,6 +43,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"maps"
@@ -159,12 +160,12 @@ type etcdStore struct {
 	// during a write-back.
 	lost      string
 	lostAgain bool
-	held      []record
+	held      []store.Record
 	lostc     chan struct{} // wakes the watch when lost is set
 	// writeGate: claims and releases hold it shared, a write-back alone.
 	writeGate sync.RWMutex
 	// restored hears of every finished write-back (metrics).
-	restored func(restoreReport)
+	restored func(store.RestoreReport)
 }
 
 // userLock is one user's write lock, dropped when nobody holds or waits.
@@ -290,7 +291,7 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 		tls:       tlsConfig,
 		mem:       map[string]etcdEntry{},
 		lostc:     make(chan struct{}, 1),
-		restored:  func(restoreReport) {},
+		restored:  func(store.RestoreReport) {},
 	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   o.endpoints,
@@ -416,15 +417,15 @@ func (s *etcdStore) bound(ctx context.Context) (context.Context, context.CancelF
 	return context.WithTimeout(ctx, s.timeout)
 }
 
-func (s *etcdStore) close() error { return s.cli.Close() }
+func (s *etcdStore) Close() error { return s.cli.Close() }
 
-// releaseDamaged: etcd's records are written whole or not at all, so none
+// ReleaseDamaged: etcd's records are written whole or not at all, so none
 // is ever found damaged.
-func (s *etcdStore) releaseDamaged(context.Context, int) error { return errNotHeldBack }
+func (s *etcdStore) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
 
 // onRestore sets what hears of every finished write-back; call it before
 // watch.
-func (s *etcdStore) onRestore(f func(restoreReport)) { s.restored = f }
+func (s *etcdStore) onRestore(f func(store.RestoreReport)) { s.restored = f }
 
 // ---------------------------------------------------------------------------
 // Is this the etcd memory came from?
@@ -501,8 +502,8 @@ func (s *etcdStore) lostLocked(why string) {
 
 // heldLocked is every allocation memory holds, as load would serve them:
 // key records whose port record names them, oldest first.
-func (s *etcdStore) heldLocked() []record {
-	held := []record{}
+func (s *etcdStore) heldLocked() []store.Record {
+	held := []store.Record{}
 	for name := range s.mem {
 		esc, ok := strings.CutPrefix(name, "key/")
 		if !ok {
@@ -518,7 +519,7 @@ func (s *etcdStore) heldLocked() []record {
 			}
 		}
 	}
-	slices.SortFunc(held, func(a, b record) int {
+	slices.SortFunc(held, func(a, b store.Record) int {
 		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
 	})
 	return held
@@ -533,14 +534,14 @@ func (s *etcdStore) refusal() error {
 		return nil
 	}
 	return fmt.Errorf("%w: etcd at %s: %s; writes resume once every allocation this server holds is written back",
-		errStoreRestoring, s.endpoints, s.lost)
+		store.ErrRestoring, s.endpoints, s.lost)
 }
 
 // enterWrite admits a claim or release unless a write-back is due or
 // under way (it never waits for one), and returns what ends it.
 func (s *etcdStore) enterWrite() (func(), error) {
 	if !s.writeGate.TryRLock() {
-		return nil, cmp.Or(s.refusal(), fmt.Errorf("%w: etcd at %s", errStoreRestoring, s.endpoints))
+		return nil, cmp.Or(s.refusal(), fmt.Errorf("%w: etcd at %s", store.ErrRestoring, s.endpoints))
 	}
 	if err := s.refusal(); err != nil {
 		s.writeGate.RUnlock()
@@ -574,14 +575,14 @@ func (s *etcdStore) learnLocked(name string, value []byte, modRev, asOf int64) {
 }
 
 // recordLocked is the key's record as the store last saw it.
-func (s *etcdStore) recordLocked(key string) (record, etcdEntry, bool) {
+func (s *etcdStore) recordLocked(key string) (store.Record, etcdEntry, bool) {
 	e := s.mem[etcdKeyName(key)]
 	if e.modRev == 0 {
-		return record{}, e, false
+		return store.Record{}, e, false
 	}
-	var r record
+	var r store.Record
 	if json.Unmarshal(e.value, &r) != nil || r.Key != key {
-		return record{}, e, false
+		return store.Record{}, e, false
 	}
 	return r, e, true
 }
@@ -674,11 +675,11 @@ func (s *etcdStore) commit(ctx context.Context, cmps []clientv3.Cmp, then, els [
 			if etcdDefinite(r.err) {
 				return nil, s.describe("write to", r.err)
 			}
-			return nil, fmt.Errorf("%w: %v", errOutcomeUnknown, s.describe("write to", r.err))
+			return nil, fmt.Errorf("%w: %v", store.ErrOutcomeUnknown, s.describe("write to", r.err))
 		}
 		return r.resp, nil
 	case <-ctx.Done():
-		return nil, fmt.Errorf("%w (etcd at %s: %v)", errOutcomeUnknown, s.endpoints, context.Cause(ctx))
+		return nil, fmt.Errorf("%w (etcd at %s: %v)", store.ErrOutcomeUnknown, s.endpoints, context.Cause(ctx))
 	}
 }
 
@@ -725,7 +726,7 @@ type etcdPlan struct {
 	cmps    []clientv3.Cmp
 	then    []clientv3.Op
 	els     []clientv3.Op
-	changes func(rev int64) []change
+	changes func(rev int64) []store.Change
 }
 
 // etcdVerdict says why no transaction can be planned from memory.
@@ -738,34 +739,34 @@ const (
 )
 
 // names used in reads: the records a claim or release depends on.
-func (s *etcdStore) claimNames(c claim) []string {
+func (s *etcdStore) claimNames(c store.Claim) []string {
 	set := map[string]bool{
-		etcdKeyName(c.want.Key): true, etcdPortName(c.want.Port): true,
-		etcdUserName(c.want.User): true,
+		etcdKeyName(c.Want.Key): true, etcdPortName(c.Want.Port): true,
+		etcdUserName(c.Want.User): true,
 	}
 	s.mu.Lock()
-	if h, _ := s.holderLocked(c.want.Port); h != "" {
+	if h, _ := s.holderLocked(c.Want.Port); h != "" {
 		set[etcdKeyName(h)] = true
 	}
 	s.mu.Unlock()
-	if c.old != nil {
-		set[etcdPortName(c.old.Port)] = true
-		set[etcdUserName(c.old.User)] = true
+	if c.Old != nil {
+		set[etcdPortName(c.Old.Port)] = true
+		set[etcdUserName(c.Old.User)] = true
 	}
-	if c.victim != nil {
-		set[etcdKeyName(c.victim.Key)] = true
-		set[etcdUserName(c.victim.User)] = true
+	if c.Victim != nil {
+		set[etcdKeyName(c.Victim.Key)] = true
+		set[etcdUserName(c.Victim.User)] = true
 	}
 	return slices.Sorted(maps.Keys(set))
 }
 
-// claim writes c in one transaction; see portStore.
-func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
+// Claim writes c in one transaction; see portStore.
+func (s *etcdStore) Claim(ctx context.Context, c store.Claim) ([]store.Change, error) {
 	if err := checkEtcdClaim(c); err != nil {
 		return nil, err
 	}
-	if c.at.IsZero() {
-		c.at = time.Now()
+	if c.At.IsZero() {
+		c.At = time.Now()
 	}
 	leave, err := s.enterWrite()
 	if err != nil {
@@ -774,26 +775,26 @@ func (s *etcdStore) claim(ctx context.Context, c claim) ([]change, error) {
 	defer leave()
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	users := []string{c.want.User}
-	if c.old != nil {
-		users = append(users, c.old.User)
+	users := []string{c.Want.User}
+	if c.Old != nil {
+		users = append(users, c.Old.User)
 	}
-	if c.victim != nil {
-		users = append(users, c.victim.User)
+	if c.Victim != nil {
+		users = append(users, c.Victim.User)
 	}
 	defer s.lockUsers(users...)()
 	return s.write(ctx, s.claimNames(c), func() (etcdPlan, etcdVerdict) { return s.planClaim(c) },
-		func() *conflictError {
-			keys, believed := []string{c.want.Key}, map[string]bool{c.want.Key: c.old != nil}
-			if c.victim != nil {
-				keys, believed[c.victim.Key] = append(keys, c.victim.Key), true
+		func() *store.ConflictError {
+			keys, believed := []string{c.Want.Key}, map[string]bool{c.Want.Key: c.Old != nil}
+			if c.Victim != nil {
+				keys, believed[c.Victim.Key] = append(keys, c.Victim.Key), true
 			}
-			return s.conflictLocked(keys, believed, []int{c.want.Port})
+			return s.conflictLocked(keys, believed, []int{c.Want.Port})
 		})
 }
 
-// release deletes r in one transaction; see portStore.
-func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]change, error) {
+// Release deletes r in one transaction; see portStore.
+func (s *etcdStore) Release(ctx context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	if !validRecord(r) {
 		return nil, fmt.Errorf("release: invalid record for %q port %d", r.Key, r.Port)
 	}
@@ -810,7 +811,7 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
 	defer s.lockUsers(r.User)()
 	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
-		func() *conflictError {
+		func() *store.ConflictError {
 			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, []int{r.Port})
 		})
 }
@@ -821,7 +822,7 @@ func (s *etcdStore) release(ctx context.Context, r record, at time.Time) ([]chan
 // once what the caller saw is no longer so (or the quota is reached) by a
 // read no older than the caller's view. It never reports a change that its
 // transaction did not make.
-func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *conflictError) ([]change, error) {
+func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *store.ConflictError) ([]store.Change, error) {
 	fresh := false // memory holds a read made during this call
 	for range etcdClaimAttempts {
 		if err := s.refusal(); err != nil {
@@ -839,7 +840,7 @@ func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcd
 			s.mu.Lock()
 			cerr := conflict()
 			s.mu.Unlock()
-			cerr.quota = verdict == etcdQuota
+			cerr.Quota = verdict == etcdQuota
 			if err := s.completeConflict(ctx, cerr); err != nil {
 				return nil, err
 			}
@@ -861,14 +862,14 @@ func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcd
 }
 
 // checkEtcdClaim refuses a claim that could not be meant.
-func checkEtcdClaim(c claim) error {
+func checkEtcdClaim(c store.Claim) error {
 	switch {
-	case !validRecord(c.want):
-		return fmt.Errorf("claim: invalid record for %q port %d", c.want.Key, c.want.Port)
-	case c.old != nil && c.old.Key != c.want.Key:
-		return fmt.Errorf("claim: old record is of %q, not %q", c.old.Key, c.want.Key)
-	case c.victim != nil && (c.victim.Port != c.want.Port || c.victim.Key == c.want.Key):
-		return fmt.Errorf("claim: victim %q on port %d cannot make way for %q on port %d", c.victim.Key, c.victim.Port, c.want.Key, c.want.Port)
+	case !validRecord(c.Want):
+		return fmt.Errorf("claim: invalid record for %q port %d", c.Want.Key, c.Want.Port)
+	case c.Old != nil && c.Old.Key != c.Want.Key:
+		return fmt.Errorf("claim: old record is of %q, not %q", c.Old.Key, c.Want.Key)
+	case c.Victim != nil && (c.Victim.Port != c.Want.Port || c.Victim.Key == c.Want.Key):
+		return fmt.Errorf("claim: victim %q on port %d cannot make way for %q on port %d", c.Victim.Key, c.Victim.Port, c.Want.Key, c.Want.Port)
 	}
 	return nil
 }
@@ -894,33 +895,33 @@ func (s *etcdStore) countOpsLocked(p *etcdPlan, delta map[string]int) {
 }
 
 // planClaim builds the claim's transaction from memory.
-func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
+func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
-	key, port := s.prefix+etcdKeyName(c.want.Key), s.prefix+etcdPortName(c.want.Port)
+	key, port := s.prefix+etcdKeyName(c.Want.Key), s.prefix+etcdPortName(c.Want.Port)
 	delta := map[string]int{}
 
 	// The key's record is still what the caller saw.
-	cur, ke, exists := s.recordLocked(c.want.Key)
+	cur, ke, exists := s.recordLocked(c.Want.Key)
 	switch {
-	case c.old == nil && exists, c.old != nil && (!exists || !sameRecord(cur, *c.old)):
+	case c.Old == nil && exists, c.Old != nil && (!exists || !sameRecord(cur, *c.Old)):
 		return p, etcdStale
-	case c.old == nil:
+	case c.Old == nil:
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
-		delta[c.want.User]++
+		delta[c.Want.User]++
 	default:
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
-		delta[c.old.User]--
-		delta[c.want.User]++
+		delta[c.Old.User]--
+		delta[c.Want.User]++
 	}
 
 	// The port is free, or held by the key itself or by the victim.
-	holder, pe := s.holderLocked(c.want.Port)
+	holder, pe := s.holderLocked(c.Want.Port)
 	switch {
-	case c.victim != nil:
-		v, ve, ok := s.recordLocked(c.victim.Key)
-		if holder != c.victim.Key || !ok || !sameRecord(v, *c.victim) {
+	case c.Victim != nil:
+		v, ve, ok := s.recordLocked(c.Victim.Key)
+		if holder != c.Victim.Key || !ok || !sameRecord(v, *c.Victim) {
 			return p, etcdStale
 		}
 		p.cmps = append(p.cmps,
@@ -930,7 +931,7 @@ func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
 		delta[v.User]--
 	case holder == "":
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
-	case holder == c.want.Key && c.old != nil && c.old.Port == c.want.Port:
+	case holder == c.Want.Key && c.Old != nil && c.Old.Port == c.Want.Port:
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
 	default:
 		return p, etcdStale
@@ -938,54 +939,54 @@ func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
 
 	// A new key must fit the user's quota: the count as remembered, and
 	// its ModRevision compared, so the check is exact.
-	if c.old == nil && c.maxKeys > 0 {
-		if n, _ := s.countLocked(c.want.User); n+delta[c.want.User] > c.maxKeys {
+	if c.Old == nil && c.MaxKeys > 0 {
+		if n, _ := s.countLocked(c.Want.User); n+delta[c.Want.User] > c.MaxKeys {
 			return p, etcdQuota
 		}
 	}
 
-	value, err := json.Marshal(c.want)
+	value, err := json.Marshal(c.Want)
 	if err != nil {
 		panic(err) // a record always marshals
 	}
-	p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, c.want.Key),
-		clientv3.OpDelete(s.prefix+etcdFreedName(c.want.Port)))
-	moved := c.old != nil && c.old.Port != c.want.Port
+	p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, c.Want.Key),
+		clientv3.OpDelete(s.prefix+etcdFreedName(c.Want.Port)))
+	moved := c.Old != nil && c.Old.Port != c.Want.Port
 	if moved {
 		// The old port's record goes only if it is still the key's (which
 		// needs a read if the store never saw it).
-		h, oe := s.holderLocked(c.old.Port)
+		h, oe := s.holderLocked(c.Old.Port)
 		if oe.asOf == 0 {
 			return p, etcdStale
 		}
-		if h == c.want.Key {
-			oldPort := s.prefix + etcdPortName(c.old.Port)
+		if h == c.Want.Key {
+			oldPort := s.prefix + etcdPortName(c.Old.Port)
 			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(oldPort), "=", oe.modRev))
 			p.then = append(p.then, clientv3.OpDelete(oldPort))
 		}
-		p.then = append(p.then, clientv3.OpPut(s.prefix+etcdFreedName(c.old.Port), c.at.UTC().Format(time.RFC3339Nano)))
+		p.then = append(p.then, clientv3.OpPut(s.prefix+etcdFreedName(c.Old.Port), c.At.UTC().Format(time.RFC3339Nano)))
 	}
 	s.countOpsLocked(&p, delta)
 
 	// A lost transaction reads what it depended on, for the retry or the
 	// conflict.
 	p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
-	if holder != "" && holder != c.want.Key {
+	if holder != "" && holder != c.Want.Key {
 		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdKeyName(holder)))
 	}
 	if moved {
-		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdPortName(c.old.Port)))
+		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdPortName(c.Old.Port)))
 	}
 
-	want, victim, at := c.want, c.victim, c.at
-	p.changes = func(rev int64) []change {
-		var out []change
+	want, victim, at := c.Want, c.Victim, c.At
+	p.changes = func(rev int64) []store.Change {
+		var out []store.Change
 		if victim != nil {
-			out = append(out, change{kind: changeDelete, rev: rev, key: victim.Key, at: at})
+			out = append(out, store.Change{Kind: store.ChangeDelete, Rev: rev, Key: victim.Key, At: at})
 		}
-		put := change{kind: changePut, rev: rev, key: want.Key, rec: want}
+		put := store.Change{Kind: store.ChangePut, Rev: rev, Key: want.Key, Rec: want}
 		if moved {
-			put.at = at
+			put.At = at
 		}
 		return append(out, put)
 	}
@@ -993,7 +994,7 @@ func (s *etcdStore) planClaim(c claim) (etcdPlan, etcdVerdict) {
 }
 
 // planRelease builds the release's transaction from memory.
-func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) {
+func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVerdict) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
@@ -1018,8 +1019,8 @@ func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) 
 	}
 	s.countOpsLocked(&p, map[string]int{r.User: -1})
 	key0 := r.Key
-	p.changes = func(rev int64) []change {
-		return []change{{kind: changeDelete, rev: rev, key: key0, at: at}}
+	p.changes = func(rev int64) []store.Change {
+		return []store.Change{{Kind: store.ChangeDelete, Rev: rev, Key: key0, At: at}}
 	}
 	return p, etcdPlanned
 }
@@ -1027,8 +1028,8 @@ func (s *etcdStore) planRelease(r record, at time.Time) (etcdPlan, etcdVerdict) 
 // conflictLocked describes what the store holds now of keys and of the
 // holders of ports, as changes. A key that is gone is reported as a delete
 // when the caller believed it existed.
-func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, ports []int) *conflictError {
-	cerr := &conflictError{}
+func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, ports []int) *store.ConflictError {
+	cerr := &store.ConflictError{}
 	seen := map[string]bool{}
 	for _, k := range keys {
 		if seen[k] {
@@ -1036,9 +1037,9 @@ func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, port
 		}
 		seen[k] = true
 		if r, e, ok := s.recordLocked(k); ok {
-			cerr.current = append(cerr.current, change{kind: changePut, rev: e.modRev, key: k, rec: r})
+			cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangePut, Rev: e.modRev, Key: k, Rec: r})
 		} else if believed[k] {
-			cerr.current = append(cerr.current, change{kind: changeDelete, rev: e.asOf, key: k, at: time.Now()})
+			cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangeDelete, Rev: e.asOf, Key: k, At: time.Now()})
 		}
 	}
 	for _, port := range ports {
@@ -1048,18 +1049,18 @@ func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, port
 		}
 		seen[h] = true
 		// Filled in by completeConflict, from a read.
-		cerr.current = append(cerr.current, change{kind: changePut, key: h, rec: record{Key: h, Port: port}})
+		cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangePut, Key: h, Rec: store.Record{Key: h, Port: port}})
 	}
 	return cerr
 }
 
 // completeConflict fills in the puts of ports' holders in cerr with the
 // holders' records as they are now, read in one go.
-func (s *etcdStore) completeConflict(ctx context.Context, cerr *conflictError) error {
+func (s *etcdStore) completeConflict(ctx context.Context, cerr *store.ConflictError) error {
 	var names []string
-	for _, ch := range cerr.current {
-		if ch.rev == 0 {
-			names = append(names, etcdKeyName(ch.key))
+	for _, ch := range cerr.Current {
+		if ch.Rev == 0 {
+			names = append(names, etcdKeyName(ch.Key))
 		}
 	}
 	if len(names) == 0 {
@@ -1070,29 +1071,29 @@ func (s *etcdStore) completeConflict(ctx context.Context, cerr *conflictError) e
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, ch := range cerr.current {
-		if ch.rev != 0 {
+	for i, ch := range cerr.Current {
+		if ch.Rev != 0 {
 			continue
 		}
-		if r, e, ok := s.recordLocked(ch.key); ok {
-			cerr.current[i] = change{kind: changePut, rev: e.modRev, key: ch.key, rec: r}
+		if r, e, ok := s.recordLocked(ch.Key); ok {
+			cerr.Current[i] = store.Change{Kind: store.ChangePut, Rev: e.modRev, Key: ch.Key, Rec: r}
 		} else {
 			// The port record names a key without a record (a hand
 			// edit): the port is held all the same.
-			cerr.current[i].rev = e.asOf
+			cerr.Current[i].Rev = e.asOf
 		}
 	}
 	return nil
 }
 
-// touch writes last-seen records, in batches of nested transactions that
+// Touch writes last-seen records, in batches of nested transactions that
 // each write only while the key's record exists.
-func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
+func (s *etcdStore) Touch(ctx context.Context, marks []store.SeenMark) error {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	last := map[string]seenMark{}
+	last := map[string]store.SeenMark{}
 	for _, m := range marks {
-		last[m.key] = m
+		last[m.Key] = m
 	}
 	keys := slices.Sorted(maps.Keys(last))
 	// etcd lets a nested transaction hold --max-txn-ops minus its
@@ -1100,7 +1101,7 @@ func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
 	for batch := range slices.Chunk(keys, etcdMaxTxnOps/2) {
 		ops := make([]clientv3.Op, 0, len(batch))
 		for _, k := range batch {
-			value, err := json.Marshal(etcdSeen{LastSeen: last[k].seen.UTC(), Online: last[k].online})
+			value, err := json.Marshal(etcdSeen{LastSeen: last[k].Seen.UTC(), Online: last[k].Online})
 			if err != nil {
 				return err
 			}
@@ -1121,21 +1122,21 @@ func (s *etcdStore) touch(ctx context.Context, marks []seenMark) error {
 // ---------------------------------------------------------------------------
 // Reads.
 
-// load reads the whole prefix at one revision, in pages.
-func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
+// Load reads the whole prefix at one revision, in pages.
+func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	f := s.floor()
 	kvs, header, err := s.readAll(ctx)
 	if err != nil {
-		return snapshot{}, s.unreachable("read from", err)
+		return store.Snapshot{}, s.unreachable("read from", err)
 	}
 	if !s.sameEtcd(f, header) {
-		return snapshot{}, cmp.Or(s.refusal(), errEtcdChanged)
+		return store.Snapshot{}, cmp.Or(s.refusal(), errEtcdChanged)
 	}
 	rev := header.Revision
-	snap := snapshot{rev: rev, lastSeen: map[string]time.Time{}, online: map[string]bool{}, freed: map[int]time.Time{}, from: "etcd"}
-	keys := map[string]record{}
+	snap := store.Snapshot{Rev: rev, LastSeen: map[string]time.Time{}, Online: map[string]bool{}, Freed: map[int]time.Time{}, From: "etcd"}
+	keys := map[string]store.Record{}
 	keyRevs := map[string]int64{} // ModRevision of each valid key record
 	holders := map[int]string{}
 	portRevs := map[int]int64{}
@@ -1146,10 +1147,10 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 		kind, rest, _ := strings.Cut(name, "/")
 		switch kind {
 		case "key":
-			var r record
+			var r store.Record
 			k, err := url.PathUnescape(rest)
 			if err != nil || json.Unmarshal(kv.Value, &r) != nil || r.Key != k || !validRecord(r) {
-				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid allocation; ignored", name))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a valid allocation; ignored", name))
 				continue
 			}
 			keys[k], keyRevs[k] = r, kv.ModRevision
@@ -1157,7 +1158,7 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 		case "port":
 			port, err := strconv.Atoi(rest)
 			if err != nil || port < 1 || port > maxPort {
-				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a port; ignored", name))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a port; ignored", name))
 				continue
 			}
 			holders[port], portRevs[port] = string(kv.Value), kv.ModRevision
@@ -1167,19 +1168,19 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 			var seen etcdSeen
 			k, err := url.PathUnescape(rest)
 			if err != nil || json.Unmarshal(kv.Value, &seen) != nil {
-				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid last-seen record; ignored", name))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a valid last-seen record; ignored", name))
 				continue
 			}
-			snap.lastSeen[k] = seen.LastSeen
-			snap.online[k] = seen.Online
+			snap.LastSeen[k] = seen.LastSeen
+			snap.Online[k] = seen.Online
 		case "freed":
 			port, err1 := strconv.Atoi(rest)
 			at, err2 := time.Parse(time.RFC3339Nano, string(kv.Value))
 			if err1 != nil || err2 != nil {
-				snap.problems = append(snap.problems, fmt.Sprintf("%s: not a valid freed-port record; ignored", name))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a valid freed-port record; ignored", name))
 				continue
 			}
-			snap.freed[port] = at
+			snap.Freed[port] = at
 		}
 	}
 	s.mu.Lock()
@@ -1203,12 +1204,12 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 		}, clientv3.OpDelete(s.prefix+name))
 		if ok {
 			delete(holders, port)
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: named %q, which does not hold it; removed", name, k))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: named %q, which does not hold it; removed", name, k))
 		} else {
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: names %q, which does not hold it; not removed (%v): the port stays reserved", name, k, cmp.Or(err, errChanged)))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: names %q, which does not hold it; not removed (%v): the port stays reserved", name, k, cmp.Or(err, errChanged)))
 		}
 	}
-	byAssigned := slices.SortedFunc(maps.Values(keys), func(a, b record) int {
+	byAssigned := slices.SortedFunc(maps.Values(keys), func(a, b store.Record) int {
 		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
 	})
 	for _, r := range byAssigned {
@@ -1221,25 +1222,25 @@ func (s *etcdStore) load(ctx context.Context) (snapshot, error) {
 				clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(r.Key)), "=", keyRevs[r.Key]),
 			}, clientv3.OpPut(s.prefix+name, r.Key))
 			if !ok {
-				snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", etcdKeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", etcdKeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
 				continue
 			}
 			holders[r.Port] = r.Key
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", etcdKeyName(r.Key), r.Port))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", etcdKeyName(r.Key), r.Port))
 		default:
-			snap.problems = append(snap.problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", etcdKeyName(r.Key), r.Port, holders[r.Port]))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", etcdKeyName(r.Key), r.Port, holders[r.Port]))
 			continue
 		}
-		snap.allocations = append(snap.allocations, r)
-		delete(snap.freed, r.Port)
+		snap.Allocations = append(snap.Allocations, r)
+		delete(snap.Freed, r.Port)
 	}
-	for k := range snap.lastSeen {
+	for k := range snap.LastSeen {
 		if holders[keys[k].Port] != k {
-			delete(snap.lastSeen, k)
-			delete(snap.online, k)
+			delete(snap.LastSeen, k)
+			delete(snap.Online, k)
 		}
 	}
-	snap.problems = append(snap.problems, s.repairCounts(ctx, rev, counts, stored)...)
+	snap.Problems = append(snap.Problems, s.repairCounts(ctx, rev, counts, stored)...)
 	return snap, nil
 }
 
@@ -1352,11 +1353,11 @@ func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[stri
 	return problems
 }
 
-// watch delivers every change after rev; see portStore. It returns
+// Watch delivers every change after rev; see portStore. It returns
 // ctx's error when ctx ends, or an error when the store is closed. It also
 // checks that etcd is still the etcd memory came from, and when it is not
 // writes back what memory held (restore).
-func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) error {
+func (s *etcdStore) Watch(ctx context.Context, rev int64, apply func(store.Change)) error {
 	checkCtx, stopChecks := context.WithCancel(ctx)
 	defer stopChecks()
 	go s.checkLoop(checkCtx)
@@ -1417,10 +1418,10 @@ func (s *etcdStore) watch(ctx context.Context, rev int64, apply func(change)) er
 		}
 		if compacted && ctx.Err() == nil {
 			s.log.Warn("etcd watch fell behind a compaction; reloading", "endpoints", s.endpoints, "from_rev", next)
-			snap, err := s.load(ctx)
+			snap, err := s.Load(ctx)
 			if err == nil {
-				apply(change{kind: changeReset, rev: snap.rev, reset: &snap})
-				next = snap.rev + 1
+				apply(store.Change{Kind: store.ChangeReset, Rev: snap.Rev, Reset: &snap})
+				next = snap.Rev + 1
 				continue
 			}
 			s.log.Warn("etcd reload after compaction failed; retrying", "err", err)
@@ -1458,7 +1459,7 @@ func (s *etcdStore) checkLoop(ctx context.Context) {
 // restore writes back what memory held when etcd lost its data, then
 // reloads and applies the result as a reset; it returns the revision to
 // watch from and whether it finished (if not, it is tried again).
-func (s *etcdStore) restore(ctx context.Context, apply func(change)) (int64, bool) {
+func (s *etcdStore) restore(ctx context.Context, apply func(store.Change)) (int64, bool) {
 	report, lostKeys, snap, err := s.writeBack(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -1466,7 +1467,7 @@ func (s *etcdStore) restore(ctx context.Context, apply func(change)) (int64, boo
 		}
 		return 0, false
 	}
-	apply(change{kind: changeReset, rev: snap.rev, reset: &snap})
+	apply(store.Change{Kind: store.ChangeReset, Rev: snap.Rev, Reset: &snap})
 	s.mu.Lock()
 	why := s.lost
 	if s.lostAgain {
@@ -1476,7 +1477,7 @@ func (s *etcdStore) restore(ctx context.Context, apply func(change)) (int64, boo
 		s.lost, s.held = "", nil
 	}
 	s.mu.Unlock()
-	attrs := []any{"endpoints", s.endpoints, "why", why, "restored", report.restored, "present", report.present, "lost", report.lost}
+	attrs := []any{"endpoints", s.endpoints, "why", why, "restored", report.Restored, "present", report.Present, "lost", report.Lost}
 	if len(lostKeys) > 0 {
 		if len(lostKeys) > 20 {
 			lostKeys = append(lostKeys[:20], fmt.Sprintf("and %d more", len(lostKeys)-20))
@@ -1485,20 +1486,20 @@ func (s *etcdStore) restore(ctx context.Context, apply func(change)) (int64, boo
 	}
 	s.log.Warn("etcd lost its data; wrote back the allocations this server held (present: written back by another instance first; lost: another writer took the key or port first, and the key follows what etcd holds)", attrs...)
 	s.restored(report)
-	return snap.rev, true
+	return snap.Rev, true
 }
 
 // writeBack rebuilds memory from what etcd holds now and writes back every
 // allocation held before, in create-if-absent transactions, then loads.
-func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, snapshot, error) {
-	var report restoreReport
+func (s *etcdStore) writeBack(ctx context.Context) (store.RestoreReport, []string, store.Snapshot, error) {
+	var report store.RestoreReport
 	s.writeGate.Lock() // waits for claims and releases under way
 	defer s.writeGate.Unlock()
 	rctx, cancel := s.bound(ctx)
 	kvs, header, err := s.readAll(rctx)
 	cancel()
 	if err != nil {
-		return report, nil, snapshot{}, s.unreachable("read from", err)
+		return report, nil, store.Snapshot{}, s.unreachable("read from", err)
 	}
 	s.mu.Lock()
 	s.gen++ // answers to requests sent before are not learned from
@@ -1513,9 +1514,9 @@ func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, sna
 	pending := held
 	for round := 0; len(pending) > 0; round++ {
 		if round > len(held)+etcdClaimAttempts {
-			return report, nil, snapshot{}, errors.New("the records kept changing")
+			return report, nil, store.Snapshot{}, errors.New("the records kept changing")
 		}
-		var todo []record
+		var todo []store.Record
 		s.mu.Lock()
 		for _, r := range pending {
 			cur, _, has := s.recordLocked(r.Key)
@@ -1523,13 +1524,13 @@ func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, sna
 			switch {
 			case has && cur.Port == r.Port && holder == r.Key:
 				if !restored[r.Key] {
-					report.present++
+					report.Present++
 				}
 			case has && cur.Port != r.Port:
-				report.lost++
+				report.Lost++
 				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, etcd now has it on %d", r.Key, r.Port, cur.Port))
 			case has || holder != "":
-				report.lost++
+				report.Lost++
 				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, which etcd now gives %q", r.Key, r.Port, holder))
 			default:
 				todo = append(todo, r)
@@ -1543,16 +1544,16 @@ func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, sna
 			resp, err := s.commit(wctx, p.cmps, p.then, p.els)
 			cancel()
 			if err != nil {
-				return report, nil, snapshot{}, err
+				return report, nil, store.Snapshot{}, err
 			}
 			s.mu.Lock()
 			again := s.lostAgain
 			s.mu.Unlock()
 			switch {
 			case again:
-				return report, nil, snapshot{}, errors.New("etcd lost its data again")
+				return report, nil, store.Snapshot{}, errors.New("etcd lost its data again")
 			case resp.Succeeded:
-				report.restored += len(batch)
+				report.Restored += len(batch)
 				for _, r := range batch {
 					restored[r.Key] = true
 				}
@@ -1563,16 +1564,16 @@ func (s *etcdStore) writeBack(ctx context.Context) (restoreReport, []string, sna
 			}
 		}
 	}
-	snap, err := s.load(ctx)
+	snap, err := s.Load(ctx)
 	if err != nil {
-		return report, nil, snapshot{}, err
+		return report, nil, store.Snapshot{}, err
 	}
 	return report, lostKeys, snap, nil
 }
 
 // planRestore builds the transaction that writes back records whose key
 // and port records are both absent, moving their users' counts.
-func (s *etcdStore) planRestore(batch []record) etcdPlan {
+func (s *etcdStore) planRestore(batch []store.Record) etcdPlan {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
@@ -1597,7 +1598,7 @@ func (s *etcdStore) planRestore(batch []record) etcdPlan {
 // deliver turns watch events into changes, revision by revision, and
 // returns the revision to watch from next. Within a revision, deletes come
 // before puts (a reclaim deletes the victim, whose port the put takes).
-func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(change)) int64 {
+func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(store.Change)) int64 {
 	for len(events) > 0 {
 		rev := events[0].Kv.ModRevision
 		n := 1
@@ -1629,14 +1630,14 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 		}
 		s.mu.Unlock()
 		freedAt := func(prev *mvccpb.KeyValue) (time.Time, bool) {
-			var old record
+			var old store.Record
 			if prev == nil || json.Unmarshal(prev.Value, &old) != nil {
 				return time.Time{}, false
 			}
 			at, ok := freed[old.Port]
 			return at, ok
 		}
-		var deletes, puts, seens []change
+		var deletes, puts, seens []store.Change
 		for _, ev := range group {
 			name := strings.TrimPrefix(string(ev.Kv.Key), s.prefix)
 			kind, rest, _ := strings.Cut(name, "/")
@@ -1650,16 +1651,16 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 				if !ok {
 					at = time.Now()
 				}
-				deletes = append(deletes, change{kind: changeDelete, rev: rev, key: key, at: at})
+				deletes = append(deletes, store.Change{Kind: store.ChangeDelete, Rev: rev, Key: key, At: at})
 			case kind == "key":
-				var r record
+				var r store.Record
 				if json.Unmarshal(ev.Kv.Value, &r) != nil || r.Key != key || !validRecord(r) {
 					s.log.Warn("etcd: ignoring an invalid allocation record", "name", name)
 					continue
 				}
-				put := change{kind: changePut, rev: rev, key: key, rec: r}
+				put := store.Change{Kind: store.ChangePut, Rev: rev, Key: key, Rec: r}
 				if at, ok := freedAt(ev.PrevKv); ok {
-					put.at = at
+					put.At = at
 				}
 				puts = append(puts, put)
 			case kind == "seen" && ev.Type == clientv3.EventTypePut:
@@ -1667,7 +1668,7 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 				if json.Unmarshal(ev.Kv.Value, &seen) != nil {
 					continue
 				}
-				seens = append(seens, change{kind: changeSeen, rev: rev, key: key, seen: seen.LastSeen, online: seen.Online})
+				seens = append(seens, store.Change{Kind: store.ChangeSeen, Rev: rev, Key: key, Seen: seen.LastSeen, Online: seen.Online})
 			}
 		}
 		for _, ch := range slices.Concat(deletes, puts, seens) {
@@ -1688,7 +1689,7 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(cha
 // granted on the prefix alone); nothing is written there any more.
 type etcdHistory struct{ s *etcdStore }
 
-func (s *etcdStore) history() historyLog { return etcdHistory{s} }
+func (s *etcdStore) History() store.HistoryLog { return etcdHistory{s} }
 
 func (h etcdHistory) prefix() string { return h.s.prefix + etcdHistoryDir }
 
@@ -1701,7 +1702,7 @@ func legacyDenied(err error) bool {
 	return errors.Is(err, rpctypes.ErrPermissionDenied) || status.Code(err) == codes.PermissionDenied
 }
 
-func (h etcdHistory) appendEntries(ctx context.Context, entries []historyEntry) error {
+func (h etcdHistory) Append(ctx context.Context, entries []store.HistoryEntry) error {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	// Batches within etcd's default --max-txn-ops (128).
@@ -1721,7 +1722,7 @@ func (h etcdHistory) appendEntries(ctx context.Context, entries []historyEntry) 
 	return nil
 }
 
-func (h etcdHistory) entries(ctx context.Context, q historyQuery) ([]historyEntry, error) {
+func (h etcdHistory) Entries(ctx context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	out, err := h.entriesUnder(ctx, h.prefix(), q)
@@ -1740,36 +1741,36 @@ func (h etcdHistory) entries(ctx context.Context, q historyQuery) ([]historyEntr
 	// Each holds the newest entries q selects of its prefix: the newest
 	// of both are among them.
 	out = append(out, old...)
-	slices.SortStableFunc(out, func(a, b historyEntry) int { return cmp.Compare(b.ID, a.ID) })
-	if q.limit > 0 && len(out) > q.limit {
-		out = out[:q.limit]
+	slices.SortStableFunc(out, func(a, b store.HistoryEntry) int { return cmp.Compare(b.ID, a.ID) })
+	if q.Limit > 0 && len(out) > q.Limit {
+		out = out[:q.Limit]
 	}
 	return out, nil
 }
 
 // entriesUnder returns the entries q selects under prefix, newest first.
-func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q historyQuery) ([]historyEntry, error) {
+func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	end := clientv3.GetPrefixRangeEnd(prefix)
-	if q.before != "" {
-		end = prefix + q.before
+	if q.Before != "" {
+		end = prefix + q.Before
 	}
-	var out []historyEntry
+	var out []store.HistoryEntry
 	for {
 		resp, err := h.s.cli.Get(ctx, prefix, clientv3.WithRange(end), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend), clientv3.WithLimit(500))
 		if err != nil {
 			return nil, err
 		}
 		for _, kv := range resp.Kvs {
-			var e historyEntry
+			var e store.HistoryEntry
 			if json.Unmarshal(kv.Value, &e) != nil {
 				continue
 			}
-			if !q.since.IsZero() && e.Time.Before(q.since) {
+			if !q.Since.IsZero() && e.Time.Before(q.Since) {
 				return out, nil
 			}
-			if q.match(e) {
+			if q.Match(e) {
 				out = append(out, e)
-				if q.limit > 0 && len(out) >= q.limit {
+				if q.Limit > 0 && len(out) >= q.Limit {
 					return out, nil
 				}
 			}
@@ -1781,7 +1782,7 @@ func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q historyQ
 	}
 }
 
-func (h etcdHistory) prune(ctx context.Context, before time.Time) (int, error) {
+func (h etcdHistory) Prune(ctx context.Context, before time.Time) (int, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	var n int

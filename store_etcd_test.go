@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"math/rand/v2"
 	"net/http"
 	"reflect"
@@ -23,9 +24,9 @@ import (
 func TestStoreContractEtcd(t *testing.T) {
 	srv := startEtcd(t, nil)
 	var n atomic.Int64
-	testStoreContract(t, "etcd", func(t *testing.T) (func(t *testing.T) portStore, bool) {
+	testStoreContract(t, "etcd", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
-		return func(t *testing.T) portStore {
+		return func(t *testing.T) store.Store {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			s, err := openEtcdStore(ctx, srv.options(t, prefix))
@@ -44,7 +45,7 @@ func openLoadedEtcdStores(t *testing.T, srv *etcdServer, prefix string, n int) [
 	for range n {
 		s := openTestEtcdStore(t, srv, prefix)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		if _, err := s.load(ctx); err != nil {
+		if _, err := s.Load(ctx); err != nil {
 			t.Fatal(err)
 		}
 		cancel()
@@ -104,9 +105,9 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 				for j := range ports {
 					r := contractRec(key, lo+(start+j)%ports, fmt.Sprintf("user%d", i%4))
 					ctx, cancel := ctxFor()
-					_, err := s.claim(ctx, claim{want: r})
+					_, err := s.Claim(ctx, store.Claim{Want: r})
 					cancel()
-					var cerr *conflictError
+					var cerr *store.ConflictError
 					switch {
 					case err == nil:
 						mu.Lock()
@@ -136,14 +137,14 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		fresh := openLoadedEtcdStores(t, srv, "/pool/", 1)[0]
 		ctx, cancel := ctxFor()
 		defer cancel()
-		snap, err := fresh.load(ctx)
+		snap, err := fresh.Load(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(snap.allocations) != ports || len(snap.problems) != 0 {
-			t.Fatalf("load after the race: %d allocations, problems %v; want %d and none", len(snap.allocations), snap.problems, ports)
+		if len(snap.Allocations) != ports || len(snap.Problems) != 0 {
+			t.Fatalf("load after the race: %d allocations, problems %v; want %d and none", len(snap.Allocations), snap.Problems, ports)
 		}
-		for _, r := range snap.allocations {
+		for _, r := range snap.Allocations {
 			if granted[r.Key] != r.Port {
 				t.Fatalf("load after the race: %q on %d; it was granted %d", r.Key, r.Port, granted[r.Key])
 			}
@@ -165,23 +166,23 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		for round := range 10 {
 			key := fmt.Sprintf("shared.%d", round)
 			var mu sync.Mutex
-			var wins []record
+			var wins []store.Record
 			var wg sync.WaitGroup
 			for i, s := range handles {
 				wg.Go(func() {
 					r := contractRec(key, 22000+round*10+i, "shared")
 					ctx, cancel := ctxFor()
 					defer cancel()
-					_, err := s.claim(ctx, claim{want: r})
-					var cerr *conflictError
+					_, err := s.Claim(ctx, store.Claim{Want: r})
+					var cerr *store.ConflictError
 					switch {
 					case err == nil:
 						mu.Lock()
 						wins = append(wins, r)
 						mu.Unlock()
 					case errors.As(err, &cerr):
-						if len(cerr.current) == 0 || cerr.current[0].kind != changePut || cerr.current[0].key != key {
-							t.Errorf("loser of %s: conflict %+v; want the winner's record", key, cerr.current)
+						if len(cerr.Current) == 0 || cerr.Current[0].Kind != store.ChangePut || cerr.Current[0].Key != key {
+							t.Errorf("loser of %s: conflict %+v; want the winner's record", key, cerr.Current)
 						}
 					default:
 						t.Errorf("claim %s: %v", key, err)
@@ -211,12 +212,12 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 				r := contractRec(fmt.Sprintf("greedy.%d", i), 23000+i, "greedy")
 				ctx, cancel := ctxFor()
 				defer cancel()
-				_, err := handles[i%3].claim(ctx, claim{want: r, maxKeys: limit})
-				var cerr *conflictError
+				_, err := handles[i%3].Claim(ctx, store.Claim{Want: r, MaxKeys: limit})
+				var cerr *store.ConflictError
 				switch {
 				case err == nil:
 					ok.Add(1)
-				case errors.As(err, &cerr) && cerr.quota:
+				case errors.As(err, &cerr) && cerr.Quota:
 					quota.Add(1)
 				default:
 					t.Errorf("claim %s: %v; want success or a quota conflict", r.Key, err)
@@ -246,33 +247,33 @@ func TestEtcdStoreOutage(t *testing.T) {
 	s, other := handles[0], handles[1]
 
 	ctx0, cancel0 := context.WithTimeout(context.Background(), 10*time.Second)
-	snap, err := other.load(ctx0)
+	snap, err := other.Load(ctx0)
 	cancel0()
 	if err != nil {
 		t.Fatal(err)
 	}
 	h := &contractHarness{t: t, kind: "etcd"}
-	w := h.startWatch(other, snap.rev)
+	w := h.startWatch(other, snap.Rev)
 	// delivered are the puts the watch delivered so far, by key.
-	delivered := map[string]record{}
+	delivered := map[string]store.Record{}
 	// waitPut waits for the watch to deliver a put of r (in whatever order
 	// with other puts).
-	waitPut := func(what string, r record) {
+	waitPut := func(what string, r store.Record) {
 		t.Helper()
 		for {
 			if got, ok := delivered[r.Key]; ok && sameRecord(got, r) {
 				return
 			}
-			if c := w.next(t, what); c.kind == changePut {
-				delivered[c.key] = c.rec
+			if c := w.next(t, what); c.Kind == store.ChangePut {
+				delivered[c.Key] = c.Rec
 			}
 		}
 	}
-	claimWithin := func(r record, d time.Duration) (time.Duration, error) {
+	claimWithin := func(r store.Record, d time.Duration) (time.Duration, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), d)
 		defer cancel()
 		start := time.Now()
-		_, err := s.claim(ctx, claim{want: r})
+		_, err := s.Claim(ctx, store.Claim{Want: r})
 		return time.Since(start), err
 	}
 	const deadline = 500 * time.Millisecond
@@ -288,14 +289,14 @@ func TestEtcdStoreOutage(t *testing.T) {
 	srv.pause(t)
 	b := contractRec("b.web", 24002, "b")
 	took, err := claimWithin(b, deadline)
-	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+	if !errors.Is(err, store.ErrOutcomeUnknown) || took > deadline+slack {
 		srv.resume(t)
 		t.Fatalf("claim while etcd is paused = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
 	}
 	t.Logf("claim while paused failed after %v: %v", took.Round(time.Millisecond), err)
 	lctx, lcancel := context.WithTimeout(context.Background(), deadline)
 	start := time.Now()
-	_, err = s.load(lctx)
+	_, err = s.Load(lctx)
 	lcancel()
 	if err == nil || time.Since(start) > deadline+slack || strings.Contains(err.Error(), "\n") {
 		srv.resume(t)
@@ -316,7 +317,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 	srv.kill(t)
 	d := contractRec("d.web", 24004, "d")
 	took, err = claimWithin(d, deadline)
-	if !errors.Is(err, errOutcomeUnknown) || took > deadline+slack {
+	if !errors.Is(err, store.ErrOutcomeUnknown) || took > deadline+slack {
 		t.Fatalf("claim while etcd is down = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
 	}
 	time.Sleep(2 * time.Second) // long enough for gRPC's redial backoff to grow
@@ -327,8 +328,8 @@ func TestEtcdStoreOutage(t *testing.T) {
 	for {
 		attempts++
 		_, err := claimWithin(e, 300*time.Millisecond)
-		var cerr *conflictError
-		if err == nil || (errors.As(err, &cerr) && len(cerr.current) > 0 && sameRecord(cerr.current[0].rec, e)) {
+		var cerr *store.ConflictError
+		if err == nil || (errors.As(err, &cerr) && len(cerr.Current) > 0 && sameRecord(cerr.Current[0].Rec, e)) {
 			break // a timed-out attempt may have landed: then it is ours
 		}
 		if time.Since(healthy) > 10*time.Second {
@@ -348,11 +349,11 @@ func TestEtcdStoreOutage(t *testing.T) {
 	fresh := openLoadedEtcdStores(t, srv, "/outage/", 1)[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	final, err := fresh.load(ctx)
+	final, err := fresh.Load(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if slices.ContainsFunc(final.allocations, func(r record) bool { return r.Key == d.Key }) {
+	if slices.ContainsFunc(final.Allocations, func(r store.Record) bool { return r.Key == d.Key }) {
 		t.Logf("the claim made while etcd was down landed after the restart")
 		waitPut("the claim made while etcd was down, landing after its restart", d)
 		wantAllocations(t, "after the outages", final, a, b, c, d, e)
@@ -373,8 +374,8 @@ func TestEtcdTLS(t *testing.T) {
 	s := openTestEtcdStore(t, srv, "/tls/")
 	h.load(s)
 	a := contractRec("secure.web", 25001, "secure")
-	h.claimOK(s, claim{want: a})
-	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
+	h.claimOK(s, store.Claim{Want: a})
+	h.touch(s, store.SeenMark{Key: a.Key, Seen: contractBase, Online: true})
 	other := openTestEtcdStore(t, srv, "/tls/")
 	wantAllocations(t, "over TLS", h.load(other), a)
 
@@ -399,7 +400,7 @@ func TestEtcdTLS(t *testing.T) {
 			start := time.Now()
 			s, err := openEtcdStore(context.Background(), o)
 			if err == nil {
-				s.close()
+				s.Close()
 				t.Fatalf("openEtcdStore(%s) succeeded; want an error", tt.name)
 			}
 			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") || time.Since(start) > o.timeout+2*time.Second {
@@ -417,7 +418,7 @@ func TestEtcdUnreachable(t *testing.T) {
 	start := time.Now()
 	s, err := openEtcdStore(context.Background(), etcdOptions{endpoints: []string{ep}, timeout: time.Second, log: testLogger(t)})
 	if err == nil {
-		s.close()
+		s.Close()
 		t.Fatal("openEtcdStore with nothing listening succeeded")
 	}
 	if !strings.Contains(err.Error(), "cannot read from etcd at "+ep+": no answer within 1s (dial tcp") || strings.Contains(err.Error(), "\n") || time.Since(start) > 3*time.Second {
@@ -457,13 +458,13 @@ func TestEtcdAuth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.close() })
+	t.Cleanup(func() { s.Close() })
 	h := &contractHarness{t: t, kind: "etcd"}
-	w := h.startWatch(s, h.load(s).rev)
+	w := h.startWatch(s, h.load(s).Rev)
 	a := contractRec("auth.web", 26001, "auth")
-	h.claimOK(s, claim{want: a, maxKeys: 3})
-	h.touch(s, seenMark{key: a.Key, seen: contractBase, online: true})
-	if c := w.next(t, "watch as keeper"); c.kind != changePut || c.key != a.Key {
+	h.claimOK(s, store.Claim{Want: a, MaxKeys: 3})
+	h.touch(s, store.SeenMark{Key: a.Key, Seen: contractBase, Online: true})
+	if c := w.next(t, "watch as keeper"); c.Kind != store.ChangePut || c.Key != a.Key {
 		t.Fatalf("watch as keeper: %+v; want the put of %q", c, a.Key)
 	}
 	if _, err := h.release(s, a, contractBase); err != nil {
@@ -473,7 +474,7 @@ func TestEtcdAuth(t *testing.T) {
 	o.password = "wrong"
 	o.timeout = 2 * time.Second
 	if s, err := openEtcdStore(ctx, o); err == nil {
-		s.close()
+		s.Close()
 		t.Fatal("openEtcdStore with a wrong password succeeded")
 	} else if !strings.Contains(err.Error(), "cannot log in to etcd") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("openEtcdStore with a wrong password = %v; want one line saying it cannot log in", err)
@@ -481,7 +482,7 @@ func TestEtcdAuth(t *testing.T) {
 	o.password = "keeper-secret"
 	o.prefix = "/elsewhere/"
 	if s, err := openEtcdStore(ctx, o); err == nil {
-		s.close()
+		s.Close()
 		t.Fatal("openEtcdStore outside the permitted prefix succeeded")
 	} else {
 		t.Logf("outside the permitted prefix: %v", err)
@@ -501,8 +502,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	s := openTestEtcdStore(t, srv, prefix)
 	h.load(s)
 	a, b := contractRec("a.web", 27001, "u"), contractRec("b.web", 27002, "u")
-	h.claimOK(s, claim{want: a})
-	h.claimOK(s, claim{want: b})
+	h.claimOK(s, store.Claim{Want: a})
+	h.claimOK(s, store.Claim{Want: b})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -531,7 +532,7 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 		`user/v: counted 0 keys but 1 exist; corrected`,
 	}
 	slices.Sort(want)
-	got := slices.Sorted(slices.Values(snap.problems))
+	got := slices.Sorted(slices.Values(snap.Problems))
 	if !slices.Equal(got, want) {
 		t.Fatalf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
@@ -545,8 +546,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	}
 	snap = h.load(openTestEtcdStore(t, srv, prefix))
 	wantAllocations(t, "second load", snap, a, b)
-	if len(snap.problems) != 2 {
-		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.problems)
+	if len(snap.Problems) != 2 {
+		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.Problems)
 	}
 }
 
@@ -558,23 +559,23 @@ func TestEtcdStoreTouchBatches(t *testing.T) {
 	s := openTestEtcdStore(t, srv, "/touch/")
 	h.load(s)
 	const keys, ghosts = 2*etcdMaxTxnOps + 10, 50
-	var marks []seenMark
+	var marks []store.SeenMark
 	for i := range keys {
 		r := contractRec(fmt.Sprintf("k%03d", i), 28000+i, "u")
-		h.claimOK(s, claim{want: r})
-		marks = append(marks, seenMark{key: r.Key, seen: contractBase.Add(time.Duration(i) * time.Second), online: i%2 == 0})
+		h.claimOK(s, store.Claim{Want: r})
+		marks = append(marks, store.SeenMark{Key: r.Key, Seen: contractBase.Add(time.Duration(i) * time.Second), Online: i%2 == 0})
 	}
 	for i := range ghosts {
-		marks = append(marks, seenMark{key: fmt.Sprintf("ghost%d", i), seen: contractBase, online: true})
+		marks = append(marks, store.SeenMark{Key: fmt.Sprintf("ghost%d", i), Seen: contractBase, Online: true})
 	}
 	h.touch(s, marks...)
 	snap := h.load(openTestEtcdStore(t, srv, "/touch/"))
-	if len(snap.lastSeen) != keys {
-		t.Fatalf("after touching %d keys and %d ghosts: %d last-seen times; want %d", keys, ghosts, len(snap.lastSeen), keys)
+	if len(snap.LastSeen) != keys {
+		t.Fatalf("after touching %d keys and %d ghosts: %d last-seen times; want %d", keys, ghosts, len(snap.LastSeen), keys)
 	}
 	for _, m := range marks[:keys] {
-		if !snap.lastSeen[m.key].Equal(m.seen) || snap.online[m.key] != m.online {
-			t.Fatalf("%s: last seen %v online %v; want %v %v", m.key, snap.lastSeen[m.key], snap.online[m.key], m.seen, m.online)
+		if !snap.LastSeen[m.Key].Equal(m.Seen) || snap.Online[m.Key] != m.Online {
+			t.Fatalf("%s: last seen %v online %v; want %v %v", m.Key, snap.LastSeen[m.Key], snap.Online[m.Key], m.Seen, m.Online)
 		}
 	}
 	if n := etcdCount(t, srv.client(t), "/touch/seen/"); n != keys {
@@ -635,20 +636,20 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			const prefix = "/lost/"
 			h := &contractHarness{t: t, kind: "etcd"}
 			s1 := openTestEtcdStore(t, srv, prefix)
-			rev1 := h.load(s1).rev
+			rev1 := h.load(s1).Rev
 			a, b := contractRec("a.web", 28001, "u"), contractRec("b.web", 28002, "u")
 			c, d := contractRec("c.web", 28003, "v"), contractRec("d.web", 28004, "v")
-			for _, r := range []record{a, b, c, d} {
-				h.claimOK(s1, claim{want: r})
+			for _, r := range []store.Record{a, b, c, d} {
+				h.claimOK(s1, store.Claim{Want: r})
 			}
 			alloc := newAllocatorOn(t, s1, "28001-28010", allocatorOptions{})
 			s2 := openTestEtcdStore(t, srv, prefix)
 			snap2 := h.load(s2)
 			wantAllocations(t, "the second handle", snap2, a, b, c, d)
-			var reports [2]chan restoreReport
+			var reports [2]chan store.RestoreReport
 			for i, s := range []*etcdStore{s1, s2} {
-				reports[i] = make(chan restoreReport, 4)
-				s.onRestore(func(r restoreReport) { reports[i] <- r })
+				reports[i] = make(chan store.RestoreReport, 4)
+				s.onRestore(func(r store.RestoreReport) { reports[i] <- r })
 			}
 
 			srv.wipe(t, tc.token)
@@ -685,31 +686,31 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				t.Fatalf("a held key after etcd lost its data = %d %s %v; want its port %d, a hit", port, how, err, a.Port)
 			}
 			e := contractRec("e.web", 28005, "u")
-			if _, err := h.claim(s1, claim{want: e}); !errors.Is(err, errStoreRestoring) {
+			if _, err := h.claim(s1, store.Claim{Want: e}); !errors.Is(err, store.ErrRestoring) {
 				t.Fatalf("a new key's claim after etcd lost its data = %v; want errStoreRestoring", err)
 			} else {
 				t.Logf("claim refused: %v", err)
 			}
-			if _, err := h.release(s1, a, contractBase); !errors.Is(err, errStoreRestoring) {
+			if _, err := h.release(s1, a, contractBase); !errors.Is(err, store.ErrRestoring) {
 				t.Fatalf("a release after etcd lost its data = %v; want errStoreRestoring", err)
 			}
 
-			after := func(w *watchCollector, what string) snapshot {
+			after := func(w *watchCollector, what string) store.Snapshot {
 				t.Helper()
 				for {
-					if c := w.next(t, what); c.kind == changeReset {
-						return *c.reset
+					if c := w.next(t, what); c.Kind == store.ChangeReset {
+						return *c.Reset
 					}
 				}
 			}
 			w1 := h.startWatch(s1, rev1)
 			wantAllocations(t, "the reset of the handle that noticed", after(w1, "s1's write-back"), a, b, intruder, d2)
 			// s2 has not asked etcd anything: its check notices.
-			w2 := h.startWatch(s2, snap2.rev)
+			w2 := h.startWatch(s2, snap2.Rev)
 			wantAllocations(t, "the reset of the other handle", after(w2, "s2's write-back"), a, b, intruder, d2)
 			r1, r2 := <-reports[0], <-reports[1]
 			t.Logf("s1 wrote back %+v; s2 %+v", r1, r2)
-			if r1 != (restoreReport{restored: 2, lost: 2}) || r2 != (restoreReport{present: 2, lost: 2}) {
+			if r1 != (store.RestoreReport{Restored: 2, Lost: 2}) || r2 != (store.RestoreReport{Present: 2, Lost: 2}) {
 				t.Fatalf("write-backs %+v and %+v; want a and b restored by s1 and found present by s2, c and d lost at both", r1, r2)
 			}
 			for name, want := range map[string]string{
@@ -722,8 +723,8 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				}
 			}
 			// Writes work again, on what etcd holds now.
-			h.claimOK(s1, claim{want: e})
-			h.claimOK(s2, claim{want: contractRec("f.web", d.Port, "v")})
+			h.claimOK(s1, store.Claim{Want: e})
+			h.claimOK(s2, store.Claim{Want: contractRec("f.web", d.Port, "v")})
 			if _, err := h.release(s2, a, contractBase); err != nil {
 				t.Fatal(err)
 			}
@@ -733,7 +734,7 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 
 // putLegacyHistory writes e where versions before the history moved under
 // the prefix wrote it: "<prefix without its slash>-history/<ID>".
-func putLegacyHistory(t *testing.T, cli *clientv3.Client, prefix string, e historyEntry) {
+func putLegacyHistory(t *testing.T, cli *clientv3.Client, prefix string, e store.HistoryEntry) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -744,8 +745,8 @@ func putLegacyHistory(t *testing.T, cli *clientv3.Client, prefix string, e histo
 }
 
 // historyAt is an entry of key on port at when.
-func historyAt(when time.Time, key string, port int) historyEntry {
-	return historyEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), port), Time: when, Key: key, Port: port, Change: histNew}
+func historyAt(when time.Time, key string, port int) store.HistoryEntry {
+	return store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", when.UnixNano(), port), Time: when, Key: key, Port: port, Change: store.HistNew}
 }
 
 // TestEtcdHistoryUnderPrefix: a server writes nothing outside -etcd-prefix
@@ -773,15 +774,15 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 	} else {
 		resp.Body.Close()
 	}
-	store := openTestEtcdStore(t, srv, prefix)
-	log := store.history()
+	st := openTestEtcdStore(t, srv, prefix)
+	log := st.History()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	waitFor(t, "the workload's history", 5*time.Second, func() bool {
-		got, err := log.entries(ctx, historyQuery{since: day(6, 1)})
+		got, err := log.Entries(ctx, store.HistoryQuery{Since: day(6, 1)})
 		return err == nil && len(got) == 4
 	})
-	if err := log.appendEntries(ctx, []historyEntry{n1}); err != nil {
+	if err := log.Append(ctx, []store.HistoryEntry{n1}); err != nil {
 		t.Fatal(err)
 	}
 	all, err := raw.Get(ctx, "\x00", clientv3.WithFromKey(), clientv3.WithKeysOnly())
@@ -802,29 +803,29 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 	if history != 5 {
 		t.Errorf("%d history keys under %shistory/; want 5", history, prefix)
 	}
-	snap := loadEtcd(t, store)
-	if len(snap.problems) != 0 || len(snap.allocations) != 2 {
-		t.Fatalf("load with the history under the prefix: %d allocations, problems %q; want 2, none", len(snap.allocations), snap.problems)
+	snap := loadEtcd(t, st)
+	if len(snap.Problems) != 0 || len(snap.Allocations) != 2 {
+		t.Fatalf("load with the history under the prefix: %d allocations, problems %q; want 2, none", len(snap.Allocations), snap.Problems)
 	}
 
-	keys := func(es []historyEntry) string {
+	keys := func(es []store.HistoryEntry) string {
 		var ks []string
 		for _, e := range es {
 			ks = append(ks, e.Key)
 		}
 		return strings.Join(ks, ",")
 	}
-	old := historyQuery{until: day(12, 31)}
+	old := store.HistoryQuery{Until: day(12, 31)}
 	for _, tc := range []struct {
-		q    historyQuery
+		q    store.HistoryQuery
 		want string
 	}{
 		{old, "old.two,new.one,old.one"},
-		{historyQuery{until: day(12, 31), limit: 2}, "old.two,new.one"},
-		{historyQuery{before: l2.ID, limit: 1}, "new.one"},
-		{historyQuery{port: 30051, until: day(12, 31)}, "old.two,old.one"},
+		{store.HistoryQuery{Until: day(12, 31), Limit: 2}, "old.two,new.one"},
+		{store.HistoryQuery{Before: l2.ID, Limit: 1}, "new.one"},
+		{store.HistoryQuery{Port: 30051, Until: day(12, 31)}, "old.two,old.one"},
 	} {
-		got, err := log.entries(ctx, tc.q)
+		got, err := log.Entries(ctx, tc.q)
 		if err != nil || keys(got) != tc.want {
 			t.Fatalf("entries(%+v) = %s, %v; want %s", tc.q, keys(got), err, tc.want)
 		}
@@ -832,20 +833,20 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 	if e, held, ok, err := holderAt(ctx, log, 30051, day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
 		t.Fatalf("port 30051 on 1 February: %+v held %v known %v (%v); want old.one", e, held, ok, err)
 	}
-	if n, err := log.prune(ctx, day(2, 20)); err != nil || n != 2 {
+	if n, err := log.Prune(ctx, day(2, 20)); err != nil || n != 2 {
 		t.Fatalf("prune before 20 February = %d, %v; want 2 (one of each layout)", n, err)
 	}
-	if got, err := log.entries(ctx, old); err != nil || keys(got) != "old.two" {
+	if got, err := log.Entries(ctx, old); err != nil || keys(got) != "old.two" {
 		t.Fatalf("after pruning: %s, %v; want old.two", keys(got), err)
 	}
 }
 
 // loadEtcd loads s.
-func loadEtcd(t *testing.T, s *etcdStore) snapshot {
+func loadEtcd(t *testing.T, s *etcdStore) store.Snapshot {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	snap, err := s.load(ctx)
+	snap, err := s.Load(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -889,32 +890,32 @@ func TestEtcdHistoryAuth(t *testing.T) {
 			t.Fatalf("auth set-up step %d: %v", i, err)
 		}
 	}
-	openAs := func(user, password string) historyLog {
+	openAs := func(user, password string) store.HistoryLog {
 		o := srv.options(t, prefix)
 		o.username, o.password = user, password
 		s, err := openEtcdStore(ctx, o)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { s.close() })
-		if _, err := s.load(ctx); err != nil {
+		t.Cleanup(func() { s.Close() })
+		if _, err := s.Load(ctx); err != nil {
 			t.Fatal(err)
 		}
-		return s.history()
+		return s.History()
 	}
 	fresh := historyAt(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC), "new.one", 30052)
 	keeper := openAs("keeper", "keeper-secret")
-	if err := keeper.appendEntries(ctx, []historyEntry{fresh}); err != nil {
+	if err := keeper.Append(ctx, []store.HistoryEntry{fresh}); err != nil {
 		t.Fatalf("history written as a user granted only %s: %v", prefix, err)
 	}
-	if got, err := keeper.entries(ctx, historyQuery{}); err != nil || len(got) != 1 || got[0].Key != fresh.Key {
+	if got, err := keeper.Entries(ctx, store.HistoryQuery{}); err != nil || len(got) != 1 || got[0].Key != fresh.Key {
 		t.Fatalf("history read as a user granted only %s: %+v, %v; want the new entry", prefix, got, err)
 	}
-	if n, err := keeper.prune(ctx, time.Date(2025, 6, 1, 0, 0, 0, 0, time.UTC)); err != nil || n != 0 {
+	if n, err := keeper.Prune(ctx, time.Date(2025, 6, 1, 0, 0, 0, 0, time.UTC)); err != nil || n != 0 {
 		t.Fatalf("prune as a user granted only %s = %d, %v; want 0, no error", prefix, n, err)
 	}
 	upgraded := openAs("upgraded", "upgraded-secret")
-	if got, err := upgraded.entries(ctx, historyQuery{}); err != nil || len(got) != 2 || got[0].Key != fresh.Key || got[1].Key != old.Key {
+	if got, err := upgraded.Entries(ctx, store.HistoryQuery{}); err != nil || len(got) != 2 || got[0].Key != fresh.Key || got[1].Key != old.Key {
 		t.Fatalf("history read by a user also granted reading %s: %+v, %v; want the new entry, then the old", legacy, got, err)
 	}
 }

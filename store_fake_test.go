@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"frp-port-keeper/internal/store"
 	"sync"
 	"time"
 )
@@ -19,18 +20,18 @@ type fakeStore struct {
 	// rival, when set, runs before a claim is checked, as another
 	// instance's write that lands first; its changes reach watch.
 	rival  func(f *fakeStore)
-	events chan change
+	events chan store.Change
 }
 
 func newFakeStore() *fakeStore {
-	return &fakeStore{idx: newLocalIndex(snapshot{}), events: make(chan change, 1024)}
+	return &fakeStore{idx: newLocalIndex(store.Snapshot{}), events: make(chan store.Change, 1024)}
 }
 
-func (f *fakeStore) load(context.Context) (snapshot, error) {
+func (f *fakeStore) Load(context.Context) (store.Snapshot, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	snap := f.idx.snapshot()
-	snap.rev = f.rev
+	snap.Rev = f.rev
 	return snap, nil
 }
 
@@ -45,28 +46,28 @@ func (f *fakeStore) hold() error {
 }
 
 // stamp gives changes this store's revisions.
-func (f *fakeStore) stamp(cs []change) []change {
+func (f *fakeStore) stamp(cs []store.Change) []store.Change {
 	for i := range cs {
 		f.rev++
-		cs[i].rev = f.rev
+		cs[i].Rev = f.rev
 	}
 	return cs
 }
 
 // put writes r as another instance would, and tells watch.
-func (f *fakeStore) put(r record) {
+func (f *fakeStore) put(r store.Record) {
 	if old, ok := f.idx.get(r.Key); ok {
 		f.idx.forget(old, r.AssignedAt)
 	}
 	if holder, ok := f.idx.holder(r.Port); ok {
 		h, _ := f.idx.get(holder)
 		f.idx.forget(h, r.AssignedAt)
-		f.events <- f.stamp([]change{{kind: changeDelete, key: holder, at: r.AssignedAt}})[0]
+		f.events <- f.stamp([]store.Change{{Kind: store.ChangeDelete, Key: holder, At: r.AssignedAt}})[0]
 	}
-	f.events <- f.stamp(f.idx.claimed(claim{want: r}))[0]
+	f.events <- f.stamp(f.idx.claimed(store.Claim{Want: r}))[0]
 }
 
-func (f *fakeStore) claim(_ context.Context, c claim) ([]change, error) {
+func (f *fakeStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	if err := f.hold(); err != nil {
 		return nil, err
 	}
@@ -78,9 +79,9 @@ func (f *fakeStore) claim(_ context.Context, c claim) ([]change, error) {
 		rival(f)
 	}
 	if err := f.idx.check(c); err != nil {
-		if ce, ok := err.(*conflictError); ok {
-			for i := range ce.current {
-				ce.current[i].rev = f.rev
+		if ce, ok := err.(*store.ConflictError); ok {
+			for i := range ce.Current {
+				ce.Current[i].Rev = f.rev
 			}
 		}
 		return nil, err
@@ -88,31 +89,31 @@ func (f *fakeStore) claim(_ context.Context, c claim) ([]change, error) {
 	return f.stamp(f.idx.claimed(c)), nil
 }
 
-func (f *fakeStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
+func (f *fakeStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	if err := f.hold(); err != nil {
 		return nil, err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if cur, ok := f.idx.get(r.Key); !ok || !sameRecord(cur, r) {
-		return nil, &conflictError{current: f.idx.current(r.Key, r.Port)}
+		return nil, &store.ConflictError{Current: f.idx.current(r.Key, r.Port)}
 	}
 	return f.stamp(f.idx.released(r, at)), nil
 }
 
-func (f *fakeStore) touch(_ context.Context, marks []seenMark) error {
+func (f *fakeStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	if err := f.hold(); err != nil {
 		return err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, m := range marks {
-		f.idx.seen(m.key, m.seen, m.online)
+		f.idx.seen(m.Key, m.Seen, m.Online)
 	}
 	return nil
 }
 
-func (f *fakeStore) watch(ctx context.Context, _ int64, apply func(change)) error {
+func (f *fakeStore) Watch(ctx context.Context, _ int64, apply func(store.Change)) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -123,6 +124,9 @@ func (f *fakeStore) watch(ctx context.Context, _ int64, apply func(change)) erro
 	}
 }
 
-func (f *fakeStore) close() error { return nil }
+func (f *fakeStore) Close() error { return nil }
 
-func (f *fakeStore) releaseDamaged(context.Context, int) error { return errNotHeldBack }
+func (f *fakeStore) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
+
+// History: the fake keeps none.
+func (f *fakeStore) History() store.HistoryLog { return nil }

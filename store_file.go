@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"frp-port-keeper/internal/store"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -151,20 +152,20 @@ func openFileStore(dir string, log *slog.Logger) (*fileStore, error) {
 
 func fileOf(name string) string { return url.PathEscape(name) + ".json" }
 
-func (s *fileStore) load(ctx context.Context) (snapshot, error) {
+func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var problems []string
 	if snap, ok, why := s.loadCheckpoint(); ok {
 		s.idx, s.loaded = newLocalIndex(snap), true
-		snap.from = "checkpoint"
+		snap.From = "checkpoint"
 		return snap, nil
 	} else if why != "" {
 		problems = append(problems, why)
 	}
 	raw, readProblems, err := s.readRecords()
 	if err != nil {
-		return snapshot{}, err
+		return store.Snapshot{}, err
 	}
 	damaged := len(readProblems)
 	problems = append(problems, readProblems...)
@@ -199,13 +200,13 @@ func (s *fileStore) load(ctx context.Context) (snapshot, error) {
 		note("sync the data directory", s.ops.syncDir("."))
 	}
 	snap := res.snapshot(raw)
-	snap.problems = append(problems, snap.problems...)
-	snap.problems = append(snap.problems, failed...)
+	snap.Problems = append(problems, snap.Problems...)
+	snap.Problems = append(snap.Problems, failed...)
 	if why := s.writable(); why != nil {
-		snap.degraded = why.Error()
+		snap.Degraded = why.Error()
 	}
-	snap.from = "records"
-	snap.damaged = damaged
+	snap.From = "records"
+	snap.Damaged = damaged
 	s.idx, s.loaded = newLocalIndex(snap), true
 	return snap, nil
 }
@@ -305,7 +306,7 @@ func (s *fileStore) readRecords() (rawRecords, []string, error) {
 type fileResult struct {
 	file    string
 	name    string
-	rec     record
+	rec     store.Record
 	seen    seenRecord
 	freed   freedRecord
 	problem string // set when the file is damaged
@@ -457,11 +458,11 @@ func (s *fileStore) ready() error {
 func (s *fileStore) sameDir() error {
 	opened, err := s.root.Stat(".")
 	if err != nil {
-		return fmt.Errorf("%w: %v", errStoreGone, err)
+		return fmt.Errorf("%w: %v", store.ErrGone, err)
 	}
 	now, err := os.Stat(s.dir)
 	if err != nil || !os.SameFile(opened, now) {
-		return fmt.Errorf("%w (%s)", errStoreGone, s.dir)
+		return fmt.Errorf("%w (%s)", store.ErrGone, s.dir)
 	}
 	return nil
 }
@@ -483,22 +484,22 @@ func (s *fileStore) retire(name string) {
 	}
 }
 
-func (s *fileStore) claim(_ context.Context, c claim) ([]change, error) {
+func (s *fileStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	return s.commit(&pendingWrite{claim: &c})
 }
 
-func (s *fileStore) release(_ context.Context, r record, at time.Time) ([]change, error) {
+func (s *fileStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	return s.commit(&pendingWrite{release: &r, at: at})
 }
 
-func (s *fileStore) releaseDamaged(_ context.Context, port int) error {
+func (s *fileStore) ReleaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
 		return err
 	}
 	if _, ok := s.idx.damaged[port]; !ok {
-		return errNotHeldBack
+		return store.ErrNotHeldBack
 	}
 	if err := s.ops.remove(fileOf(portName(port))); err != nil {
 		return classify(err)
@@ -512,8 +513,8 @@ func (s *fileStore) releaseDamaged(_ context.Context, port int) error {
 
 // pendingWrite is a claim or a release waiting for its batch.
 type pendingWrite struct {
-	claim   *claim
-	release *record
+	claim   *store.Claim
+	release *store.Record
 	at      time.Time // release: when the port became free
 	// done receives the outcome, or lead: the caller is to commit the
 	// next batch.
@@ -523,7 +524,7 @@ type pendingWrite struct {
 }
 
 type writeOutcome struct {
-	changes []change
+	changes []store.Change
 	err     error
 	lead    bool
 }
@@ -533,7 +534,7 @@ type writeOutcome struct {
 // the lead to the first writer that queued meanwhile, so the writes that
 // arrive while the disk is busy share the next round of fsyncs, and no
 // goroutine outlives the callers.
-func (s *fileStore) commit(w *pendingWrite) ([]change, error) {
+func (s *fileStore) commit(w *pendingWrite) ([]store.Change, error) {
 	w.done = make(chan writeOutcome, 1)
 	s.queueMu.Lock()
 	s.queue = append(s.queue, w)
@@ -607,7 +608,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	var syncs []string
 	for _, w := range staged {
 		if w.claim != nil {
-			syncs = append(syncs, w.staged, fileOf(portName(w.claim.want.Port)))
+			syncs = append(syncs, w.staged, fileOf(portName(w.claim.Want.Port)))
 		}
 	}
 	failed := s.syncFiles(syncs)
@@ -615,7 +616,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	for _, w := range staged {
 		err := failed[w.staged]
 		if w.claim != nil && err == nil {
-			err = failed[fileOf(portName(w.claim.want.Port))]
+			err = failed[fileOf(portName(w.claim.Want.Port))]
 		}
 		if err == nil {
 			err = s.switchOver(w)
@@ -655,12 +656,12 @@ func (w *pendingWrite) touches() (keys []string, ports []int) {
 		return []string{w.release.Key}, []int{w.release.Port}
 	}
 	c := w.claim
-	keys, ports = []string{c.want.Key}, []int{c.want.Port}
-	if c.old != nil {
-		ports = append(ports, c.old.Port)
+	keys, ports = []string{c.Want.Key}, []int{c.Want.Port}
+	if c.Old != nil {
+		ports = append(ports, c.Old.Port)
 	}
-	if c.victim != nil {
-		keys = append(keys, c.victim.Key)
+	if c.Victim != nil {
+		keys = append(keys, c.Victim.Key)
 	}
 	return keys, ports
 }
@@ -670,7 +671,7 @@ func (w *pendingWrite) touches() (keys []string, ports []int) {
 func (s *fileStore) stage(w *pendingWrite) error {
 	if r := w.release; r != nil {
 		if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, *r) {
-			return &conflictError{current: s.idx.current(r.Key, r.Port)}
+			return &store.ConflictError{Current: s.idx.current(r.Key, r.Port)}
 		}
 		return nil
 	}
@@ -678,12 +679,12 @@ func (s *fileStore) stage(w *pendingWrite) error {
 	if err := s.idx.check(c); err != nil {
 		return err
 	}
-	delete(s.leftovers, fileOf(portName(c.want.Port)))
-	if err := s.writeRecord(portName(c.want.Port), c.want); err != nil {
+	delete(s.leftovers, fileOf(portName(c.Want.Port)))
+	if err := s.writeRecord(portName(c.Want.Port), c.Want); err != nil {
 		s.undoPort(c)
 		return err
 	}
-	tmp, err := s.stageRecord(keyName(c.want.Key), c.want)
+	tmp, err := s.stageRecord(keyName(c.Want.Key), c.Want)
 	if err != nil {
 		s.undoPort(c)
 		return err
@@ -698,10 +699,10 @@ func (s *fileStore) switchOver(w *pendingWrite) error {
 	if r := w.release; r != nil {
 		return s.ops.remove(fileOf(keyName(r.Key)))
 	}
-	if err := s.renameStaged(keyName(w.claim.want.Key)); err != nil {
+	if err := s.renameStaged(keyName(w.claim.Want.Key)); err != nil {
 		return err
 	}
-	if v := w.claim.victim; v != nil {
+	if v := w.claim.Victim; v != nil {
 		if err := s.ops.remove(fileOf(keyName(v.Key))); err != nil {
 			// The synced port record names the new owner: resolve
 			// keeps it, and the next start deletes key-V.
@@ -725,7 +726,7 @@ func (s *fileStore) unstage(w *pendingWrite) {
 // revert puts back the records w replaced, after a directory fsync that
 // failed. Called with mu held.
 func (s *fileStore) revert(w *pendingWrite) {
-	restore := func(r record) {
+	restore := func(r store.Record) {
 		if err := s.commitRecord(keyName(r.Key), r); err != nil {
 			s.log.Error("could not restore a key record after a failed sync; the next start resolves it", "key", r.Key, "err", err)
 		}
@@ -735,20 +736,20 @@ func (s *fileStore) revert(w *pendingWrite) {
 		return
 	}
 	c := *w.claim
-	if c.old != nil {
-		restore(*c.old)
-	} else if err := s.ops.remove(fileOf(keyName(c.want.Key))); err != nil {
-		s.log.Error("could not remove a key record after a failed sync; the next start resolves it", "key", c.want.Key, "err", err)
+	if c.Old != nil {
+		restore(*c.Old)
+	} else if err := s.ops.remove(fileOf(keyName(c.Want.Key))); err != nil {
+		s.log.Error("could not remove a key record after a failed sync; the next start resolves it", "key", c.Want.Key, "err", err)
 	}
-	if c.victim != nil {
-		restore(*c.victim)
+	if c.Victim != nil {
+		restore(*c.Victim)
 	}
 	s.undoPort(c)
 }
 
 // finish applies a committed write to the index and tidies up what it
 // left behind; none of that needs to be durable. Called with mu held.
-func (s *fileStore) finish(w *pendingWrite) []change {
+func (s *fileStore) finish(w *pendingWrite) []store.Change {
 	if r := w.release; r != nil {
 		s.retire(portName(r.Port))
 		s.retire(seenName(r.Key))
@@ -756,14 +757,14 @@ func (s *fileStore) finish(w *pendingWrite) []change {
 		return s.idx.released(*r, w.at)
 	}
 	c := *w.claim
-	if c.victim != nil {
-		s.retire(seenName(c.victim.Key))
+	if c.Victim != nil {
+		s.retire(seenName(c.Victim.Key))
 	}
-	if c.old != nil && c.old.Port != c.want.Port {
-		s.retire(portName(c.old.Port))
-		s.writeRecord(freedName(c.old.Port), freedRecord{Port: c.old.Port, FreedAt: c.at.UTC()})
+	if c.Old != nil && c.Old.Port != c.Want.Port {
+		s.retire(portName(c.Old.Port))
+		s.writeRecord(freedName(c.Old.Port), freedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()})
 	}
-	s.retire(freedName(c.want.Port))
+	s.retire(freedName(c.Want.Port))
 	return s.idx.claimed(c)
 }
 
@@ -797,8 +798,8 @@ func (s *fileStore) syncFiles(files []string) map[string]error {
 
 // undoPort puts the port record back as the index holds it after a claim
 // that did not commit, so no unfinished write lingers. Called with mu held.
-func (s *fileStore) undoPort(c claim) {
-	port := c.want.Port
+func (s *fileStore) undoPort(c store.Claim) {
+	port := c.Want.Port
 	if holder, ok := s.idx.holder(port); ok {
 		r, _ := s.idx.get(holder)
 		if s.writeRecord(portName(port), r) != nil {
@@ -809,7 +810,7 @@ func (s *fileStore) undoPort(c claim) {
 	s.retire(portName(port))
 }
 
-func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
+func (s *fileStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
@@ -817,31 +818,31 @@ func (s *fileStore) touch(_ context.Context, marks []seenMark) error {
 	}
 	var firstErr error
 	for _, m := range marks {
-		if _, ok := s.idx.get(m.key); !ok {
+		if _, ok := s.idx.get(m.Key); !ok {
 			continue
 		}
-		rec := seenRecord{Key: m.key, LastSeen: m.seen.UTC(), Online: m.online}
-		if err := s.writeRecord(seenName(m.key), rec); err != nil {
+		rec := seenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
+		if err := s.writeRecord(seenName(m.Key), rec); err != nil {
 			if firstErr == nil {
 				firstErr = err
 			}
 			continue
 		}
-		s.idx.seen(m.key, rec.LastSeen, rec.Online)
+		s.idx.seen(m.Key, rec.LastSeen, rec.Online)
 	}
 	return firstErr
 }
 
-// watch has nothing to deliver: only this process writes the directory,
+// Watch has nothing to deliver: only this process writes the directory,
 // and each write's outcome reaches its caller.
-func (s *fileStore) watch(ctx context.Context, _ int64, _ func(change)) error {
+func (s *fileStore) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
 	return nil
 }
 
-// close writes the checkpoint of a clean stop, unless the directory is no
+// Close writes the checkpoint of a clean stop, unless the directory is no
 // longer the one that was loaded.
-func (s *fileStore) close() error {
+func (s *fileStore) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	defer s.root.Close()
@@ -892,7 +893,7 @@ func (s *fileStore) dirMtime() (int64, error) {
 
 // loadCheckpoint returns the checkpoint when it still describes the store
 // and could be deleted; why says why an existing one was not used.
-func (s *fileStore) loadCheckpoint() (snap snapshot, ok bool, why string) {
+func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) {
 	data, err := s.root.ReadFile(checkpointName)
 	if err != nil {
 		return snap, false, ""
@@ -911,25 +912,25 @@ func (s *fileStore) loadCheckpoint() (snap snapshot, ok bool, why string) {
 	if json.Unmarshal(body, &cp) != nil {
 		return snap, false, "checkpoint unreadable; read every record"
 	}
-	snap = snapshot{lastSeen: make(map[string]time.Time, len(cp.Allocations)), online: map[string]bool{}, freed: map[int]time.Time{}}
-	snap.allocations = make([]record, 0, len(cp.Allocations))
+	snap = store.Snapshot{LastSeen: make(map[string]time.Time, len(cp.Allocations)), Online: map[string]bool{}, Freed: map[int]time.Time{}}
+	snap.Allocations = make([]store.Record, 0, len(cp.Allocations))
 	for _, r := range cp.Allocations {
-		if !validRecord(r.record) {
-			return snapshot{}, false, "checkpoint holds an invalid record; read every record"
+		if !validRecord(r.Record) {
+			return store.Snapshot{}, false, "checkpoint holds an invalid record; read every record"
 		}
-		snap.allocations = append(snap.allocations, r.record)
+		snap.Allocations = append(snap.Allocations, r.Record)
 		if !r.LastSeen.IsZero() {
-			snap.lastSeen[r.Key] = r.LastSeen
+			snap.LastSeen[r.Key] = r.LastSeen
 		}
 		if r.Online {
-			snap.online[r.Key] = true
+			snap.Online[r.Key] = true
 		}
 	}
 	for port, t := range cp.Freed {
-		snap.freed[port] = t
+		snap.Freed[port] = t
 	}
 	if len(cp.HeldBack) > 0 {
-		snap.heldBack = cp.HeldBack
+		snap.HeldBack = cp.HeldBack
 	}
 	// Deleted for good before any write: a power cut must not bring it back.
 	err = s.root.Remove(checkpointName)
@@ -937,7 +938,7 @@ func (s *fileStore) loadCheckpoint() (snap snapshot, ok bool, why string) {
 		err = s.ops.syncDir(checkpointDir)
 	}
 	if err != nil {
-		return snapshot{}, false, fmt.Sprintf("checkpoint not used: it cannot be deleted (%v), and a checkpoint is good for one start only", err)
+		return store.Snapshot{}, false, fmt.Sprintf("checkpoint not used: it cannot be deleted (%v), and a checkpoint is good for one start only", err)
 	}
 	return snap, true, ""
 }
@@ -959,9 +960,9 @@ func (s *fileStore) saveCheckpoint() error {
 		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
 	}
 	snap := s.idx.snapshot()
-	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.allocations)), Freed: snap.freed, HeldBack: snap.heldBack}
-	for _, r := range snap.allocations {
-		cp.Allocations = append(cp.Allocations, exportRecord{record: r, LastSeen: snap.lastSeen[r.Key], Online: snap.online[r.Key]})
+	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.Allocations)), Freed: snap.Freed, HeldBack: snap.HeldBack}
+	for _, r := range snap.Allocations {
+		cp.Allocations = append(cp.Allocations, exportRecord{Record: r, LastSeen: snap.LastSeen[r.Key], Online: snap.Online[r.Key]})
 	}
 	header, err := json.Marshal(checkpointHeader{Version: checkpointVersion, WatchMtime: mtime})
 	if err != nil {
@@ -1020,7 +1021,7 @@ type historyFileHandle interface {
 	Close() error
 }
 
-func (s *fileStore) history() historyLog {
+func (s *fileStore) History() store.HistoryLog {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.hist == nil {
@@ -1037,7 +1038,7 @@ func (s *fileStore) history() historyLog {
 
 func historyFile(t time.Time) string { return t.UTC().Format("2006-01") + ".jsonl" }
 
-func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) error {
+func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.s.sameDir(); err != nil {
@@ -1070,7 +1071,7 @@ func (h *fileHistory) appendEntries(_ context.Context, entries []historyEntry) e
 	written := 0
 	for _, name := range order {
 		if err := h.appendFile(name, byFile[name]); err != nil {
-			return &historyAppendError{written: written, err: classify(err)}
+			return &store.HistoryAppendError{Written: written, Err: classify(err)}
 		}
 		written += lines[name]
 	}
@@ -1165,18 +1166,18 @@ func monthOf(name string) (time.Time, bool) {
 
 // read returns the entries of one month file; lines that do not decode
 // (a torn last line) are skipped.
-func (h *fileHistory) read(name string) ([]historyEntry, int) {
+func (h *fileHistory) read(name string) ([]store.HistoryEntry, int) {
 	data, err := h.s.root.ReadFile(filepath.Join(historyDir, name))
 	if err != nil {
 		return nil, 0
 	}
-	var out []historyEntry
+	var out []store.HistoryEntry
 	skipped := 0
 	for line := range bytes.SplitSeq(data, []byte("\n")) {
 		if len(line) == 0 {
 			continue
 		}
-		var e historyEntry
+		var e store.HistoryEntry
 		if json.Unmarshal(line, &e) != nil || e.ID == "" {
 			skipped++
 			continue
@@ -1186,42 +1187,42 @@ func (h *fileHistory) read(name string) ([]historyEntry, int) {
 	return out, skipped
 }
 
-func (h *fileHistory) entries(_ context.Context, q historyQuery) ([]historyEntry, error) {
+func (h *fileHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	names, err := h.files()
 	if err != nil {
 		return nil, err
 	}
-	var out []historyEntry
+	var out []store.HistoryEntry
 	for _, name := range names {
 		month, ok := monthOf(name)
 		if !ok {
 			continue
 		}
-		if !q.until.IsZero() && month.After(q.until) {
+		if !q.Until.IsZero() && month.After(q.Until) {
 			continue
 		}
-		if !q.since.IsZero() && month.AddDate(0, 1, 0).Before(q.since) {
+		if !q.Since.IsZero() && month.AddDate(0, 1, 0).Before(q.Since) {
 			break
 		}
 		got, _ := h.read(name)
-		var keep []historyEntry
+		var keep []store.HistoryEntry
 		for _, e := range got {
-			if q.match(e) {
+			if q.Match(e) {
 				keep = append(keep, e)
 			}
 		}
-		slices.SortFunc(keep, func(a, b historyEntry) int { return strings.Compare(b.ID, a.ID) })
+		slices.SortFunc(keep, func(a, b store.HistoryEntry) int { return strings.Compare(b.ID, a.ID) })
 		out = append(out, keep...)
-		if q.limit > 0 && len(out) >= q.limit {
-			return out[:q.limit], nil
+		if q.Limit > 0 && len(out) >= q.Limit {
+			return out[:q.Limit], nil
 		}
 	}
 	return out, nil
 }
 
-func (h *fileHistory) prune(_ context.Context, before time.Time) (int, error) {
+func (h *fileHistory) Prune(_ context.Context, before time.Time) (int, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	names, err := h.files()

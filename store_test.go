@@ -1,14 +1,16 @@
 package main
 
 import (
+	"frp-port-keeper/internal/store"
 	"os"
 
-	"github.com/philippgille/gokv"
-	gokvbbolt "github.com/philippgille/gokv/bbolt"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/philippgille/gokv"
+	gokvbbolt "github.com/philippgille/gokv/bbolt"
 )
 
 // seedStore allocates name->port in a fresh file store and returns its dir.
@@ -41,9 +43,9 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	store := newTestStore(t, dir)
+	st := newTestStore(t, dir)
 	set, _ := parsePorts("30000-30099")
-	a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
+	a, got, err := newAllocator(st, set, allocatorOptions{log: testLogger(t)})
 	if err != nil {
 		t.Fatalf("start with torn files: %v", err)
 	}
@@ -53,7 +55,7 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 		}
 	}
 	// Each damaged file is reported by name and kept in quarantine.
-	report := strings.Join(got.problems, "\n")
+	report := strings.Join(got.Problems, "\n")
 	for path := range damage {
 		if !strings.Contains(report, filepath.Base(path)) {
 			t.Errorf("problems do not name %s:\n%s", filepath.Base(path), report)
@@ -65,8 +67,8 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 	}
 	// The repairs were written: a second start finds nothing to report.
 	_, again, err := newAllocator(newTestStore(t, dir), set, allocatorOptions{})
-	if err != nil || len(again.problems) != 0 || len(again.allocations) != len(allocs) {
-		t.Fatalf("second start: %v, problems %v, %d allocations", err, again.problems, len(again.allocations))
+	if err != nil || len(again.Problems) != 0 || len(again.Allocations) != len(allocs) {
+		t.Fatalf("second start: %v, problems %v, %d allocations", err, again.Problems, len(again.Allocations))
 	}
 }
 
@@ -90,7 +92,7 @@ func TestLoadTornWithoutTwin(t *testing.T) {
 // new one after, never both.
 func TestLoadInterruptedMove(t *testing.T) {
 	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	old := record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
+	old := store.Record{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
 	moved := old
 	moved.Port, moved.AssignedAt = 30009, at.Add(time.Hour)
 	tests := []struct {
@@ -141,7 +143,7 @@ func TestLoadConflictingKeyRecord(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
 	os.Remove(storeFile(dir, portName(30002)))
 	// u.b's port record is gone and its key record now points at u.a's port.
-	b := record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
+	b := store.Record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
 	newFileKV(t, dir).Set(keyName("u.b"), b)
 	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if r, _, _ := a.lookup("u.a"); r.Port != 30001 {
@@ -156,7 +158,7 @@ func TestLoadConflictingKeyRecord(t *testing.T) {
 // earlier version wrote them, file and bbolt) load unchanged.
 func TestStoresReadGokvLayout(t *testing.T) {
 	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	recs := []record{
+	recs := []store.Record{
 		{Key: "u.a", Port: 30001, User: "u", ProxyName: "u.a", ProxyType: "tcp", CreatedAt: at, AssignedAt: at},
 		{Key: "group:web", Port: 30099, User: "v", ProxyName: "v.w1", ProxyType: "tcp", Group: "web", CreatedAt: at, AssignedAt: at},
 	}
@@ -225,29 +227,29 @@ func TestLongAndHostileKeysStore(t *testing.T) {
 // every record again and finds every write made since.
 func TestCheckpoint(t *testing.T) {
 	cfg := config{dataDir: t.TempDir(), store: "file"}
-	open := func() (*allocator, snapshot, portStore, func()) {
+	open := func() (*allocator, store.Snapshot, store.Store, func()) {
 		t.Helper()
-		store, unlock, err := openStore(cfg, testLogger(t))
+		st, unlock, err := openStore(cfg, testLogger(t))
 		if err != nil {
 			t.Fatal(err)
 		}
 		set, _ := parsePorts("30000-30099")
-		a, got, err := newAllocator(store, set, allocatorOptions{log: testLogger(t)})
+		a, got, err := newAllocator(st, set, allocatorOptions{log: testLogger(t)})
 		if err != nil {
 			t.Fatal(err)
 		}
-		return a, got, store, unlock
+		return a, got, st, unlock
 	}
-	crash := func(store portStore, unlock func()) { store.(*fileStore).root.Close(); unlock() }
-	stop := func(a *allocator, store portStore, unlock func()) {
+	crash := func(st store.Store, unlock func()) { st.(*fileStore).root.Close(); unlock() }
+	stop := func(a *allocator, st store.Store, unlock func()) {
 		if _, err := a.flushSeen(0); err != nil {
 			t.Fatal(err)
 		}
-		store.close()
+		st.Close()
 		unlock()
 	}
-	a, got, store, unlock := open()
-	if got.from == "checkpoint" {
+	a, got, st, unlock := open()
+	if got.From == "checkpoint" {
 		t.Fatal("an empty directory loaded from a checkpoint")
 	}
 	mustAllocate(t, a, req("u", "u.a", "tcp"))
@@ -257,11 +259,11 @@ func TestCheckpoint(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, seenA, _ := a.lookup("u.a")
-	stop(a, store, unlock)
+	stop(a, st, unlock)
 
-	a, got, store, unlock = open()
-	if got.from != "checkpoint" {
-		t.Fatalf("a clean restart loaded from %q; want the checkpoint", got.from)
+	a, got, st, unlock = open()
+	if got.From != "checkpoint" {
+		t.Fatalf("a clean restart loaded from %q; want the checkpoint", got.From)
 	}
 	if _, err := os.Stat(filepath.Join(cfg.dataDir, checkpointName)); !os.IsNotExist(err) {
 		t.Fatalf("the checkpoint outlived the start that used it (%v)", err)
@@ -276,11 +278,11 @@ func TestCheckpoint(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("u", "u.d", "tcp")); p != 30003 {
 		t.Fatalf("after a warm start u.d = %d; want 30003", p)
 	}
-	stop(a, store, unlock)
+	stop(a, st, unlock)
 
-	a, got, store, unlock = open()
-	if got.from != "checkpoint" {
-		t.Fatalf("the second clean restart loaded from %q; want the checkpoint", got.from)
+	a, got, st, unlock = open()
+	if got.From != "checkpoint" {
+		t.Fatalf("the second clean restart loaded from %q; want the checkpoint", got.From)
 	}
 	// A record rewritten in place leaves the directory's mtime alone: a
 	// checkpoint trusted by mtime would hide it after a crash.
@@ -292,11 +294,11 @@ func TestCheckpoint(t *testing.T) {
 	if _, err := a.flushSeen(0); err != nil {
 		t.Fatal(err)
 	}
-	crash(store, unlock)
+	crash(st, unlock)
 
-	a, got, store, unlock = open()
-	defer crash(store, unlock)
-	if got.from == "checkpoint" {
+	a, got, st, unlock = open()
+	defer crash(st, unlock)
+	if got.From == "checkpoint" {
 		t.Fatal("a start after a crash trusted a checkpoint")
 	}
 	for key, port := range map[string]int{"u.a": 30000, "u.c": 30002, "u.d": 30003} {
