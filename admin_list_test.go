@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net/http"
@@ -16,13 +15,16 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 )
 
 // newMemStore is the fake store (store_fake_test.go) holding recs: tens
 // of thousands of allocations without creating a file for each.
 func newMemStore(recs []store.Record) *fakeStore {
 	f := newFakeStore()
-	f.idx = newLocalIndex(store.Snapshot{Allocations: recs})
+	f.idx = local.NewIndex(store.Snapshot{Allocations: recs})
 	return f
 }
 

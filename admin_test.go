@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store/local"
 )
 
 // TestAdminAPI walks every status of the admin API, with and without a
@@ -139,7 +141,7 @@ func TestLastSeen(t *testing.T) {
 	if _, seen, _ := a.lookup("a.p"); !seen.Equal(clock) {
 		t.Fatalf("last_seen in memory = %v; want %v", seen, clock)
 	}
-	if _, err := os.Stat(filepath.Join(dir, seenName("a.p")+".json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(dir, local.SeenName("a.p")+".json")); !os.IsNotExist(err) {
 		t.Fatalf("a hit wrote to disk: %v", err)
 	}
 	if n, err := a.flushSeen(seenInterval); err != nil || n != 1 {

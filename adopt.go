@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"net"
 	"net/http"
@@ -14,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"frp-port-keeper/internal/store"
 
 	frpconfig "github.com/fatedier/frp/pkg/config"
 )

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -16,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+
+	"frp-port-keeper/internal/store"
 )
 
 // The reasons an allocation is refused. The handler turns each into the
@@ -312,7 +313,7 @@ func (a *allocator) reset(snap store.Snapshot) {
 	a.tombs = map[string]int64{}
 	a.rev, a.watchRev = snap.Rev, snap.Rev
 	now := a.now().UnixNano()
-	shareStrings(snap.Allocations) // a no-op when the store did it already
+	store.ShareStrings(snap.Allocations) // a no-op when the store did it already
 	for i := range snap.Allocations {
 		r := &snap.Allocations[i]
 		al := &allocation{Record: r, rev: snap.Rev}
@@ -1438,7 +1439,7 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 	for _, r := range recs {
 		r.Key = validUTF8(r.Key)
 		switch {
-		case !validRecord(r):
+		case !store.ValidRecord(r):
 			err = fmt.Errorf("allocation %q on port %d is not valid", r.Key, r.Port)
 		case seen[r.Key]:
 			err = fmt.Errorf("key %q appears twice", r.Key)

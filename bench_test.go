@@ -15,7 +15,6 @@ package main
 import (
 	"bytes"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net/http"
@@ -30,6 +29,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -144,11 +146,11 @@ func benchSeed(b *testing.B, dir string, from, to int) {
 				r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp",
 					CreatedAt: created, AssignedAt: created}
 				// A committed allocation as the file store writes it.
-				if err := kv.Set(portName(r.Port), r); err != nil {
+				if err := kv.Set(local.PortName(r.Port), r); err != nil {
 					errs <- err
 					return
 				}
-				if err := kv.Set(keyName(r.Key), r); err != nil {
+				if err := kv.Set(local.KeyName(r.Key), r); err != nil {
 					errs <- err
 					return
 				}
@@ -561,10 +563,10 @@ func benchSeedBolt(b *testing.B, path string, n int) {
 		for i := range n {
 			key := benchSeedKey(i)
 			r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
-			if err := putJSON(bk, portName(r.Port), r); err != nil {
+			if err := putJSON(bk, local.PortName(r.Port), r); err != nil {
 				return err
 			}
-			if err := putJSON(bk, keyName(r.Key), r); err != nil {
+			if err := putJSON(bk, local.KeyName(r.Key), r); err != nil {
 				return err
 			}
 		}

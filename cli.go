@@ -9,7 +9,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net"
@@ -21,6 +20,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // The operator's commands. list, show, assign and release talk to a running

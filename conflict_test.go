@@ -6,13 +6,14 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // TestFillInLostRace: the first registration of a key an operator
@@ -38,7 +39,7 @@ func TestFillInLostRace(t *testing.T) {
 	if r, _, ok := a.lookup("other.x"); !ok || r.Port != 30005 {
 		t.Fatalf("the winner is not in memory: %+v", r)
 	}
-	if got, ok := st.idx.get("u.a"); !ok || got.Port != p {
+	if got, ok := st.idx.Get("u.a"); !ok || got.Port != p {
 		t.Fatalf("the store holds u.a as %+v; want it on the answered port %d", got, p)
 	}
 }
@@ -119,7 +120,7 @@ func TestSetNoteLostRace(t *testing.T) {
 	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil || got.Note != "Alice's NAS" || got.Port != 30007 {
 		t.Fatalf("answer %s (%v); want the note on port 30007", rec.Body, err)
 	}
-	if s, ok := st.idx.get("u.a"); !ok || s.Note != "Alice's NAS" || s.Port != 30007 {
+	if s, ok := st.idx.Get("u.a"); !ok || s.Note != "Alice's NAS" || s.Port != 30007 {
 		t.Fatalf("store holds %+v; want the note on the winner's record", s)
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store/local"
 )
 
 // testStart is when tests on a fake clock begin.
@@ -131,26 +133,26 @@ func TestDurableCommitOrder(t *testing.T) {
 	dir := t.TempDir()
 	st, rec := newRecordingStore(t, dir)
 	a := newAllocatorOn(t, st, "30000-30001", allocatorOptions{})
-	key := fileOf(keyName("u.a"))
+	key := fileOf(local.KeyName("u.a"))
 
 	if p, _ := mustAllocate(t, a, req("u", "u.a", "tcp")); p != 30000 {
 		t.Fatalf("u.a = %d; want 30000", p)
 	}
 	ops := rec.take()
-	inOrder(t, "new key", ops, "write "+fileOf(portName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
+	inOrder(t, "new key", ops, "write "+fileOf(local.PortName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
 		"rename "+key, "syncdir .")
-	inOrder(t, "new key's port record", ops, "write "+fileOf(portName(30000)), "sync "+fileOf(portName(30000)), "rename "+key)
+	inOrder(t, "new key's port record", ops, "write "+fileOf(local.PortName(30000)), "sync "+fileOf(local.PortName(30000)), "rename "+key)
 
 	if _, err := a.assign("u.a", 30001, operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "move", rec.take(), "write "+fileOf(portName(30001)), "write "+key+".tmp", "sync "+key+".tmp",
-		"rename "+key, "syncdir .", "remove "+fileOf(portName(30000)))
+	inOrder(t, "move", rec.take(), "write "+fileOf(local.PortName(30001)), "write "+key+".tmp", "sync "+key+".tmp",
+		"rename "+key, "syncdir .", "remove "+fileOf(local.PortName(30000)))
 
 	if err := a.release("u.a", "test"); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+fileOf(portName(30001)))
+	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+fileOf(local.PortName(30001)))
 }
 
 // TestReclaimSyncsPortRecord: a reclaim's port record names the new owner
@@ -169,9 +171,9 @@ func TestReclaimSyncsPortRecord(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("v", "v.new", "tcp")); p != 30000 {
 		t.Fatalf("v.new = %d; want the reclaimed 30000", p)
 	}
-	port := fileOf(portName(30000))
-	inOrder(t, "reclaim", rec.take(), "write "+port, "sync "+port, "rename "+fileOf(keyName("v.new")),
-		"remove "+fileOf(keyName("u.old")), "syncdir .")
+	port := fileOf(local.PortName(30000))
+	inOrder(t, "reclaim", rec.take(), "write "+port, "sync "+port, "rename "+fileOf(local.KeyName("v.new")),
+		"remove "+fileOf(local.KeyName("u.old")), "syncdir .")
 }
 
 // TestGroupCommit: writes that arrive while a batch waits for the disk are
@@ -269,7 +271,7 @@ func TestFailedSyncKeepsOldState(t *testing.T) {
 // (checkpoint included); list shows it as held by an unknown key.
 func TestDamagedPortHeldBack(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30000})
-	if err := os.WriteFile(storeFile(dir, portName(30001)), nil, 0o600); err != nil { // a new key's record, torn by a power cut
+	if err := os.WriteFile(storeFile(dir, local.PortName(30001)), nil, 0o600); err != nil { // a new key's record, torn by a power cut
 		t.Fatal(err)
 	}
 	st := newTestStore(t, dir)
@@ -326,7 +328,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if code := httptestStatus(t, h, "DELETE", "/api/ports/30001"); code != http.StatusNotFound {
 		t.Fatalf("second DELETE /api/ports/30001 = %d; want 404", code)
 	}
-	if _, err := os.Stat(storeFile(dir, portName(30001))); !os.IsNotExist(err) {
+	if _, err := os.Stat(storeFile(dir, local.PortName(30001))); !os.IsNotExist(err) {
 		t.Fatalf("the damaged record is still there after its release (%v)", err)
 	}
 	crashStore(a.store.(*fileStore))
@@ -342,8 +344,8 @@ func TestDamagedPortHeldBack(t *testing.T) {
 // counts as freed at the start, so ports free for longer go first.
 func TestDamagedFreedRecordReusedLast(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30002})
-	newFileKV(t, dir).Set(freedName(30000), freedRecord{Port: 30000, FreedAt: testStart})
-	if err := os.WriteFile(storeFile(dir, freedName(30001)), nil, 0o600); err != nil {
+	newFileKV(t, dir).Set(local.FreedName(30000), local.FreedRecord{Port: 30000, FreedAt: testStart})
+	if err := os.WriteFile(storeFile(dir, local.FreedName(30001)), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	a := newTestAllocator(t, dir, "30000-30002", allocatorOptions{})

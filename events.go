@@ -9,11 +9,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"log/slog"
 	"net/http"
 	"sync"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // eventHub hands every change (a history entry) to the live subscribers of

@@ -8,7 +8,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"net"
 	"os"
 	"os/exec"
@@ -18,6 +17,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 )
 
 // crashStore drops a file store the way SIGKILL does: no checkpoint.
@@ -34,10 +36,10 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 		wantPort int // after the failed request and a crash
 		moved    bool
 	}{
-		{"port record write", func(op, name string) bool { return op == "write" && strings.HasPrefix(name, portPrefix) }, 61000, false},
-		{"key record write", func(op, name string) bool { return op == "write" && strings.HasPrefix(name, keyPrefix) }, 61000, false},
-		{"key record rename", func(op, name string) bool { return op == "rename" && strings.HasPrefix(name, keyPrefix) }, 61000, false},
-		{"old port record delete", func(op, name string) bool { return op == "remove" && strings.HasPrefix(name, portPrefix) }, 61005, true},
+		{"port record write", func(op, name string) bool { return op == "write" && strings.HasPrefix(name, local.PortPrefix) }, 61000, false},
+		{"key record write", func(op, name string) bool { return op == "write" && strings.HasPrefix(name, local.KeyPrefix) }, 61000, false},
+		{"key record rename", func(op, name string) bool { return op == "rename" && strings.HasPrefix(name, local.KeyPrefix) }, 61000, false},
+		{"old port record delete", func(op, name string) bool { return op == "remove" && strings.HasPrefix(name, local.PortPrefix) }, 61005, true},
 	}
 	for _, via := range []string{"plugin", "assign"} {
 		for _, tt := range tests {
@@ -97,13 +99,13 @@ func TestUnfinishedAllocationDropped(t *testing.T) {
 	if err == nil || !strings.Contains(rejectReason(err), "disk is full") {
 		t.Fatalf("allocation with a failing commit: %v (%q); want a reject naming the full disk", err, rejectReason(err))
 	}
-	if _, err := os.Stat(storeFile(dir, portName(30000))); !os.IsNotExist(err) {
+	if _, err := os.Stat(storeFile(dir, local.PortName(30000))); !os.IsNotExist(err) {
 		t.Fatalf("the unfinished allocation's port record was left behind (%v)", err)
 	}
 	faults.set(nil, nil)
 	crashStore(st)
 	// Leave the port record behind as a crash at that moment would.
-	newFileKV(t, dir).Set(portName(30000), store.Record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
+	newFileKV(t, dir).Set(local.PortName(30000), store.Record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
 
 	b := newAllocatorOn(t, newTestStore(t, dir), "30000-30001", allocatorOptions{policy: pol})
 	if _, _, ok := b.lookup("u.ghost"); ok {
@@ -170,7 +172,7 @@ func TestStartOnFullDisk(t *testing.T) {
 			if kind == "file" {
 				// A crash left u.b's port record missing: the start must rebuild it.
 				os.Remove(filepath.Join(dir, checkpointName))
-				os.Remove(storeFile(dir, portName(ports["u.b"])))
+				os.Remove(storeFile(dir, local.PortName(ports["u.b"])))
 			}
 			fillDisk(t, filepath.Dir(dir))
 
@@ -187,7 +189,7 @@ func TestStartOnFullDisk(t *testing.T) {
 			}
 			if kind == "file" {
 				waitFor(t, "the log to say what could not be repaired", 5*time.Second, func() bool {
-					return strings.Contains(s.log.String(), "could not rewrite "+portName(ports["u.b"]))
+					return strings.Contains(s.log.String(), "could not rewrite "+local.PortName(ports["u.b"]))
 				})
 			}
 			filler, _ := filepath.Glob(filepath.Join(filepath.Dir(dir), "filler*"))
@@ -266,9 +268,9 @@ func TestFutureTimesClamped(t *testing.T) {
 	future := clock.AddDate(1, 0, 0)
 	r := store.Record{Key: "u.old", Port: 30000, User: "u", ProxyName: "u.old", ProxyType: "tcp", CreatedAt: future, AssignedAt: future}
 	kv := newFileKV(t, dir)
-	kv.Set(portName(30000), r)
-	kv.Set(keyName(r.Key), r)
-	kv.Set(seenName(r.Key), seenRecord{Key: r.Key, LastSeen: future})
+	kv.Set(local.PortName(30000), r)
+	kv.Set(local.KeyName(r.Key), r)
+	kv.Set(local.SeenName(r.Key), local.SeenRecord{Key: r.Key, LastSeen: future})
 	pol := mustPolicy(t, "", "30000-30000", 0, time.Hour)
 	a := newTestAllocator(t, dir, "30000-30000", allocatorOptions{policy: pol, now: now})
 	if _, seen, _ := a.lookup("u.old"); seen.After(clock) {

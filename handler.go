@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"net"
@@ -18,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // maxBodyBytes bounds a plugin request; frps's largest NewProxy is a few KiB.

@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"log/slog"
 	"math/big"
 	"net"
@@ -22,6 +21,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 
 	"github.com/philippgille/gokv"
 	"github.com/philippgille/gokv/file"

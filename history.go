@@ -6,12 +6,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // historyRecorder stamps each change with an ID and writes it to the

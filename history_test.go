@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"hash"
 	"io"
 	"net/http"
@@ -23,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // historyAllocator is an allocator on a real store of kind whose changes

@@ -6,12 +6,13 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // adminRequest sends an admin request to h from loopback.

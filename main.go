@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"maps"
@@ -22,6 +21,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 )
 
 // version is stamped at build time (make build: git describe).
@@ -252,7 +254,7 @@ func openStore(cfg config, log *slog.Logger) (store.Store, func(), error) {
 	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("-data-dir: %v", err)
 	}
-	unlock, err := lockDir(cfg.dataDir)
+	unlock, err := local.LockDir(cfg.dataDir)
 	if err != nil {
 		return nil, nil, err
 	}

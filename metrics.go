@@ -1,10 +1,11 @@
 package main
 
 import (
-	"frp-port-keeper/internal/store"
 	"net/http"
 	"sync/atomic"
 	"time"
+
+	"frp-port-keeper/internal/store"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"

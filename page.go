@@ -3,13 +3,14 @@ package main
 import (
 	"bytes"
 	_ "embed"
-	"frp-port-keeper/internal/store"
 	"html/template"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 //go:embed page.html

@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"net/http"
 	"os"
@@ -13,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 func writePolicy(t testing.TB, body string) string {

@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store/local"
 )
 
 // ---------------------------------------------------------------------------
@@ -267,12 +269,12 @@ func TestTornFilesLive(t *testing.T) {
 	damaged := map[string]string{} // file name -> what
 	for i, d := range damage {
 		name := names[i]
-		file := portName(ports[name]) + ".json"
+		file := local.PortName(ports[name]) + ".json"
 		switch d.kind {
 		case "key":
-			file = keyName(name) + ".json"
+			file = local.KeyName(name) + ".json"
 		case "seen":
-			file = seenName(name) + ".json"
+			file = local.SeenName(name) + ".json"
 		}
 		path := filepath.Join(dataDir, file)
 		orig, err := os.ReadFile(path)

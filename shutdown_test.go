@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -19,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // openEventStream opens GET /api/events and returns once the server has

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"log/slog"
 	"os"
 	"slices"
@@ -15,6 +14,9 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -31,7 +33,7 @@ type boltStore struct {
 	log  *slog.Logger
 
 	mu     sync.Mutex
-	idx    localIndex
+	idx    local.Index
 	loaded bool
 }
 
@@ -64,7 +66,7 @@ func openBoltStore(path string, log *slog.Logger) (*boltStore, error) {
 func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	raw := newRawRecords()
+	raw := local.NewRawRecords()
 	var problems, damaged []string
 	err := s.db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(boltBucket)
@@ -76,45 +78,45 @@ func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 			bad := func(why string) {
 				problems = append(problems, fmt.Sprintf("%s: %s", name, why))
 				damaged = append(damaged, name)
-				if strings.HasPrefix(name, keyPrefix) {
-					raw.damagedKeys[name] = true
+				if strings.HasPrefix(name, local.KeyPrefix) {
+					raw.DamagedKeys[name] = true
 				}
 			}
 			switch {
-			case strings.HasPrefix(name, portPrefix):
+			case strings.HasPrefix(name, local.PortPrefix):
 				var r store.Record
-				port, perr := strconv.Atoi(name[len(portPrefix):])
+				port, perr := strconv.Atoi(name[len(local.PortPrefix):])
 				if perr != nil {
 					return nil
 				}
-				if json.Unmarshal(v, &r) != nil || !validRecord(r) || r.Port != port {
+				if json.Unmarshal(v, &r) != nil || !store.ValidRecord(r) || r.Port != port {
 					// Kept: it holds the port back (see resolve).
 					problems = append(problems, fmt.Sprintf("%s: not a valid port record", name))
-					raw.damagedPorts[port] = fmt.Sprintf("%s: not a valid port record", name)
+					raw.DamagedPorts[port] = fmt.Sprintf("%s: not a valid port record", name)
 					return nil
 				}
-				raw.ports[port] = r
-			case strings.HasPrefix(name, keyPrefix):
+				raw.Ports[port] = r
+			case strings.HasPrefix(name, local.KeyPrefix):
 				var r store.Record
-				if json.Unmarshal(v, &r) != nil || !validRecord(r) || keyName(r.Key) != name {
+				if json.Unmarshal(v, &r) != nil || !store.ValidRecord(r) || local.KeyName(r.Key) != name {
 					bad("not a valid key record")
 					return nil
 				}
-				raw.keys[r.Key] = r
-			case strings.HasPrefix(name, seenPrefix):
-				var sr seenRecord
-				if json.Unmarshal(v, &sr) != nil || seenName(sr.Key) != name {
+				raw.Keys[r.Key] = r
+			case strings.HasPrefix(name, local.SeenPrefix):
+				var sr local.SeenRecord
+				if json.Unmarshal(v, &sr) != nil || local.SeenName(sr.Key) != name {
 					bad("not a valid last-seen record")
 					return nil
 				}
-				raw.seen[sr.Key] = sr
-			case strings.HasPrefix(name, freedPrefix):
-				var f freedRecord
-				if json.Unmarshal(v, &f) != nil || freedName(f.Port) != name {
+				raw.Seen[sr.Key] = sr
+			case strings.HasPrefix(name, local.FreedPrefix):
+				var f local.FreedRecord
+				if json.Unmarshal(v, &f) != nil || local.FreedName(f.Port) != name {
 					bad("not a valid freed-port record")
 					return nil
 				}
-				raw.freed[f.Port] = f.FreedAt
+				raw.Freed[f.Port] = f.FreedAt
 			}
 			return nil
 		})
@@ -122,34 +124,34 @@ func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 	if err != nil {
 		return store.Snapshot{}, fmt.Errorf("read bbolt store: %v", err)
 	}
-	res := resolve(raw)
-	snap := res.snapshot(raw)
+	res := local.Resolve(raw)
+	snap := res.Snapshot(raw)
 	snap.Damaged = len(problems)
 	snap.Problems = append(problems, snap.Problems...)
-	if len(res.rewrite)+len(res.rewriteKeys)+len(res.drop)+len(res.setAside)+len(damaged) > 0 {
+	if len(res.Rewrite)+len(res.RewriteKeys)+len(res.Drop)+len(res.SetAside)+len(damaged) > 0 {
 		if err := s.update(func(b *bolt.Bucket) error {
 			for _, name := range damaged {
 				if err := b.Delete([]byte(name)); err != nil {
 					return err
 				}
 			}
-			for _, r := range res.rewrite {
-				if err := putJSON(b, portName(r.Port), r); err != nil {
+			for _, r := range res.Rewrite {
+				if err := putJSON(b, local.PortName(r.Port), r); err != nil {
 					return err
 				}
 			}
-			for _, r := range res.rewriteKeys {
-				if err := putJSON(b, keyName(r.Key), r); err != nil {
+			for _, r := range res.RewriteKeys {
+				if err := putJSON(b, local.KeyName(r.Key), r); err != nil {
 					return err
 				}
 			}
-			for _, port := range res.drop {
-				if err := b.Delete([]byte(portName(port))); err != nil {
+			for _, port := range res.Drop {
+				if err := b.Delete([]byte(local.PortName(port))); err != nil {
 					return err
 				}
 			}
-			for _, key := range res.setAside {
-				if err := b.Delete([]byte(keyName(key))); err != nil {
+			for _, key := range res.SetAside {
+				if err := b.Delete([]byte(local.KeyName(key))); err != nil {
 					return err
 				}
 			}
@@ -162,7 +164,7 @@ func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 		snap.Degraded = store.ErrReadOnly.Error()
 	}
 	snap.From = "records"
-	s.idx, s.loaded = newLocalIndex(snap), true
+	s.idx, s.loaded = local.NewIndex(snap), true
 	return snap, nil
 }
 
@@ -171,7 +173,7 @@ func (s *boltStore) update(fn func(b *bolt.Bucket) error) error {
 	if s.db.IsReadOnly() {
 		return store.ErrReadOnly
 	}
-	return classify(s.db.Update(func(tx *bolt.Tx) error {
+	return local.Classify(s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(boltBucket)
 		if err != nil {
 			return err
@@ -194,39 +196,39 @@ func (s *boltStore) Claim(_ context.Context, c store.Claim) ([]store.Change, err
 	if !s.loaded {
 		return nil, errors.New("store not loaded")
 	}
-	if err := s.idx.check(c); err != nil {
+	if err := s.idx.Check(c); err != nil {
 		return nil, err
 	}
 	want := c.Want
 	err := s.update(func(b *bolt.Bucket) error {
 		if c.Victim != nil {
-			if err := b.Delete([]byte(keyName(c.Victim.Key))); err != nil {
+			if err := b.Delete([]byte(local.KeyName(c.Victim.Key))); err != nil {
 				return err
 			}
-			if err := b.Delete([]byte(seenName(c.Victim.Key))); err != nil {
+			if err := b.Delete([]byte(local.SeenName(c.Victim.Key))); err != nil {
 				return err
 			}
 		}
 		if c.Old != nil && c.Old.Port != want.Port {
-			if err := b.Delete([]byte(portName(c.Old.Port))); err != nil {
+			if err := b.Delete([]byte(local.PortName(c.Old.Port))); err != nil {
 				return err
 			}
-			if err := putJSON(b, freedName(c.Old.Port), freedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()}); err != nil {
+			if err := putJSON(b, local.FreedName(c.Old.Port), local.FreedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()}); err != nil {
 				return err
 			}
 		}
-		if err := b.Delete([]byte(freedName(want.Port))); err != nil {
+		if err := b.Delete([]byte(local.FreedName(want.Port))); err != nil {
 			return err
 		}
-		if err := putJSON(b, portName(want.Port), want); err != nil {
+		if err := putJSON(b, local.PortName(want.Port), want); err != nil {
 			return err
 		}
-		return putJSON(b, keyName(want.Key), want)
+		return putJSON(b, local.KeyName(want.Key), want)
 	})
 	if err != nil {
 		return nil, err
 	}
-	return s.idx.claimed(c), nil
+	return s.idx.Claimed(c), nil
 }
 
 func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
@@ -235,48 +237,48 @@ func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]
 	if !s.loaded {
 		return nil, errors.New("store not loaded")
 	}
-	if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, r) {
-		return nil, &store.ConflictError{Current: s.idx.current(r.Key, r.Port)}
+	if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, r) {
+		return nil, &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
 	}
 	err := s.update(func(b *bolt.Bucket) error {
-		for _, name := range []string{keyName(r.Key), portName(r.Port), seenName(r.Key)} {
+		for _, name := range []string{local.KeyName(r.Key), local.PortName(r.Port), local.SeenName(r.Key)} {
 			if err := b.Delete([]byte(name)); err != nil {
 				return err
 			}
 		}
-		return putJSON(b, freedName(r.Port), freedRecord{Port: r.Port, FreedAt: at.UTC()})
+		return putJSON(b, local.FreedName(r.Port), local.FreedRecord{Port: r.Port, FreedAt: at.UTC()})
 	})
 	if err != nil {
 		return nil, err
 	}
-	return s.idx.released(r, at), nil
+	return s.idx.Released(r, at), nil
 }
 
 func (s *boltStore) ReleaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.idx.damaged[port]; !ok {
+	if _, ok := s.idx.Damaged[port]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(portName(port))) }); err != nil {
+	if err := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(local.PortName(port))) }); err != nil {
 		return err
 	}
-	delete(s.idx.damaged, port)
+	delete(s.idx.Damaged, port)
 	return nil
 }
 
 func (s *boltStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var written []seenRecord
+	var written []local.SeenRecord
 	err := s.update(func(b *bolt.Bucket) error {
 		written = written[:0]
 		for _, m := range marks {
-			if _, ok := s.idx.get(m.Key); !ok {
+			if _, ok := s.idx.Get(m.Key); !ok {
 				continue
 			}
-			rec := seenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
-			if err := putJSON(b, seenName(m.Key), rec); err != nil {
+			rec := local.SeenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
+			if err := putJSON(b, local.SeenName(m.Key), rec); err != nil {
 				return err
 			}
 			written = append(written, rec)
@@ -287,7 +289,7 @@ func (s *boltStore) Touch(_ context.Context, marks []store.SeenMark) error {
 		return err
 	}
 	for _, rec := range written {
-		s.idx.seen(rec.Key, rec.LastSeen, rec.Online)
+		s.idx.Seen(rec.Key, rec.LastSeen, rec.Online)
 	}
 	return nil
 }
@@ -317,7 +319,7 @@ func (h boltHistory) Append(_ context.Context, entries []store.HistoryEntry) err
 	if h.s.db.IsReadOnly() {
 		return store.ErrReadOnly
 	}
-	return classify(h.s.db.Update(func(tx *bolt.Tx) error {
+	return local.Classify(h.s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(historyBucket)
 		if err != nil {
 			return err

@@ -7,12 +7,13 @@ package main
 import (
 	"context"
 	"errors"
-	"frp-port-keeper/internal/store"
 	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 )
 
 // contractTimeout bounds every store call of the suite.
@@ -187,7 +188,7 @@ func wantAllocations(t *testing.T, what string, snap store.Snapshot, recs ...sto
 		ports[r.Port] = r.Key
 	}
 	for _, want := range recs {
-		if g, ok := got[want.Key]; !ok || !sameRecord(g, want) {
+		if g, ok := got[want.Key]; !ok || !store.SameRecord(g, want) {
 			t.Fatalf("%s: allocations = %+v; want %+v among them", what, snap.Allocations, want)
 		}
 	}
@@ -208,7 +209,7 @@ func wantChanges(t *testing.T, what string, got []store.Change, want ...store.Ch
 		ok := g.Kind == w.Kind && g.Key == w.Key
 		switch w.Kind {
 		case store.ChangePut:
-			ok = ok && sameRecord(g.Rec, w.Rec)
+			ok = ok && store.SameRecord(g.Rec, w.Rec)
 		case store.ChangeDelete:
 			ok = ok && (w.At.IsZero() || g.At.Equal(w.At))
 		}
@@ -230,7 +231,7 @@ func wantChanges(t *testing.T, what string, got []store.Change, want ...store.Ch
 func wantCurrent(t *testing.T, what string, cerr *store.ConflictError, puts []store.Record, deletes []string) {
 	t.Helper()
 	for _, want := range puts {
-		if !slices.ContainsFunc(cerr.Current, func(c store.Change) bool { return c.Kind == store.ChangePut && sameRecord(c.Rec, want) }) {
+		if !slices.ContainsFunc(cerr.Current, func(c store.Change) bool { return c.Kind == store.ChangePut && store.SameRecord(c.Rec, want) }) {
 			t.Fatalf("%s: conflict current = %+v; want a put of %+v", what, cerr.Current, want)
 		}
 	}
@@ -240,7 +241,7 @@ func wantCurrent(t *testing.T, what string, cerr *store.ConflictError, puts []st
 		}
 	}
 	for _, c := range cerr.Current {
-		if c.Kind == store.ChangePut && !validRecord(c.Rec) {
+		if c.Kind == store.ChangePut && !store.ValidRecord(c.Rec) {
 			t.Fatalf("%s: conflict current holds an invalid put %+v", what, c)
 		}
 	}
@@ -344,7 +345,7 @@ func contractReclaim(t *testing.T, h *contractHarness) {
 	at := contractBase.Add(time.Hour)
 	changes := h.claimOK(s, store.Claim{Want: w, Victim: &v, At: at})
 	if !slices.ContainsFunc(changes, func(c store.Change) bool { return c.Kind == store.ChangeDelete && c.Key == v.Key }) ||
-		!slices.ContainsFunc(changes, func(c store.Change) bool { return c.Kind == store.ChangePut && sameRecord(c.Rec, w) }) || len(changes) != 2 {
+		!slices.ContainsFunc(changes, func(c store.Change) bool { return c.Kind == store.ChangePut && store.SameRecord(c.Rec, w) }) || len(changes) != 2 {
 		t.Fatalf("reclaim: changes = %+v; want a delete of %q and a put of %+v", changes, v.Key, w)
 	}
 	_, snap := h.reopen(s)

@@ -43,7 +43,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"log/slog"
 	"maps"
@@ -55,6 +54,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"frp-port-keeper/internal/store"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -513,7 +514,7 @@ func (s *etcdStore) heldLocked() []store.Record {
 		if err != nil {
 			continue
 		}
-		if r, _, ok := s.recordLocked(key); ok && validRecord(r) {
+		if r, _, ok := s.recordLocked(key); ok && store.ValidRecord(r) {
 			if h, _ := s.holderLocked(r.Port); h == key {
 				held = append(held, r)
 			}
@@ -795,7 +796,7 @@ func (s *etcdStore) Claim(ctx context.Context, c store.Claim) ([]store.Change, e
 
 // Release deletes r in one transaction; see portStore.
 func (s *etcdStore) Release(ctx context.Context, r store.Record, at time.Time) ([]store.Change, error) {
-	if !validRecord(r) {
+	if !store.ValidRecord(r) {
 		return nil, fmt.Errorf("release: invalid record for %q port %d", r.Key, r.Port)
 	}
 	if at.IsZero() {
@@ -864,7 +865,7 @@ func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcd
 // checkEtcdClaim refuses a claim that could not be meant.
 func checkEtcdClaim(c store.Claim) error {
 	switch {
-	case !validRecord(c.Want):
+	case !store.ValidRecord(c.Want):
 		return fmt.Errorf("claim: invalid record for %q port %d", c.Want.Key, c.Want.Port)
 	case c.Old != nil && c.Old.Key != c.Want.Key:
 		return fmt.Errorf("claim: old record is of %q, not %q", c.Old.Key, c.Want.Key)
@@ -905,7 +906,7 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	// The key's record is still what the caller saw.
 	cur, ke, exists := s.recordLocked(c.Want.Key)
 	switch {
-	case c.Old == nil && exists, c.Old != nil && (!exists || !sameRecord(cur, *c.Old)):
+	case c.Old == nil && exists, c.Old != nil && (!exists || !store.SameRecord(cur, *c.Old)):
 		return p, etcdStale
 	case c.Old == nil:
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
@@ -921,7 +922,7 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	switch {
 	case c.Victim != nil:
 		v, ve, ok := s.recordLocked(c.Victim.Key)
-		if holder != c.Victim.Key || !ok || !sameRecord(v, *c.Victim) {
+		if holder != c.Victim.Key || !ok || !store.SameRecord(v, *c.Victim) {
 			return p, etcdStale
 		}
 		p.cmps = append(p.cmps,
@@ -999,7 +1000,7 @@ func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVer
 	defer s.mu.Unlock()
 	var p etcdPlan
 	cur, ke, ok := s.recordLocked(r.Key)
-	if !ok || !sameRecord(cur, r) {
+	if !ok || !store.SameRecord(cur, r) {
 		return p, etcdStale
 	}
 	key := s.prefix + etcdKeyName(r.Key)
@@ -1149,7 +1150,7 @@ func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
 		case "key":
 			var r store.Record
 			k, err := url.PathUnescape(rest)
-			if err != nil || json.Unmarshal(kv.Value, &r) != nil || r.Key != k || !validRecord(r) {
+			if err != nil || json.Unmarshal(kv.Value, &r) != nil || r.Key != k || !store.ValidRecord(r) {
 				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a valid allocation; ignored", name))
 				continue
 			}
@@ -1654,7 +1655,7 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(sto
 				deletes = append(deletes, store.Change{Kind: store.ChangeDelete, Rev: rev, Key: key, At: at})
 			case kind == "key":
 				var r store.Record
-				if json.Unmarshal(ev.Kv.Value, &r) != nil || r.Key != key || !validRecord(r) {
+				if json.Unmarshal(ev.Kv.Value, &r) != nil || r.Key != key || !store.ValidRecord(r) {
 					s.log.Warn("etcd: ignoring an invalid allocation record", "name", name)
 					continue
 				}

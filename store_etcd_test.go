@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"math/rand/v2"
 	"net/http"
 	"reflect"
@@ -15,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -261,7 +262,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 	waitPut := func(what string, r store.Record) {
 		t.Helper()
 		for {
-			if got, ok := delivered[r.Key]; ok && sameRecord(got, r) {
+			if got, ok := delivered[r.Key]; ok && store.SameRecord(got, r) {
 				return
 			}
 			if c := w.next(t, what); c.Kind == store.ChangePut {
@@ -329,7 +330,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 		attempts++
 		_, err := claimWithin(e, 300*time.Millisecond)
 		var cerr *store.ConflictError
-		if err == nil || (errors.As(err, &cerr) && len(cerr.Current) > 0 && sameRecord(cerr.Current[0].Rec, e)) {
+		if err == nil || (errors.As(err, &cerr) && len(cerr.Current) > 0 && store.SameRecord(cerr.Current[0].Rec, e)) {
 			break // a timed-out attempt may have landed: then it is ours
 		}
 		if time.Since(healthy) > 10*time.Second {

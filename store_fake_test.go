@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
-	"frp-port-keeper/internal/store"
 	"sync"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 )
 
 // fakeStore is a portStore in memory that can stall, fail, and lose races
@@ -12,7 +14,7 @@ import (
 // without disk.
 type fakeStore struct {
 	mu   sync.Mutex
-	idx  localIndex
+	idx  local.Index
 	rev  int64
 	fail error
 	// stall, when set, blocks every write until it is closed.
@@ -24,13 +26,13 @@ type fakeStore struct {
 }
 
 func newFakeStore() *fakeStore {
-	return &fakeStore{idx: newLocalIndex(store.Snapshot{}), events: make(chan store.Change, 1024)}
+	return &fakeStore{idx: local.NewIndex(store.Snapshot{}), events: make(chan store.Change, 1024)}
 }
 
 func (f *fakeStore) Load(context.Context) (store.Snapshot, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	snap := f.idx.snapshot()
+	snap := f.idx.Snapshot()
 	snap.Rev = f.rev
 	return snap, nil
 }
@@ -56,15 +58,15 @@ func (f *fakeStore) stamp(cs []store.Change) []store.Change {
 
 // put writes r as another instance would, and tells watch.
 func (f *fakeStore) put(r store.Record) {
-	if old, ok := f.idx.get(r.Key); ok {
-		f.idx.forget(old, r.AssignedAt)
+	if old, ok := f.idx.Get(r.Key); ok {
+		f.idx.Forget(old, r.AssignedAt)
 	}
-	if holder, ok := f.idx.holder(r.Port); ok {
-		h, _ := f.idx.get(holder)
-		f.idx.forget(h, r.AssignedAt)
+	if holder, ok := f.idx.Holder(r.Port); ok {
+		h, _ := f.idx.Get(holder)
+		f.idx.Forget(h, r.AssignedAt)
 		f.events <- f.stamp([]store.Change{{Kind: store.ChangeDelete, Key: holder, At: r.AssignedAt}})[0]
 	}
-	f.events <- f.stamp(f.idx.claimed(store.Claim{Want: r}))[0]
+	f.events <- f.stamp(f.idx.Claimed(store.Claim{Want: r}))[0]
 }
 
 func (f *fakeStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
@@ -78,7 +80,7 @@ func (f *fakeStore) Claim(_ context.Context, c store.Claim) ([]store.Change, err
 		f.rival = nil
 		rival(f)
 	}
-	if err := f.idx.check(c); err != nil {
+	if err := f.idx.Check(c); err != nil {
 		if ce, ok := err.(*store.ConflictError); ok {
 			for i := range ce.Current {
 				ce.Current[i].Rev = f.rev
@@ -86,7 +88,7 @@ func (f *fakeStore) Claim(_ context.Context, c store.Claim) ([]store.Change, err
 		}
 		return nil, err
 	}
-	return f.stamp(f.idx.claimed(c)), nil
+	return f.stamp(f.idx.Claimed(c)), nil
 }
 
 func (f *fakeStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
@@ -95,10 +97,10 @@ func (f *fakeStore) Release(_ context.Context, r store.Record, at time.Time) ([]
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if cur, ok := f.idx.get(r.Key); !ok || !sameRecord(cur, r) {
-		return nil, &store.ConflictError{Current: f.idx.current(r.Key, r.Port)}
+	if cur, ok := f.idx.Get(r.Key); !ok || !store.SameRecord(cur, r) {
+		return nil, &store.ConflictError{Current: f.idx.Current(r.Key, r.Port)}
 	}
-	return f.stamp(f.idx.released(r, at)), nil
+	return f.stamp(f.idx.Released(r, at)), nil
 }
 
 func (f *fakeStore) Touch(_ context.Context, marks []store.SeenMark) error {
@@ -108,7 +110,7 @@ func (f *fakeStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, m := range marks {
-		f.idx.seen(m.Key, m.Seen, m.Online)
+		f.idx.Seen(m.Key, m.Seen, m.Online)
 	}
 	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"frp-port-keeper/internal/store"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -19,6 +18,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 )
 
 // fileStore keeps every record as a JSON file in the data directory, laid
@@ -66,7 +68,7 @@ type fileStore struct {
 	log  *slog.Logger
 
 	mu  sync.Mutex
-	idx localIndex
+	idx local.Index
 	// leftovers are record files of finished writes still to delete.
 	leftovers map[string]bool
 	loaded    bool
@@ -157,7 +159,7 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 	defer s.mu.Unlock()
 	var problems []string
 	if snap, ok, why := s.loadCheckpoint(); ok {
-		s.idx, s.loaded = newLocalIndex(snap), true
+		s.idx, s.loaded = local.NewIndex(snap), true
 		snap.From = "checkpoint"
 		return snap, nil
 	} else if why != "" {
@@ -169,8 +171,8 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 	}
 	damaged := len(readProblems)
 	problems = append(problems, readProblems...)
-	res := resolve(raw)
-	problems = append(problems, res.problems...)
+	res := local.Resolve(raw)
+	problems = append(problems, res.Problems...)
 	// Repairs make the records say what resolve decided; the decision
 	// stands whether or not they can be written.
 	var failed []string
@@ -179,27 +181,27 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 			failed = append(failed, fmt.Sprintf("could not %s: %v", what, err))
 		}
 	}
-	for port, why := range raw.damagedPorts {
-		if _, held := res.heldBack[port]; !held { // its key record says whose it is: rewritten below
-			note("quarantine "+portName(port), s.quarantine(fileOf(portName(port)), why))
+	for port, why := range raw.DamagedPorts {
+		if _, held := res.HeldBack[port]; !held { // its key record says whose it is: rewritten below
+			note("quarantine "+local.PortName(port), s.quarantine(fileOf(local.PortName(port)), why))
 		}
 	}
-	for _, r := range res.rewrite {
-		note("rewrite "+portName(r.Port), s.writeRecord(portName(r.Port), r))
+	for _, r := range res.Rewrite {
+		note("rewrite "+local.PortName(r.Port), s.writeRecord(local.PortName(r.Port), r))
 	}
-	for _, r := range res.rewriteKeys {
-		note("rebuild "+keyName(r.Key), s.commitRecord(keyName(r.Key), r))
+	for _, r := range res.RewriteKeys {
+		note("rebuild "+local.KeyName(r.Key), s.commitRecord(local.KeyName(r.Key), r))
 	}
-	for _, port := range res.drop {
-		note("delete "+portName(port), s.ops.remove(fileOf(portName(port))))
+	for _, port := range res.Drop {
+		note("delete "+local.PortName(port), s.ops.remove(fileOf(local.PortName(port))))
 	}
-	for _, key := range res.setAside {
-		note("set aside "+keyName(key), s.quarantine(fileOf(keyName(key)), "in conflict with another record"))
+	for _, key := range res.SetAside {
+		note("set aside "+local.KeyName(key), s.quarantine(fileOf(local.KeyName(key)), "in conflict with another record"))
 	}
-	if len(res.rewriteKeys)+len(res.setAside) > 0 {
+	if len(res.RewriteKeys)+len(res.SetAside) > 0 {
 		note("sync the data directory", s.ops.syncDir("."))
 	}
-	snap := res.snapshot(raw)
+	snap := res.Snapshot(raw)
 	snap.Problems = append(problems, snap.Problems...)
 	snap.Problems = append(snap.Problems, failed...)
 	if why := s.writable(); why != nil {
@@ -207,7 +209,7 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 	}
 	snap.From = "records"
 	snap.Damaged = damaged
-	s.idx, s.loaded = newLocalIndex(snap), true
+	s.idx, s.loaded = local.NewIndex(snap), true
 	return snap, nil
 }
 
@@ -215,15 +217,15 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 func (s *fileStore) writable() error {
 	const probe = ".write-test.tmp"
 	if err := s.ops.writeFile(probe, []byte("x")); err != nil {
-		return classify(err)
+		return local.Classify(err)
 	}
 	return s.ops.remove(probe)
 }
 
 // readRecords reads every record file (the allocator has not started yet,
 // so nothing writes meanwhile). Damaged files go to the quarantine folder.
-func (s *fileStore) readRecords() (rawRecords, []string, error) {
-	raw := newRawRecords()
+func (s *fileStore) readRecords() (local.RawRecords, []string, error) {
+	raw := local.NewRawRecords()
 	var problems []string
 	d, err := s.root.Open(".")
 	if err != nil {
@@ -269,18 +271,18 @@ func (s *fileStore) readRecords() (rawRecords, []string, error) {
 		if r.problem != "" {
 			problems = append(problems, r.problem)
 			switch {
-			case strings.HasPrefix(r.name, keyPrefix):
-				raw.damagedKeys[r.name] = true
-			case r.port > 0 && strings.HasPrefix(r.name, portPrefix):
+			case strings.HasPrefix(r.name, local.KeyPrefix):
+				raw.DamagedKeys[r.name] = true
+			case r.port > 0 && strings.HasPrefix(r.name, local.PortPrefix):
 				// Left in place: it holds the port back, at this start
 				// and the next, until resolve finds its owner or an
 				// operator releases it.
-				raw.damagedPorts[r.port] = r.problem
+				raw.DamagedPorts[r.port] = r.problem
 				continue
-			case r.port > 0 && strings.HasPrefix(r.name, freedPrefix):
+			case r.port > 0 && strings.HasPrefix(r.name, local.FreedPrefix):
 				// Freed, since when is lost: as of now, so it is
 				// reused last rather than first.
-				raw.freed[r.port] = loadedAt
+				raw.Freed[r.port] = loadedAt
 			}
 			if err := s.quarantine(r.file, r.problem); err != nil {
 				problems = append(problems, fmt.Sprintf("could not quarantine %s: %v", r.file, err))
@@ -288,14 +290,14 @@ func (s *fileStore) readRecords() (rawRecords, []string, error) {
 			continue
 		}
 		switch {
-		case strings.HasPrefix(r.name, portPrefix):
-			raw.ports[r.rec.Port] = r.rec
-		case strings.HasPrefix(r.name, keyPrefix):
-			raw.keys[r.rec.Key] = r.rec
-		case strings.HasPrefix(r.name, seenPrefix):
-			raw.seen[r.seen.Key] = r.seen
-		case strings.HasPrefix(r.name, freedPrefix):
-			raw.freed[r.freed.Port] = r.freed.FreedAt
+		case strings.HasPrefix(r.name, local.PortPrefix):
+			raw.Ports[r.rec.Port] = r.rec
+		case strings.HasPrefix(r.name, local.KeyPrefix):
+			raw.Keys[r.rec.Key] = r.rec
+		case strings.HasPrefix(r.name, local.SeenPrefix):
+			raw.Seen[r.seen.Key] = r.seen
+		case strings.HasPrefix(r.name, local.FreedPrefix):
+			raw.Freed[r.freed.Port] = r.freed.FreedAt
 		}
 	}
 	slices.Sort(problems)
@@ -307,8 +309,8 @@ type fileResult struct {
 	file    string
 	name    string
 	rec     store.Record
-	seen    seenRecord
-	freed   freedRecord
+	seen    local.SeenRecord
+	freed   local.FreedRecord
 	problem string // set when the file is damaged
 	port    int    // the port a port or freed-port record's name gives
 }
@@ -331,8 +333,8 @@ func (s *fileStore) readRecordFile(file string) (r fileResult) {
 		return r
 	}
 	switch {
-	case strings.HasPrefix(name, portPrefix):
-		port, err := strconv.Atoi(name[len(portPrefix):])
+	case strings.HasPrefix(name, local.PortPrefix):
+		port, err := strconv.Atoi(name[len(local.PortPrefix):])
 		if err != nil || port < 1 || port > maxPort {
 			return r // not ours
 		}
@@ -343,31 +345,31 @@ func (s *fileStore) readRecordFile(file string) (r fileResult) {
 		if err := json.Unmarshal(data, &r.rec); err != nil {
 			return bad("not a valid record: " + err.Error())
 		}
-		if !validRecord(r.rec) || r.rec.Port != port {
+		if !store.ValidRecord(r.rec) || r.rec.Port != port {
 			return bad("record does not match its name")
 		}
-	case strings.HasPrefix(name, keyPrefix):
+	case strings.HasPrefix(name, local.KeyPrefix):
 		if len(data) == 0 {
 			return bad("empty file")
 		}
 		if err := json.Unmarshal(data, &r.rec); err != nil {
 			return bad("not a valid record: " + err.Error())
 		}
-		if !validRecord(r.rec) || keyName(r.rec.Key) != name {
+		if !store.ValidRecord(r.rec) || local.KeyName(r.rec.Key) != name {
 			return bad("record does not match its name")
 		}
-	case strings.HasPrefix(name, seenPrefix):
+	case strings.HasPrefix(name, local.SeenPrefix):
 		if len(data) == 0 {
 			return bad("empty file")
 		}
-		if err := json.Unmarshal(data, &r.seen); err != nil || seenName(r.seen.Key) != name {
+		if err := json.Unmarshal(data, &r.seen); err != nil || local.SeenName(r.seen.Key) != name {
 			return bad("not a valid last-seen record")
 		}
-	case strings.HasPrefix(name, freedPrefix):
-		if port, err := strconv.Atoi(name[len(freedPrefix):]); err == nil && port >= 1 && port <= maxPort {
+	case strings.HasPrefix(name, local.FreedPrefix):
+		if port, err := strconv.Atoi(name[len(local.FreedPrefix):]); err == nil && port >= 1 && port <= maxPort {
 			r.port = port
 		}
-		if err := json.Unmarshal(data, &r.freed); err != nil || freedName(r.freed.Port) != name {
+		if err := json.Unmarshal(data, &r.freed); err != nil || local.FreedName(r.freed.Port) != name {
 			return bad("not a valid freed-port record")
 		}
 	}
@@ -394,7 +396,7 @@ func (s *fileStore) writeRecord(name string, v any) error {
 	if err != nil {
 		return err
 	}
-	return classify(s.ops.writeFile(fileOf(name), data))
+	return local.Classify(s.ops.writeFile(fileOf(name), data))
 }
 
 // commitRecord replaces a record file whole and durably (temporary file,
@@ -407,7 +409,7 @@ func (s *fileStore) commitRecord(name string, v any) error {
 	}
 	if err := s.ops.syncFile(tmp); err != nil {
 		s.ops.remove(tmp)
-		return classify(err)
+		return local.Classify(err)
 	}
 	return s.renameStaged(name)
 }
@@ -421,7 +423,7 @@ func (s *fileStore) stageRecord(name string, v any) (tmp string, err error) {
 	tmp = fileOf(name) + ".tmp"
 	if err := s.ops.writeFile(tmp, data); err != nil {
 		s.ops.remove(tmp)
-		return "", classify(err)
+		return "", local.Classify(err)
 	}
 	return tmp, nil
 }
@@ -431,7 +433,7 @@ func (s *fileStore) renameStaged(name string) error {
 	file := fileOf(name)
 	if err := s.ops.rename(file+".tmp", file); err != nil {
 		s.ops.remove(file + ".tmp")
-		return classify(err)
+		return local.Classify(err)
 	}
 	return nil
 }
@@ -498,16 +500,16 @@ func (s *fileStore) ReleaseDamaged(_ context.Context, port int) error {
 	if err := s.ready(); err != nil {
 		return err
 	}
-	if _, ok := s.idx.damaged[port]; !ok {
+	if _, ok := s.idx.Damaged[port]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.ops.remove(fileOf(portName(port))); err != nil {
-		return classify(err)
+	if err := s.ops.remove(fileOf(local.PortName(port))); err != nil {
+		return local.Classify(err)
 	}
 	if err := s.ops.syncDir("."); err != nil {
-		return classify(err)
+		return local.Classify(err)
 	}
-	delete(s.idx.damaged, port)
+	delete(s.idx.Damaged, port)
 	return nil
 }
 
@@ -608,7 +610,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	var syncs []string
 	for _, w := range staged {
 		if w.claim != nil {
-			syncs = append(syncs, w.staged, fileOf(portName(w.claim.Want.Port)))
+			syncs = append(syncs, w.staged, fileOf(local.PortName(w.claim.Want.Port)))
 		}
 	}
 	failed := s.syncFiles(syncs)
@@ -616,14 +618,14 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	for _, w := range staged {
 		err := failed[w.staged]
 		if w.claim != nil && err == nil {
-			err = failed[fileOf(portName(w.claim.Want.Port))]
+			err = failed[fileOf(local.PortName(w.claim.Want.Port))]
 		}
 		if err == nil {
 			err = s.switchOver(w)
 		}
 		if err != nil {
 			s.unstage(w)
-			w.done <- writeOutcome{err: classify(err)}
+			w.done <- writeOutcome{err: local.Classify(err)}
 			continue
 		}
 		committed = append(committed, w)
@@ -637,7 +639,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 		// state before the batch.
 		for _, w := range committed {
 			s.revert(w)
-			w.done <- writeOutcome{err: classify(err)}
+			w.done <- writeOutcome{err: local.Classify(err)}
 		}
 		if serr := s.ops.syncDir("."); serr != nil {
 			s.log.Error("the data directory could not be synced; the next start repairs what a crash leaves", "err", serr)
@@ -670,21 +672,21 @@ func (w *pendingWrite) touches() (keys []string, ports []int) {
 // for a claim the port record and the key record's temporary file.
 func (s *fileStore) stage(w *pendingWrite) error {
 	if r := w.release; r != nil {
-		if cur, ok := s.idx.get(r.Key); !ok || !sameRecord(cur, *r) {
-			return &store.ConflictError{Current: s.idx.current(r.Key, r.Port)}
+		if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, *r) {
+			return &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
 		}
 		return nil
 	}
 	c := *w.claim
-	if err := s.idx.check(c); err != nil {
+	if err := s.idx.Check(c); err != nil {
 		return err
 	}
-	delete(s.leftovers, fileOf(portName(c.Want.Port)))
-	if err := s.writeRecord(portName(c.Want.Port), c.Want); err != nil {
+	delete(s.leftovers, fileOf(local.PortName(c.Want.Port)))
+	if err := s.writeRecord(local.PortName(c.Want.Port), c.Want); err != nil {
 		s.undoPort(c)
 		return err
 	}
-	tmp, err := s.stageRecord(keyName(c.Want.Key), c.Want)
+	tmp, err := s.stageRecord(local.KeyName(c.Want.Key), c.Want)
 	if err != nil {
 		s.undoPort(c)
 		return err
@@ -697,16 +699,16 @@ func (s *fileStore) stage(w *pendingWrite) error {
 // claim (and the reclaimed key's delete), or a release's delete.
 func (s *fileStore) switchOver(w *pendingWrite) error {
 	if r := w.release; r != nil {
-		return s.ops.remove(fileOf(keyName(r.Key)))
+		return s.ops.remove(fileOf(local.KeyName(r.Key)))
 	}
-	if err := s.renameStaged(keyName(w.claim.Want.Key)); err != nil {
+	if err := s.renameStaged(local.KeyName(w.claim.Want.Key)); err != nil {
 		return err
 	}
 	if v := w.claim.Victim; v != nil {
-		if err := s.ops.remove(fileOf(keyName(v.Key))); err != nil {
+		if err := s.ops.remove(fileOf(local.KeyName(v.Key))); err != nil {
 			// The synced port record names the new owner: resolve
 			// keeps it, and the next start deletes key-V.
-			s.leftovers[fileOf(keyName(v.Key))] = true
+			s.leftovers[fileOf(local.KeyName(v.Key))] = true
 		}
 	}
 	return nil
@@ -727,7 +729,7 @@ func (s *fileStore) unstage(w *pendingWrite) {
 // failed. Called with mu held.
 func (s *fileStore) revert(w *pendingWrite) {
 	restore := func(r store.Record) {
-		if err := s.commitRecord(keyName(r.Key), r); err != nil {
+		if err := s.commitRecord(local.KeyName(r.Key), r); err != nil {
 			s.log.Error("could not restore a key record after a failed sync; the next start resolves it", "key", r.Key, "err", err)
 		}
 	}
@@ -738,7 +740,7 @@ func (s *fileStore) revert(w *pendingWrite) {
 	c := *w.claim
 	if c.Old != nil {
 		restore(*c.Old)
-	} else if err := s.ops.remove(fileOf(keyName(c.Want.Key))); err != nil {
+	} else if err := s.ops.remove(fileOf(local.KeyName(c.Want.Key))); err != nil {
 		s.log.Error("could not remove a key record after a failed sync; the next start resolves it", "key", c.Want.Key, "err", err)
 	}
 	if c.Victim != nil {
@@ -751,21 +753,21 @@ func (s *fileStore) revert(w *pendingWrite) {
 // left behind; none of that needs to be durable. Called with mu held.
 func (s *fileStore) finish(w *pendingWrite) []store.Change {
 	if r := w.release; r != nil {
-		s.retire(portName(r.Port))
-		s.retire(seenName(r.Key))
-		s.writeRecord(freedName(r.Port), freedRecord{Port: r.Port, FreedAt: w.at.UTC()})
-		return s.idx.released(*r, w.at)
+		s.retire(local.PortName(r.Port))
+		s.retire(local.SeenName(r.Key))
+		s.writeRecord(local.FreedName(r.Port), local.FreedRecord{Port: r.Port, FreedAt: w.at.UTC()})
+		return s.idx.Released(*r, w.at)
 	}
 	c := *w.claim
 	if c.Victim != nil {
-		s.retire(seenName(c.Victim.Key))
+		s.retire(local.SeenName(c.Victim.Key))
 	}
 	if c.Old != nil && c.Old.Port != c.Want.Port {
-		s.retire(portName(c.Old.Port))
-		s.writeRecord(freedName(c.Old.Port), freedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()})
+		s.retire(local.PortName(c.Old.Port))
+		s.writeRecord(local.FreedName(c.Old.Port), local.FreedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()})
 	}
-	s.retire(freedName(c.Want.Port))
-	return s.idx.claimed(c)
+	s.retire(local.FreedName(c.Want.Port))
+	return s.idx.Claimed(c)
 }
 
 // syncFiles fsyncs files in parallel (so one journal commit can serve
@@ -800,14 +802,14 @@ func (s *fileStore) syncFiles(files []string) map[string]error {
 // that did not commit, so no unfinished write lingers. Called with mu held.
 func (s *fileStore) undoPort(c store.Claim) {
 	port := c.Want.Port
-	if holder, ok := s.idx.holder(port); ok {
-		r, _ := s.idx.get(holder)
-		if s.writeRecord(portName(port), r) != nil {
+	if holder, ok := s.idx.Holder(port); ok {
+		r, _ := s.idx.Get(holder)
+		if s.writeRecord(local.PortName(port), r) != nil {
 			s.log.Warn("could not restore a port record; the next start repairs it", "port", port)
 		}
 		return
 	}
-	s.retire(portName(port))
+	s.retire(local.PortName(port))
 }
 
 func (s *fileStore) Touch(_ context.Context, marks []store.SeenMark) error {
@@ -818,17 +820,17 @@ func (s *fileStore) Touch(_ context.Context, marks []store.SeenMark) error {
 	}
 	var firstErr error
 	for _, m := range marks {
-		if _, ok := s.idx.get(m.Key); !ok {
+		if _, ok := s.idx.Get(m.Key); !ok {
 			continue
 		}
-		rec := seenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
-		if err := s.writeRecord(seenName(m.Key), rec); err != nil {
+		rec := local.SeenRecord{Key: m.Key, LastSeen: m.Seen.UTC(), Online: m.Online}
+		if err := s.writeRecord(local.SeenName(m.Key), rec); err != nil {
 			if firstErr == nil {
 				firstErr = err
 			}
 			continue
 		}
-		s.idx.seen(m.Key, rec.LastSeen, rec.Online)
+		s.idx.Seen(m.Key, rec.LastSeen, rec.Online)
 	}
 	return firstErr
 }
@@ -915,7 +917,7 @@ func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) 
 	snap = store.Snapshot{LastSeen: make(map[string]time.Time, len(cp.Allocations)), Online: map[string]bool{}, Freed: map[int]time.Time{}}
 	snap.Allocations = make([]store.Record, 0, len(cp.Allocations))
 	for _, r := range cp.Allocations {
-		if !validRecord(r.Record) {
+		if !store.ValidRecord(r.Record) {
 			return store.Snapshot{}, false, "checkpoint holds an invalid record; read every record"
 		}
 		snap.Allocations = append(snap.Allocations, r.Record)
@@ -959,7 +961,7 @@ func (s *fileStore) saveCheckpoint() error {
 		// a change by hand to be sure to move them.
 		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
 	}
-	snap := s.idx.snapshot()
+	snap := s.idx.Snapshot()
 	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.Allocations)), Freed: snap.Freed, HeldBack: snap.HeldBack}
 	for _, r := range snap.Allocations {
 		cp.Allocations = append(cp.Allocations, exportRecord{Record: r, LastSeen: snap.LastSeen[r.Key], Online: snap.Online[r.Key]})
@@ -1046,11 +1048,11 @@ func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) er
 	}
 	_, missing := h.s.root.Stat(historyDir)
 	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
-		return classify(err)
+		return local.Classify(err)
 	}
 	if errors.Is(missing, fs.ErrNotExist) {
 		if err := h.syncDir("."); err != nil {
-			return classify(err)
+			return local.Classify(err)
 		}
 	}
 	byFile := map[string][]byte{}
@@ -1071,7 +1073,7 @@ func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) er
 	written := 0
 	for _, name := range order {
 		if err := h.appendFile(name, byFile[name]); err != nil {
-			return &store.HistoryAppendError{Written: written, Err: classify(err)}
+			return &store.HistoryAppendError{Written: written, Err: local.Classify(err)}
 		}
 		written += lines[name]
 	}

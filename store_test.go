@@ -1,8 +1,10 @@
 package main
 
 import (
-	"frp-port-keeper/internal/store"
 	"os"
+
+	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/local"
 
 	"path/filepath"
 	"strings"
@@ -33,10 +35,10 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 	dir := seedStore(t, allocs)
 	// Damage both kinds of record, one side of an allocation at a time.
 	damage := map[string][]byte{
-		storeFile(dir, portName(30001)): {},                         // empty port record
-		storeFile(dir, keyName("u.b")):  []byte(`{"key":"u.b","po`), // truncated key record
-		storeFile(dir, portName(30003)): []byte("\x00\x00garbage"),  // garbage port record
-		storeFile(dir, keyName("u.d")):  []byte(`[]`),               // wrong shape
+		storeFile(dir, local.PortName(30001)): {},                         // empty port record
+		storeFile(dir, local.KeyName("u.b")):  []byte(`{"key":"u.b","po`), // truncated key record
+		storeFile(dir, local.PortName(30003)): []byte("\x00\x00garbage"),  // garbage port record
+		storeFile(dir, local.KeyName("u.d")):  []byte(`[]`),               // wrong shape
 	}
 	for path, data := range damage {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
@@ -76,8 +78,8 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 // was never acknowledged; its port is free again and nobody's port moves.
 func TestLoadTornWithoutTwin(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
-	os.WriteFile(storeFile(dir, portName(30001)), nil, 0o600)
-	os.Remove(storeFile(dir, keyName("u.a")))
+	os.WriteFile(storeFile(dir, local.PortName(30001)), nil, 0o600)
+	os.Remove(storeFile(dir, local.KeyName("u.a")))
 	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if _, _, ok := a.lookup("u.a"); ok {
 		t.Fatal("u.a survived with no intact record")
@@ -101,18 +103,18 @@ func TestLoadInterruptedMove(t *testing.T) {
 		wantPort int
 	}{
 		{"new port record written", func(kv gokv.Store) {
-			kv.Set(portName(30001), old)
-			kv.Set(keyName("u.a"), old)
-			kv.Set(portName(30009), moved)
+			kv.Set(local.PortName(30001), old)
+			kv.Set(local.KeyName("u.a"), old)
+			kv.Set(local.PortName(30009), moved)
 		}, 30001},
 		{"key record replaced", func(kv gokv.Store) {
-			kv.Set(portName(30001), old)
-			kv.Set(portName(30009), moved)
-			kv.Set(keyName("u.a"), moved)
+			kv.Set(local.PortName(30001), old)
+			kv.Set(local.PortName(30009), moved)
+			kv.Set(local.KeyName("u.a"), moved)
 		}, 30009},
 		{"old port record deleted", func(kv gokv.Store) {
-			kv.Set(portName(30009), moved)
-			kv.Set(keyName("u.a"), moved)
+			kv.Set(local.PortName(30009), moved)
+			kv.Set(local.KeyName("u.a"), moved)
 		}, 30009},
 	}
 	for _, tt := range tests {
@@ -130,7 +132,7 @@ func TestLoadInterruptedMove(t *testing.T) {
 			if n := len(a2.snapshot()); n != 1 {
 				t.Fatalf("after repair, %d allocations; want 1", n)
 			}
-			if _, err := os.Stat(storeFile(dir, portName(30001+30009-tt.wantPort))); !os.IsNotExist(err) {
+			if _, err := os.Stat(storeFile(dir, local.PortName(30001+30009-tt.wantPort))); !os.IsNotExist(err) {
 				t.Fatalf("the losing port record is still there (%v)", err)
 			}
 		})
@@ -141,10 +143,10 @@ func TestLoadInterruptedMove(t *testing.T) {
 // key's port record holds loses; the port is never handed to two keys.
 func TestLoadConflictingKeyRecord(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
-	os.Remove(storeFile(dir, portName(30002)))
+	os.Remove(storeFile(dir, local.PortName(30002)))
 	// u.b's port record is gone and its key record now points at u.a's port.
 	b := store.Record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
-	newFileKV(t, dir).Set(keyName("u.b"), b)
+	newFileKV(t, dir).Set(local.KeyName("u.b"), b)
 	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if r, _, _ := a.lookup("u.a"); r.Port != 30001 {
 		t.Fatalf("u.a = %d; want 30001", r.Port)
@@ -164,14 +166,14 @@ func TestStoresReadGokvLayout(t *testing.T) {
 	}
 	write := func(t *testing.T, kv gokv.Store) {
 		for _, r := range recs {
-			if err := kv.Set(portName(r.Port), r); err != nil {
+			if err := kv.Set(local.PortName(r.Port), r); err != nil {
 				t.Fatal(err)
 			}
-			if err := kv.Set(keyName(r.Key), r); err != nil {
+			if err := kv.Set(local.KeyName(r.Key), r); err != nil {
 				t.Fatal(err)
 			}
 		}
-		kv.Set(seenName("u.a"), seenRecord{Key: "u.a", LastSeen: at.Add(time.Hour)})
+		kv.Set(local.SeenName("u.a"), local.SeenRecord{Key: "u.a", LastSeen: at.Add(time.Hour)})
 		kv.Close()
 	}
 	for _, kind := range storeKinds {
@@ -188,7 +190,7 @@ func TestStoresReadGokvLayout(t *testing.T) {
 			}
 			a := newAllocatorOn(t, openTestStore(t, kind, dir), "30000-30099", allocatorOptions{})
 			for _, r := range recs {
-				if got, _, ok := a.lookup(r.Key); !ok || !sameRecord(got, r) {
+				if got, _, ok := a.lookup(r.Key); !ok || !store.SameRecord(got, r) {
 					t.Errorf("%s = %+v; want %+v", r.Key, got, r)
 				}
 			}

@@ -296,3 +296,37 @@ func (q HistoryQuery) Match(e HistoryEntry) bool {
 	}
 	return true
 }
+
+// ValidRecord says whether r names a key and a port.
+func ValidRecord(r Record) bool {
+	return r.Key != "" && r.Port >= 1 && r.Port <= 65535
+}
+
+// SameRecord says whether a and b are the same record, field by field.
+func SameRecord(a, b Record) bool {
+	return a.Key == b.Key && a.Port == b.Port && a.User == b.User && a.ProxyName == b.ProxyName &&
+		a.ProxyType == b.ProxyType && a.Group == b.Group &&
+		a.CreatedAt.Equal(b.CreatedAt) && a.AssignedAt.Equal(b.AssignedAt) && a.Pinned == b.Pinned && a.Note == b.Note
+}
+
+// ShareStrings makes records that repeat a few users and types, and whose
+// proxy name is usually their key, share those strings, in place. Tens of
+// thousands of records decoded one by one hold a copy each otherwise, and
+// both the store's index and the allocator keep them.
+func ShareStrings(recs []Record) {
+	seen := map[string]string{}
+	share := func(s string) string {
+		if v, ok := seen[s]; ok {
+			return v
+		}
+		seen[s] = s
+		return s
+	}
+	for i := range recs {
+		r := &recs[i]
+		r.User, r.ProxyType = share(r.User), share(r.ProxyType)
+		if r.ProxyName == r.Key {
+			r.ProxyName = r.Key
+		}
+	}
+}

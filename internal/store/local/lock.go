@@ -1,4 +1,4 @@
-package main
+package local
 
 import (
 	"errors"
@@ -11,17 +11,17 @@ import (
 	"syscall"
 )
 
-// lockFile is the data directory's lock; it holds the owner's pid.
-const lockFile = ".lock"
+// LockFile is the data directory's lock; it holds the owner's pid.
+const LockFile = ".lock"
 
 // errLocked is what tryLock says when another process holds the lock.
 var errLocked = errors.New("locked by another process")
 
-// lockDir takes an exclusive lock on dir that lasts until unlock or until
+// LockDir takes an exclusive lock on dir that lasts until unlock or until
 // the process dies, so a crash never leaves a stale lock behind. The lock
 // itself is the platform's (tryLock, in lock_unix.go and lock_windows.go).
-func lockDir(dir string) (unlock func(), err error) {
-	path := filepath.Join(dir, lockFile)
+func LockDir(dir string) (unlock func(), err error) {
+	path := filepath.Join(dir, LockFile)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	readOnly := err != nil && (errors.Is(err, syscall.EROFS) || errors.Is(err, fs.ErrPermission))
 	if readOnly {
