@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/history"
 )
 
 // benchEtcd is one etcd shared by the fleet benchmarks of a run.
@@ -206,10 +208,10 @@ func BenchmarkHandlerStickyHitHistoryOn(b *testing.B) {
 	b.Cleanup(cancel)
 	go n.run(ctx)
 	events := newEventHub([]*notifier{n})
-	rec := newHistoryRecorder(st.History(), benchLogger(), nil, events.publish)
-	b.Cleanup(rec.stop)
+	rec := history.NewRecorder(st.History(), benchLogger(), nil, events.publish)
+	b.Cleanup(rec.Stop)
 	set, _ := parsePorts(benchPool)
-	a, _, err := newAllocator(st, set, allocatorOptions{log: benchLogger(), changed: rec.record})
+	a, _, err := newAllocator(st, set, allocatorOptions{log: benchLogger(), changed: rec.Record})
 	if err != nil {
 		b.Fatal(err)
 	}

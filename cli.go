@@ -21,6 +21,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 )
 
@@ -650,7 +651,7 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 				fmt.Fprintf(e.stdout, "port %d at %s: free (no record of it before then)\n", ans.Port, when)
 			}
 			if ans.Entry != nil {
-				fmt.Fprintf(e.stdout, "  since: %s\n", describeHistory(*ans.Entry))
+				fmt.Fprintf(e.stdout, "  since: %s\n", history.Describe(*ans.Entry))
 			}
 			return nil
 		}
@@ -663,7 +664,7 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			return printJSON(e.stdout, page)
 		}
 		for _, en := range page.Entries {
-			fmt.Fprintln(e.stdout, describeHistory(en))
+			fmt.Fprintln(e.stdout, history.Describe(en))
 		}
 		if len(page.Entries) == 0 {
 			fmt.Fprintln(e.stdout, "no changes match")
@@ -686,7 +687,7 @@ func setupWatch(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			if *asJSON {
 				_, outErr = fmt.Fprintf(e.stdout, "%s\n", raw)
 			} else {
-				_, outErr = fmt.Fprintln(e.stdout, describeHistory(en))
+				_, outErr = fmt.Fprintln(e.stdout, history.Describe(en))
 			}
 			return outErr
 		}
@@ -1058,10 +1059,10 @@ func importOffline(cfg config, args []string, stderr io.Writer) error {
 	}
 	defer unlock()
 	defer st.Close()
-	recorder := newHistoryRecorder(st.History(), log, nil, nil)
-	defer recorder.stop() // before the store closes
+	recorder := history.NewRecorder(st.History(), log, nil, nil)
+	defer recorder.Stop() // before the store closes
 	alloc, got, err := newAllocator(st, plan.pool, allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout,
-		log: log, changed: recorder.record})
+		log: log, changed: recorder.Record})
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 )
 
@@ -708,7 +709,7 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 // before t, else today's holder if it got the port before t.
 func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, error) {
 	ans := portAt{Port: port, At: t.UTC()}
-	e, held, ok, err := holderAt(ctx, s.history, port, t)
+	e, held, ok, err := history.HolderAt(ctx, s.history, port, t)
 	if err != nil {
 		return ans, err
 	}

@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 )
 
@@ -32,15 +33,15 @@ type historyAllocator struct {
 	*allocator
 	store    store.Store
 	log      store.HistoryLog
-	recorder *historyRecorder
+	recorder *history.Recorder
 }
 
 func newHistoryAllocator(t *testing.T, kind, pool string, opts allocatorOptions) *historyAllocator {
 	t.Helper()
 	st := openTestStore(t, kind, t.TempDir())
 	h := &historyAllocator{store: st, log: st.History()}
-	h.recorder = newHistoryRecorder(h.log, testLogger(t), func(int) { t.Error("history write failed") }, nil)
-	opts.changed = h.recorder.record
+	h.recorder = history.NewRecorder(h.log, testLogger(t), func(int) { t.Error("history write failed") }, nil)
+	opts.changed = h.recorder.Record
 	h.allocator = newAllocatorOn(t, st, pool, opts)
 	return h
 }
@@ -49,7 +50,7 @@ func newHistoryAllocator(t *testing.T, kind, pool string, opts allocatorOptions)
 // oldest first.
 func (h *historyAllocator) all(t *testing.T) []store.HistoryEntry {
 	t.Helper()
-	h.recorder.stop()
+	h.recorder.Stop()
 	got, err := h.log.Entries(context.Background(), store.HistoryQuery{})
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +147,7 @@ func TestHistoryPortAt(t *testing.T) {
 			if _, err := h.assign("bob.nas", 30005, operatorChange{by: "admin"}); err != nil { // t0+2h: bob
 				t.Fatal(err)
 			}
-			h.recorder.stop()
+			h.recorder.Stop()
 			tests := []struct {
 				at   time.Time
 				held bool
@@ -161,7 +162,7 @@ func TestHistoryPortAt(t *testing.T) {
 				{t0.Add(48 * time.Hour), true, "bob.nas"},
 			}
 			for _, tt := range tests {
-				e, held, _, err := holderAt(context.Background(), h.log, 30005, tt.at)
+				e, held, _, err := history.HolderAt(context.Background(), h.log, 30005, tt.at)
 				if err != nil || held != tt.held || (held && e.Key != tt.key) {
 					t.Errorf("port 30005 at %s: held %v by %q (%v); want %v by %q", tt.at.Format(time.RFC3339Nano), held, e.Key, err, tt.held, tt.key)
 				}
@@ -289,13 +290,13 @@ func TestHistoryFileSyncsEachBatch(t *testing.T) {
 	h := st.History().(*fileHistory)
 	w := watchHistory(h)
 	w.hold = make(chan struct{})
-	rec := newHistoryRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
-	defer rec.stop()
+	rec := history.NewRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
+	defer rec.Stop()
 	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
 	const burst = 2000
 	start := time.Now()
 	for i := range burst {
-		rec.record(store.HistoryEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: store.HistNew})
+		rec.Record(store.HistoryEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: store.HistNew})
 	}
 	close(w.hold)
 	file := filepath.Join(historyDir, "2026-03.jsonl")
@@ -339,11 +340,11 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	log := st.History()
 	var lost atomic.Int64
 	record := func(es ...store.HistoryEntry) {
-		rec := newHistoryRecorder(log, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
+		rec := history.NewRecorder(log, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
 		for _, e := range es {
-			rec.record(e)
+			rec.Record(e)
 		}
-		rec.stop() // writes what it holds
+		rec.Stop() // writes what it holds
 	}
 	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
 	record(store.HistoryEntry{Time: t0, Key: "k1", Port: 30001, Change: store.HistNew},
@@ -396,7 +397,7 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 		{30003, t0.Add(time.Hour), true, true, "k3"},
 		{30009, t0.Add(time.Hour), false, false, ""}, // never written
 	} {
-		e, held, ok, err := holderAt(context.Background(), log, c.port, c.at)
+		e, held, ok, err := history.HolderAt(context.Background(), log, c.port, c.at)
 		if err != nil || held != c.held || ok != c.ok || (held && e.Key != c.key) {
 			t.Errorf("who held %d at %s: %s held=%v known=%v (%v); want %q held=%v known=%v",
 				c.port, c.at.Format(time.TimeOnly), e.Key, held, ok, err, c.key, c.held, c.ok)
@@ -451,7 +452,7 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	if len(got) != 2 || got[0].Change != store.HistReleased || got[1].Change != store.HistNew {
 		t.Fatalf("history after a torn append that stayed:\n%s", describeAll(got))
 	}
-	if _, held, _, err := holderAt(context.Background(), h, 30001, t0.Add(4*time.Minute)); err != nil || held {
+	if _, held, _, err := history.HolderAt(context.Background(), h, 30001, t0.Add(4*time.Minute)); err != nil || held {
 		t.Fatalf("port 30001 after its release: held=%v (%v); want free", held, err)
 	}
 }
@@ -520,13 +521,13 @@ func TestHistoryLostCountedExactly(t *testing.T) {
 		return open(name, flag)
 	}
 	var lost atomic.Int64
-	rec := newHistoryRecorder(h, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
+	rec := history.NewRecorder(h, testLogger(t), func(n int) { lost.Add(int64(n)) }, nil)
 	feb, mar := time.Date(2026, 2, 28, 23, 59, 0, 0, time.UTC), time.Date(2026, 3, 1, 0, 1, 0, 0, time.UTC)
 	for i, when := range []time.Time{feb, feb, feb, mar, mar, mar} {
-		rec.record(store.HistoryEntry{Time: when.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: store.HistNew})
+		rec.Record(store.HistoryEntry{Time: when.Add(time.Duration(i) * time.Second), Key: fmt.Sprintf("k%d", i), Port: 30000 + i, Change: store.HistNew})
 	}
 	close(w.hold) // the first batch held the others back: one batch spans both months
-	rec.stop()
+	rec.Stop()
 	if n := lost.Load(); n != 3 {
 		t.Errorf("%d entries counted as lost; want 3 (March's)", n)
 	}
@@ -570,7 +571,7 @@ func TestHistoryPrune(t *testing.T) {
 			if len(got) != 2 || got[0].Key != "k3" || got[1].Key != "k2" {
 				t.Fatalf("after pruning: %s", describeAll(got))
 			}
-			if e, held, _, err := holderAt(context.Background(), log, 30000, time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
+			if e, held, _, err := history.HolderAt(context.Background(), log, 30000, time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
 				t.Fatalf("port 30000 on 2026-03-01: %+v held %v (%v); want k2", e, held, err)
 			}
 			if page, _ := log.Entries(context.Background(), store.HistoryQuery{Before: got[0].ID}); len(page) != 1 || page[0].Key != "k2" {

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 )
@@ -113,12 +114,12 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	m.notifyQueued.Store(&queued)
 	events := newEventHub(notifiers)
 	hist := st.History()
-	recorder := newHistoryRecorder(hist, log, func(n int) { m.historyFailures.Add(float64(n)) }, events.publish)
-	defer recorder.stop()
-	opts.changed = recorder.record
+	recorder := history.NewRecorder(hist, log, func(n int) { m.historyFailures.Add(float64(n)) }, events.publish)
+	defer recorder.Stop()
+	opts.changed = recorder.Record
 	alloc, got, err := newAllocator(st, plan.pool, opts)
 	if err != nil {
-		recorder.stop()
+		recorder.Stop()
 		st.Close()
 		return err
 	}
@@ -229,7 +230,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		log.Info("stored last_seen", "keys", n)
 	}
 	stopFollow()
-	recorder.stop()
+	recorder.Stop()
 	if cerr := st.Close(); err == nil {
 		err = cerr
 	}

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -790,7 +791,7 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var history int
+	var historyKeys int
 	for _, kv := range all.Kvs {
 		k := string(kv.Key)
 		switch {
@@ -798,11 +799,11 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 		case !strings.HasPrefix(k, prefix):
 			t.Errorf("%q is outside -etcd-prefix %s", k, prefix)
 		case strings.HasPrefix(k, prefix+"history/"):
-			history++
+			historyKeys++
 		}
 	}
-	if history != 5 {
-		t.Errorf("%d history keys under %shistory/; want 5", history, prefix)
+	if historyKeys != 5 {
+		t.Errorf("%d history keys under %shistory/; want 5", historyKeys, prefix)
 	}
 	snap := loadEtcd(t, st)
 	if len(snap.Problems) != 0 || len(snap.Allocations) != 2 {
@@ -831,7 +832,7 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 			t.Fatalf("entries(%+v) = %s, %v; want %s", tc.q, keys(got), err, tc.want)
 		}
 	}
-	if e, held, ok, err := holderAt(ctx, log, 30051, day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
+	if e, held, ok, err := history.HolderAt(ctx, log, 30051, day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
 		t.Fatalf("port 30051 on 1 February: %+v held %v known %v (%v); want old.one", e, held, ok, err)
 	}
 	if n, err := log.Prune(ctx, day(2, 20)); err != nil || n != 2 {

@@ -1,4 +1,7 @@
-package main
+// Package history records every change of an allocation in the background,
+// in batches, to the history log its store keeps, and answers who held a
+// port at a given time.
+package history
 
 import (
 	"context"
@@ -15,14 +18,14 @@ import (
 	"frp-port-keeper/internal/store"
 )
 
-// historyRecorder stamps each change with an ID and writes it to the
+// Recorder stamps each change with an ID and writes it to the
 // history in the background, in batches: a plugin answer never waits for
 // it, and an entry that cannot be written is counted and logged while the
 // allocation stands. It also hands every entry to publish (events). A
 // batch is what queued while the one before it was written, and is written
 // at once: an entry waits for at most one append (and its fsync) besides
 // its own, so the history is on disk well within a second of a change.
-type historyRecorder struct {
+type Recorder struct {
 	log      store.HistoryLog // nil: no history kept
 	logger   *slog.Logger
 	instance string
@@ -34,14 +37,14 @@ type historyRecorder struct {
 	stopOnce sync.Once
 }
 
-// historyQueue bounds what waits to be written; beyond it entries are
+// queueSize bounds what waits to be written; beyond it entries are
 // dropped (and counted) rather than memory grown.
-const historyQueue = 8192
+const queueSize = 8192
 
-func newHistoryRecorder(log store.HistoryLog, logger *slog.Logger, failed func(int), publish func(store.HistoryEntry)) *historyRecorder {
+func NewRecorder(log store.HistoryLog, logger *slog.Logger, failed func(int), publish func(store.HistoryEntry)) *Recorder {
 	var b [4]byte
 	rand.Read(b[:])
-	r := &historyRecorder{log: log, logger: logger, instance: hex.EncodeToString(b[:]), queue: make(chan store.HistoryEntry, historyQueue),
+	r := &Recorder{log: log, logger: logger, instance: hex.EncodeToString(b[:]), queue: make(chan store.HistoryEntry, queueSize),
 		failed: failed, publish: publish, done: make(chan struct{})}
 	if r.failed == nil {
 		r.failed = func(int) {}
@@ -53,8 +56,8 @@ func newHistoryRecorder(log store.HistoryLog, logger *slog.Logger, failed func(i
 	return r
 }
 
-// record takes one change; it never blocks.
-func (r *historyRecorder) record(e store.HistoryEntry) {
+// Record takes one change; it never blocks.
+func (r *Recorder) Record(e store.HistoryEntry) {
 	if e.Time.IsZero() {
 		e.Time = time.Now()
 	}
@@ -72,7 +75,7 @@ func (r *historyRecorder) record(e store.HistoryEntry) {
 	}
 }
 
-func (r *historyRecorder) run() {
+func (r *Recorder) run() {
 	defer close(r.done)
 	for e := range r.queue {
 		batch := []store.HistoryEntry{e}
@@ -103,8 +106,8 @@ func (r *historyRecorder) run() {
 	}
 }
 
-// stop writes what is queued and returns.
-func (r *historyRecorder) stop() {
+// Stop writes what is queued and returns.
+func (r *Recorder) Stop() {
 	r.stopOnce.Do(func() { close(r.queue) })
 	select {
 	case <-r.done:
@@ -112,11 +115,11 @@ func (r *historyRecorder) stop() {
 	}
 }
 
-// holderAt answers "who held port at t": the key (and user) of the last
+// HolderAt answers "who held port at t": the key (and user) of the last
 // change of port at or before t that left a key on it, or "" when the
 // last such change freed it. ok is false when the history knows nothing of
 // port before t.
-func holderAt(ctx context.Context, log store.HistoryLog, port int, t time.Time) (e store.HistoryEntry, held, ok bool, err error) {
+func HolderAt(ctx context.Context, log store.HistoryLog, port int, t time.Time) (e store.HistoryEntry, held, ok bool, err error) {
 	found, err := log.Entries(ctx, store.HistoryQuery{Port: port, Until: t, Limit: 1})
 	if err != nil || len(found) == 0 {
 		return store.HistoryEntry{}, false, false, err
@@ -124,8 +127,8 @@ func holderAt(ctx context.Context, log store.HistoryLog, port int, t time.Time) 
 	return found[0], found[0].Holds(port), true, nil
 }
 
-// describeHistory is one line of an entry, for the CLI and logs.
-func describeHistory(e store.HistoryEntry) string {
+// Describe is one line of an entry, for the CLI and logs.
+func Describe(e store.HistoryEntry) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s  %-9s %s", e.Time.Local().Format("2006-01-02 15:04:05"), e.Change, e.Key)
 	switch {
