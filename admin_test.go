@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 )
 
@@ -471,7 +472,7 @@ func TestSignalsAndSecondServer(t *testing.T) {
 			if !strings.Contains(stderr.String(), "shutting down") {
 				t.Fatalf("no shutdown in the log:\n%s", stderr.String())
 			}
-			if _, err := os.Stat(filepath.Join(dir, checkpointName)); st == "file" && err != nil {
+			if _, err := os.Stat(filepath.Join(dir, file.CheckpointName)); st == "file" && err != nil {
 				t.Fatalf("no checkpoint after SIGTERM: %v", err)
 			}
 			base2, _ := startServer(t, "-data-dir", dir, "-store", st, "-allow-ports", "31000-31009")

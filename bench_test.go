@@ -30,6 +30,8 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 
@@ -271,7 +273,7 @@ func benchLoad(b *testing.B, dir string, n int) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		st.root.Close() // no close(): that would write a checkpoint
+		st.Crash() // no Close(): that would write a checkpoint
 		if len(got.Allocations) != n || len(got.Problems) != 0 {
 			b.Fatalf("loaded %d allocations, problems %q; want %d and none", len(got.Allocations), got.Problems, n)
 		}
@@ -397,10 +399,10 @@ func BenchmarkFreshClaims(b *testing.B) {
 						if format == "bbolt" {
 							st, err = openBoltStore(filepath.Join(dir, benchBoltFile), benchLogger())
 						} else {
-							var fs *fileStore
-							fs, err = openFileStore(dir, benchLogger())
+							var fs *file.Store
+							fs, err = file.Open(dir, benchLogger())
 							if err == nil && kind == "file-nosync" {
-								fs.ops = rootOps{root: fs.root, noSync: true}
+								fs.WrapOps(skipSyncs)
 							}
 							st = fs
 						}
@@ -587,7 +589,7 @@ func TestBenchClaimsOpensAFreshStoreWhenThePoolRunsDry(t *testing.T) {
 		open := func() *allocator {
 			opened.Add(1)
 			s := newTestStore(b, t.TempDir())
-			s.ops = rootOps{root: s.root, noSync: true}
+			s.WrapOps(skipSyncs)
 			return newAllocatorOn(b, s, "20000-20009", allocatorOptions{log: benchLogger()})
 		}
 		benchClaims(b, open, 10, 4)
@@ -602,3 +604,12 @@ func TestBenchClaimsOpensAFreshStoreWhenThePoolRunsDry(t *testing.T) {
 		t.Errorf("metrics %v; want claims/s, p50-ms and p99-ms", res.Extra)
 	}
 }
+
+// skipSyncs makes a file store skip every fsync: the old, undurable store,
+// kept only to measure what durability costs.
+func skipSyncs(ops file.Ops) file.Ops { return noSyncOps{ops} }
+
+type noSyncOps struct{ file.Ops }
+
+func (noSyncOps) SyncFile(string) error { return nil }
+func (noSyncOps) SyncDir(string) error  { return nil }

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store/local"
 )
 
@@ -41,7 +43,7 @@ func httptestStatus(t *testing.T, h http.Handler, method, path string) int {
 
 // recordingOps logs every write a file store makes, in order.
 type recordingOps struct {
-	fileOps
+	file.Ops
 	mu  sync.Mutex
 	ops []string
 	// hold, when set, blocks the first directory fsync until closed.
@@ -55,23 +57,23 @@ func (r *recordingOps) note(op, name string) {
 	r.mu.Unlock()
 }
 
-func (r *recordingOps) writeFile(name string, data []byte) error {
+func (r *recordingOps) WriteFile(name string, data []byte) error {
 	r.note("write", name)
-	return r.fileOps.writeFile(name, data)
+	return r.Ops.WriteFile(name, data)
 }
-func (r *recordingOps) rename(from, to string) error {
+func (r *recordingOps) Rename(from, to string) error {
 	r.note("rename", to)
-	return r.fileOps.rename(from, to)
+	return r.Ops.Rename(from, to)
 }
-func (r *recordingOps) remove(name string) error {
+func (r *recordingOps) Remove(name string) error {
 	r.note("remove", name)
-	return r.fileOps.remove(name)
+	return r.Ops.Remove(name)
 }
-func (r *recordingOps) syncFile(name string) error {
+func (r *recordingOps) SyncFile(name string) error {
 	r.note("sync", name)
-	return r.fileOps.syncFile(name)
+	return r.Ops.SyncFile(name)
 }
-func (r *recordingOps) syncDir(name string) error {
+func (r *recordingOps) SyncDir(name string) error {
 	r.mu.Lock()
 	hold := r.hold
 	first := hold != nil && !r.holding
@@ -81,7 +83,7 @@ func (r *recordingOps) syncDir(name string) error {
 		<-hold
 	}
 	r.note("syncdir", name)
-	return r.fileOps.syncDir(name)
+	return r.Ops.SyncDir(name)
 }
 
 func (r *recordingOps) take() []string {
@@ -104,11 +106,11 @@ func (r *recordingOps) count(prefix string) int {
 	return n
 }
 
-func newRecordingStore(t *testing.T, dir string) (*fileStore, *recordingOps) {
+func newRecordingStore(t *testing.T, dir string) (*file.Store, *recordingOps) {
 	t.Helper()
 	s := newTestStore(t, dir)
-	r := &recordingOps{fileOps: s.ops}
-	s.ops = r
+	r := &recordingOps{}
+	s.WrapOps(func(inner file.Ops) file.Ops { r.Ops = inner; return r })
 	return s, r
 }
 
@@ -133,26 +135,26 @@ func TestDurableCommitOrder(t *testing.T) {
 	dir := t.TempDir()
 	st, rec := newRecordingStore(t, dir)
 	a := newAllocatorOn(t, st, "30000-30001", allocatorOptions{})
-	key := fileOf(local.KeyName("u.a"))
+	key := file.RecordFile(local.KeyName("u.a"))
 
 	if p, _ := mustAllocate(t, a, req("u", "u.a", "tcp")); p != 30000 {
 		t.Fatalf("u.a = %d; want 30000", p)
 	}
 	ops := rec.take()
-	inOrder(t, "new key", ops, "write "+fileOf(local.PortName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
+	inOrder(t, "new key", ops, "write "+file.RecordFile(local.PortName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
 		"rename "+key, "syncdir .")
-	inOrder(t, "new key's port record", ops, "write "+fileOf(local.PortName(30000)), "sync "+fileOf(local.PortName(30000)), "rename "+key)
+	inOrder(t, "new key's port record", ops, "write "+file.RecordFile(local.PortName(30000)), "sync "+file.RecordFile(local.PortName(30000)), "rename "+key)
 
 	if _, err := a.assign("u.a", 30001, operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "move", rec.take(), "write "+fileOf(local.PortName(30001)), "write "+key+".tmp", "sync "+key+".tmp",
-		"rename "+key, "syncdir .", "remove "+fileOf(local.PortName(30000)))
+	inOrder(t, "move", rec.take(), "write "+file.RecordFile(local.PortName(30001)), "write "+key+".tmp", "sync "+key+".tmp",
+		"rename "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(30000)))
 
 	if err := a.release("u.a", "test"); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+fileOf(local.PortName(30001)))
+	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(30001)))
 }
 
 // TestReclaimSyncsPortRecord: a reclaim's port record names the new owner
@@ -171,9 +173,9 @@ func TestReclaimSyncsPortRecord(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("v", "v.new", "tcp")); p != 30000 {
 		t.Fatalf("v.new = %d; want the reclaimed 30000", p)
 	}
-	port := fileOf(local.PortName(30000))
-	inOrder(t, "reclaim", rec.take(), "write "+port, "sync "+port, "rename "+fileOf(local.KeyName("v.new")),
-		"remove "+fileOf(local.KeyName("u.old")), "syncdir .")
+	port := file.RecordFile(local.PortName(30000))
+	inOrder(t, "reclaim", rec.take(), "write "+port, "sync "+port, "rename "+file.RecordFile(local.KeyName("v.new")),
+		"remove "+file.RecordFile(local.KeyName("u.old")), "syncdir .")
 }
 
 // TestGroupCommit: writes that arrive while a batch waits for the disk are
@@ -203,9 +205,7 @@ func TestGroupCommit(t *testing.T) {
 	// One writer leads a batch and waits on the held fsync; the others
 	// queue behind it.
 	waitFor(t, "15 writes to queue behind the first batch", 10*time.Second, func() bool {
-		st.queueMu.Lock()
-		defer st.queueMu.Unlock()
-		return len(st.queue) == writers-1
+		return st.Waiting() == writers-1
 	})
 	close(rec.hold)
 	wg.Wait()
@@ -331,7 +331,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if _, err := os.Stat(storeFile(dir, local.PortName(30001))); !os.IsNotExist(err) {
 		t.Fatalf("the damaged record is still there after its release (%v)", err)
 	}
-	crashStore(a.store.(*fileStore))
+	crashStore(a.store.(*file.Store))
 	b := newTestAllocator(t, dir, "30000-30003", allocatorOptions{})
 	asks.User, asks.ProxyName = "y", "y.e"
 	if p, how, err := b.allocate(asks); err != nil || p != 30001 {

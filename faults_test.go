@@ -18,12 +18,14 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 )
 
 // crashStore drops a file store the way SIGKILL does: no checkpoint.
-func crashStore(s *fileStore) { s.root.Close() }
+func crashStore(s *file.Store) { s.Crash() }
 
 // TestFailedMoveKeepsOldPort: whichever step of a move fails, the key
 // keeps the port it was last answered with, in memory and after a crash;
@@ -171,7 +173,7 @@ func TestStartOnFullDisk(t *testing.T) {
 			s.stop(t)
 			if kind == "file" {
 				// A crash left u.b's port record missing: the start must rebuild it.
-				os.Remove(filepath.Join(dir, checkpointName))
+				os.Remove(filepath.Join(dir, file.CheckpointName))
 				os.Remove(storeFile(dir, local.PortName(ports["u.b"])))
 			}
 			fillDisk(t, filepath.Dir(dir))

@@ -22,10 +22,12 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store"
 
 	"github.com/philippgille/gokv"
-	"github.com/philippgille/gokv/file"
+	gokvfile "github.com/philippgille/gokv/file"
 )
 
 // testLogger sends logs to t.Logf, so they show only for failing tests.
@@ -44,7 +46,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // newFileKV opens a gokv file store in dir.
 func newFileKV(t testing.TB, dir string) gokv.Store {
 	t.Helper()
-	kv, err := file.NewStore(file.Options{Directory: dir})
+	kv, err := gokvfile.NewStore(gokvfile.Options{Directory: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +145,7 @@ func portOf(t testing.TB, body string) int {
 
 // faultyOps are a file store's writes, failing or stalling on demand.
 type faultyOps struct {
-	fileOps
+	file.Ops
 	mu    sync.Mutex
 	fail  error         // returned by every write when set
 	stall chan struct{} // writes block until it is closed, when set
@@ -177,45 +179,45 @@ func (f *faultyOps) fault(op, name string) error {
 	return fail
 }
 
-func (f *faultyOps) writeFile(name string, data []byte) error {
+func (f *faultyOps) WriteFile(name string, data []byte) error {
 	if err := f.fault("write", name); err != nil {
 		return err
 	}
-	return f.fileOps.writeFile(name, data)
+	return f.Ops.WriteFile(name, data)
 }
 
-func (f *faultyOps) rename(from, to string) error {
+func (f *faultyOps) Rename(from, to string) error {
 	if err := f.fault("rename", to); err != nil {
 		return err
 	}
-	return f.fileOps.rename(from, to)
+	return f.Ops.Rename(from, to)
 }
 
-func (f *faultyOps) remove(name string) error {
+func (f *faultyOps) Remove(name string) error {
 	if err := f.fault("remove", name); err != nil {
 		return err
 	}
-	return f.fileOps.remove(name)
+	return f.Ops.Remove(name)
 }
 
-func (f *faultyOps) syncFile(name string) error {
+func (f *faultyOps) SyncFile(name string) error {
 	if err := f.fault("sync", name); err != nil {
 		return err
 	}
-	return f.fileOps.syncFile(name)
+	return f.Ops.SyncFile(name)
 }
 
-func (f *faultyOps) syncDir(name string) error {
+func (f *faultyOps) SyncDir(name string) error {
 	if err := f.fault("syncdir", name); err != nil {
 		return err
 	}
-	return f.fileOps.syncDir(name)
+	return f.Ops.SyncDir(name)
 }
 
 // newTestStore opens a file store on dir without the directory lock.
-func newTestStore(t testing.TB, dir string) *fileStore {
+func newTestStore(t testing.TB, dir string) *file.Store {
 	t.Helper()
-	s, err := openFileStore(dir, testLogger(t))
+	s, err := file.OpenUnlocked(dir, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,11 +225,11 @@ func newTestStore(t testing.TB, dir string) *fileStore {
 }
 
 // newFaultyStore is a file store on dir whose writes fail on demand.
-func newFaultyStore(t testing.TB, dir string) (*fileStore, *faultyOps) {
+func newFaultyStore(t testing.TB, dir string) (*file.Store, *faultyOps) {
 	t.Helper()
 	s := newTestStore(t, dir)
-	f := &faultyOps{fileOps: s.ops}
-	s.ops = f
+	f := &faultyOps{}
+	s.WrapOps(func(inner file.Ops) file.Ops { f.Ops = inner; return f })
 	return s, f
 }
 

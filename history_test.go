@@ -25,6 +25,7 @@ import (
 
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/file"
 )
 
 // historyAllocator is an allocator on a real store of kind whose changes
@@ -188,8 +189,8 @@ func TestHistoryFileTornLine(t *testing.T) {
 	if err := log.Append(context.Background(), []store.HistoryEntry{entry(1), entry(2)}); err != nil {
 		t.Fatal(err)
 	}
-	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
-	f, err := os.OpenFile(file, os.O_WRONLY|os.O_APPEND, 0)
+	month := filepath.Join(dir, file.HistoryDir, "2026-03.jsonl")
+	f, err := os.OpenFile(month, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,10 +228,10 @@ type watchedHistory struct {
 	events  []string       // "write NAME", "sync NAME", in order
 }
 
-func watchHistory(h *fileHistory) *watchedHistory {
+func watchHistory(h *file.History) *watchedHistory {
 	w := &watchedHistory{written: map[string]int{}, synced: map[string]int{}, syncs: map[string]int{}}
-	open, held := h.open, false
-	h.open = func(name string, flag int) (historyFileHandle, error) {
+	open, held := h.OpenFile, false
+	h.OpenFile = func(name string, flag int) (file.FileHandle, error) {
 		if w.hold != nil && !held && strings.HasSuffix(name, ".jsonl") {
 			held = true // appends are serialized: no lock needed
 			<-w.hold
@@ -239,7 +240,7 @@ func watchHistory(h *fileHistory) *watchedHistory {
 		if err != nil {
 			return nil, err
 		}
-		return &watchedFile{historyFileHandle: f, name: name, w: w}, nil
+		return &watchedFile{FileHandle: f, name: name, w: w}, nil
 	}
 	return w
 }
@@ -251,13 +252,13 @@ func (w *watchedHistory) get(read func() int) int {
 }
 
 type watchedFile struct {
-	historyFileHandle
+	file.FileHandle
 	name string
 	w    *watchedHistory
 }
 
 func (f *watchedFile) Write(p []byte) (int, error) {
-	n, err := f.historyFileHandle.Write(p)
+	n, err := f.FileHandle.Write(p)
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
 	f.w.written[f.name] += bytes.Count(p[:n], []byte("\n"))
@@ -266,7 +267,7 @@ func (f *watchedFile) Write(p []byte) (int, error) {
 }
 
 func (f *watchedFile) Sync() error {
-	err := f.historyFileHandle.Sync()
+	err := f.FileHandle.Sync()
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
 	if err == nil {
@@ -287,7 +288,7 @@ func TestHistoryFileSyncsEachBatch(t *testing.T) {
 	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := st.History().(*fileHistory)
+	h := st.History().(*file.History)
 	w := watchHistory(h)
 	w.hold = make(chan struct{})
 	rec := history.NewRecorder(h, testLogger(t), func(n int) { t.Errorf("%d history entries not written", n) }, nil)
@@ -299,24 +300,24 @@ func TestHistoryFileSyncsEachBatch(t *testing.T) {
 		rec.Record(store.HistoryEntry{Time: at, Key: fmt.Sprintf("k%d", i), Port: 30000 + i%1000, Change: store.HistNew})
 	}
 	close(w.hold)
-	file := filepath.Join(historyDir, "2026-03.jsonl")
+	month := filepath.Join(file.HistoryDir, "2026-03.jsonl")
 	waitFor(t, "every entry of the burst to be synced", 10*time.Second, func() bool {
-		return w.get(func() int { return w.synced[file] }) == burst
+		return w.get(func() int { return w.synced[month] }) == burst
 	})
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	t.Logf("%d entries synced by %d fsyncs %v after the burst began", burst, w.syncs[file], time.Since(start))
+	t.Logf("%d entries synced by %d fsyncs %v after the burst began", burst, w.syncs[month], time.Since(start))
 	// At most the batch held open, then full batches of 512.
-	if n := w.syncs[file]; n > 1+(burst-1+511)/512 {
-		t.Errorf("%d fsyncs of %s for %d entries in a burst; want one a batch", n, file, burst)
+	if n := w.syncs[month]; n > 1+(burst-1+511)/512 {
+		t.Errorf("%d fsyncs of %s for %d entries in a burst; want one a batch", n, month, burst)
 	}
 	// The new directory and the new month file are durable before the
 	// first entry is written into them.
-	firstWrite := slices.Index(w.events, "write "+file)
+	firstWrite := slices.Index(w.events, "write "+month)
 	if i := slices.Index(w.events, "sync ."); i < 0 || i > firstWrite || w.syncs["."] != 1 {
 		t.Errorf("the data directory was not synced once, before the first write, after the history directory was made: %v", w.events[:firstWrite+1])
 	}
-	if i := slices.Index(w.events, "sync "+historyDir); i < 0 || i > firstWrite || w.syncs[historyDir] != 1 {
+	if i := slices.Index(w.events, "sync "+file.HistoryDir); i < 0 || i > firstWrite || w.syncs[file.HistoryDir] != 1 {
 		t.Errorf("the history directory was not synced once, before the first write, after the month file was made: %v", w.events[:firstWrite+1])
 	}
 	if got, err := h.Entries(context.Background(), store.HistoryQuery{}); err != nil || len(got) != burst {
@@ -349,8 +350,8 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
 	record(store.HistoryEntry{Time: t0, Key: "k1", Port: 30001, Change: store.HistNew},
 		store.HistoryEntry{Time: t0.Add(time.Second), Key: "k2", Port: 30002, Change: store.HistNew})
-	file := filepath.Join(dir, historyDir, "2026-03.jsonl")
-	fi, err := os.Stat(file)
+	month := filepath.Join(dir, file.HistoryDir, "2026-03.jsonl")
+	fi, err := os.Stat(month)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,7 +362,7 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 	if n := lost.Load(); n != 1 {
 		t.Fatalf("%d entries counted as lost on a full disk; want 1", n)
 	}
-	if after, _ := os.Stat(file); after.Size() != fi.Size() {
+	if after, _ := os.Stat(month); after.Size() != fi.Size() {
 		t.Errorf("the history file is %d bytes after the torn append; want it taken back to %d", after.Size(), fi.Size())
 	}
 	filler, _ := filepath.Glob(filepath.Join(disk, "filler*"))
@@ -407,10 +408,10 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 
 // tornFile tears every write in half and cannot be truncated, as a disk
 // failing part-way through an append might.
-type tornFile struct{ historyFileHandle }
+type tornFile struct{ file.FileHandle }
 
 func (f tornFile) Write(p []byte) (int, error) {
-	n, _ := f.historyFileHandle.Write(p[:len(p)/2])
+	n, _ := f.FileHandle.Write(p[:len(p)/2])
 	return n, syscall.ENOSPC
 }
 func (f tornFile) Truncate(int64) error { return syscall.EIO }
@@ -424,7 +425,7 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := st.History().(*fileHistory)
+	h := st.History().(*file.History)
 	t0 := time.Date(2026, 3, 3, 14, 0, 0, 0, time.UTC)
 	entry := func(i int, key string, port, old int, change store.HistoryChange) store.HistoryEntry {
 		when := t0.Add(time.Duration(i) * time.Minute)
@@ -433,8 +434,8 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	if err := h.Append(context.Background(), []store.HistoryEntry{entry(1, "k1", 30001, 0, store.HistNew)}); err != nil {
 		t.Fatal(err)
 	}
-	open := h.open
-	h.open = func(name string, flag int) (historyFileHandle, error) {
+	open := h.OpenFile
+	h.OpenFile = func(name string, flag int) (file.FileHandle, error) {
 		f, err := open(name, flag)
 		if err == nil && strings.HasSuffix(name, ".jsonl") {
 			return tornFile{f}, nil
@@ -444,7 +445,7 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	if err := h.Append(context.Background(), []store.HistoryEntry{entry(2, "k9", 30009, 0, store.HistNew)}); !errors.Is(err, store.ErrFull) {
 		t.Fatalf("a torn append returned %v; want the full disk", err)
 	}
-	h.open = open
+	h.OpenFile = open
 	if err := h.Append(context.Background(), []store.HistoryEntry{entry(3, "k1", 0, 30001, store.HistReleased)}); err != nil {
 		t.Fatal(err)
 	}
@@ -458,7 +459,7 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 }
 
 // fullFile fails every write before writing anything.
-type fullFile struct{ historyFileHandle }
+type fullFile struct{ file.FileHandle }
 
 func (fullFile) Write([]byte) (int, error) { return 0, syscall.ENOSPC }
 
@@ -467,22 +468,22 @@ func (fullFile) Write([]byte) (int, error) { return 0, syscall.ENOSPC }
 // ends that line again instead of gluing its entry onto it.
 func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
 	dir := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(dir, historyDir), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, file.HistoryDir), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	torn := `{"id":"0000000000000000001-x-000001","time":"2026-03-03T14:0` // a crash tore it
-	if err := os.WriteFile(filepath.Join(dir, historyDir, "2026-03.jsonl"), []byte(torn), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, file.HistoryDir, "2026-03.jsonl"), []byte(torn), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	st := newTestStore(t, dir)
 	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := st.History().(*fileHistory)
+	h := st.History().(*file.History)
 	at := time.Date(2026, 3, 3, 14, 5, 0, 0, time.UTC)
 	entry := store.HistoryEntry{ID: fmt.Sprintf("%019d-x-%06d", at.UnixNano(), 2), Time: at, Key: "k2", Port: 30002, Change: store.HistNew}
-	open := h.open
-	h.open = func(name string, flag int) (historyFileHandle, error) {
+	open := h.OpenFile
+	h.OpenFile = func(name string, flag int) (file.FileHandle, error) {
 		f, err := open(name, flag)
 		if err == nil && strings.HasSuffix(name, ".jsonl") {
 			return fullFile{f}, nil
@@ -492,7 +493,7 @@ func TestHistoryFileCrashTornLineEndedAfterFailure(t *testing.T) {
 	if err := h.Append(context.Background(), []store.HistoryEntry{entry}); !errors.Is(err, store.ErrFull) {
 		t.Fatalf("an append on a full disk returned %v; want the full disk", err)
 	}
-	h.open = open
+	h.OpenFile = open
 	if err := h.Append(context.Background(), []store.HistoryEntry{entry}); err != nil {
 		t.Fatal(err)
 	}
@@ -510,11 +511,11 @@ func TestHistoryLostCountedExactly(t *testing.T) {
 	if _, err := st.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	h := st.History().(*fileHistory)
+	h := st.History().(*file.History)
 	w := watchHistory(h)
 	w.hold = make(chan struct{})
-	open := h.open
-	h.open = func(name string, flag int) (historyFileHandle, error) {
+	open := h.OpenFile
+	h.OpenFile = func(name string, flag int) (file.FileHandle, error) {
 		if strings.HasSuffix(name, "2026-03.jsonl") {
 			return nil, syscall.EIO
 		}

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 )
 
@@ -46,7 +47,7 @@ func TestOfflineImportAllOrNothing(t *testing.T) {
 	if out, err := runImportOffline(t, `{"allocations":[{"key":"u.held","port":30000,"user":"u","proxy_name":"u.held","proxy_type":"tcp"}]}`, "-data-dir", dir); err != nil {
 		t.Fatalf("import: %v\n%s", err, out)
 	}
-	blocker := filepath.Join(dir, fileOf(local.KeyName("u.b")))
+	blocker := filepath.Join(dir, file.RecordFile(local.KeyName("u.b")))
 	if err := os.MkdirAll(filepath.Join(blocker, "in-the-way"), 0o700); err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,7 @@ import (
 
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 )
 
@@ -252,29 +253,26 @@ func openStore(cfg config, log *slog.Logger) (store.Store, func(), error) {
 		}
 		return st, func() {}, nil
 	}
-	if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
-		return nil, nil, fmt.Errorf("-data-dir: %v", err)
-	}
-	unlock, err := local.LockDir(cfg.dataDir)
-	if err != nil {
-		return nil, nil, err
-	}
-	switch cfg.store {
-	case "bbolt":
+	if cfg.store == "bbolt" {
+		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
+			return nil, nil, fmt.Errorf("-data-dir: %v", err)
+		}
+		unlock, err := local.LockDir(cfg.dataDir)
+		if err != nil {
+			return nil, nil, err
+		}
 		st, err := openBoltStore(filepath.Join(cfg.dataDir, "allocations.bbolt"), log)
 		if err != nil {
 			unlock()
 			return nil, nil, err
 		}
 		return st, unlock, nil
-	default:
-		st, err := openFileStore(cfg.dataDir, log)
-		if err != nil {
-			unlock()
-			return nil, nil, err
-		}
-		return st, unlock, nil
 	}
+	st, err := file.Open(cfg.dataDir, log) // takes the directory's lock itself
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, func() {}, nil
 }
 
 // pruneHistory deletes history older than keep, at start and then daily.

@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 )
 
@@ -244,7 +245,7 @@ func TestTornFilesLive(t *testing.T) {
 	// Torn files come from a crash, and a crash leaves no checkpoint that
 	// still describes the directory: drop the one the clean stop wrote, so
 	// the start reads every record, as after a crash.
-	if err := os.RemoveAll(filepath.Join(dataDir, checkpointDir)); err != nil {
+	if err := os.RemoveAll(filepath.Join(dataDir, file.CheckpointDir)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -325,7 +326,7 @@ func TestTornFilesLive(t *testing.T) {
 
 	// Damaged files were set aside, not deleted, and the repairs stuck: the
 	// next start finds nothing to report.
-	q, err := os.ReadDir(filepath.Join(dataDir, quarantineDir))
+	q, err := os.ReadDir(filepath.Join(dataDir, file.QuarantineDir))
 	if err != nil {
 		t.Fatalf("quarantine: %v", err)
 	}
@@ -810,10 +811,10 @@ func checkDataDir(t testing.TB, parent, dataDir string) {
 			t.Errorf("%s: name of %d bytes; want at most 255", rel, len(d.Name()))
 		}
 		switch {
-		case d.IsDir() && (rel == quarantineDir || rel == checkpointDir || rel == historyDir):
-		case d.Type().IsRegular() && (filepath.Dir(rel) == "." || filepath.Dir(rel) == quarantineDir || filepath.Dir(rel) == checkpointDir || filepath.Dir(rel) == historyDir):
+		case d.IsDir() && (rel == file.QuarantineDir || rel == file.CheckpointDir || rel == file.HistoryDir):
+		case d.Type().IsRegular() && (filepath.Dir(rel) == "." || filepath.Dir(rel) == file.QuarantineDir || filepath.Dir(rel) == file.CheckpointDir || filepath.Dir(rel) == file.HistoryDir):
 		default:
-			t.Errorf("%s (%v): want a regular file directly in the data dir or in %s/ or %s/", rel, d.Type(), quarantineDir, checkpointDir)
+			t.Errorf("%s (%v): want a regular file directly in the data dir or in %s/ or %s/", rel, d.Type(), file.QuarantineDir, file.CheckpointDir)
 		}
 		return nil
 	})

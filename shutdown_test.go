@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/file"
 )
 
 // openEventStream opens GET /api/events and returns once the server has
@@ -72,7 +73,7 @@ func TestStopWithEventStreamOpen(t *testing.T) {
 	if !strings.Contains(string(log), `msg="stored last_seen" keys=1`) {
 		t.Errorf("no last_seen flush at stop; log:\n%s", log)
 	}
-	if _, err := os.Stat(filepath.Join(dir, checkpointName)); err != nil {
+	if _, err := os.Stat(filepath.Join(dir, file.CheckpointName)); err != nil {
 		t.Errorf("no checkpoint after a clean stop: %v", err)
 	}
 }

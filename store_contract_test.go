@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store"
 )
 
@@ -595,7 +597,7 @@ func TestStoreContractFile(t *testing.T) {
 	testStoreContract(t, "file", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		dir := t.TempDir()
 		return func(t *testing.T) store.Store {
-			s, err := openFileStore(dir, testLogger(t))
+			s, err := file.Open(dir, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -3,6 +3,8 @@ package main
 import (
 	"os"
 
+	"frp-port-keeper/internal/store/file"
+
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 
@@ -63,7 +65,7 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 			t.Errorf("problems do not name %s:\n%s", filepath.Base(path), report)
 		}
 	}
-	q, _ := os.ReadDir(filepath.Join(dir, quarantineDir))
+	q, _ := os.ReadDir(filepath.Join(dir, file.QuarantineDir))
 	if len(q) != len(damage) {
 		t.Errorf("quarantine holds %d files; want %d", len(q), len(damage))
 	}
@@ -242,7 +244,7 @@ func TestCheckpoint(t *testing.T) {
 		}
 		return a, got, st, unlock
 	}
-	crash := func(st store.Store, unlock func()) { st.(*fileStore).root.Close(); unlock() }
+	crash := func(st store.Store, unlock func()) { st.(*file.Store).Crash(); unlock() }
 	stop := func(a *allocator, st store.Store, unlock func()) {
 		if _, err := a.flushSeen(0); err != nil {
 			t.Fatal(err)
@@ -267,7 +269,7 @@ func TestCheckpoint(t *testing.T) {
 	if got.From != "checkpoint" {
 		t.Fatalf("a clean restart loaded from %q; want the checkpoint", got.From)
 	}
-	if _, err := os.Stat(filepath.Join(cfg.dataDir, checkpointName)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(cfg.dataDir, file.CheckpointName)); !os.IsNotExist(err) {
 		t.Fatalf("the checkpoint outlived the start that used it (%v)", err)
 	}
 	if r, seen, ok := a.lookup("u.a"); !ok || r.Port != 30000 || !seen.Equal(seenA) {

@@ -1,4 +1,6 @@
-package main
+// Package file is the default store: every record a JSON file in the data
+// directory, in gokv's file layout, committed durably (see Store).
+package file
 
 import (
 	"bytes"
@@ -23,7 +25,7 @@ import (
 	"frp-port-keeper/internal/store/local"
 )
 
-// fileStore keeps every record as a JSON file in the data directory, laid
+// Store keeps every record as a JSON file in the data directory, laid
 // out as gokv's file store lays them out (url.PathEscape(name)+".json"), so
 // a person can read them and gokv can still open them. It does its own
 // writes, through a handle on the directory it loaded (os.Root): a key
@@ -61,11 +63,12 @@ import (
 // all of them durable with one round of parallel fsyncs and one fsync of
 // the directory, so a burst of registrations does not pay an fsync each
 // in series.
-type fileStore struct {
-	dir  string
-	root *os.Root
-	ops  fileOps // the root's writes; tests wrap it to inject faults
-	log  *slog.Logger
+type Store struct {
+	dir    string
+	root   *os.Root
+	unlock func() // the directory's lock
+	ops    Ops    // the root's writes; tests wrap it to inject faults
+	log    *slog.Logger
 
 	mu  sync.Mutex
 	idx local.Index
@@ -73,7 +76,7 @@ type fileStore struct {
 	leftovers map[string]bool
 	loaded    bool
 	goneNoted bool
-	hist      *fileHistory
+	hist      *History
 
 	// queueMu guards the writes waiting for a batch; committing says a
 	// caller is leading one (see commit).
@@ -82,38 +85,32 @@ type fileStore struct {
 	committing bool
 }
 
-// fileOps are the writes a file store makes, relative to its directory.
-type fileOps interface {
-	writeFile(name string, data []byte) error
-	rename(from, to string) error
-	remove(name string) error
-	// syncFile makes a file's data stable; syncDir a directory's entries.
-	syncFile(name string) error
-	syncDir(name string) error
+// Ops are the writes a file store makes, relative to its directory.
+type Ops interface {
+	WriteFile(name string, data []byte) error
+	Rename(from, to string) error
+	Remove(name string) error
+	// SyncFile makes a file's data stable; syncDir a directory's entries.
+	SyncFile(name string) error
+	SyncDir(name string) error
 }
 
 type rootOps struct {
 	root *os.Root
-	// noSync skips every fsync: only the benchmarks set it, to measure
-	// what durability costs.
-	noSync bool
 }
 
-func (r rootOps) writeFile(name string, data []byte) error {
+func (r rootOps) WriteFile(name string, data []byte) error {
 	return r.root.WriteFile(name, data, 0o600)
 }
-func (r rootOps) rename(from, to string) error { return r.root.Rename(from, to) }
-func (r rootOps) remove(name string) error {
+func (r rootOps) Rename(from, to string) error { return r.root.Rename(from, to) }
+func (r rootOps) Remove(name string) error {
 	if err := r.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
 	return nil
 }
 
-func (r rootOps) syncFile(name string) error {
-	if r.noSync {
-		return nil
-	}
+func (r rootOps) SyncFile(name string) error {
 	f, err := r.root.Open(name)
 	if err != nil {
 		return err
@@ -125,23 +122,46 @@ func (r rootOps) syncFile(name string) error {
 	return err
 }
 
-func (r rootOps) syncDir(name string) error {
-	if r.noSync || runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
+func (r rootOps) SyncDir(name string) error {
+	if runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
 		return nil
 	}
-	return r.syncFile(name)
+	return r.SyncFile(name)
 }
 
-// quarantineDir is where unreadable files are moved, inside the data directory.
-const quarantineDir = "quarantine"
+// QuarantineDir is where unreadable files are moved, inside the data directory.
+const QuarantineDir = "quarantine"
 
-// checkpointDir holds the shutdown checkpoint, inside the data directory.
-const checkpointDir = "checkpoint"
+// CheckpointDir holds the shutdown checkpoint, inside the data directory.
+const CheckpointDir = "checkpoint"
 
-// checkpointName is the checkpoint file, relative to the data directory.
-var checkpointName = filepath.Join(checkpointDir, "file.json")
+// CheckpointName is the checkpoint file, relative to the data directory.
+var CheckpointName = filepath.Join(CheckpointDir, "file.json")
 
-func openFileStore(dir string, log *slog.Logger) (*fileStore, error) {
+// Open opens the file store in dir, creating dir if need be, and locks
+// the directory until Close: two servers on one directory would hand out
+// the same ports. A directory that cannot be written is opened all the
+// same, so the allocations it holds are still served.
+func Open(dir string, log *slog.Logger) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("-data-dir: %v", err)
+	}
+	unlock, err := local.LockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	s, err := OpenUnlocked(dir, log)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	s.unlock = unlock
+	return s, nil
+}
+
+// OpenUnlocked opens the file store in dir without its lock: for tests
+// that reopen a directory as a crashed process would have left it.
+func OpenUnlocked(dir string, log *slog.Logger) (*Store, error) {
 	root, err := os.OpenRoot(dir)
 	if err != nil {
 		return nil, fmt.Errorf("open file store: %v", err)
@@ -149,12 +169,41 @@ func openFileStore(dir string, log *slog.Logger) (*fileStore, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &fileStore{dir: dir, root: root, ops: rootOps{root: root}, log: log, leftovers: map[string]bool{}}, nil
+	return &Store{dir: dir, root: root, unlock: func() {}, ops: rootOps{root: root}, log: log, leftovers: map[string]bool{}}, nil
 }
 
-func fileOf(name string) string { return url.PathEscape(name) + ".json" }
+// WrapOps puts wrap around the directory writes: tests inject faults and
+// watch the order of writes and fsyncs with it, benchmarks skip fsyncs.
+// Call it before the first write.
+func (s *Store) WrapOps(wrap func(Ops) Ops) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ops = wrap(s.ops)
+}
 
-func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
+// Waiting says how many writes wait for the next batch (tests).
+func (s *Store) Waiting() int {
+	s.queueMu.Lock()
+	defer s.queueMu.Unlock()
+	return len(s.queue)
+}
+
+// Crash drops the store as a crash would: no checkpoint, no last writes,
+// the directory handle and its lock let go (tests).
+func (s *Store) Crash() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.loaded = false
+	s.root.Close()
+	s.unlock()
+}
+
+// maxPort is the highest port number.
+const maxPort = 65535
+
+func RecordFile(name string) string { return url.PathEscape(name) + ".json" }
+
+func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var problems []string
@@ -183,7 +232,7 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 	}
 	for port, why := range raw.DamagedPorts {
 		if _, held := res.HeldBack[port]; !held { // its key record says whose it is: rewritten below
-			note("quarantine "+local.PortName(port), s.quarantine(fileOf(local.PortName(port)), why))
+			note("quarantine "+local.PortName(port), s.quarantine(RecordFile(local.PortName(port)), why))
 		}
 	}
 	for _, r := range res.Rewrite {
@@ -193,13 +242,13 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 		note("rebuild "+local.KeyName(r.Key), s.commitRecord(local.KeyName(r.Key), r))
 	}
 	for _, port := range res.Drop {
-		note("delete "+local.PortName(port), s.ops.remove(fileOf(local.PortName(port))))
+		note("delete "+local.PortName(port), s.ops.Remove(RecordFile(local.PortName(port))))
 	}
 	for _, key := range res.SetAside {
-		note("set aside "+local.KeyName(key), s.quarantine(fileOf(local.KeyName(key)), "in conflict with another record"))
+		note("set aside "+local.KeyName(key), s.quarantine(RecordFile(local.KeyName(key)), "in conflict with another record"))
 	}
 	if len(res.RewriteKeys)+len(res.SetAside) > 0 {
-		note("sync the data directory", s.ops.syncDir("."))
+		note("sync the data directory", s.ops.SyncDir("."))
 	}
 	snap := res.Snapshot(raw)
 	snap.Problems = append(problems, snap.Problems...)
@@ -214,17 +263,17 @@ func (s *fileStore) Load(ctx context.Context) (store.Snapshot, error) {
 }
 
 // writable says why the directory cannot take writes, if it cannot.
-func (s *fileStore) writable() error {
+func (s *Store) writable() error {
 	const probe = ".write-test.tmp"
-	if err := s.ops.writeFile(probe, []byte("x")); err != nil {
+	if err := s.ops.WriteFile(probe, []byte("x")); err != nil {
 		return local.Classify(err)
 	}
-	return s.ops.remove(probe)
+	return s.ops.Remove(probe)
 }
 
 // readRecords reads every record file (the allocator has not started yet,
 // so nothing writes meanwhile). Damaged files go to the quarantine folder.
-func (s *fileStore) readRecords() (local.RawRecords, []string, error) {
+func (s *Store) readRecords() (local.RawRecords, []string, error) {
 	raw := local.NewRawRecords()
 	var problems []string
 	d, err := s.root.Open(".")
@@ -255,7 +304,7 @@ func (s *fileStore) readRecords() (local.RawRecords, []string, error) {
 				continue
 			}
 			if strings.HasSuffix(name, ".tmp") { // a write that never finished
-				s.ops.remove(name)
+				s.ops.Remove(name)
 				continue
 			}
 			if strings.HasSuffix(name, ".json") {
@@ -316,7 +365,7 @@ type fileResult struct {
 }
 
 // readRecordFile reads and checks one file of the store directory.
-func (s *fileStore) readRecordFile(file string) (r fileResult) {
+func (s *Store) readRecordFile(file string) (r fileResult) {
 	r.file = file
 	name, err := url.PathUnescape(strings.TrimSuffix(file, ".json"))
 	if err != nil {
@@ -378,12 +427,12 @@ func (s *fileStore) readRecordFile(file string) (r fileResult) {
 
 // quarantine moves a damaged file out of the store, keeping it for a person
 // to look at.
-func (s *fileStore) quarantine(file, why string) error {
-	if err := s.root.MkdirAll(quarantineDir, 0o700); err != nil {
+func (s *Store) quarantine(file, why string) error {
+	if err := s.root.MkdirAll(QuarantineDir, 0o700); err != nil {
 		return err
 	}
-	dst := filepath.Join(quarantineDir, fmt.Sprintf("%s.%s", file, time.Now().UTC().Format("20060102T150405.000000000")))
-	if err := s.ops.rename(file, dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	dst := filepath.Join(QuarantineDir, fmt.Sprintf("%s.%s", file, time.Now().UTC().Format("20060102T150405.000000000")))
+	if err := s.ops.Rename(file, dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("quarantine %s (%s): %w", file, why, err)
 	}
 	return nil
@@ -391,48 +440,48 @@ func (s *fileStore) quarantine(file, why string) error {
 
 // writeRecord writes a record file in place: for records whose loss or
 // tearing resolve repairs (port, seen and freed records).
-func (s *fileStore) writeRecord(name string, v any) error {
+func (s *Store) writeRecord(name string, v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	return local.Classify(s.ops.writeFile(fileOf(name), data))
+	return local.Classify(s.ops.WriteFile(RecordFile(name), data))
 }
 
 // commitRecord replaces a record file whole and durably (temporary file,
 // fsync, rename): a key record is either the old one or the new one,
 // whatever happens meanwhile. The caller fsyncs the directory.
-func (s *fileStore) commitRecord(name string, v any) error {
+func (s *Store) commitRecord(name string, v any) error {
 	tmp, err := s.stageRecord(name, v)
 	if err != nil {
 		return err
 	}
-	if err := s.ops.syncFile(tmp); err != nil {
-		s.ops.remove(tmp)
+	if err := s.ops.SyncFile(tmp); err != nil {
+		s.ops.Remove(tmp)
 		return local.Classify(err)
 	}
 	return s.renameStaged(name)
 }
 
 // stageRecord writes name's next content to its temporary file.
-func (s *fileStore) stageRecord(name string, v any) (tmp string, err error) {
+func (s *Store) stageRecord(name string, v any) (tmp string, err error) {
 	data, err := json.Marshal(v)
 	if err != nil {
 		return "", err
 	}
-	tmp = fileOf(name) + ".tmp"
-	if err := s.ops.writeFile(tmp, data); err != nil {
-		s.ops.remove(tmp)
+	tmp = RecordFile(name) + ".tmp"
+	if err := s.ops.WriteFile(tmp, data); err != nil {
+		s.ops.Remove(tmp)
 		return "", local.Classify(err)
 	}
 	return tmp, nil
 }
 
 // renameStaged puts name's temporary file in its place.
-func (s *fileStore) renameStaged(name string) error {
-	file := fileOf(name)
-	if err := s.ops.rename(file+".tmp", file); err != nil {
-		s.ops.remove(file + ".tmp")
+func (s *Store) renameStaged(name string) error {
+	file := RecordFile(name)
+	if err := s.ops.Rename(file+".tmp", file); err != nil {
+		s.ops.Remove(file + ".tmp")
 		return local.Classify(err)
 	}
 	return nil
@@ -440,7 +489,7 @@ func (s *fileStore) renameStaged(name string) error {
 
 // ready checks that the store may write: loaded, and its directory is still
 // the one it loaded. Called with mu held.
-func (s *fileStore) ready() error {
+func (s *Store) ready() error {
 	if !s.loaded {
 		return errors.New("store not loaded")
 	}
@@ -457,7 +506,7 @@ func (s *fileStore) ready() error {
 }
 
 // sameDir says whether s.dir is still the directory the store opened.
-func (s *fileStore) sameDir() error {
+func (s *Store) sameDir() error {
 	opened, err := s.root.Stat(".")
 	if err != nil {
 		return fmt.Errorf("%w: %v", store.ErrGone, err)
@@ -470,9 +519,9 @@ func (s *fileStore) sameDir() error {
 }
 
 // sweep deletes leftovers of finished writes. Called with mu held.
-func (s *fileStore) sweep() {
+func (s *Store) sweep() {
 	for name := range s.leftovers {
-		if s.ops.remove(name) == nil {
+		if s.ops.Remove(name) == nil {
 			delete(s.leftovers, name)
 		}
 	}
@@ -480,21 +529,21 @@ func (s *fileStore) sweep() {
 
 // retire deletes a file that a committed write left behind, or remembers
 // it for later. Called with mu held.
-func (s *fileStore) retire(name string) {
-	if s.ops.remove(fileOf(name)) != nil {
-		s.leftovers[fileOf(name)] = true
+func (s *Store) retire(name string) {
+	if s.ops.Remove(RecordFile(name)) != nil {
+		s.leftovers[RecordFile(name)] = true
 	}
 }
 
-func (s *fileStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
+func (s *Store) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	return s.commit(&pendingWrite{claim: &c})
 }
 
-func (s *fileStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
+func (s *Store) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	return s.commit(&pendingWrite{release: &r, at: at})
 }
 
-func (s *fileStore) ReleaseDamaged(_ context.Context, port int) error {
+func (s *Store) ReleaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
@@ -503,10 +552,10 @@ func (s *fileStore) ReleaseDamaged(_ context.Context, port int) error {
 	if _, ok := s.idx.Damaged[port]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.ops.remove(fileOf(local.PortName(port))); err != nil {
+	if err := s.ops.Remove(RecordFile(local.PortName(port))); err != nil {
 		return local.Classify(err)
 	}
-	if err := s.ops.syncDir("."); err != nil {
+	if err := s.ops.SyncDir("."); err != nil {
 		return local.Classify(err)
 	}
 	delete(s.idx.Damaged, port)
@@ -536,7 +585,7 @@ type writeOutcome struct {
 // the lead to the first writer that queued meanwhile, so the writes that
 // arrive while the disk is busy share the next round of fsyncs, and no
 // goroutine outlives the callers.
-func (s *fileStore) commit(w *pendingWrite) ([]store.Change, error) {
+func (s *Store) commit(w *pendingWrite) ([]store.Change, error) {
 	w.done = make(chan writeOutcome, 1)
 	s.queueMu.Lock()
 	s.queue = append(s.queue, w)
@@ -573,7 +622,7 @@ const maxBatch = 256
 // commitBatch commits batch and answers each write, except those touching
 // a key or port an earlier write of the batch touches: it returns them,
 // to be committed in the next batch against what this one left.
-func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
+func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
@@ -610,7 +659,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	var syncs []string
 	for _, w := range staged {
 		if w.claim != nil {
-			syncs = append(syncs, w.staged, fileOf(local.PortName(w.claim.Want.Port)))
+			syncs = append(syncs, w.staged, RecordFile(local.PortName(w.claim.Want.Port)))
 		}
 	}
 	failed := s.syncFiles(syncs)
@@ -618,7 +667,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	for _, w := range staged {
 		err := failed[w.staged]
 		if w.claim != nil && err == nil {
-			err = failed[fileOf(local.PortName(w.claim.Want.Port))]
+			err = failed[RecordFile(local.PortName(w.claim.Want.Port))]
 		}
 		if err == nil {
 			err = s.switchOver(w)
@@ -633,7 +682,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 	if len(committed) == 0 {
 		return deferred
 	}
-	if err := s.ops.syncDir("."); err != nil {
+	if err := s.ops.SyncDir("."); err != nil {
 		// Whether the renames reached the disk is unknown: put the old
 		// records back so that memory, disk and every answer agree on the
 		// state before the batch.
@@ -641,7 +690,7 @@ func (s *fileStore) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite
 			s.revert(w)
 			w.done <- writeOutcome{err: local.Classify(err)}
 		}
-		if serr := s.ops.syncDir("."); serr != nil {
+		if serr := s.ops.SyncDir("."); serr != nil {
 			s.log.Error("the data directory could not be synced; the next start repairs what a crash leaves", "err", serr)
 		}
 		return deferred
@@ -670,7 +719,7 @@ func (w *pendingWrite) touches() (keys []string, ports []int) {
 
 // stage checks w against the index and writes what precedes its commit:
 // for a claim the port record and the key record's temporary file.
-func (s *fileStore) stage(w *pendingWrite) error {
+func (s *Store) stage(w *pendingWrite) error {
 	if r := w.release; r != nil {
 		if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, *r) {
 			return &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
@@ -681,7 +730,7 @@ func (s *fileStore) stage(w *pendingWrite) error {
 	if err := s.idx.Check(c); err != nil {
 		return err
 	}
-	delete(s.leftovers, fileOf(local.PortName(c.Want.Port)))
+	delete(s.leftovers, RecordFile(local.PortName(c.Want.Port)))
 	if err := s.writeRecord(local.PortName(c.Want.Port), c.Want); err != nil {
 		s.undoPort(c)
 		return err
@@ -697,37 +746,37 @@ func (s *fileStore) stage(w *pendingWrite) error {
 
 // switchOver makes w's change in the directory: the rename that commits a
 // claim (and the reclaimed key's delete), or a release's delete.
-func (s *fileStore) switchOver(w *pendingWrite) error {
+func (s *Store) switchOver(w *pendingWrite) error {
 	if r := w.release; r != nil {
-		return s.ops.remove(fileOf(local.KeyName(r.Key)))
+		return s.ops.Remove(RecordFile(local.KeyName(r.Key)))
 	}
 	if err := s.renameStaged(local.KeyName(w.claim.Want.Key)); err != nil {
 		return err
 	}
 	if v := w.claim.Victim; v != nil {
-		if err := s.ops.remove(fileOf(local.KeyName(v.Key))); err != nil {
+		if err := s.ops.Remove(RecordFile(local.KeyName(v.Key))); err != nil {
 			// The synced port record names the new owner: resolve
 			// keeps it, and the next start deletes key-V.
-			s.leftovers[fileOf(local.KeyName(v.Key))] = true
+			s.leftovers[RecordFile(local.KeyName(v.Key))] = true
 		}
 	}
 	return nil
 }
 
 // unstage cleans up after a write that did not commit. Called with mu held.
-func (s *fileStore) unstage(w *pendingWrite) {
+func (s *Store) unstage(w *pendingWrite) {
 	if w.claim == nil {
 		return
 	}
 	if w.staged != "" {
-		s.ops.remove(w.staged)
+		s.ops.Remove(w.staged)
 	}
 	s.undoPort(*w.claim)
 }
 
 // revert puts back the records w replaced, after a directory fsync that
 // failed. Called with mu held.
-func (s *fileStore) revert(w *pendingWrite) {
+func (s *Store) revert(w *pendingWrite) {
 	restore := func(r store.Record) {
 		if err := s.commitRecord(local.KeyName(r.Key), r); err != nil {
 			s.log.Error("could not restore a key record after a failed sync; the next start resolves it", "key", r.Key, "err", err)
@@ -740,7 +789,7 @@ func (s *fileStore) revert(w *pendingWrite) {
 	c := *w.claim
 	if c.Old != nil {
 		restore(*c.Old)
-	} else if err := s.ops.remove(fileOf(local.KeyName(c.Want.Key))); err != nil {
+	} else if err := s.ops.Remove(RecordFile(local.KeyName(c.Want.Key))); err != nil {
 		s.log.Error("could not remove a key record after a failed sync; the next start resolves it", "key", c.Want.Key, "err", err)
 	}
 	if c.Victim != nil {
@@ -751,7 +800,7 @@ func (s *fileStore) revert(w *pendingWrite) {
 
 // finish applies a committed write to the index and tidies up what it
 // left behind; none of that needs to be durable. Called with mu held.
-func (s *fileStore) finish(w *pendingWrite) []store.Change {
+func (s *Store) finish(w *pendingWrite) []store.Change {
 	if r := w.release; r != nil {
 		s.retire(local.PortName(r.Port))
 		s.retire(local.SeenName(r.Key))
@@ -772,7 +821,7 @@ func (s *fileStore) finish(w *pendingWrite) []store.Change {
 
 // syncFiles fsyncs files in parallel (so one journal commit can serve
 // several) and returns the errors by file.
-func (s *fileStore) syncFiles(files []string) map[string]error {
+func (s *Store) syncFiles(files []string) map[string]error {
 	failed := map[string]error{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -782,7 +831,7 @@ func (s *fileStore) syncFiles(files []string) map[string]error {
 		go func() {
 			defer wg.Done()
 			for f := range next {
-				if err := s.ops.syncFile(f); err != nil {
+				if err := s.ops.SyncFile(f); err != nil {
 					mu.Lock()
 					failed[f] = err
 					mu.Unlock()
@@ -800,7 +849,7 @@ func (s *fileStore) syncFiles(files []string) map[string]error {
 
 // undoPort puts the port record back as the index holds it after a claim
 // that did not commit, so no unfinished write lingers. Called with mu held.
-func (s *fileStore) undoPort(c store.Claim) {
+func (s *Store) undoPort(c store.Claim) {
 	port := c.Want.Port
 	if holder, ok := s.idx.Holder(port); ok {
 		r, _ := s.idx.Get(holder)
@@ -812,7 +861,7 @@ func (s *fileStore) undoPort(c store.Claim) {
 	s.retire(local.PortName(port))
 }
 
-func (s *fileStore) Touch(_ context.Context, marks []store.SeenMark) error {
+func (s *Store) Touch(_ context.Context, marks []store.SeenMark) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
@@ -837,16 +886,17 @@ func (s *fileStore) Touch(_ context.Context, marks []store.SeenMark) error {
 
 // Watch has nothing to deliver: only this process writes the directory,
 // and each write's outcome reaches its caller.
-func (s *fileStore) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
+func (s *Store) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
 	return nil
 }
 
 // Close writes the checkpoint of a clean stop, unless the directory is no
 // longer the one that was loaded.
-func (s *fileStore) Close() error {
+func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	defer s.unlock()
 	defer s.root.Close()
 	if !s.loaded {
 		return nil
@@ -878,14 +928,22 @@ type checkpointHeader struct {
 // alone) are never used.
 const checkpointVersion = 2
 
-// checkpointFile is the second line of a checkpoint, after its header.
-type checkpointFile struct {
-	Allocations []exportRecord    `json:"allocations"`
-	Freed       map[int]time.Time `json:"freed,omitempty"`
-	HeldBack    map[int]string    `json:"held_back,omitempty"`
+// checkpointRecord is one allocation in a checkpoint; its JSON is what
+// export writes, so a checkpoint can be read as an export by hand.
+type checkpointRecord struct {
+	store.Record
+	LastSeen time.Time `json:"last_seen,omitzero"`
+	Online   bool      `json:"online,omitempty"`
 }
 
-func (s *fileStore) dirMtime() (int64, error) {
+// checkpointFile is the second line of a checkpoint, after its header.
+type checkpointFile struct {
+	Allocations []checkpointRecord `json:"allocations"`
+	Freed       map[int]time.Time  `json:"freed,omitempty"`
+	HeldBack    map[int]string     `json:"held_back,omitempty"`
+}
+
+func (s *Store) dirMtime() (int64, error) {
 	fi, err := s.root.Stat(".")
 	if err != nil {
 		return 0, err
@@ -895,8 +953,8 @@ func (s *fileStore) dirMtime() (int64, error) {
 
 // loadCheckpoint returns the checkpoint when it still describes the store
 // and could be deleted; why says why an existing one was not used.
-func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) {
-	data, err := s.root.ReadFile(checkpointName)
+func (s *Store) loadCheckpoint() (snap store.Snapshot, ok bool, why string) {
+	data, err := s.root.ReadFile(CheckpointName)
 	if err != nil {
 		return snap, false, ""
 	}
@@ -907,7 +965,7 @@ func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) 
 	header, body, _ := bytes.Cut(data, []byte("\n"))
 	var h checkpointHeader
 	if json.Unmarshal(header, &h) != nil || h.Version != checkpointVersion || h.WatchMtime != mtime {
-		s.ops.remove(checkpointName)
+		s.ops.Remove(CheckpointName)
 		return snap, false, ""
 	}
 	var cp checkpointFile
@@ -935,9 +993,9 @@ func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) 
 		snap.HeldBack = cp.HeldBack
 	}
 	// Deleted for good before any write: a power cut must not bring it back.
-	err = s.root.Remove(checkpointName)
+	err = s.root.Remove(CheckpointName)
 	if err == nil {
-		err = s.ops.syncDir(checkpointDir)
+		err = s.ops.SyncDir(CheckpointDir)
 	}
 	if err != nil {
 		return store.Snapshot{}, false, fmt.Sprintf("checkpoint not used: it cannot be deleted (%v), and a checkpoint is good for one start only", err)
@@ -947,9 +1005,9 @@ func (s *fileStore) loadCheckpoint() (snap store.Snapshot, ok bool, why string) 
 
 // saveCheckpoint writes the index atomically (temporary file, fsync,
 // rename). Called with mu held, when no write can follow.
-func (s *fileStore) saveCheckpoint() error {
+func (s *Store) saveCheckpoint() error {
 	// The folder first: creating it moves the directory's mtime.
-	if err := s.root.MkdirAll(checkpointDir, 0o700); err != nil {
+	if err := s.root.MkdirAll(CheckpointDir, 0o700); err != nil {
 		return err
 	}
 	mtime, err := s.dirMtime()
@@ -962,9 +1020,9 @@ func (s *fileStore) saveCheckpoint() error {
 		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
 	}
 	snap := s.idx.Snapshot()
-	cp := checkpointFile{Allocations: make([]exportRecord, 0, len(snap.Allocations)), Freed: snap.Freed, HeldBack: snap.HeldBack}
+	cp := checkpointFile{Allocations: make([]checkpointRecord, 0, len(snap.Allocations)), Freed: snap.Freed, HeldBack: snap.HeldBack}
 	for _, r := range snap.Allocations {
-		cp.Allocations = append(cp.Allocations, exportRecord{Record: r, LastSeen: snap.LastSeen[r.Key], Online: snap.Online[r.Key]})
+		cp.Allocations = append(cp.Allocations, checkpointRecord{Record: r, LastSeen: snap.LastSeen[r.Key], Online: snap.Online[r.Key]})
 	}
 	header, err := json.Marshal(checkpointHeader{Version: checkpointVersion, WatchMtime: mtime})
 	if err != nil {
@@ -974,7 +1032,7 @@ func (s *fileStore) saveCheckpoint() error {
 	if err != nil {
 		return err
 	}
-	tmp := checkpointName + ".tmp"
+	tmp := CheckpointName + ".tmp"
 	f, err := s.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
@@ -990,31 +1048,31 @@ func (s *fileStore) saveCheckpoint() error {
 		s.root.Remove(tmp)
 		return err
 	}
-	if err := s.root.Rename(tmp, checkpointName); err != nil {
+	if err := s.root.Rename(tmp, CheckpointName); err != nil {
 		return err
 	}
-	return s.ops.syncDir(checkpointDir)
+	return s.ops.SyncDir(CheckpointDir)
 }
 
-// historyDir holds the history, one file a month ("2026-03.jsonl"), one
+// HistoryDir holds the history, one file a month ("2026-03.jsonl"), one
 // JSON line an entry, appended to (each batch synced) and never
 // rewritten: a crash can only tear the last line, which reading skips, and
 // an append that fails part-way is cut off; either way the next append
 // starts on a line of its own.
-const historyDir = "history"
+const HistoryDir = "history"
 
-// fileHistory is the file store's history log.
-type fileHistory struct {
-	s       *fileStore
+// History is the file store's history log.
+type History struct {
+	s       *Store
 	mu      sync.Mutex
 	checked map[string]bool // files whose last byte was checked since the start or their last failed append
 	// open opens a month file for append (or a directory, to sync it);
 	// tests replace it to inject faults and to watch the syncs.
-	open func(name string, flag int) (historyFileHandle, error)
+	OpenFile func(name string, flag int) (FileHandle, error)
 }
 
-// historyFileHandle is an open month file as appends use it; *os.File is one.
-type historyFileHandle interface {
+// FileHandle is an open month file as appends use it; *os.File is one.
+type FileHandle interface {
 	io.Writer
 	io.ReaderAt
 	Stat() (fs.FileInfo, error)
@@ -1023,11 +1081,11 @@ type historyFileHandle interface {
 	Close() error
 }
 
-func (s *fileStore) History() store.HistoryLog {
+func (s *Store) History() store.HistoryLog {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.hist == nil {
-		s.hist = &fileHistory{s: s, checked: map[string]bool{}, open: func(name string, flag int) (historyFileHandle, error) {
+		s.hist = &History{s: s, checked: map[string]bool{}, OpenFile: func(name string, flag int) (FileHandle, error) {
 			f, err := s.root.OpenFile(name, flag, 0o600)
 			if err != nil {
 				return nil, err // not a nil *os.File in a non-nil interface
@@ -1040,14 +1098,14 @@ func (s *fileStore) History() store.HistoryLog {
 
 func historyFile(t time.Time) string { return t.UTC().Format("2006-01") + ".jsonl" }
 
-func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) error {
+func (h *History) Append(_ context.Context, entries []store.HistoryEntry) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.s.sameDir(); err != nil {
 		return err
 	}
-	_, missing := h.s.root.Stat(historyDir)
-	if err := h.s.root.MkdirAll(historyDir, 0o700); err != nil {
+	_, missing := h.s.root.Stat(HistoryDir)
+	if err := h.s.root.MkdirAll(HistoryDir, 0o700); err != nil {
 		return local.Classify(err)
 	}
 	if errors.Is(missing, fs.ErrNotExist) {
@@ -1063,7 +1121,7 @@ func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) er
 		if err != nil {
 			return err
 		}
-		name := filepath.Join(historyDir, historyFile(e.Time))
+		name := filepath.Join(HistoryDir, historyFile(e.Time))
 		if _, ok := byFile[name]; !ok {
 			order = append(order, name)
 		}
@@ -1085,15 +1143,15 @@ func (h *fileHistory) Append(_ context.Context, entries []store.HistoryEntry) er
 // write part-way) it cuts the file back to its size before, so the next
 // append starts on a line of its own; if even that fails, the next append
 // checks the last byte again and ends the torn line first.
-func (h *fileHistory) appendFile(name string, data []byte) error {
+func (h *History) appendFile(name string, data []byte) error {
 	_, missing := h.s.root.Stat(name)
-	f, err := h.open(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
+	f, err := h.OpenFile(name, os.O_RDWR|os.O_APPEND|os.O_CREATE)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	if errors.Is(missing, fs.ErrNotExist) {
-		if err := h.syncDir(historyDir); err != nil {
+		if err := h.syncDir(HistoryDir); err != nil {
 			return err
 		}
 	}
@@ -1128,11 +1186,11 @@ func (h *fileHistory) appendFile(name string, data []byte) error {
 
 // syncDir makes the entries of a directory durable: a new file or
 // directory survives a power cut only once its parent is synced.
-func (h *fileHistory) syncDir(name string) error {
+func (h *History) syncDir(name string) error {
 	if runtime.GOOS == "windows" { // Windows cannot open a directory to flush it
 		return nil
 	}
-	d, err := h.open(name, os.O_RDONLY)
+	d, err := h.OpenFile(name, os.O_RDONLY)
 	if err != nil {
 		return err
 	}
@@ -1141,8 +1199,8 @@ func (h *fileHistory) syncDir(name string) error {
 }
 
 // files lists the history's month files, newest first.
-func (h *fileHistory) files() ([]string, error) {
-	d, err := h.s.root.Open(historyDir)
+func (h *History) files() ([]string, error) {
+	d, err := h.s.root.Open(HistoryDir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -1168,8 +1226,8 @@ func monthOf(name string) (time.Time, bool) {
 
 // read returns the entries of one month file; lines that do not decode
 // (a torn last line) are skipped.
-func (h *fileHistory) read(name string) ([]store.HistoryEntry, int) {
-	data, err := h.s.root.ReadFile(filepath.Join(historyDir, name))
+func (h *History) read(name string) ([]store.HistoryEntry, int) {
+	data, err := h.s.root.ReadFile(filepath.Join(HistoryDir, name))
 	if err != nil {
 		return nil, 0
 	}
@@ -1189,7 +1247,7 @@ func (h *fileHistory) read(name string) ([]store.HistoryEntry, int) {
 	return out, skipped
 }
 
-func (h *fileHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
+func (h *History) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	names, err := h.files()
@@ -1224,7 +1282,7 @@ func (h *fileHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.
 	return out, nil
 }
 
-func (h *fileHistory) Prune(_ context.Context, before time.Time) (int, error) {
+func (h *History) Prune(_ context.Context, before time.Time) (int, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	names, err := h.files()
@@ -1238,7 +1296,7 @@ func (h *fileHistory) Prune(_ context.Context, before time.Time) (int, error) {
 			continue
 		}
 		got, skipped := h.read(name)
-		if err := h.s.ops.remove(filepath.Join(historyDir, name)); err != nil {
+		if err := h.s.ops.Remove(filepath.Join(HistoryDir, name)); err != nil {
 			return pruned, err
 		}
 		pruned += len(got) + skipped
