@@ -14,6 +14,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -30,12 +31,13 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/bolt"
 	"frp-port-keeper/internal/store/file"
 
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 
-	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/bbolt"
 )
 
 // benchPool is the widest pool a server can have: 64,512 ports.
@@ -397,7 +399,7 @@ func BenchmarkFreshClaims(b *testing.B) {
 						}
 						var st store.Store
 						if format == "bbolt" {
-							st, err = openBoltStore(filepath.Join(dir, benchBoltFile), benchLogger())
+							st, err = bolt.Open(dir, benchLogger())
 						} else {
 							var fs *file.Store
 							fs, err = file.Open(dir, benchLogger())
@@ -427,7 +429,7 @@ func BenchmarkFreshClaims(b *testing.B) {
 }
 
 // benchBoltFile is the bbolt store's file in its data directory (see openStore).
-const benchBoltFile = "allocations.bbolt"
+const benchBoltFile = bolt.FileName
 
 // benchClaims drives allocate() of fresh keys from clients goroutines, one
 // b.Loop iteration a claim, in a store open makes; each store takes at most
@@ -551,24 +553,36 @@ func benchCopyStore(b *testing.B, src, dst string) {
 }
 
 // benchSeedBolt writes the allocations bench-seed-<i> on port 1024+i for
-// i in [0, n) into a new bbolt store at path, in one transaction.
+// i in [0, n) into a new bbolt store at path, in one transaction, laid out
+// as the bbolt store lays them out (gokv's bucket, JSON values).
 func benchSeedBolt(b *testing.B, path string, n int) {
 	b.Helper()
 	start := time.Now()
-	s, err := openBoltStore(path, benchLogger())
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer s.db.Close()
+	defer db.Close()
 	created := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	err = s.update(func(bk *bolt.Bucket) error {
+	err = db.Update(func(tx *bbolt.Tx) error {
+		bk, err := tx.CreateBucketIfNotExists([]byte("default"))
+		if err != nil {
+			return err
+		}
+		put := func(name string, r store.Record) error {
+			data, err := json.Marshal(r)
+			if err != nil {
+				return err
+			}
+			return bk.Put([]byte(name), data)
+		}
 		for i := range n {
 			key := benchSeedKey(i)
 			r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
-			if err := putJSON(bk, local.PortName(r.Port), r); err != nil {
+			if err := put(local.PortName(r.Port), r); err != nil {
 				return err
 			}
-			if err := putJSON(bk, local.KeyName(r.Key), r); err != nil {
+			if err := put(local.KeyName(r.Key), r); err != nil {
 				return err
 			}
 		}

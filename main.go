@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -24,8 +23,8 @@ import (
 
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/bolt"
 	"frp-port-keeper/internal/store/file"
-	"frp-port-keeper/internal/store/local"
 )
 
 // version is stamped at build time (make build: git describe).
@@ -254,19 +253,11 @@ func openStore(cfg config, log *slog.Logger) (store.Store, func(), error) {
 		return st, func() {}, nil
 	}
 	if cfg.store == "bbolt" {
-		if err := os.MkdirAll(cfg.dataDir, 0o700); err != nil {
-			return nil, nil, fmt.Errorf("-data-dir: %v", err)
-		}
-		unlock, err := local.LockDir(cfg.dataDir)
+		st, err := bolt.Open(cfg.dataDir, log) // takes the directory's lock itself
 		if err != nil {
 			return nil, nil, err
 		}
-		st, err := openBoltStore(filepath.Join(cfg.dataDir, "allocations.bbolt"), log)
-		if err != nil {
-			unlock()
-			return nil, nil, err
-		}
-		return st, unlock, nil
+		return st, func() {}, nil
 	}
 	st, err := file.Open(cfg.dataDir, log) // takes the directory's lock itself
 	if err != nil {

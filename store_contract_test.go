@@ -7,12 +7,12 @@ package main
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/bolt"
 	"frp-port-keeper/internal/store/file"
 
 	"frp-port-keeper/internal/store"
@@ -608,9 +608,9 @@ func TestStoreContractFile(t *testing.T) {
 
 func TestStoreContractBbolt(t *testing.T) {
 	testStoreContract(t, "bbolt", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
-		path := filepath.Join(t.TempDir(), "allocations.bbolt")
+		dir := t.TempDir()
 		return func(t *testing.T) store.Store {
-			s, err := openBoltStore(path, testLogger(t))
+			s, err := bolt.Open(dir, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
 			}

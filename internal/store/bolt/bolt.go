@@ -1,4 +1,6 @@
-package main
+// Package bolt is the bbolt store: one fsync'd bbolt transaction a change, in
+// gokv's bucket layout.
+package bolt
 
 import (
 	"bytes"
@@ -8,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,19 +21,20 @@ import (
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
 
-	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/bbolt"
 )
 
-// boltStore keeps the records in one bbolt file, in the layout gokv's
+// Store keeps the records in one bbolt file, in the layout gokv's
 // bbolt store uses (bucket "default", JSON values), so data directories
 // written by earlier versions open unchanged. It talks to bbolt directly
 // rather than through gokv because a claim must retire the old record and
 // write the new one in one transaction: each change is one fsync'd commit,
 // so there is no half-written state for a crash to leave.
-type boltStore struct {
-	db   *bolt.DB
-	path string
-	log  *slog.Logger
+type Store struct {
+	db     *bbolt.DB
+	path   string
+	unlock func() // the directory's lock
+	log    *slog.Logger
 
 	mu     sync.Mutex
 	idx    local.Index
@@ -40,35 +44,58 @@ type boltStore struct {
 // boltBucket is gokv's default bucket name.
 var boltBucket = []byte("default")
 
-// openBoltStore opens path, read-only when the file or its directory
-// cannot be written (the store then serves what it holds).
-func openBoltStore(path string, log *slog.Logger) (*boltStore, error) {
+// FileName is the bbolt store's file in its data directory.
+const FileName = "allocations.bbolt"
+
+// Open opens the bbolt store in dir (its file, FileName), creating dir if
+// need be, and locks the directory until Close, as the file store does.
+// It opens read-only when the file or its directory cannot be written
+// (the store then serves what it holds).
+func Open(dir string, log *slog.Logger) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("-data-dir: %v", err)
+	}
+	unlock, err := local.LockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	s, err := openFile(filepath.Join(dir, FileName), log)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	s.unlock = unlock
+	return s, nil
+}
+
+// openFile opens the bbolt file at path.
+func openFile(path string, log *slog.Logger) (*Store, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second})
 	if err != nil && (errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EACCES)) {
 		if _, serr := os.Stat(path); serr == nil {
-			db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, ReadOnly: true})
+			db, err = bbolt.Open(path, 0o600, &bbolt.Options{Timeout: time.Second, ReadOnly: true})
 		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open bbolt store: %v", err)
 	}
 	if !db.IsReadOnly() {
-		if err := db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucketIfNotExists(boltBucket); return err }); err != nil {
+		if err := db.Update(func(tx *bbolt.Tx) error { _, err := tx.CreateBucketIfNotExists(boltBucket); return err }); err != nil {
 			log.Warn("bbolt store: cannot create its bucket", "err", err)
 		}
 	}
-	return &boltStore{db: db, path: path, log: log}, nil
+	return &Store{db: db, path: path, log: log, unlock: func() {}}, nil
 }
 
-func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
+func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	raw := local.NewRawRecords()
 	var problems, damaged []string
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(boltBucket)
 		if b == nil {
 			return nil
@@ -129,7 +156,7 @@ func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 	snap.Damaged = len(problems)
 	snap.Problems = append(problems, snap.Problems...)
 	if len(res.Rewrite)+len(res.RewriteKeys)+len(res.Drop)+len(res.SetAside)+len(damaged) > 0 {
-		if err := s.update(func(b *bolt.Bucket) error {
+		if err := s.update(func(b *bbolt.Bucket) error {
 			for _, name := range damaged {
 				if err := b.Delete([]byte(name)); err != nil {
 					return err
@@ -169,11 +196,11 @@ func (s *boltStore) Load(ctx context.Context) (store.Snapshot, error) {
 }
 
 // update runs fn in one read-write transaction on the bucket.
-func (s *boltStore) update(fn func(b *bolt.Bucket) error) error {
+func (s *Store) update(fn func(b *bbolt.Bucket) error) error {
 	if s.db.IsReadOnly() {
 		return store.ErrReadOnly
 	}
-	return local.Classify(s.db.Update(func(tx *bolt.Tx) error {
+	return local.Classify(s.db.Update(func(tx *bbolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(boltBucket)
 		if err != nil {
 			return err
@@ -182,7 +209,7 @@ func (s *boltStore) update(fn func(b *bolt.Bucket) error) error {
 	}))
 }
 
-func putJSON(b *bolt.Bucket, name string, v any) error {
+func putJSON(b *bbolt.Bucket, name string, v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
 		return err
@@ -190,7 +217,7 @@ func putJSON(b *bolt.Bucket, name string, v any) error {
 	return b.Put([]byte(name), data)
 }
 
-func (s *boltStore) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
+func (s *Store) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.loaded {
@@ -200,7 +227,7 @@ func (s *boltStore) Claim(_ context.Context, c store.Claim) ([]store.Change, err
 		return nil, err
 	}
 	want := c.Want
-	err := s.update(func(b *bolt.Bucket) error {
+	err := s.update(func(b *bbolt.Bucket) error {
 		if c.Victim != nil {
 			if err := b.Delete([]byte(local.KeyName(c.Victim.Key))); err != nil {
 				return err
@@ -231,7 +258,7 @@ func (s *boltStore) Claim(_ context.Context, c store.Claim) ([]store.Change, err
 	return s.idx.Claimed(c), nil
 }
 
-func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
+func (s *Store) Release(_ context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.loaded {
@@ -240,7 +267,7 @@ func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]
 	if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, r) {
 		return nil, &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
 	}
-	err := s.update(func(b *bolt.Bucket) error {
+	err := s.update(func(b *bbolt.Bucket) error {
 		for _, name := range []string{local.KeyName(r.Key), local.PortName(r.Port), local.SeenName(r.Key)} {
 			if err := b.Delete([]byte(name)); err != nil {
 				return err
@@ -254,24 +281,24 @@ func (s *boltStore) Release(_ context.Context, r store.Record, at time.Time) ([]
 	return s.idx.Released(r, at), nil
 }
 
-func (s *boltStore) ReleaseDamaged(_ context.Context, port int) error {
+func (s *Store) ReleaseDamaged(_ context.Context, port int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, ok := s.idx.Damaged[port]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.update(func(b *bolt.Bucket) error { return b.Delete([]byte(local.PortName(port))) }); err != nil {
+	if err := s.update(func(b *bbolt.Bucket) error { return b.Delete([]byte(local.PortName(port))) }); err != nil {
 		return err
 	}
 	delete(s.idx.Damaged, port)
 	return nil
 }
 
-func (s *boltStore) Touch(_ context.Context, marks []store.SeenMark) error {
+func (s *Store) Touch(_ context.Context, marks []store.SeenMark) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var written []local.SeenRecord
-	err := s.update(func(b *bolt.Bucket) error {
+	err := s.update(func(b *bbolt.Bucket) error {
 		written = written[:0]
 		for _, m := range marks {
 			if _, ok := s.idx.Get(m.Key); !ok {
@@ -295,31 +322,32 @@ func (s *boltStore) Touch(_ context.Context, marks []store.SeenMark) error {
 }
 
 // Watch has nothing to deliver: only this process writes the file.
-func (s *boltStore) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
+func (s *Store) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
 	return nil
 }
 
-func (s *boltStore) Close() error {
+func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.loaded = false
+	defer s.unlock()
 	return s.db.Close()
 }
 
 // historyBucket holds the history, keyed by entry ID (time order).
 var historyBucket = []byte("history")
 
-// boltHistory is the bbolt store's history log.
-type boltHistory struct{ s *boltStore }
+// History is the bbolt store's history log.
+type History struct{ s *Store }
 
-func (s *boltStore) History() store.HistoryLog { return boltHistory{s} }
+func (s *Store) History() store.HistoryLog { return History{s} }
 
-func (h boltHistory) Append(_ context.Context, entries []store.HistoryEntry) error {
+func (h History) Append(_ context.Context, entries []store.HistoryEntry) error {
 	if h.s.db.IsReadOnly() {
 		return store.ErrReadOnly
 	}
-	return local.Classify(h.s.db.Update(func(tx *bolt.Tx) error {
+	return local.Classify(h.s.db.Update(func(tx *bbolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(historyBucket)
 		if err != nil {
 			return err
@@ -333,9 +361,9 @@ func (h boltHistory) Append(_ context.Context, entries []store.HistoryEntry) err
 	}))
 }
 
-func (h boltHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
+func (h History) Entries(_ context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	var out []store.HistoryEntry
-	err := h.s.db.View(func(tx *bolt.Tx) error {
+	err := h.s.db.View(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(historyBucket)
 		if b == nil {
 			return nil
@@ -370,13 +398,13 @@ func (h boltHistory) Entries(_ context.Context, q store.HistoryQuery) ([]store.H
 	return out, err
 }
 
-func (h boltHistory) Prune(_ context.Context, before time.Time) (int, error) {
+func (h History) Prune(_ context.Context, before time.Time) (int, error) {
 	if h.s.db.IsReadOnly() {
 		return 0, store.ErrReadOnly
 	}
 	cutoff := []byte(fmt.Sprintf("%019d", before.UnixNano()))
 	pruned := 0
-	err := h.s.db.Update(func(tx *bolt.Tx) error {
+	err := h.s.db.Update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket(historyBucket)
 		if b == nil {
 			return nil
