@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/history"
+	"frp-port-keeper/internal/store/etcd"
 )
 
 // benchEtcd is one etcd shared by the fleet benchmarks of a run.
@@ -40,7 +41,7 @@ func benchFleet(b *testing.B, n int) []*allocator {
 	var out []*allocator
 	for range n {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		st, err := openEtcdStore(ctx, benchEtcd.srv.options(b, prefix))
+		st, err := etcd.Open(ctx, benchEtcd.srv.options(b, prefix))
 		cancel()
 		if err != nil {
 			b.Fatal(err)

@@ -4,10 +4,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"slices"
 	"strings"
 	"time"
+
+	"frp-port-keeper/internal/store/etcd"
 
 	frpconfig "github.com/fatedier/frp/pkg/config"
 )
@@ -61,7 +64,7 @@ func (c *config) declareStore(fs *flag.FlagSet) {
 	fs.StringVar(&c.dataDir, "data-dir", "gokv", "directory that holds the allocations (file and bbolt)")
 	fs.StringVar(&c.store, "store", "file", "store backend: file (JSON files), bbolt (one fsync'd database file) or etcd (shared by several frps)")
 	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs for -store etcd, comma-separated")
-	fs.StringVar(&c.etcd.prefix, "etcd-prefix", defaultEtcdPrefix, "etcd key prefix under which the allocations are kept")
+	fs.StringVar(&c.etcd.prefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix under which the allocations are kept")
 	fs.StringVar(&c.etcd.caFile, "etcd-ca", "", "CA certificate that signed etcd's (PEM)")
 	fs.StringVar(&c.etcd.certFile, "etcd-cert", "", "client certificate for etcd (PEM; needs -etcd-key)")
 	fs.StringVar(&c.etcd.keyFile, "etcd-key", "", "private key of -etcd-cert (PEM)")
@@ -284,4 +287,20 @@ func readFrpsConfig(path string) (frpsPorts, error) {
 		}
 	}
 	return out, nil
+}
+
+// etcdOptionsFrom turns the -etcd-* flags into the etcd store's options.
+func etcdOptionsFrom(c config, log *slog.Logger) etcd.Options {
+	var eps []string
+	for ep := range strings.SplitSeq(c.etcd.endpoints, ",") {
+		if ep = strings.TrimSpace(ep); ep != "" {
+			eps = append(eps, ep)
+		}
+	}
+	return etcd.Options{
+		Endpoints: eps, Prefix: c.etcd.prefix,
+		CAFile: c.etcd.caFile, CertFile: c.etcd.certFile, KeyFile: c.etcd.keyFile,
+		Username: c.etcd.username, Password: c.etcd.password,
+		Timeout: c.storeTimeout, Log: log,
+	}
 }

@@ -11,8 +11,8 @@ import (
 // frpc, pointed at frps-2, gets P again and bytes flow through it.
 func TestE2EFrpsPairFailover(t *testing.T) {
 	v := frpVersions[0]
-	etcd := startEtcd(t, nil)
-	etcdArgs := []string{"-store", "etcd", "-etcd-endpoints", etcd.endpoint(), "-etcd-prefix", fmt.Sprintf("/e2e-pair-%d/", fleetPrefixes.Add(1))}
+	etcdSrv := startEtcd(t, nil)
+	etcdArgs := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(), "-etcd-prefix", fmt.Sprintf("/e2e-pair-%d/", fleetPrefixes.Add(1))}
 	env1 := newE2EEnv(t, v, func(e *e2eEnv) { e.pluginArgs = etcdArgs })
 	env2 := newE2EEnv(t, v, func(e *e2eEnv) {
 		e.pluginArgs = etcdArgs

@@ -28,6 +28,8 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store/etcd"
+
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
@@ -139,10 +141,10 @@ func (e *etcdServer) endpoint() string {
 
 // options are etcdOptions that reach this server (with pki's client
 // certificate when it has one).
-func (e *etcdServer) options(t testing.TB, prefix string) etcdOptions {
-	o := etcdOptions{endpoints: []string{e.endpoint()}, prefix: prefix, timeout: 5 * time.Second, log: testLogger(t)}
+func (e *etcdServer) options(t testing.TB, prefix string) etcd.Options {
+	o := etcd.Options{Endpoints: []string{e.endpoint()}, Prefix: prefix, Timeout: 5 * time.Second, Log: testLogger(t)}
 	if e.pki != nil {
-		o.caFile, o.certFile, o.keyFile = e.pki.caFile, e.pki.clientCert, e.pki.clientKey
+		o.CAFile, o.CertFile, o.KeyFile = e.pki.caFile, e.pki.clientCert, e.pki.clientKey
 	}
 	return o
 }
@@ -454,11 +456,11 @@ func (p *etcdTestPKI) clientTLS() *tls.Config {
 
 // openTestEtcdStore opens an etcd store on e under prefix and closes it in
 // t.Cleanup.
-func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcdStore {
+func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcd.Store {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := openEtcdStore(ctx, e.options(t, prefix))
+	s, err := etcd.Open(ctx, e.options(t, prefix))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -469,15 +471,15 @@ func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcdStore {
 // compactForTest compacts the etcd history up to the current revision: the
 // store contract suite uses it, when a store has it, to make a watch that
 // is behind lose its history.
-func (s *etcdStore) compactForTest(t testing.TB) {
+func compactForTest(t testing.TB, s *etcd.Store) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp, err := s.cli.Get(ctx, s.prefix, clientv3.WithCountOnly())
+	resp, err := s.Client().Get(ctx, s.Prefix(), clientv3.WithCountOnly())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.cli.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+	if _, err := s.Client().Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -18,14 +18,16 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/store/etcd"
 )
 
 var fleetPrefixes atomic.Int64
 
 // startFleet starts n instances on one etcd under a fresh prefix.
-func startFleet(t *testing.T, etcd *etcdServer, n int, args ...string) ([]*inProcServer, []string) {
+func startFleet(t *testing.T, etcdSrv *etcdServer, n int, args ...string) ([]*inProcServer, []string) {
 	t.Helper()
-	flags := append([]string{"-store", "etcd", "-etcd-endpoints", etcd.endpoint(),
+	flags := append([]string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(),
 		"-etcd-prefix", fmt.Sprintf("/fleet-%d/", fleetPrefixes.Add(1)), "-probe=false"}, args...)
 	var out []*inProcServer
 	for range n {
@@ -80,9 +82,9 @@ func lookupAt(s *inProcServer, key string) int {
 // port, the same key gets one port everywhere, a 10-port pool grants
 // exactly 10 of 30 keys, and a quota is exact fleet-wide.
 func TestFleetClaims(t *testing.T) {
-	etcd := startEtcd(t, nil)
+	etcdSrv := startEtcd(t, nil)
 	t.Run("exhaustion", func(t *testing.T) {
-		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30009")
+		fleet, _ := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30009")
 		answers := make([]fleetAnswer, 30)
 		var wg sync.WaitGroup
 		for i := range 30 {
@@ -108,7 +110,7 @@ func TestFleetClaims(t *testing.T) {
 		}
 	})
 	t.Run("same keys everywhere", func(t *testing.T) {
-		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30099")
+		fleet, _ := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30099")
 		answers := make([][3]fleetAnswer, 10)
 		var wg sync.WaitGroup
 		for k := range 10 {
@@ -138,7 +140,7 @@ func TestFleetClaims(t *testing.T) {
 		}
 	})
 	t.Run("quota", func(t *testing.T) {
-		fleet, _ := startFleet(t, etcd, 3, "-allow-ports", "30000-30099", "-max-ports-per-user", "3")
+		fleet, _ := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30099", "-max-ports-per-user", "3")
 		answers := make([]fleetAnswer, 12)
 		var wg sync.WaitGroup
 		for i := range 12 {
@@ -166,8 +168,8 @@ func TestFleetClaims(t *testing.T) {
 // instance are seen at every other within moments; a restarted instance
 // keeps everything.
 func TestFleetVisibility(t *testing.T) {
-	etcd := startEtcd(t, nil)
-	fleet, flags := startFleet(t, etcd, 3, "-allow-ports", "30000-30099")
+	etcdSrv := startEtcd(t, nil)
+	fleet, flags := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30099")
 	a, b, c := fleet[0], fleet[1], fleet[2]
 	start := time.Now()
 	p := tryPost(a, "alice", "alice.ssh", "")
@@ -217,17 +219,17 @@ func TestFleetVisibility(t *testing.T) {
 // restarting any instance, and a write that landed late reaches every
 // instance.
 func TestFleetEtcdOutage(t *testing.T) {
-	etcd := startEtcd(t, nil)
-	fleet, _ := startFleet(t, etcd, 2, "-allow-ports", "30000-30099", "-store-timeout", "500ms")
+	etcdSrv := startEtcd(t, nil)
+	fleet, _ := startFleet(t, etcdSrv, 2, "-allow-ports", "30000-30099", "-store-timeout", "500ms")
 	a, b := fleet[0], fleet[1]
 	known := tryPost(a, "alice", "alice.ssh", "")
 	waitFor(t, "alice.ssh at b", 3*time.Second, func() bool { return lookupAt(b, "alice.ssh") == known.port })
 
 	for _, fault := range []string{"pause", "kill"} {
 		if fault == "pause" {
-			etcd.pause(t)
+			etcdSrv.pause(t)
 		} else {
-			etcd.kill(t)
+			etcdSrv.kill(t)
 		}
 		for _, s := range fleet {
 			if got := tryPost(s, "alice", "alice.ssh", ""); got.port != known.port {
@@ -240,9 +242,9 @@ func TestFleetEtcdOutage(t *testing.T) {
 			t.Fatalf("%s: a new key during the outage = %+v after %v; want a reject naming the store within the deadline", fault, got, took)
 		}
 		if fault == "pause" {
-			etcd.resume(t)
+			etcdSrv.resume(t)
 		} else {
-			etcd.restart(t)
+			etcdSrv.restart(t)
 		}
 		var fresh fleetAnswer
 		waitFor(t, fault+": new keys again without a restart", 15*time.Second, func() bool {
@@ -266,7 +268,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 // TestEtcdMoveFileStoreAndBack: the README's move of a file store into
 // etcd and back, with export and import, keeps every port.
 func TestEtcdMoveFileStoreAndBack(t *testing.T) {
-	etcd := startEtcd(t, nil)
+	etcdSrv := startEtcd(t, nil)
 	dir := t.TempDir()
 	s := startInProc(t, "-data-dir", dir, "-allow-ports", "30000-30099", "-probe=false")
 	want := map[string]int{}
@@ -287,7 +289,7 @@ func TestEtcdMoveFileStoreAndBack(t *testing.T) {
 		}
 		return out.String()
 	}
-	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcd.endpoint(), "-etcd-prefix", "/moved/"}
+	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(), "-etcd-prefix", "/moved/"}
 	exported := cli("", "export", "-data-dir", dir)
 	cli(exported, append([]string{"import"}, etcdFlags...)...)
 	fleet := startInProc(t, append(etcdFlags, "-allow-ports", "30000-30099", "-probe=false")...)
@@ -334,11 +336,11 @@ func metricAt(s *inProcServer, series string) float64 {
 // DELETE at one instance is seen at the other, and an instance started
 // afterwards holds every earlier key on its first port.
 func TestFleetEtcdDataLoss(t *testing.T) {
-	etcd := startEtcd(t, nil)
-	fleet, flags := startFleet(t, etcd, 2, "-allow-ports", "30000-30099")
+	etcdSrv := startEtcd(t, nil)
+	fleet, flags := startFleet(t, etcdSrv, 2, "-allow-ports", "30000-30099")
 	a, b := fleet[0], fleet[1]
 	prefix := flags[slices.Index(flags, "-etcd-prefix")+1]
-	raw := etcd.client(t)
+	raw := etcdSrv.client(t)
 	held := map[string]int{}
 	users := map[string]int{}
 	for i := range 8 {
@@ -357,7 +359,7 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 	}
 
-	etcd.wipe(t, "")
+	etcdSrv.wipe(t, "")
 	wiped := time.Now()
 	waitFor(t, "every allocation written back to the empty etcd", 15*time.Second, func() bool {
 		return etcdCount(t, raw, prefix+"key/") == int64(len(held))
@@ -390,13 +392,13 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 	}
 	for key, port := range held {
-		if got := etcdGet(t, raw, prefix+etcdPortName(port)); got != key {
-			t.Fatalf("%s in etcd names %q; want %q", etcdPortName(port), got, key)
+		if got := etcdGet(t, raw, prefix+etcd.PortName(port)); got != key {
+			t.Fatalf("%s in etcd names %q; want %q", etcd.PortName(port), got, key)
 		}
 	}
 	for user, n := range users {
-		if got := etcdGet(t, raw, prefix+etcdUserName(user)); got != fmt.Sprint(n) {
-			t.Fatalf("%s in etcd = %q; want %d", etcdUserName(user), got, n)
+		if got := etcdGet(t, raw, prefix+etcd.UserName(user)); got != fmt.Sprint(n) {
+			t.Fatalf("%s in etcd = %q; want %d", etcd.UserName(user), got, n)
 		}
 	}
 

@@ -540,13 +540,13 @@ func TestHistoryLostCountedExactly(t *testing.T) {
 // TestHistoryPrune: entries older than the retention go, newer stay, on
 // every store (etcd's under history/ in the prefix).
 func TestHistoryPrune(t *testing.T) {
-	var etcd *etcdServer
+	var etcdSrv *etcdServer
 	for _, kind := range append(storeKinds, "etcd") {
 		t.Run(kind, func(t *testing.T) {
 			var st store.Store
 			if kind == "etcd" {
-				etcd = startEtcd(t, nil)
-				st = openTestEtcdStore(t, etcd, "/history-test/")
+				etcdSrv = startEtcd(t, nil)
+				st = openTestEtcdStore(t, etcdSrv, "/history-test/")
 			} else {
 				st = openTestStore(t, kind, t.TempDir())
 			}

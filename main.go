@@ -24,6 +24,7 @@ import (
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/bolt"
+	"frp-port-keeper/internal/store/etcd"
 	"frp-port-keeper/internal/store/file"
 )
 
@@ -246,7 +247,7 @@ func openStore(cfg config, log *slog.Logger) (store.Store, func(), error) {
 		// Several instances on one etcd are the point: no directory lock.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*max(cfg.storeTimeout, time.Second))
 		defer cancel()
-		st, err := openEtcdStore(ctx, etcdOptionsFrom(cfg, log))
+		st, err := etcd.Open(ctx, etcdOptionsFrom(cfg, log))
 		if err != nil {
 			return nil, nil, err
 		}

@@ -26,7 +26,7 @@ const contractTimeout = 10 * time.Second
 // handle on it (again after a close: a restart). shared says two handles
 // may be open at once (stores that several servers share), which the watch
 // cases need. The suite closes every handle it opens.
-func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) (open func(t *testing.T) store.Store, shared bool)) {
+func testStoreContract(t *testing.T, kind string, compact func(testing.TB, store.Store), newBackend func(t *testing.T) (open func(t *testing.T) store.Store, shared bool)) {
 	tests := []struct {
 		name   string
 		shared bool // needs two handles open at once
@@ -54,7 +54,7 @@ func testStoreContract(t *testing.T, kind string, newBackend func(t *testing.T) 
 		}
 		t.Run(tt.name, func(t *testing.T) {
 			open, _ := newBackend(t)
-			tt.run(t, &contractHarness{t: t, kind: kind, open: open})
+			tt.run(t, &contractHarness{t: t, kind: kind, open: open, compact: compact})
 		})
 	}
 }
@@ -64,6 +64,8 @@ type contractHarness struct {
 	t    *testing.T
 	kind string
 	open func(t *testing.T) store.Store
+	// compact, when set, cuts the store's history (etcd's compaction).
+	compact func(testing.TB, store.Store)
 
 	mu     sync.Mutex
 	closed map[store.Store]bool
@@ -557,14 +559,9 @@ func contractWatch(t *testing.T, h *contractHarness) {
 	w.quiet(t, "watch after the last change", 300*time.Millisecond)
 }
 
-// compacter is a store whose history can be cut for a test (etcd's
-// compaction).
-type compacter interface{ compactForTest(t testing.TB) }
-
 func contractWatchReset(t *testing.T, h *contractHarness) {
 	a, b := h.openStore(), h.openStore()
-	cut, ok := a.(compacter)
-	if !ok {
+	if h.compact == nil {
 		t.Skipf("%s store has no history to compact", h.kind)
 	}
 	h.load(a)
@@ -572,7 +569,7 @@ func contractWatchReset(t *testing.T, h *contractHarness) {
 	k1, k2 := contractRec("k.one", 20001, "u"), contractRec("k.two", 20002, "u")
 	h.claimOK(a, store.Claim{Want: k1})
 	h.claimOK(a, store.Claim{Want: k2})
-	cut.compactForTest(t)
+	h.compact(t, a)
 
 	w := h.startWatch(b, behind)
 	c := w.next(t, "watch behind a compaction")
@@ -594,7 +591,7 @@ func contractWatchReset(t *testing.T, h *contractHarness) {
 
 // The contract on the stores this process alone writes.
 func TestStoreContractFile(t *testing.T) {
-	testStoreContract(t, "file", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
+	testStoreContract(t, "file", nil, func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		dir := t.TempDir()
 		return func(t *testing.T) store.Store {
 			s, err := file.Open(dir, testLogger(t))
@@ -607,7 +604,7 @@ func TestStoreContractFile(t *testing.T) {
 }
 
 func TestStoreContractBbolt(t *testing.T) {
-	testStoreContract(t, "bbolt", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
+	testStoreContract(t, "bbolt", nil, func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		dir := t.TempDir()
 		return func(t *testing.T) store.Store {
 			s, err := bolt.Open(dir, testLogger(t))
@@ -621,7 +618,7 @@ func TestStoreContractBbolt(t *testing.T) {
 
 // The fake store the allocator tests use keeps the contract too.
 func TestStoreContractFake(t *testing.T) {
-	testStoreContract(t, "fake", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
+	testStoreContract(t, "fake", nil, func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		f := newFakeStore()
 		return func(t *testing.T) store.Store { return f }, false
 	})

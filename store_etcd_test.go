@@ -17,6 +17,7 @@ import (
 
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/etcd"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -26,12 +27,12 @@ import (
 func TestStoreContractEtcd(t *testing.T) {
 	srv := startEtcd(t, nil)
 	var n atomic.Int64
-	testStoreContract(t, "etcd", func(t *testing.T) (func(t *testing.T) store.Store, bool) {
+	testStoreContract(t, "etcd", func(t testing.TB, s store.Store) { compactForTest(t, s.(*etcd.Store)) }, func(t *testing.T) (func(t *testing.T) store.Store, bool) {
 		prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
 		return func(t *testing.T) store.Store {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			s, err := openEtcdStore(ctx, srv.options(t, prefix))
+			s, err := etcd.Open(ctx, srv.options(t, prefix))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -41,9 +42,9 @@ func TestStoreContractEtcd(t *testing.T) {
 }
 
 // openLoadedEtcdStores opens n handles on one prefix and loads each.
-func openLoadedEtcdStores(t *testing.T, srv *etcdServer, prefix string, n int) []*etcdStore {
+func openLoadedEtcdStores(t *testing.T, srv *etcdServer, prefix string, n int) []*etcd.Store {
 	t.Helper()
-	var out []*etcdStore
+	var out []*etcd.Store
 	for range n {
 		s := openTestEtcdStore(t, srv, prefix)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -153,7 +154,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		}
 		var total int
 		for u := range 4 {
-			n := etcdGet(t, raw, "/pool/"+etcdUserName(fmt.Sprintf("user%d", u)))
+			n := etcdGet(t, raw, "/pool/"+etcd.UserName(fmt.Sprintf("user%d", u)))
 			var c int
 			fmt.Sscan(n, &c)
 			total += c
@@ -199,7 +200,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		if n := etcdCount(t, raw, "/same/port/"); n != 10 {
 			t.Fatalf("%d port records; want 10 (one per key, none left by losers)", n)
 		}
-		if got := etcdGet(t, raw, "/same/"+etcdUserName("shared")); got != "10" {
+		if got := etcdGet(t, raw, "/same/"+etcd.UserName("shared")); got != "10" {
 			t.Fatalf("user count %q; want 10", got)
 		}
 	})
@@ -233,7 +234,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		if n := etcdCount(t, raw, "/quota/key/"); n != limit {
 			t.Fatalf("%d key records; want %d", n, limit)
 		}
-		if got := etcdGet(t, raw, "/quota/"+etcdUserName("greedy")); got != fmt.Sprint(limit) {
+		if got := etcdGet(t, raw, "/quota/"+etcd.UserName("greedy")); got != fmt.Sprint(limit) {
 			t.Fatalf("user count %q; want %d", got, limit)
 		}
 	})
@@ -382,31 +383,31 @@ func TestEtcdTLS(t *testing.T) {
 	wantAllocations(t, "over TLS", h.load(other), a)
 
 	good := srv.options(t, "/tls/")
-	good.timeout = time.Second
+	good.Timeout = time.Second
 	tests := []struct {
 		name   string
-		change func(o *etcdOptions)
+		change func(o *etcd.Options)
 		want   string
 	}{
-		{"no client certificate", func(o *etcdOptions) { o.certFile, o.keyFile = "", "" }, "cannot read from etcd at " + srv.endpoint() + ": no answer within 1s (" + srv.endpoint() + ": remote error: tls: certificate required)"},
-		{"certificate of another CA", func(o *etcdOptions) { o.certFile, o.keyFile = pki.otherCert, pki.otherKey }, "tls: certificate required"},
-		{"server not trusted", func(o *etcdOptions) { o.caFile = pki.otherCAFile }, "certificate signed by unknown authority"},
-		{"plain http with TLS files", func(o *etcdOptions) { o.endpoints = []string{strings.Replace(srv.endpoint(), "https", "http", 1)} }, "use https://"},
-		{"missing key file", func(o *etcdOptions) { o.keyFile = "" }, "-etcd-cert and -etcd-key go together"},
-		{"unreadable CA", func(o *etcdOptions) { o.caFile = "/nonexistent/ca.pem" }, "-etcd-ca"},
+		{"no client certificate", func(o *etcd.Options) { o.CertFile, o.KeyFile = "", "" }, "cannot read from etcd at " + srv.endpoint() + ": no answer within 1s (" + srv.endpoint() + ": remote error: tls: certificate required)"},
+		{"certificate of another CA", func(o *etcd.Options) { o.CertFile, o.KeyFile = pki.otherCert, pki.otherKey }, "tls: certificate required"},
+		{"server not trusted", func(o *etcd.Options) { o.CAFile = pki.otherCAFile }, "certificate signed by unknown authority"},
+		{"plain http with TLS files", func(o *etcd.Options) { o.Endpoints = []string{strings.Replace(srv.endpoint(), "https", "http", 1)} }, "use https://"},
+		{"missing key file", func(o *etcd.Options) { o.KeyFile = "" }, "-etcd-cert and -etcd-key go together"},
+		{"unreadable CA", func(o *etcd.Options) { o.CAFile = "/nonexistent/ca.pem" }, "-etcd-ca"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			o := good
 			tt.change(&o)
 			start := time.Now()
-			s, err := openEtcdStore(context.Background(), o)
+			s, err := etcd.Open(context.Background(), o)
 			if err == nil {
 				s.Close()
 				t.Fatalf("openEtcdStore(%s) succeeded; want an error", tt.name)
 			}
-			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") || time.Since(start) > o.timeout+2*time.Second {
-				t.Fatalf("openEtcdStore(%s) = %v after %v; want one line containing %q within %v", tt.name, err, time.Since(start), tt.want, o.timeout)
+			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") || time.Since(start) > o.Timeout+2*time.Second {
+				t.Fatalf("openEtcdStore(%s) = %v after %v; want one line containing %q within %v", tt.name, err, time.Since(start), tt.want, o.Timeout)
 			}
 			t.Logf("%s: %v", tt.name, err)
 		})
@@ -418,7 +419,7 @@ func TestEtcdTLS(t *testing.T) {
 func TestEtcdUnreachable(t *testing.T) {
 	ep := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	start := time.Now()
-	s, err := openEtcdStore(context.Background(), etcdOptions{endpoints: []string{ep}, timeout: time.Second, log: testLogger(t)})
+	s, err := etcd.Open(context.Background(), etcd.Options{Endpoints: []string{ep}, Timeout: time.Second, Log: testLogger(t)})
 	if err == nil {
 		s.Close()
 		t.Fatal("openEtcdStore with nothing listening succeeded")
@@ -455,8 +456,8 @@ func TestEtcdAuth(t *testing.T) {
 		}
 	}
 	o := srv.options(t, prefix)
-	o.username, o.password = "keeper", "keeper-secret"
-	s, err := openEtcdStore(ctx, o)
+	o.Username, o.Password = "keeper", "keeper-secret"
+	s, err := etcd.Open(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,17 +474,17 @@ func TestEtcdAuth(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	o.password = "wrong"
-	o.timeout = 2 * time.Second
-	if s, err := openEtcdStore(ctx, o); err == nil {
+	o.Password = "wrong"
+	o.Timeout = 2 * time.Second
+	if s, err := etcd.Open(ctx, o); err == nil {
 		s.Close()
 		t.Fatal("openEtcdStore with a wrong password succeeded")
 	} else if !strings.Contains(err.Error(), "cannot log in to etcd") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("openEtcdStore with a wrong password = %v; want one line saying it cannot log in", err)
 	}
-	o.password = "keeper-secret"
-	o.prefix = "/elsewhere/"
-	if s, err := openEtcdStore(ctx, o); err == nil {
+	o.Password = "keeper-secret"
+	o.Prefix = "/elsewhere/"
+	if s, err := etcd.Open(ctx, o); err == nil {
 		s.Close()
 		t.Fatal("openEtcdStore outside the permitted prefix succeeded")
 	} else {
@@ -512,12 +513,12 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	c := contractRec("c.web", a.Port, "v")
 	cJSON, _ := json.Marshal(c)
 	edits := []clientv3.Op{
-		clientv3.OpPut(prefix+etcdUserName("u"), "7"),         // wrong count
-		clientv3.OpPut(prefix+etcdUserName("nobody"), "3"),    // a count without keys
-		clientv3.OpDelete(prefix + etcdPortName(b.Port)),      // b's port record lost
-		clientv3.OpPut(prefix+etcdKeyName("junk"), "{broken"), // not a record
-		clientv3.OpPut(prefix+etcdPortName(27009), "ghost.web"),
-		clientv3.OpPut(prefix+etcdKeyName(c.Key), string(cJSON)), // on a's port
+		clientv3.OpPut(prefix+etcd.UserName("u"), "7"),         // wrong count
+		clientv3.OpPut(prefix+etcd.UserName("nobody"), "3"),    // a count without keys
+		clientv3.OpDelete(prefix + etcd.PortName(b.Port)),      // b's port record lost
+		clientv3.OpPut(prefix+etcd.KeyName("junk"), "{broken"), // not a record
+		clientv3.OpPut(prefix+etcd.PortName(27009), "ghost.web"),
+		clientv3.OpPut(prefix+etcd.KeyName(c.Key), string(cJSON)), // on a's port
 	}
 	if _, err := raw.Txn(ctx).Then(edits...).Commit(); err != nil {
 		t.Fatal(err)
@@ -539,8 +540,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 		t.Fatalf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 	for name, want := range map[string]string{
-		etcdPortName(b.Port): b.Key, etcdPortName(27009): "",
-		etcdUserName("u"): "2", etcdUserName("nobody"): "", etcdUserName("v"): "1",
+		etcd.PortName(b.Port): b.Key, etcd.PortName(27009): "",
+		etcd.UserName("u"): "2", etcd.UserName("nobody"): "", etcd.UserName("v"): "1",
 	} {
 		if got := etcdGet(t, raw, prefix+name); got != want {
 			t.Errorf("%s after load = %q; want %q", name, got, want)
@@ -560,7 +561,7 @@ func TestEtcdStoreTouchBatches(t *testing.T) {
 	h := &contractHarness{t: t, kind: "etcd"}
 	s := openTestEtcdStore(t, srv, "/touch/")
 	h.load(s)
-	const keys, ghosts = 2*etcdMaxTxnOps + 10, 50
+	const keys, ghosts = 2*etcd.MaxTxnOps + 10, 50
 	var marks []store.SeenMark
 	for i := range keys {
 		r := contractRec(fmt.Sprintf("k%03d", i), 28000+i, "u")
@@ -598,8 +599,8 @@ func TestEtcdOptionsFromFlags(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := etcdOptionsFrom(c, nil)
-	want := etcdOptions{endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"}, prefix: "/pk/",
-		caFile: "ca.pem", certFile: "c.pem", keyFile: "k.pem", username: "keeper", password: "from-env", timeout: 2 * time.Second}
+	want := etcd.Options{Endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"}, Prefix: "/pk/",
+		CAFile: "ca.pem", CertFile: "c.pem", KeyFile: "k.pem", Username: "keeper", Password: "from-env", Timeout: 2 * time.Second}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("etcdOptionsFrom = %+v; want %+v", got, want)
 	}
@@ -607,8 +608,8 @@ func TestEtcdOptionsFromFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := etcdOptionsFrom(defaults, nil); !slices.Equal(d.endpoints, []string{"http://127.0.0.1:2379"}) || d.prefix != defaultEtcdPrefix {
-		t.Fatalf("default etcd options = %+v; want http://127.0.0.1:2379 under %s", d, defaultEtcdPrefix)
+	if d := etcdOptionsFrom(defaults, nil); !slices.Equal(d.Endpoints, []string{"http://127.0.0.1:2379"}) || d.Prefix != etcd.DefaultPrefix {
+		t.Fatalf("default etcd options = %+v; want http://127.0.0.1:2379 under %s", d, etcd.DefaultPrefix)
 	}
 	if _, err := parseConfig([]string{"-etcd-username", "keeper"}, func(string) string { return "" }); err == nil ||
 		err.Error() != "-etcd-username and -etcd-password go together" {
@@ -649,9 +650,9 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			snap2 := h.load(s2)
 			wantAllocations(t, "the second handle", snap2, a, b, c, d)
 			var reports [2]chan store.RestoreReport
-			for i, s := range []*etcdStore{s1, s2} {
+			for i, s := range []*etcd.Store{s1, s2} {
 				reports[i] = make(chan store.RestoreReport, 4)
-				s.onRestore(func(r store.RestoreReport) { reports[i] <- r })
+				s.OnRestore(func(r store.RestoreReport) { reports[i] <- r })
 			}
 
 			srv.wipe(t, tc.token)
@@ -668,10 +669,10 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			ij, _ := json.Marshal(intruder)
 			dj, _ := json.Marshal(d2)
 			if _, err := raw.Txn(ctx).Then(
-				clientv3.OpPut(prefix+etcdKeyName(intruder.Key), string(ij)), clientv3.OpPut(prefix+etcdPortName(c.Port), intruder.Key),
-				clientv3.OpPut(prefix+etcdUserName("w"), "1"),
-				clientv3.OpPut(prefix+etcdKeyName(d.Key), string(dj)), clientv3.OpPut(prefix+etcdPortName(d2.Port), d.Key),
-				clientv3.OpPut(prefix+etcdUserName("v"), "1"),
+				clientv3.OpPut(prefix+etcd.KeyName(intruder.Key), string(ij)), clientv3.OpPut(prefix+etcd.PortName(c.Port), intruder.Key),
+				clientv3.OpPut(prefix+etcd.UserName("w"), "1"),
+				clientv3.OpPut(prefix+etcd.KeyName(d.Key), string(dj)), clientv3.OpPut(prefix+etcd.PortName(d2.Port), d.Key),
+				clientv3.OpPut(prefix+etcd.UserName("v"), "1"),
 			).Commit(); err != nil {
 				t.Fatal(err)
 			}
@@ -716,9 +717,9 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				t.Fatalf("write-backs %+v and %+v; want a and b restored by s1 and found present by s2, c and d lost at both", r1, r2)
 			}
 			for name, want := range map[string]string{
-				etcdPortName(a.Port): a.Key, etcdPortName(b.Port): b.Key, etcdPortName(c.Port): intruder.Key,
-				etcdPortName(d.Port): "", etcdPortName(d2.Port): d.Key,
-				etcdUserName("u"): "2", etcdUserName("v"): "1", etcdUserName("w"): "1",
+				etcd.PortName(a.Port): a.Key, etcd.PortName(b.Port): b.Key, etcd.PortName(c.Port): intruder.Key,
+				etcd.PortName(d.Port): "", etcd.PortName(d2.Port): d.Key,
+				etcd.UserName("u"): "2", etcd.UserName("v"): "1", etcd.UserName("w"): "1",
 			} {
 				if got := etcdGet(t, raw, prefix+name); got != want {
 					t.Errorf("%s after the write-back = %q; want %q", name, got, want)
@@ -844,7 +845,7 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 }
 
 // loadEtcd loads s.
-func loadEtcd(t *testing.T, s *etcdStore) store.Snapshot {
+func loadEtcd(t *testing.T, s *etcd.Store) store.Snapshot {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -894,8 +895,8 @@ func TestEtcdHistoryAuth(t *testing.T) {
 	}
 	openAs := func(user, password string) store.HistoryLog {
 		o := srv.options(t, prefix)
-		o.username, o.password = user, password
-		s, err := openEtcdStore(ctx, o)
+		o.Username, o.Password = user, password
+		s, err := etcd.Open(ctx, o)
 		if err != nil {
 			t.Fatal(err)
 		}

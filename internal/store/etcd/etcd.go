@@ -1,4 +1,6 @@
-package main
+// Package etcd is the store several frps share: records under a key prefix of
+// an etcd cluster, written in transactions, followed through a watch.
+package etcd
 
 // The etcd store: allocations in an etcd cluster that several frps servers
 // (each with its own frp-port-keeper) share. Every write is one etcd
@@ -68,13 +70,13 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// defaultEtcdPrefix is where the allocations live unless -etcd-prefix says.
-const defaultEtcdPrefix = "/frp-port-keeper/"
+// DefaultPrefix is where the allocations live unless -etcd-prefix says.
+const DefaultPrefix = "/frp-port-keeper/"
 
 const (
-	// etcdMaxTxnOps is etcd's default --max-txn-ops: no transaction (nor a
+	// MaxTxnOps is etcd's default --max-txn-ops: no transaction (nor a
 	// nested one) may hold more operations.
-	etcdMaxTxnOps = 128
+	MaxTxnOps = 128
 	// etcdLateWrite bounds how long a write may still land after its
 	// caller stopped waiting (the store keeps the request going, so its
 	// outcome is settled by then and watch reports it if it landed).
@@ -90,48 +92,32 @@ const (
 	// still the etcd it loaded, whatever else it asks.
 	etcdCheckInterval = time.Second
 	// etcdRestoreBatch is how many records one write-back transaction
-	// holds: 3 writes each and a count per user stay within etcdMaxTxnOps.
-	etcdRestoreBatch = etcdMaxTxnOps / 4
+	// holds: 3 writes each and a count per user stay within MaxTxnOps.
+	etcdRestoreBatch = MaxTxnOps / 4
 	// etcdHistoryDir holds the history under the prefix: no record kind
 	// is named so, and load and watch skip it.
 	etcdHistoryDir = "history/"
 )
 
-// etcdOptions configure openEtcdStore.
-type etcdOptions struct {
-	endpoints                 []string
-	prefix                    string // default defaultEtcdPrefix
-	caFile, certFile, keyFile string
-	username, password        string
-	// timeout bounds connecting and every call whose ctx has no deadline
+// Options configure Open.
+type Options struct {
+	Endpoints                 []string
+	Prefix                    string // default DefaultPrefix
+	CAFile, CertFile, KeyFile string
+	Username, Password        string
+	// Timeout bounds connecting and every call whose ctx has no deadline
 	// of its own (default 2s).
-	timeout time.Duration
-	log     *slog.Logger
+	Timeout time.Duration
+	Log     *slog.Logger
 }
 
-// etcdOptionsFrom turns the -etcd-* flags into etcdOptions.
-func etcdOptionsFrom(c config, log *slog.Logger) etcdOptions {
-	var eps []string
-	for ep := range strings.SplitSeq(c.etcd.endpoints, ",") {
-		if ep = strings.TrimSpace(ep); ep != "" {
-			eps = append(eps, ep)
-		}
-	}
-	return etcdOptions{
-		endpoints: eps, prefix: c.etcd.prefix,
-		caFile: c.etcd.caFile, certFile: c.etcd.certFile, keyFile: c.etcd.keyFile,
-		username: c.etcd.username, password: c.etcd.password,
-		timeout: c.storeTimeout, log: log,
-	}
-}
-
-// etcdStore implements portStore on etcd.
+// Store implements store.Store on etcd.
 //
 // It remembers the key, port and user records it last saw (from load,
 // watch, its own transactions and the reads a lost transaction makes), each
 // with the ModRevision a transaction compares against. What it remembers
 // only decides what to ask; etcd's comparisons decide what is written.
-type etcdStore struct {
+type Store struct {
 	cli       *clientv3.Client
 	prefix    string
 	timeout   time.Duration
@@ -177,7 +163,7 @@ type userLock struct {
 
 // lockUsers takes the write locks of users, in order, and returns what
 // releases them.
-func (s *etcdStore) lockUsers(users ...string) func() {
+func (s *Store) lockUsers(users ...string) func() {
 	users = slices.Compact(slices.Sorted(slices.Values(users)))
 	s.usersMu.Lock()
 	if s.users == nil {
@@ -225,56 +211,59 @@ type etcdSeen struct {
 }
 
 // Record names, relative to the prefix.
-func etcdKeyName(key string) string   { return "key/" + url.PathEscape(key) }
-func etcdPortName(port int) string    { return fmt.Sprintf("port/%05d", port) }
-func etcdUserName(user string) string { return "user/" + url.PathEscape(user) }
-func etcdSeenName(key string) string  { return "seen/" + url.PathEscape(key) }
-func etcdFreedName(port int) string   { return fmt.Sprintf("freed/%05d", port) }
+// maxPort is the highest port number.
+const maxPort = 65535
 
-// openEtcdStore connects to etcd and checks that it answers within
+func KeyName(key string) string      { return "key/" + url.PathEscape(key) }
+func PortName(port int) string       { return fmt.Sprintf("port/%05d", port) }
+func UserName(user string) string    { return "user/" + url.PathEscape(user) }
+func etcdSeenName(key string) string { return "seen/" + url.PathEscape(key) }
+func etcdFreedName(port int) string  { return fmt.Sprintf("freed/%05d", port) }
+
+// Open connects to etcd and checks that it answers within
 // o.timeout, so a wrong endpoint or certificate stops the start with one
 // line instead of every later call timing out.
-func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
-	if len(o.endpoints) == 0 {
+func Open(ctx context.Context, o Options) (*Store, error) {
+	if len(o.Endpoints) == 0 {
 		return nil, errors.New("-etcd-endpoints: no endpoint given")
 	}
-	if o.prefix == "" {
-		o.prefix = defaultEtcdPrefix
+	if o.Prefix == "" {
+		o.Prefix = DefaultPrefix
 	}
-	if !strings.HasSuffix(o.prefix, "/") {
-		o.prefix += "/"
+	if !strings.HasSuffix(o.Prefix, "/") {
+		o.Prefix += "/"
 	}
-	if o.timeout <= 0 {
-		o.timeout = 2 * time.Second
+	if o.Timeout <= 0 {
+		o.Timeout = 2 * time.Second
 	}
-	if o.log == nil {
-		o.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	if o.Log == nil {
+		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	if (o.certFile == "") != (o.keyFile == "") {
+	if (o.CertFile == "") != (o.KeyFile == "") {
 		return nil, errors.New("-etcd-cert and -etcd-key go together")
 	}
 	var tlsConfig *tls.Config
-	if o.caFile != "" || o.certFile != "" {
+	if o.CAFile != "" || o.CertFile != "" {
 		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-		if o.caFile != "" {
-			pem, err := os.ReadFile(o.caFile)
+		if o.CAFile != "" {
+			pem, err := os.ReadFile(o.CAFile)
 			if err != nil {
 				return nil, fmt.Errorf("-etcd-ca: %v", err)
 			}
 			tlsConfig.RootCAs = x509.NewCertPool()
 			if !tlsConfig.RootCAs.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("-etcd-ca %s: no PEM certificate in it", o.caFile)
+				return nil, fmt.Errorf("-etcd-ca %s: no PEM certificate in it", o.CAFile)
 			}
 		}
-		if o.certFile != "" {
-			cert, err := tls.LoadX509KeyPair(o.certFile, o.keyFile)
+		if o.CertFile != "" {
+			cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
 			if err != nil {
 				return nil, fmt.Errorf("-etcd-cert/-etcd-key: %v", err)
 			}
 			tlsConfig.Certificates = []tls.Certificate{cert}
 		}
 	}
-	for _, ep := range o.endpoints {
+	for _, ep := range o.Endpoints {
 		u, err := url.Parse(ep)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return nil, fmt.Errorf("-etcd-endpoints: %q is not an http:// or https:// URL", ep)
@@ -283,27 +272,27 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 			return nil, fmt.Errorf("-etcd-endpoints: %q: TLS files are given, so use https://", ep)
 		}
 	}
-	s := &etcdStore{
-		prefix:    o.prefix,
-		timeout:   o.timeout,
-		log:       o.log,
-		endpoints: strings.Join(o.endpoints, ","),
-		eps:       o.endpoints,
+	s := &Store{
+		prefix:    o.Prefix,
+		timeout:   o.Timeout,
+		log:       o.Log,
+		endpoints: strings.Join(o.Endpoints, ","),
+		eps:       o.Endpoints,
 		tls:       tlsConfig,
 		mem:       map[string]etcdEntry{},
 		lostc:     make(chan struct{}, 1),
 		restored:  func(store.RestoreReport) {},
 	}
 	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   o.endpoints,
-		DialTimeout: o.timeout,
+		Endpoints:   o.Endpoints,
+		DialTimeout: o.Timeout,
 		// Notice a dead connection (a host gone without closing it) even
 		// while nothing is asked; etcd refuses pings more often than 5s.
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 3 * time.Second,
 		TLS:                  tlsConfig,
-		Username:             o.username,
-		Password:             o.password,
+		Username:             o.Username,
+		Password:             o.Password,
 		Logger:               zap.NewNop(),
 		DialOptions: []grpc.DialOption{
 			// gRPC's default reconnect backoff grows to two minutes: after
@@ -311,7 +300,7 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 			// most instead.
 			grpc.WithConnectParams(grpc.ConnectParams{
 				Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-				MinConnectTimeout: max(o.timeout, 2*time.Second),
+				MinConnectTimeout: max(o.Timeout, 2*time.Second),
 			}),
 		},
 	})
@@ -330,12 +319,12 @@ func openEtcdStore(ctx context.Context, o etcdOptions) (*etcdStore, error) {
 }
 
 // describe makes one line of an etcd error, naming the endpoints.
-func (s *etcdStore) describe(what string, err error) error {
+func (s *Store) describe(what string, err error) error {
 	return s.describeWhy(what, err, "")
 }
 
 // describeWhy is describe with why etcd did not answer, when known.
-func (s *etcdStore) describeWhy(what string, err error, why string) error {
+func (s *Store) describeWhy(what string, err error, why string) error {
 	msg := err.Error()
 	if st, ok := status.FromError(err); ok {
 		msg = st.Message()
@@ -356,7 +345,7 @@ func (s *etcdStore) describeWhy(what string, err error, why string) error {
 // unreachable is describe, plus what dialing the endpoints by hand shows
 // when etcd did not answer: gRPC only says that the deadline passed, not
 // that the connection was refused or a certificate was not accepted.
-func (s *etcdStore) unreachable(what string, err error) error {
+func (s *Store) unreachable(what string, err error) error {
 	var why string
 	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
 		why = s.probe(min(s.timeout, time.Second))
@@ -366,7 +355,7 @@ func (s *etcdStore) unreachable(what string, err error) error {
 
 // probe dials each endpoint (TCP, then TLS for https) within d and returns
 // the first failure, or "" when every endpoint connects.
-func (s *etcdStore) probe(d time.Duration) string {
+func (s *Store) probe(d time.Duration) string {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	for _, ep := range s.eps {
@@ -411,22 +400,29 @@ func (s *etcdStore) probe(d time.Duration) string {
 }
 
 // bound gives ctx the store's timeout unless it has a deadline already.
-func (s *etcdStore) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+func (s *Store) bound(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {
 		return context.WithCancel(ctx)
 	}
 	return context.WithTimeout(ctx, s.timeout)
 }
 
-func (s *etcdStore) Close() error { return s.cli.Close() }
+func (s *Store) Close() error { return s.cli.Close() }
 
 // ReleaseDamaged: etcd's records are written whole or not at all, so none
 // is ever found damaged.
-func (s *etcdStore) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
+func (s *Store) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
 
-// onRestore sets what hears of every finished write-back; call it before
+// OnRestore sets what hears of every finished write-back; call it before
 // watch.
-func (s *etcdStore) onRestore(f func(store.RestoreReport)) { s.restored = f }
+// Client is the store's etcd client, for tests and tools that look at
+// etcd directly.
+func (s *Store) Client() *clientv3.Client { return s.cli }
+
+// Prefix is the key prefix the store keeps its records under.
+func (s *Store) Prefix() string { return s.prefix }
+
+func (s *Store) OnRestore(f func(store.RestoreReport)) { s.restored = f }
 
 // ---------------------------------------------------------------------------
 // Is this the etcd memory came from?
@@ -436,7 +432,7 @@ func (s *etcdStore) onRestore(f func(store.RestoreReport)) { s.restored = f }
 // linearizably and revisions only grow.
 type etcdFloor struct{ gen, rev int64 }
 
-func (s *etcdStore) floor() etcdFloor {
+func (s *Store) floor() etcdFloor {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return etcdFloor{gen: s.gen, rev: s.highRev}
@@ -447,7 +443,7 @@ func (s *etcdStore) floor() etcdFloor {
 // one whose revision went back, means etcd lost its data: the store then
 // refuses writes until the watch has written back what it held. An answer
 // to a request sent before memory was rebuilt is not learned from either.
-func (s *etcdStore) sameEtcd(f etcdFloor, h *pb.ResponseHeader) bool {
+func (s *Store) sameEtcd(f etcdFloor, h *pb.ResponseHeader) bool {
 	if h == nil {
 		return false
 	}
@@ -473,7 +469,7 @@ func (s *etcdStore) sameEtcd(f etcdFloor, h *pb.ResponseHeader) bool {
 
 // sameCluster checks the cluster ID of a watch answer (whose revision says
 // nothing: a member may answer a watch before it caught up).
-func (s *etcdStore) sameCluster(h *pb.ResponseHeader) bool {
+func (s *Store) sameCluster(h *pb.ResponseHeader) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if h != nil && s.clusterID != 0 && h.ClusterId != 0 && h.ClusterId != s.clusterID {
@@ -484,7 +480,7 @@ func (s *etcdStore) sameCluster(h *pb.ResponseHeader) bool {
 }
 
 // lostLocked records that etcd lost its data, and what memory held then.
-func (s *etcdStore) lostLocked(why string) {
+func (s *Store) lostLocked(why string) {
 	if s.lost != "" {
 		s.lostAgain = true
 		return
@@ -503,7 +499,7 @@ func (s *etcdStore) lostLocked(why string) {
 
 // heldLocked is every allocation memory holds, as load would serve them:
 // key records whose port record names them, oldest first.
-func (s *etcdStore) heldLocked() []store.Record {
+func (s *Store) heldLocked() []store.Record {
 	held := []store.Record{}
 	for name := range s.mem {
 		esc, ok := strings.CutPrefix(name, "key/")
@@ -528,7 +524,7 @@ func (s *etcdStore) heldLocked() []store.Record {
 
 // refusal is the error every write gets while etcd's lost data is being
 // written back; nil otherwise.
-func (s *etcdStore) refusal() error {
+func (s *Store) refusal() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.lost == "" {
@@ -540,7 +536,7 @@ func (s *etcdStore) refusal() error {
 
 // enterWrite admits a claim or release unless a write-back is due or
 // under way (it never waits for one), and returns what ends it.
-func (s *etcdStore) enterWrite() (func(), error) {
+func (s *Store) enterWrite() (func(), error) {
 	if !s.writeGate.TryRLock() {
 		return nil, cmp.Or(s.refusal(), fmt.Errorf("%w: etcd at %s", store.ErrRestoring, s.endpoints))
 	}
@@ -565,7 +561,7 @@ func etcdTracked(name string) bool {
 
 // learnLocked records what a read, a watch event or a transaction showed
 // of name as of revision asOf, unless the store already knows a later state.
-func (s *etcdStore) learnLocked(name string, value []byte, modRev, asOf int64) {
+func (s *Store) learnLocked(name string, value []byte, modRev, asOf int64) {
 	if !etcdTracked(name) {
 		return
 	}
@@ -576,8 +572,8 @@ func (s *etcdStore) learnLocked(name string, value []byte, modRev, asOf int64) {
 }
 
 // recordLocked is the key's record as the store last saw it.
-func (s *etcdStore) recordLocked(key string) (store.Record, etcdEntry, bool) {
-	e := s.mem[etcdKeyName(key)]
+func (s *Store) recordLocked(key string) (store.Record, etcdEntry, bool) {
+	e := s.mem[KeyName(key)]
 	if e.modRev == 0 {
 		return store.Record{}, e, false
 	}
@@ -589,8 +585,8 @@ func (s *etcdStore) recordLocked(key string) (store.Record, etcdEntry, bool) {
 }
 
 // holderLocked is the key the port record names ("" when none).
-func (s *etcdStore) holderLocked(port int) (string, etcdEntry) {
-	e := s.mem[etcdPortName(port)]
+func (s *Store) holderLocked(port int) (string, etcdEntry) {
+	e := s.mem[PortName(port)]
 	if e.modRev == 0 {
 		return "", e
 	}
@@ -598,8 +594,8 @@ func (s *etcdStore) holderLocked(port int) (string, etcdEntry) {
 }
 
 // countLocked is the user's key count as the store last saw it.
-func (s *etcdStore) countLocked(user string) (int, etcdEntry) {
-	e := s.mem[etcdUserName(user)]
+func (s *Store) countLocked(user string) (int, etcdEntry) {
+	e := s.mem[UserName(user)]
 	if e.modRev == 0 {
 		return 0, e
 	}
@@ -608,7 +604,7 @@ func (s *etcdStore) countLocked(user string) (int, etcdEntry) {
 }
 
 // learnTxn records what a transaction wrote (it won) or read (it lost).
-func (s *etcdStore) learnTxn(resp *clientv3.TxnResponse, then, els []clientv3.Op) {
+func (s *Store) learnTxn(resp *clientv3.TxnResponse, then, els []clientv3.Op) {
 	rev := resp.Header.Revision
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -634,7 +630,7 @@ func (s *etcdStore) learnTxn(resp *clientv3.TxnResponse, then, els []clientv3.Op
 }
 
 // learnRangeLocked records the answer to a single-key read at rev.
-func (s *etcdStore) learnRangeLocked(op clientv3.Op, rr *pb.RangeResponse, rev int64) {
+func (s *Store) learnRangeLocked(op clientv3.Op, rr *pb.RangeResponse, rev int64) {
 	name, ok := strings.CutPrefix(string(op.KeyBytes()), s.prefix)
 	if !ok || rr == nil {
 		return
@@ -654,7 +650,7 @@ func (s *etcdStore) learnRangeLocked(op clientv3.Op, rr *pb.RangeResponse, rev i
 // first the caller gets errOutcomeUnknown while the request goes on (for at
 // most etcdLateWrite), so a write etcd accepts late still lands whole and
 // watch reports it, instead of being cut at a moment nobody can know.
-func (s *etcdStore) commit(ctx context.Context, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
+func (s *Store) commit(ctx context.Context, cmps []clientv3.Cmp, then, els []clientv3.Op) (*clientv3.TxnResponse, error) {
 	type result struct {
 		resp *clientv3.TxnResponse
 		err  error
@@ -696,7 +692,7 @@ func etcdDefinite(err error) bool {
 }
 
 // refresh reads the named records in one consistent read and learns them.
-func (s *etcdStore) refresh(ctx context.Context, names []string) error {
+func (s *Store) refresh(ctx context.Context, names []string) error {
 	ops := make([]clientv3.Op, 0, len(names))
 	for _, n := range names {
 		ops = append(ops, clientv3.OpGet(s.prefix+n))
@@ -718,7 +714,7 @@ func (s *etcdStore) refresh(ctx context.Context, names []string) error {
 }
 
 // readError describes a failed read (which changed nothing).
-func (s *etcdStore) readError(err error) error {
+func (s *Store) readError(err error) error {
 	return s.describe("read from", err)
 }
 
@@ -740,29 +736,29 @@ const (
 )
 
 // names used in reads: the records a claim or release depends on.
-func (s *etcdStore) claimNames(c store.Claim) []string {
+func (s *Store) claimNames(c store.Claim) []string {
 	set := map[string]bool{
-		etcdKeyName(c.Want.Key): true, etcdPortName(c.Want.Port): true,
-		etcdUserName(c.Want.User): true,
+		KeyName(c.Want.Key): true, PortName(c.Want.Port): true,
+		UserName(c.Want.User): true,
 	}
 	s.mu.Lock()
 	if h, _ := s.holderLocked(c.Want.Port); h != "" {
-		set[etcdKeyName(h)] = true
+		set[KeyName(h)] = true
 	}
 	s.mu.Unlock()
 	if c.Old != nil {
-		set[etcdPortName(c.Old.Port)] = true
-		set[etcdUserName(c.Old.User)] = true
+		set[PortName(c.Old.Port)] = true
+		set[UserName(c.Old.User)] = true
 	}
 	if c.Victim != nil {
-		set[etcdKeyName(c.Victim.Key)] = true
-		set[etcdUserName(c.Victim.User)] = true
+		set[KeyName(c.Victim.Key)] = true
+		set[UserName(c.Victim.User)] = true
 	}
 	return slices.Sorted(maps.Keys(set))
 }
 
 // Claim writes c in one transaction; see portStore.
-func (s *etcdStore) Claim(ctx context.Context, c store.Claim) ([]store.Change, error) {
+func (s *Store) Claim(ctx context.Context, c store.Claim) ([]store.Change, error) {
 	if err := checkEtcdClaim(c); err != nil {
 		return nil, err
 	}
@@ -795,7 +791,7 @@ func (s *etcdStore) Claim(ctx context.Context, c store.Claim) ([]store.Change, e
 }
 
 // Release deletes r in one transaction; see portStore.
-func (s *etcdStore) Release(ctx context.Context, r store.Record, at time.Time) ([]store.Change, error) {
+func (s *Store) Release(ctx context.Context, r store.Record, at time.Time) ([]store.Change, error) {
 	if !store.ValidRecord(r) {
 		return nil, fmt.Errorf("release: invalid record for %q port %d", r.Key, r.Port)
 	}
@@ -809,7 +805,7 @@ func (s *etcdStore) Release(ctx context.Context, r store.Record, at time.Time) (
 	defer leave()
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	names := []string{etcdKeyName(r.Key), etcdPortName(r.Port), etcdUserName(r.User)}
+	names := []string{KeyName(r.Key), PortName(r.Port), UserName(r.User)}
 	defer s.lockUsers(r.User)()
 	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
 		func() *store.ConflictError {
@@ -823,7 +819,7 @@ func (s *etcdStore) Release(ctx context.Context, r store.Record, at time.Time) (
 // once what the caller saw is no longer so (or the quota is reached) by a
 // read no older than the caller's view. It never reports a change that its
 // transaction did not make.
-func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *store.ConflictError) ([]store.Change, error) {
+func (s *Store) write(ctx context.Context, names []string, plan func() (etcdPlan, etcdVerdict), conflict func() *store.ConflictError) ([]store.Change, error) {
 	fresh := false // memory holds a read made during this call
 	for range etcdClaimAttempts {
 		if err := s.refusal(); err != nil {
@@ -847,8 +843,8 @@ func (s *etcdStore) write(ctx context.Context, names []string, plan func() (etcd
 			}
 			return nil, cerr
 		}
-		if n := max(len(p.cmps), len(p.then), len(p.els)); n > etcdMaxTxnOps {
-			return nil, fmt.Errorf("etcd store: a transaction of %d operations exceeds etcd's limit of %d", n, etcdMaxTxnOps)
+		if n := max(len(p.cmps), len(p.then), len(p.els)); n > MaxTxnOps {
+			return nil, fmt.Errorf("etcd store: a transaction of %d operations exceeds etcd's limit of %d", n, MaxTxnOps)
 		}
 		resp, err := s.commit(ctx, p.cmps, p.then, p.els)
 		if err != nil {
@@ -877,14 +873,14 @@ func checkEtcdClaim(c store.Claim) error {
 
 // countOps adds to p the compares and writes that move users' key counts
 // by delta.
-func (s *etcdStore) countOpsLocked(p *etcdPlan, delta map[string]int) {
+func (s *Store) countOpsLocked(p *etcdPlan, delta map[string]int) {
 	for _, user := range slices.Sorted(maps.Keys(delta)) {
 		d := delta[user]
 		if d == 0 {
 			continue
 		}
 		n, e := s.countLocked(user)
-		name := s.prefix + etcdUserName(user)
+		name := s.prefix + UserName(user)
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(name), "=", e.modRev))
 		if n+d <= 0 {
 			p.then = append(p.then, clientv3.OpDelete(name))
@@ -896,11 +892,11 @@ func (s *etcdStore) countOpsLocked(p *etcdPlan, delta map[string]int) {
 }
 
 // planClaim builds the claim's transaction from memory.
-func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
+func (s *Store) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
-	key, port := s.prefix+etcdKeyName(c.Want.Key), s.prefix+etcdPortName(c.Want.Port)
+	key, port := s.prefix+KeyName(c.Want.Key), s.prefix+PortName(c.Want.Port)
 	delta := map[string]int{}
 
 	// The key's record is still what the caller saw.
@@ -927,8 +923,8 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 		}
 		p.cmps = append(p.cmps,
 			clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev),
-			clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(v.Key)), "=", ve.modRev))
-		p.then = append(p.then, clientv3.OpDelete(s.prefix+etcdKeyName(v.Key)), clientv3.OpDelete(s.prefix+etcdSeenName(v.Key)))
+			clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(v.Key)), "=", ve.modRev))
+		p.then = append(p.then, clientv3.OpDelete(s.prefix+KeyName(v.Key)), clientv3.OpDelete(s.prefix+etcdSeenName(v.Key)))
 		delta[v.User]--
 	case holder == "":
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
@@ -961,7 +957,7 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 			return p, etcdStale
 		}
 		if h == c.Want.Key {
-			oldPort := s.prefix + etcdPortName(c.Old.Port)
+			oldPort := s.prefix + PortName(c.Old.Port)
 			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(oldPort), "=", oe.modRev))
 			p.then = append(p.then, clientv3.OpDelete(oldPort))
 		}
@@ -973,10 +969,10 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	// conflict.
 	p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
 	if holder != "" && holder != c.Want.Key {
-		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdKeyName(holder)))
+		p.els = append(p.els, clientv3.OpGet(s.prefix+KeyName(holder)))
 	}
 	if moved {
-		p.els = append(p.els, clientv3.OpGet(s.prefix+etcdPortName(c.Old.Port)))
+		p.els = append(p.els, clientv3.OpGet(s.prefix+PortName(c.Old.Port)))
 	}
 
 	want, victim, at := c.Want, c.Victim, c.At
@@ -995,7 +991,7 @@ func (s *etcdStore) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 }
 
 // planRelease builds the release's transaction from memory.
-func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVerdict) {
+func (s *Store) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVerdict) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
@@ -1003,7 +999,7 @@ func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVer
 	if !ok || !store.SameRecord(cur, r) {
 		return p, etcdStale
 	}
-	key := s.prefix + etcdKeyName(r.Key)
+	key := s.prefix + KeyName(r.Key)
 	p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
 	p.then = append(p.then, clientv3.OpDelete(key), clientv3.OpDelete(s.prefix+etcdSeenName(r.Key)))
 	p.els = append(p.els, clientv3.OpGet(key))
@@ -1012,7 +1008,7 @@ func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVer
 		return p, etcdStale // never seen: read it first
 	}
 	if h == r.Key {
-		port := s.prefix + etcdPortName(r.Port)
+		port := s.prefix + PortName(r.Port)
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
 		p.then = append(p.then, clientv3.OpDelete(port),
 			clientv3.OpPut(s.prefix+etcdFreedName(r.Port), at.UTC().Format(time.RFC3339Nano)))
@@ -1029,7 +1025,7 @@ func (s *etcdStore) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVer
 // conflictLocked describes what the store holds now of keys and of the
 // holders of ports, as changes. A key that is gone is reported as a delete
 // when the caller believed it existed.
-func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, ports []int) *store.ConflictError {
+func (s *Store) conflictLocked(keys []string, believed map[string]bool, ports []int) *store.ConflictError {
 	cerr := &store.ConflictError{}
 	seen := map[string]bool{}
 	for _, k := range keys {
@@ -1057,11 +1053,11 @@ func (s *etcdStore) conflictLocked(keys []string, believed map[string]bool, port
 
 // completeConflict fills in the puts of ports' holders in cerr with the
 // holders' records as they are now, read in one go.
-func (s *etcdStore) completeConflict(ctx context.Context, cerr *store.ConflictError) error {
+func (s *Store) completeConflict(ctx context.Context, cerr *store.ConflictError) error {
 	var names []string
 	for _, ch := range cerr.Current {
 		if ch.Rev == 0 {
-			names = append(names, etcdKeyName(ch.Key))
+			names = append(names, KeyName(ch.Key))
 		}
 	}
 	if len(names) == 0 {
@@ -1089,7 +1085,7 @@ func (s *etcdStore) completeConflict(ctx context.Context, cerr *store.ConflictEr
 
 // Touch writes last-seen records, in batches of nested transactions that
 // each write only while the key's record exists.
-func (s *etcdStore) Touch(ctx context.Context, marks []store.SeenMark) error {
+func (s *Store) Touch(ctx context.Context, marks []store.SeenMark) error {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	last := map[string]store.SeenMark{}
@@ -1099,7 +1095,7 @@ func (s *etcdStore) Touch(ctx context.Context, marks []store.SeenMark) error {
 	keys := slices.Sorted(maps.Keys(last))
 	// etcd lets a nested transaction hold --max-txn-ops minus its
 	// parent's count: half and half leaves room on both sides.
-	for batch := range slices.Chunk(keys, etcdMaxTxnOps/2) {
+	for batch := range slices.Chunk(keys, MaxTxnOps/2) {
 		ops := make([]clientv3.Op, 0, len(batch))
 		for _, k := range batch {
 			value, err := json.Marshal(etcdSeen{LastSeen: last[k].Seen.UTC(), Online: last[k].Online})
@@ -1107,7 +1103,7 @@ func (s *etcdStore) Touch(ctx context.Context, marks []store.SeenMark) error {
 				return err
 			}
 			ops = append(ops, clientv3.OpTxn(
-				[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.prefix+etcdKeyName(k)), ">", 0)},
+				[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.prefix+KeyName(k)), ">", 0)},
 				[]clientv3.Op{clientv3.OpPut(s.prefix+etcdSeenName(k), string(value))}, nil))
 		}
 		f := s.floor()
@@ -1124,7 +1120,7 @@ func (s *etcdStore) Touch(ctx context.Context, marks []store.SeenMark) error {
 // Reads.
 
 // Load reads the whole prefix at one revision, in pages.
-func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
+func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	f := s.floor()
@@ -1198,10 +1194,10 @@ func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
 		if r, ok := keys[k]; ok && r.Port == port {
 			continue
 		}
-		name := etcdPortName(port)
+		name := PortName(port)
 		ok, err := s.repair(ctx, []clientv3.Cmp{
 			clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", portRevs[port]),
-			clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(k)), "=", keyRevs[k]),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(k)), "=", keyRevs[k]),
 		}, clientv3.OpDelete(s.prefix+name))
 		if ok {
 			delete(holders, port)
@@ -1217,19 +1213,19 @@ func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
 		switch holders[r.Port] {
 		case r.Key:
 		case "":
-			name := etcdPortName(r.Port)
+			name := PortName(r.Port)
 			ok, err := s.repair(ctx, []clientv3.Cmp{
 				clientv3.Compare(clientv3.CreateRevision(s.prefix+name), "=", 0),
-				clientv3.Compare(clientv3.ModRevision(s.prefix+etcdKeyName(r.Key)), "=", keyRevs[r.Key]),
+				clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(r.Key)), "=", keyRevs[r.Key]),
 			}, clientv3.OpPut(s.prefix+name, r.Key))
 			if !ok {
-				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", etcdKeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", KeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
 				continue
 			}
 			holders[r.Port] = r.Key
-			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", etcdKeyName(r.Key), r.Port))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", KeyName(r.Key), r.Port))
 		default:
-			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", etcdKeyName(r.Key), r.Port, holders[r.Port]))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", KeyName(r.Key), r.Port, holders[r.Port]))
 			continue
 		}
 		snap.Allocations = append(snap.Allocations, r)
@@ -1249,7 +1245,7 @@ func (s *etcdStore) Load(ctx context.Context) (store.Snapshot, error) {
 var errChanged = errors.New("changed meanwhile")
 
 // repair runs one guarded fix of load and learns what it wrote.
-func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
+func (s *Store) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
 	f := s.floor()
 	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
@@ -1263,7 +1259,7 @@ func (s *etcdStore) repair(ctx context.Context, cmps []clientv3.Cmp, ops ...clie
 
 // readAll reads every record under the prefix at one revision, the
 // history aside, and returns them with the header of the first answer.
-func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.ResponseHeader, error) {
+func (s *Store) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.ResponseHeader, error) {
 	var kvs []*mvccpb.KeyValue
 	var header *pb.ResponseHeader
 	hist := s.prefix + etcdHistoryDir
@@ -1293,7 +1289,7 @@ func (s *etcdStore) readAll(ctx context.Context) ([]*mvccpb.KeyValue, *pb.Respon
 
 // learnSnapshotLocked replaces memory with a whole read at rev: what it
 // holds is current, and what it lacks was absent at rev.
-func (s *etcdStore) learnSnapshotLocked(kvs []*mvccpb.KeyValue, rev int64) {
+func (s *Store) learnSnapshotLocked(kvs []*mvccpb.KeyValue, rev int64) {
 	present := map[string]bool{}
 	for _, kv := range kvs {
 		name := strings.TrimPrefix(string(kv.Key), s.prefix)
@@ -1310,11 +1306,11 @@ func (s *etcdStore) learnSnapshotLocked(kvs []*mvccpb.KeyValue, rev int64) {
 // repairCounts corrects user records that disagree with the key records
 // read at rev (they can only by a hand edit or an older writer), in
 // transactions that fail harmlessly if anything changed since.
-func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[string]int, stored map[string]*mvccpb.KeyValue) []string {
+func (s *Store) repairCounts(ctx context.Context, rev int64, counts map[string]int, stored map[string]*mvccpb.KeyValue) []string {
 	var problems []string
 	users := map[string]bool{}
 	for u := range counts {
-		users[etcdUserName(u)] = true
+		users[UserName(u)] = true
 	}
 	for esc := range stored {
 		users["user/"+esc] = true
@@ -1358,7 +1354,7 @@ func (s *etcdStore) repairCounts(ctx context.Context, rev int64, counts map[stri
 // ctx's error when ctx ends, or an error when the store is closed. It also
 // checks that etcd is still the etcd memory came from, and when it is not
 // writes back what memory held (restore).
-func (s *etcdStore) Watch(ctx context.Context, rev int64, apply func(store.Change)) error {
+func (s *Store) Watch(ctx context.Context, rev int64, apply func(store.Change)) error {
 	checkCtx, stopChecks := context.WithCancel(ctx)
 	defer stopChecks()
 	go s.checkLoop(checkCtx)
@@ -1438,7 +1434,7 @@ func (s *etcdStore) Watch(ctx context.Context, rev int64, apply func(store.Chang
 // checkLoop asks etcd every etcdCheckInterval for a record that does not
 // exist, for the answer's header alone, so an idle instance notices an etcd
 // that lost its data too; until ctx ends.
-func (s *etcdStore) checkLoop(ctx context.Context) {
+func (s *Store) checkLoop(ctx context.Context) {
 	tick := time.NewTicker(etcdCheckInterval)
 	defer tick.Stop()
 	for {
@@ -1460,7 +1456,7 @@ func (s *etcdStore) checkLoop(ctx context.Context) {
 // restore writes back what memory held when etcd lost its data, then
 // reloads and applies the result as a reset; it returns the revision to
 // watch from and whether it finished (if not, it is tried again).
-func (s *etcdStore) restore(ctx context.Context, apply func(store.Change)) (int64, bool) {
+func (s *Store) restore(ctx context.Context, apply func(store.Change)) (int64, bool) {
 	report, lostKeys, snap, err := s.writeBack(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -1492,7 +1488,7 @@ func (s *etcdStore) restore(ctx context.Context, apply func(store.Change)) (int6
 
 // writeBack rebuilds memory from what etcd holds now and writes back every
 // allocation held before, in create-if-absent transactions, then loads.
-func (s *etcdStore) writeBack(ctx context.Context) (store.RestoreReport, []string, store.Snapshot, error) {
+func (s *Store) writeBack(ctx context.Context) (store.RestoreReport, []string, store.Snapshot, error) {
 	var report store.RestoreReport
 	s.writeGate.Lock() // waits for claims and releases under way
 	defer s.writeGate.Unlock()
@@ -1574,13 +1570,13 @@ func (s *etcdStore) writeBack(ctx context.Context) (store.RestoreReport, []strin
 
 // planRestore builds the transaction that writes back records whose key
 // and port records are both absent, moving their users' counts.
-func (s *etcdStore) planRestore(batch []store.Record) etcdPlan {
+func (s *Store) planRestore(batch []store.Record) etcdPlan {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
 	delta := map[string]int{}
 	for _, r := range batch {
-		key, port := s.prefix+etcdKeyName(r.Key), s.prefix+etcdPortName(r.Port)
+		key, port := s.prefix+KeyName(r.Key), s.prefix+PortName(r.Port)
 		value, err := json.Marshal(r)
 		if err != nil {
 			panic(err) // a record always marshals
@@ -1599,7 +1595,7 @@ func (s *etcdStore) planRestore(batch []store.Record) etcdPlan {
 // deliver turns watch events into changes, revision by revision, and
 // returns the revision to watch from next. Within a revision, deletes come
 // before puts (a reclaim deletes the victim, whose port the put takes).
-func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(store.Change)) int64 {
+func (s *Store) deliver(events []*clientv3.Event, next int64, apply func(store.Change)) int64 {
 	for len(events) > 0 {
 		rev := events[0].Kv.ModRevision
 		n := 1
@@ -1688,14 +1684,14 @@ func (s *etcdStore) deliver(events []*clientv3.Event, next int64, apply func(sto
 // ("/frp-port-keeper-history/" next to "/frp-port-keeper/"): reading and
 // pruning take in what is there too, unless etcd denies it (a role
 // granted on the prefix alone); nothing is written there any more.
-type etcdHistory struct{ s *etcdStore }
+type History struct{ s *Store }
 
-func (s *etcdStore) History() store.HistoryLog { return etcdHistory{s} }
+func (s *Store) History() store.HistoryLog { return History{s} }
 
-func (h etcdHistory) prefix() string { return h.s.prefix + etcdHistoryDir }
+func (h History) prefix() string { return h.s.prefix + etcdHistoryDir }
 
 // legacyPrefix is where earlier versions wrote the history.
-func (h etcdHistory) legacyPrefix() string { return strings.TrimSuffix(h.s.prefix, "/") + "-history/" }
+func (h History) legacyPrefix() string { return strings.TrimSuffix(h.s.prefix, "/") + "-history/" }
 
 // legacyDenied says a read or delete where earlier versions wrote the
 // history was refused: there is nothing this user may see or prune there.
@@ -1703,7 +1699,7 @@ func legacyDenied(err error) bool {
 	return errors.Is(err, rpctypes.ErrPermissionDenied) || status.Code(err) == codes.PermissionDenied
 }
 
-func (h etcdHistory) Append(ctx context.Context, entries []store.HistoryEntry) error {
+func (h History) Append(ctx context.Context, entries []store.HistoryEntry) error {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	// Batches within etcd's default --max-txn-ops (128).
@@ -1723,7 +1719,7 @@ func (h etcdHistory) Append(ctx context.Context, entries []store.HistoryEntry) e
 	return nil
 }
 
-func (h etcdHistory) Entries(ctx context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
+func (h History) Entries(ctx context.Context, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	out, err := h.entriesUnder(ctx, h.prefix(), q)
@@ -1750,7 +1746,7 @@ func (h etcdHistory) Entries(ctx context.Context, q store.HistoryQuery) ([]store
 }
 
 // entriesUnder returns the entries q selects under prefix, newest first.
-func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q store.HistoryQuery) ([]store.HistoryEntry, error) {
+func (h History) entriesUnder(ctx context.Context, prefix string, q store.HistoryQuery) ([]store.HistoryEntry, error) {
 	end := clientv3.GetPrefixRangeEnd(prefix)
 	if q.Before != "" {
 		end = prefix + q.Before
@@ -1783,7 +1779,7 @@ func (h etcdHistory) entriesUnder(ctx context.Context, prefix string, q store.Hi
 	}
 }
 
-func (h etcdHistory) Prune(ctx context.Context, before time.Time) (int, error) {
+func (h History) Prune(ctx context.Context, before time.Time) (int, error) {
 	ctx, cancel := h.s.bound(ctx)
 	defer cancel()
 	var n int
