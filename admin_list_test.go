@@ -17,16 +17,12 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store"
-	"frp-port-keeper/internal/store/local"
+	"frp-port-keeper/internal/store/storetest"
 )
 
-// newMemStore is the fake store (store_fake_test.go) holding recs: tens
-// of thousands of allocations without creating a file for each.
-func newMemStore(recs []store.Record) *fakeStore {
-	f := newFakeStore()
-	f.idx = local.NewIndex(store.Snapshot{Allocations: recs})
-	return f
-}
+// newMemStore is the fake store (storetest.Fake) holding recs: tens of
+// thousands of allocations without creating a file for each.
+func newMemStore(recs []store.Record) *storetest.Fake { return storetest.NewFake(recs...) }
 
 // bigAllocator is an allocator over a memStore holding n allocations,
 // key list-NNNNNN of user u<i%users> on port 1024+i, logging nowhere.

@@ -14,21 +14,22 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/storetest"
 )
 
 // TestFillInLostRace: the first registration of a key an operator
 // assigned fills in its details; when another instance took the key's
 // port meanwhile, the device is not told the lost port.
 func TestFillInLostRace(t *testing.T) {
-	st := newFakeStore()
+	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	if _, err := a.assign("u.a", 30005, operatorChange{by: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	at := time.Now()
-	st.rival = func(f *fakeStore) {
-		f.put(store.Record{Key: "other.x", Port: 30005, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
-	}
+	st.Rival(func(f *storetest.Fake) {
+		f.Put(store.Record{Key: "other.x", Port: 30005, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	})
 	p, _ := mustAllocate(t, a, req("u", "u.a", "tcp"))
 	if p == 30005 {
 		t.Fatalf("u.a was told 30005, which other.x won at another instance")
@@ -39,7 +40,7 @@ func TestFillInLostRace(t *testing.T) {
 	if r, _, ok := a.lookup("other.x"); !ok || r.Port != 30005 {
 		t.Fatalf("the winner is not in memory: %+v", r)
 	}
-	if got, ok := st.idx.Get("u.a"); !ok || got.Port != p {
+	if got, ok := st.Get("u.a"); !ok || got.Port != p {
 		t.Fatalf("the store holds u.a as %+v; want it on the answered port %d", got, p)
 	}
 }
@@ -54,14 +55,14 @@ func TestPolicyReloadDuringConflicts(t *testing.T) {
 		t.Fatal(err)
 	}
 	now, advance := fakeClock(time.Now())
-	st := newFakeStore()
+	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000", allocatorOptions{policy: pol, now: now})
 	// Another instance gave user q its one key: every new key of q loses
 	// the store's quota check while this instance's memory knows nothing.
 	at := time.Now()
-	st.rival = func(f *fakeStore) {
-		f.put(store.Record{Key: "q.elsewhere", Port: 31000, User: "q", ProxyName: "q.elsewhere", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
-	}
+	st.Rival(func(f *storetest.Fake) {
+		f.Put(store.Record{Key: "q.elsewhere", Port: 31000, User: "q", ProxyName: "q.elsewhere", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	})
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -99,15 +100,15 @@ func TestPolicyReloadDuringConflicts(t *testing.T) {
 // TestSetNoteLostRace: a note set while another instance changed the key's
 // record is retried on the new record; the admin API answers 200.
 func TestSetNoteLostRace(t *testing.T) {
-	st := newFakeStore()
+	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	p, _ := mustAllocate(t, a, req("u", "u.a", "tcp"))
 	r, _, _ := a.lookup("u.a")
-	st.rival = func(f *fakeStore) {
+	st.Rival(func(f *storetest.Fake) {
 		moved := r
 		moved.Port, moved.AssignedAt = 30007, r.AssignedAt.Add(time.Second)
-		f.put(moved)
-	}
+		f.Put(moved)
+	})
 	h := newServer(a, testLogger(t), serverOptions{})
 	rec := httptest.NewRecorder()
 	patch := httptest.NewRequest("PATCH", "/api/allocations/u.a", strings.NewReader(`{"note":"Alice's NAS"}`))
@@ -120,7 +121,7 @@ func TestSetNoteLostRace(t *testing.T) {
 	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil || got.Note != "Alice's NAS" || got.Port != 30007 {
 		t.Fatalf("answer %s (%v); want the note on port 30007", rec.Body, err)
 	}
-	if s, ok := st.idx.Get("u.a"); !ok || s.Note != "Alice's NAS" || s.Port != 30007 {
+	if s, ok := st.Get("u.a"); !ok || s.Note != "Alice's NAS" || s.Port != 30007 {
 		t.Fatalf("store holds %+v; want the note on the winner's record", s)
 	}
 }

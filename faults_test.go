@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store/file"
+	"frp-port-keeper/internal/store/storetest"
 
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
@@ -386,12 +387,12 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 func TestGroupMoveKeepsCounts(t *testing.T) {
 	for _, fails := range []bool{false, true} {
 		t.Run(fmt.Sprintf("store fails %v", fails), func(t *testing.T) {
-			st := newFakeStore()
+			st := storetest.NewFake()
 			a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 			alice := proxyRequest{User: "alice", ProxyName: "alice.w", ProxyType: "tcp", Group: "web"}
 			mustAllocate(t, a, alice)
 			if fails {
-				st.fail = errors.New("injected")
+				st.Fail(errors.New("injected"))
 			}
 			bob := proxyRequest{User: "bob", ProxyName: "bob.w", ProxyType: "tcp", Group: "web", RemotePort: 30005}
 			_, _, err := a.allocate(bob)
@@ -420,7 +421,7 @@ func TestProbeOutsideLock(t *testing.T) {
 		once.Do(func() { probing.Done(); <-hang })
 		return nil
 	}
-	a := newAllocatorOn(t, newFakeStore(), "30000-30009", allocatorOptions{})
+	a := newAllocatorOn(t, storetest.NewFake(), "30000-30009", allocatorOptions{})
 	mustAllocate(t, a, req("u", "u.a", "tcp"))
 	a.probe = probe
 	done := make(chan struct{})
@@ -439,12 +440,12 @@ func TestProbeOutsideLock(t *testing.T) {
 // TestLostRaceRetried: a claim that another instance beat is decided
 // again with the winner's state and never announces the lost port.
 func TestLostRaceRetried(t *testing.T) {
-	st := newFakeStore()
+	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	at := time.Now()
-	st.rival = func(f *fakeStore) {
-		f.put(store.Record{Key: "other.x", Port: 30000, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
-	}
+	st.Rival(func(f *storetest.Fake) {
+		f.Put(store.Record{Key: "other.x", Port: 30000, User: "other", ProxyName: "other.x", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	})
 	p, how := mustAllocate(t, a, req("u", "u.a", "tcp"))
 	if p == 30000 || how != outcomeNew {
 		t.Fatalf("after losing 30000 to another instance u.a = %d %s; want another fresh port", p, how)
@@ -453,9 +454,9 @@ func TestLostRaceRetried(t *testing.T) {
 		t.Fatalf("the winner is not in memory: %+v", r)
 	}
 	// The same key won at the other instance: both answer its port.
-	st.rival = func(f *fakeStore) {
-		f.put(store.Record{Key: "u.b", Port: 30007, User: "u", ProxyName: "u.b", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
-	}
+	st.Rival(func(f *storetest.Fake) {
+		f.Put(store.Record{Key: "u.b", Port: 30007, User: "u", ProxyName: "u.b", ProxyType: "tcp", CreatedAt: at, AssignedAt: at})
+	})
 	if p, how := mustAllocate(t, a, req("u", "u.b", "tcp")); p != 30007 || how != outcomeHit {
 		t.Fatalf("u.b claimed elsewhere first = %d %s; want a hit on 30007", p, how)
 	}

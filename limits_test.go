@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store"
+	"frp-port-keeper/internal/store/storetest"
 )
 
 // adminRequest sends an admin request to h from loopback.
@@ -29,7 +30,7 @@ func adminRequest(h http.Handler, method, target, body string) *httptest.Respons
 // import, and by the allocator's assign and setNote themselves; nothing
 // is written.
 func TestNoteBoundEverywhere(t *testing.T) {
-	st := newFakeStore()
+	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
 	h := newServer(a, testLogger(t), serverOptions{})
 	huge := strings.Repeat("n", 2<<20)

@@ -18,6 +18,7 @@ import (
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/etcd"
+	"frp-port-keeper/internal/store/storetest"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -27,18 +28,20 @@ import (
 func TestStoreContractEtcd(t *testing.T) {
 	srv := startEtcd(t, nil)
 	var n atomic.Int64
-	testStoreContract(t, "etcd", func(t testing.TB, s store.Store) { compactForTest(t, s.(*etcd.Store)) }, func(t *testing.T) (func(t *testing.T) store.Store, bool) {
-		prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
-		return func(t *testing.T) store.Store {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			s, err := etcd.Open(ctx, srv.options(t, prefix))
-			if err != nil {
-				t.Fatal(err)
+	storetest.Run(t, storetest.Backend{Kind: "etcd", Shared: true,
+		Compact: func(t testing.TB, s store.Store) { compactForTest(t, s.(*etcd.Store)) },
+		New: func(t *testing.T) func(t *testing.T) store.Store {
+			prefix := fmt.Sprintf("/contract-%d/", n.Add(1))
+			return func(t *testing.T) store.Store {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				s, err := etcd.Open(ctx, srv.options(t, prefix))
+				if err != nil {
+					t.Fatal(err)
+				}
+				return s
 			}
-			return s
-		}, true
-	})
+		}})
 }
 
 // openLoadedEtcdStores opens n handles on one prefix and loads each.
@@ -106,7 +109,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 				key := fmt.Sprintf("user%d.proxy", i)
 				start := rand.IntN(ports)
 				for j := range ports {
-					r := contractRec(key, lo+(start+j)%ports, fmt.Sprintf("user%d", i%4))
+					r := storetest.Rec(key, lo+(start+j)%ports, fmt.Sprintf("user%d", i%4))
 					ctx, cancel := ctxFor()
 					_, err := s.Claim(ctx, store.Claim{Want: r})
 					cancel()
@@ -173,7 +176,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 			var wg sync.WaitGroup
 			for i, s := range handles {
 				wg.Go(func() {
-					r := contractRec(key, 22000+round*10+i, "shared")
+					r := storetest.Rec(key, 22000+round*10+i, "shared")
 					ctx, cancel := ctxFor()
 					defer cancel()
 					_, err := s.Claim(ctx, store.Claim{Want: r})
@@ -212,7 +215,7 @@ func TestEtcdStoreConcurrentClaims(t *testing.T) {
 		var wg sync.WaitGroup
 		for i := range tries {
 			wg.Go(func() {
-				r := contractRec(fmt.Sprintf("greedy.%d", i), 23000+i, "greedy")
+				r := storetest.Rec(fmt.Sprintf("greedy.%d", i), 23000+i, "greedy")
 				ctx, cancel := ctxFor()
 				defer cancel()
 				_, err := handles[i%3].Claim(ctx, store.Claim{Want: r, MaxKeys: limit})
@@ -255,8 +258,8 @@ func TestEtcdStoreOutage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &contractHarness{t: t, kind: "etcd"}
-	w := h.startWatch(other, snap.Rev)
+	h := storetest.NewHarness(t, "etcd")
+	w := h.StartWatch(other, snap.Rev)
 	// delivered are the puts the watch delivered so far, by key.
 	delivered := map[string]store.Record{}
 	// waitPut waits for the watch to deliver a put of r (in whatever order
@@ -267,7 +270,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 			if got, ok := delivered[r.Key]; ok && store.SameRecord(got, r) {
 				return
 			}
-			if c := w.next(t, what); c.Kind == store.ChangePut {
+			if c := w.Next(t, what); c.Kind == store.ChangePut {
 				delivered[c.Key] = c.Rec
 			}
 		}
@@ -282,7 +285,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 	const deadline = 500 * time.Millisecond
 	const slack = time.Second
 
-	a := contractRec("a.web", 24001, "a")
+	a := storetest.Rec("a.web", 24001, "a")
 	if _, err := claimWithin(a, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +293,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 
 	// Paused: the request reaches etcd's socket but is not answered.
 	srv.pause(t)
-	b := contractRec("b.web", 24002, "b")
+	b := storetest.Rec("b.web", 24002, "b")
 	took, err := claimWithin(b, deadline)
 	if !errors.Is(err, store.ErrOutcomeUnknown) || took > deadline+slack {
 		srv.resume(t)
@@ -309,7 +312,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 	resumed := time.Now()
 	waitPut("the claim that timed out while paused, landing late", b)
 	t.Logf("late write delivered by watch %v after SIGCONT", time.Since(resumed).Round(time.Millisecond))
-	c := contractRec("c.web", 24003, "c")
+	c := storetest.Rec("c.web", 24003, "c")
 	if took, err := claimWithin(c, 5*time.Second); err != nil {
 		t.Fatalf("claim after SIGCONT: %v", err)
 	} else {
@@ -318,7 +321,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 
 	// Dead: connections refused; the client keeps redialing.
 	srv.kill(t)
-	d := contractRec("d.web", 24004, "d")
+	d := storetest.Rec("d.web", 24004, "d")
 	took, err = claimWithin(d, deadline)
 	if !errors.Is(err, store.ErrOutcomeUnknown) || took > deadline+slack {
 		t.Fatalf("claim while etcd is down = %v after %v; want errOutcomeUnknown within %v", err, took, deadline+slack)
@@ -326,7 +329,7 @@ func TestEtcdStoreOutage(t *testing.T) {
 	time.Sleep(2 * time.Second) // long enough for gRPC's redial backoff to grow
 	srv.restart(t)
 	healthy := time.Now()
-	e := contractRec("e.web", 24005, "e")
+	e := storetest.Rec("e.web", 24005, "e")
 	var attempts int
 	for {
 		attempts++
@@ -359,11 +362,11 @@ func TestEtcdStoreOutage(t *testing.T) {
 	if slices.ContainsFunc(final.Allocations, func(r store.Record) bool { return r.Key == d.Key }) {
 		t.Logf("the claim made while etcd was down landed after the restart")
 		waitPut("the claim made while etcd was down, landing after its restart", d)
-		wantAllocations(t, "after the outages", final, a, b, c, d, e)
+		storetest.WantAllocations(t, "after the outages", final, a, b, c, d, e)
 	} else {
 		t.Logf("the claim made while etcd was down was lost with its connection")
-		wantAllocations(t, "after the outages", final, a, b, c, e)
-		w.quiet(t, "watch, for the lost claim", 300*time.Millisecond)
+		storetest.WantAllocations(t, "after the outages", final, a, b, c, e)
+		w.Quiet(t, "watch, for the lost claim", 300*time.Millisecond)
 	}
 }
 
@@ -373,14 +376,14 @@ func TestEtcdStoreOutage(t *testing.T) {
 func TestEtcdTLS(t *testing.T) {
 	pki := newEtcdTestPKI(t)
 	srv := startEtcd(t, pki)
-	h := &contractHarness{t: t, kind: "etcd"}
+	h := storetest.NewHarness(t, "etcd")
 	s := openTestEtcdStore(t, srv, "/tls/")
-	h.load(s)
-	a := contractRec("secure.web", 25001, "secure")
-	h.claimOK(s, store.Claim{Want: a})
-	h.touch(s, store.SeenMark{Key: a.Key, Seen: contractBase, Online: true})
+	h.Load(s)
+	a := storetest.Rec("secure.web", 25001, "secure")
+	h.ClaimOK(s, store.Claim{Want: a})
+	h.Touch(s, store.SeenMark{Key: a.Key, Seen: storetest.Base, Online: true})
 	other := openTestEtcdStore(t, srv, "/tls/")
-	wantAllocations(t, "over TLS", h.load(other), a)
+	storetest.WantAllocations(t, "over TLS", h.Load(other), a)
 
 	good := srv.options(t, "/tls/")
 	good.Timeout = time.Second
@@ -462,15 +465,15 @@ func TestEtcdAuth(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	h := &contractHarness{t: t, kind: "etcd"}
-	w := h.startWatch(s, h.load(s).Rev)
-	a := contractRec("auth.web", 26001, "auth")
-	h.claimOK(s, store.Claim{Want: a, MaxKeys: 3})
-	h.touch(s, store.SeenMark{Key: a.Key, Seen: contractBase, Online: true})
-	if c := w.next(t, "watch as keeper"); c.Kind != store.ChangePut || c.Key != a.Key {
+	h := storetest.NewHarness(t, "etcd")
+	w := h.StartWatch(s, h.Load(s).Rev)
+	a := storetest.Rec("auth.web", 26001, "auth")
+	h.ClaimOK(s, store.Claim{Want: a, MaxKeys: 3})
+	h.Touch(s, store.SeenMark{Key: a.Key, Seen: storetest.Base, Online: true})
+	if c := w.Next(t, "watch as keeper"); c.Kind != store.ChangePut || c.Key != a.Key {
 		t.Fatalf("watch as keeper: %+v; want the put of %q", c, a.Key)
 	}
-	if _, err := h.release(s, a, contractBase); err != nil {
+	if _, err := h.Release(s, a, storetest.Base); err != nil {
 		t.Fatal(err)
 	}
 
@@ -501,16 +504,16 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	srv := startEtcd(t, nil)
 	raw := srv.client(t)
 	const prefix = "/hand/"
-	h := &contractHarness{t: t, kind: "etcd"}
+	h := storetest.NewHarness(t, "etcd")
 	s := openTestEtcdStore(t, srv, prefix)
-	h.load(s)
-	a, b := contractRec("a.web", 27001, "u"), contractRec("b.web", 27002, "u")
-	h.claimOK(s, store.Claim{Want: a})
-	h.claimOK(s, store.Claim{Want: b})
+	h.Load(s)
+	a, b := storetest.Rec("a.web", 27001, "u"), storetest.Rec("b.web", 27002, "u")
+	h.ClaimOK(s, store.Claim{Want: a})
+	h.ClaimOK(s, store.Claim{Want: b})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c := contractRec("c.web", a.Port, "v")
+	c := storetest.Rec("c.web", a.Port, "v")
 	cJSON, _ := json.Marshal(c)
 	edits := []clientv3.Op{
 		clientv3.OpPut(prefix+etcd.UserName("u"), "7"),         // wrong count
@@ -523,8 +526,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	if _, err := raw.Txn(ctx).Then(edits...).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	snap := h.load(openTestEtcdStore(t, srv, prefix))
-	wantAllocations(t, "after hand edits", snap, a, b)
+	snap := h.Load(openTestEtcdStore(t, srv, prefix))
+	storetest.WantAllocations(t, "after hand edits", snap, a, b)
 	want := []string{
 		`key/junk: not a valid allocation; ignored`,
 		`port/27009: named "ghost.web", which does not hold it; removed`,
@@ -547,8 +550,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 			t.Errorf("%s after load = %q; want %q", name, got, want)
 		}
 	}
-	snap = h.load(openTestEtcdStore(t, srv, prefix))
-	wantAllocations(t, "second load", snap, a, b)
+	snap = h.Load(openTestEtcdStore(t, srv, prefix))
+	storetest.WantAllocations(t, "second load", snap, a, b)
 	if len(snap.Problems) != 2 {
 		t.Fatalf("second load: problems %q; want only the two it cannot repair (junk, c.web)", snap.Problems)
 	}
@@ -558,21 +561,21 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 // are written in several; marks of keys without a record are skipped.
 func TestEtcdStoreTouchBatches(t *testing.T) {
 	srv := startEtcd(t, nil)
-	h := &contractHarness{t: t, kind: "etcd"}
+	h := storetest.NewHarness(t, "etcd")
 	s := openTestEtcdStore(t, srv, "/touch/")
-	h.load(s)
+	h.Load(s)
 	const keys, ghosts = 2*etcd.MaxTxnOps + 10, 50
 	var marks []store.SeenMark
 	for i := range keys {
-		r := contractRec(fmt.Sprintf("k%03d", i), 28000+i, "u")
-		h.claimOK(s, store.Claim{Want: r})
-		marks = append(marks, store.SeenMark{Key: r.Key, Seen: contractBase.Add(time.Duration(i) * time.Second), Online: i%2 == 0})
+		r := storetest.Rec(fmt.Sprintf("k%03d", i), 28000+i, "u")
+		h.ClaimOK(s, store.Claim{Want: r})
+		marks = append(marks, store.SeenMark{Key: r.Key, Seen: storetest.Base.Add(time.Duration(i) * time.Second), Online: i%2 == 0})
 	}
 	for i := range ghosts {
-		marks = append(marks, store.SeenMark{Key: fmt.Sprintf("ghost%d", i), Seen: contractBase, Online: true})
+		marks = append(marks, store.SeenMark{Key: fmt.Sprintf("ghost%d", i), Seen: storetest.Base, Online: true})
 	}
-	h.touch(s, marks...)
-	snap := h.load(openTestEtcdStore(t, srv, "/touch/"))
+	h.Touch(s, marks...)
+	snap := h.Load(openTestEtcdStore(t, srv, "/touch/"))
 	if len(snap.LastSeen) != keys {
 		t.Fatalf("after touching %d keys and %d ghosts: %d last-seen times; want %d", keys, ghosts, len(snap.LastSeen), keys)
 	}
@@ -637,18 +640,18 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			srv := startEtcd(t, nil)
 			raw := srv.client(t)
 			const prefix = "/lost/"
-			h := &contractHarness{t: t, kind: "etcd"}
+			h := storetest.NewHarness(t, "etcd")
 			s1 := openTestEtcdStore(t, srv, prefix)
-			rev1 := h.load(s1).Rev
-			a, b := contractRec("a.web", 28001, "u"), contractRec("b.web", 28002, "u")
-			c, d := contractRec("c.web", 28003, "v"), contractRec("d.web", 28004, "v")
+			rev1 := h.Load(s1).Rev
+			a, b := storetest.Rec("a.web", 28001, "u"), storetest.Rec("b.web", 28002, "u")
+			c, d := storetest.Rec("c.web", 28003, "v"), storetest.Rec("d.web", 28004, "v")
 			for _, r := range []store.Record{a, b, c, d} {
-				h.claimOK(s1, store.Claim{Want: r})
+				h.ClaimOK(s1, store.Claim{Want: r})
 			}
 			alloc := newAllocatorOn(t, s1, "28001-28010", allocatorOptions{})
 			s2 := openTestEtcdStore(t, srv, prefix)
-			snap2 := h.load(s2)
-			wantAllocations(t, "the second handle", snap2, a, b, c, d)
+			snap2 := h.Load(s2)
+			storetest.WantAllocations(t, "the second handle", snap2, a, b, c, d)
 			var reports [2]chan store.RestoreReport
 			for i, s := range []*etcd.Store{s1, s2} {
 				reports[i] = make(chan store.RestoreReport, 4)
@@ -664,8 +667,8 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				}
 			}
 			// The third writer takes c's port and puts d on another port.
-			intruder := contractRec("intruder.web", c.Port, "w")
-			d2 := contractRec(d.Key, 28009, d.User)
+			intruder := storetest.Rec("intruder.web", c.Port, "w")
+			d2 := storetest.Rec(d.Key, 28009, d.User)
 			ij, _ := json.Marshal(intruder)
 			dj, _ := json.Marshal(d2)
 			if _, err := raw.Txn(ctx).Then(
@@ -688,29 +691,29 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			if port, how, err := alloc.allocate(proxyRequest{User: "u", ProxyName: a.Key, ProxyType: "tcp"}); port != a.Port || how != outcomeHit || err != nil {
 				t.Fatalf("a held key after etcd lost its data = %d %s %v; want its port %d, a hit", port, how, err, a.Port)
 			}
-			e := contractRec("e.web", 28005, "u")
-			if _, err := h.claim(s1, store.Claim{Want: e}); !errors.Is(err, store.ErrRestoring) {
+			e := storetest.Rec("e.web", 28005, "u")
+			if _, err := h.Claim(s1, store.Claim{Want: e}); !errors.Is(err, store.ErrRestoring) {
 				t.Fatalf("a new key's claim after etcd lost its data = %v; want errStoreRestoring", err)
 			} else {
 				t.Logf("claim refused: %v", err)
 			}
-			if _, err := h.release(s1, a, contractBase); !errors.Is(err, store.ErrRestoring) {
+			if _, err := h.Release(s1, a, storetest.Base); !errors.Is(err, store.ErrRestoring) {
 				t.Fatalf("a release after etcd lost its data = %v; want errStoreRestoring", err)
 			}
 
-			after := func(w *watchCollector, what string) store.Snapshot {
+			after := func(w *storetest.Watcher, what string) store.Snapshot {
 				t.Helper()
 				for {
-					if c := w.next(t, what); c.Kind == store.ChangeReset {
+					if c := w.Next(t, what); c.Kind == store.ChangeReset {
 						return *c.Reset
 					}
 				}
 			}
-			w1 := h.startWatch(s1, rev1)
-			wantAllocations(t, "the reset of the handle that noticed", after(w1, "s1's write-back"), a, b, intruder, d2)
+			w1 := h.StartWatch(s1, rev1)
+			storetest.WantAllocations(t, "the reset of the handle that noticed", after(w1, "s1's write-back"), a, b, intruder, d2)
 			// s2 has not asked etcd anything: its check notices.
-			w2 := h.startWatch(s2, snap2.Rev)
-			wantAllocations(t, "the reset of the other handle", after(w2, "s2's write-back"), a, b, intruder, d2)
+			w2 := h.StartWatch(s2, snap2.Rev)
+			storetest.WantAllocations(t, "the reset of the other handle", after(w2, "s2's write-back"), a, b, intruder, d2)
 			r1, r2 := <-reports[0], <-reports[1]
 			t.Logf("s1 wrote back %+v; s2 %+v", r1, r2)
 			if r1 != (store.RestoreReport{Restored: 2, Lost: 2}) || r2 != (store.RestoreReport{Present: 2, Lost: 2}) {
@@ -726,9 +729,9 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				}
 			}
 			// Writes work again, on what etcd holds now.
-			h.claimOK(s1, store.Claim{Want: e})
-			h.claimOK(s2, store.Claim{Want: contractRec("f.web", d.Port, "v")})
-			if _, err := h.release(s2, a, contractBase); err != nil {
+			h.ClaimOK(s1, store.Claim{Want: e})
+			h.ClaimOK(s2, store.Claim{Want: storetest.Rec("f.web", d.Port, "v")})
+			if _, err := h.Release(s2, a, storetest.Base); err != nil {
 				t.Fatal(err)
 			}
 		})
