@@ -8,7 +8,7 @@ IMAGE    ?= frp-port-keeper
 # staticcheck, pinned; go run fetches it from the module proxy once.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: build run test test-deps lint bench bench-profile fuzz dist image
+.PHONY: build run test test-unit test-deps lint bench bench-profile fuzz dist image
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/frp-port-keeper .
@@ -22,12 +22,19 @@ image: build
 	rm -rf bin/image && mkdir -p bin/image/data && chmod 0700 bin/image/data && cp bin/frp-port-keeper bin/image/
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) -t $(IMAGE):latest -f Dockerfile bin/image
 
-# test runs every test (unit, end-to-end with real frps/frpc, browser), then
-# each fuzz target for $(FUZZTIME).
+# test runs every test (unit, end-to-end with real frps/frpc and etcd,
+# Docker, browser, power cut), then each fuzz target for $(FUZZTIME).
 test: test-deps
 	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./internal/frpplugin
 	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime $(FUZZTIME) .
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePorts$$' -fuzztime $(FUZZTIME) .
+
+# test-unit runs every test that needs no frps, etcd, Docker, browser or
+# loop device (go test -short skips those, saying why): under a minute on
+# a warm cache.
+test-unit:
+	$(GO) test -short -count=1 ./...
 
 # test-deps installs what the tests need beyond Go: Debian's chromium for
 # the browser test and systemd-analyze for the unit check.
@@ -47,6 +54,7 @@ bench-profile:
 	bench/run.sh profile
 
 fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 5m ./internal/frpplugin
 	$(GO) test -run '^$$' -fuzz '^FuzzPluginRequest$$' -fuzztime 5m .
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePorts$$' -fuzztime 2m .
 

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/store"
 
 	frpconfig "github.com/fatedier/frp/pkg/config"
@@ -185,7 +186,7 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 				user = ""
 			}
 			r := store.Record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}
-			r.Key = proxyRequest{User: user, ProxyName: p.Name, Group: group}.key()
+			r.Key = keyOf(frpplugin.Proxy{User: user, ProxyName: p.Name, Group: group})
 			if prev, ok := byKey[r.Key]; ok {
 				if prev.Port != port {
 					skipped = append(skipped, fmt.Sprintf("%s (%s): group %s has members on ports %d and %d", p.Name, typ, group, prev.Port, port))

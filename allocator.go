@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/store"
 )
 
@@ -95,17 +96,6 @@ func (e *storeError) Error() string {
 }
 func (e *storeError) Unwrap() []error { return []error{e.kind, e.err} }
 
-// proxyRequest is what the allocation rules need from a NewProxy.
-type proxyRequest struct {
-	User       string
-	ProxyName  string
-	ProxyType  string
-	Group      string
-	RemotePort int // 0: any port
-	// ReqID is frps's X-Frp-Reqid, for the history; not part of the key.
-	ReqID string
-}
-
 // Key prefixes. Group keys stand for a load-balancing group (frps insists
 // that every member of a group listens on the same port). A proxy whose
 // own name starts with one of these prefixes is keyed as "proxy:NAME", so
@@ -115,8 +105,8 @@ const (
 	proxyKeyPrefix = "proxy:"
 )
 
-// key is the name a sticky port is remembered under.
-func (r proxyRequest) key() string {
+// keyOf is the name a sticky port is remembered under.
+func keyOf(r frpplugin.Proxy) string {
 	if r.Group != "" {
 		return groupKeyPrefix + r.Group
 	}
@@ -518,10 +508,10 @@ func (a *allocator) markBusy(key string) (settled func()) {
 
 // allocate returns the port for req's key: its sticky port, the port it
 // asked for, or a fresh one. A new port is stored before it is returned.
-func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
+func (a *allocator) allocate(req frpplugin.Proxy) (int, outcome, error) {
 	req.User, req.ProxyName, req.Group = validUTF8(req.User), validUTF8(req.ProxyName), validUTF8(req.Group)
 	req.ProxyType = validUTF8(req.ProxyType)
-	key := req.key()
+	key := keyOf(req)
 	now := a.now()
 	a.mu.RLock()
 	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) && cur.ProxyType != "" {
@@ -549,7 +539,7 @@ func (a *allocator) allocate(req proxyRequest) (int, outcome, error) {
 
 // allocateOnce decides and claims once; a *conflictError means another
 // instance won a race and memory now holds its result.
-func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyRequest, now time.Time, attempt int) (int, outcome, error) {
+func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.Proxy, now time.Time, attempt int) (int, outcome, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return 0, "", err
@@ -648,7 +638,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req proxyReque
 // details are filled in at its next registration). A lost race is not a
 // failed write: the key may have moved or gone, so it is decided again.
 // Called with mu held; returns with it released.
-func (a *allocator) fillIn(ctx context.Context, cur *allocation, req proxyRequest, now time.Time) (int, outcome, error) {
+func (a *allocator) fillIn(ctx context.Context, cur *allocation, req frpplugin.Proxy, now time.Time) (int, outcome, error) {
 	c := store.Claim{Want: *cur.Record, Old: cur.Record, At: now}
 	c.Want.User, c.Want.ProxyName, c.Want.ProxyType, c.Want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
 	settled := a.markBusy(cur.Key)
@@ -682,7 +672,7 @@ type reclaimVictim struct {
 // back reserved. After a lost race (attempt > 1) it steps over a few of
 // the lowest free ports at random: instances sharing a store all want the
 // lowest one, and would otherwise keep colliding on it.
-func (a *allocator) choose(key string, req proxyRequest, up userPolicy, now time.Time, attempt int) (int, outcome, *reclaimVictim, error) {
+func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now time.Time, attempt int) (int, outcome, *reclaimVictim, error) {
 	if port := req.RemotePort; port != 0 {
 		a.mu.Lock()
 		err := a.checkRequested(key, port)
@@ -1213,7 +1203,7 @@ func (o *onlineProxies) closed(id proxyID) {
 	}
 	// A proxy registered before this plugin restarted: CloseProxy carries
 	// no group, so only a proxy keyed by its own name can be matched.
-	delete(o.restored, proxyRequest{User: id.user, ProxyName: id.name}.key())
+	delete(o.restored, keyOf(frpplugin.Proxy{User: id.user, ProxyName: id.name}))
 }
 
 func (o *onlineProxies) closeKey(key string) {
@@ -1236,9 +1226,9 @@ func (o *onlineProxies) has(key string) bool {
 
 // proxyOpened and proxyClosed are what the handler tells of frps's
 // NewProxy (once allowed) and CloseProxy.
-func (a *allocator) proxyOpened(req proxyRequest) {
-	a.online.opened(proxyID{validUTF8(req.User), validUTF8(req.ProxyName)}, proxyRequest{User: validUTF8(req.User),
-		ProxyName: validUTF8(req.ProxyName), Group: validUTF8(req.Group)}.key())
+func (a *allocator) proxyOpened(req frpplugin.Proxy) {
+	a.online.opened(proxyID{validUTF8(req.User), validUTF8(req.ProxyName)}, keyOf(frpplugin.Proxy{User: validUTF8(req.User),
+		ProxyName: validUTF8(req.ProxyName), Group: validUTF8(req.Group)}))
 }
 
 func (a *allocator) proxyClosed(user, name string) {

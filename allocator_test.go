@@ -8,13 +8,15 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"frp-port-keeper/internal/frpplugin"
 )
 
-func req(user, name, typ string) proxyRequest {
-	return proxyRequest{User: user, ProxyName: name, ProxyType: typ}
+func req(user, name, typ string) frpplugin.Proxy {
+	return frpplugin.Proxy{User: user, ProxyName: name, ProxyType: typ}
 }
 
-func mustAllocate(t testing.TB, a *allocator, r proxyRequest) (int, outcome) {
+func mustAllocate(t testing.TB, a *allocator, r frpplugin.Proxy) (int, outcome) {
 	t.Helper()
 	port, how, err := a.allocate(r)
 	if err != nil {
@@ -46,8 +48,8 @@ func TestAllocatorRules(t *testing.T) {
 	}
 
 	// Groups share one port, whatever the member.
-	web1 := proxyRequest{User: "alice", ProxyName: "alice.web1", ProxyType: "tcp", Group: "web"}
-	web2 := proxyRequest{User: "bob", ProxyName: "bob.web2", ProxyType: "tcp", Group: "web"}
+	web1 := frpplugin.Proxy{User: "alice", ProxyName: "alice.web1", ProxyType: "tcp", Group: "web"}
+	web2 := frpplugin.Proxy{User: "bob", ProxyName: "bob.web2", ProxyType: "tcp", Group: "web"}
 	g1, _ := mustAllocate(t, a, web1)
 	if g2, how := mustAllocate(t, a, web2); g2 != g1 || how != outcomeHit {
 		t.Fatalf("group members got %d and %d (%s); want one port", g1, g2, how)
@@ -174,13 +176,13 @@ func TestAllocatorConcurrency(t *testing.T) {
 		}
 		for w := range workers {
 			if got[w][k] != got[0][k] {
-				t.Fatalf("key %s got ports %d and %d", r.key(), got[0][k], got[w][k])
+				t.Fatalf("key %s got ports %d and %d", keyOf(r), got[0][k], got[w][k])
 			}
 		}
-		if o, ok := owner[got[0][k]]; ok && o != r.key() {
-			t.Fatalf("port %d shared by %s and %s", got[0][k], o, r.key())
+		if o, ok := owner[got[0][k]]; ok && o != keyOf(r) {
+			t.Fatalf("port %d shared by %s and %s", got[0][k], o, keyOf(r))
 		}
-		owner[got[0][k]] = r.key()
+		owner[got[0][k]] = keyOf(r)
 	}
 	// 180 plain keys + 3 groups.
 	if len(owner) != 183 {

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store/etcd"
 )
@@ -61,6 +62,7 @@ func benchFleet(b *testing.B, n int) []*allocator {
 // startEtcdFor starts the benchmarks' etcd; it lives as long as the test
 // binary, not just the benchmark that first asked for it.
 func startEtcdFor(b *testing.B) *etcdServer {
+	fullTier(b, "a real etcd")
 	return startEtcd(&keepTB{TB: b}, nil)
 }
 
@@ -110,7 +112,7 @@ func BenchmarkFleetClaims(b *testing.B) {
 							break
 						}
 						t0 := time.Now()
-						_, _, err := fleet[w%n].allocate(proxyRequest{User: "u", ProxyName: fmt.Sprintf("k%d-%d", w, i), ProxyType: "tcp"})
+						_, _, err := fleet[w%n].allocate(frpplugin.Proxy{User: "u", ProxyName: fmt.Sprintf("k%d-%d", w, i), ProxyType: "tcp"})
 						if err != nil {
 							b.Error(err)
 							return
@@ -144,9 +146,9 @@ func BenchmarkStickyHitByStore(b *testing.B) {
 			} else {
 				a = newTestAllocator(b, b.TempDir(), benchPool, allocatorOptions{log: benchLogger()})
 			}
-			reqs := make([]proxyRequest, 256)
+			reqs := make([]frpplugin.Proxy, 256)
 			for i := range reqs {
-				reqs[i] = proxyRequest{User: "u", ProxyName: fmt.Sprintf("hit-%03d", i), ProxyType: "tcp"}
+				reqs[i] = frpplugin.Proxy{User: "u", ProxyName: fmt.Sprintf("hit-%03d", i), ProxyType: "tcp"}
 				if _, _, err := a.allocate(reqs[i]); err != nil {
 					b.Fatal(err)
 				}
@@ -174,7 +176,7 @@ func BenchmarkFleetVisibility(b *testing.B) {
 		key := fmt.Sprintf("vis-%d", i)
 		i++
 		t0 := time.Now()
-		port, _, err := fleet[0].allocate(proxyRequest{User: "u", ProxyName: key, ProxyType: "tcp"})
+		port, _, err := fleet[0].allocate(frpplugin.Proxy{User: "u", ProxyName: key, ProxyType: "tcp"})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -31,6 +31,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/store/bolt"
 	"frp-port-keeper/internal/store/file"
 
@@ -198,12 +199,12 @@ func BenchmarkAllocator(b *testing.B) {
 		}
 
 		b.Run(fmt.Sprintf("existing=%d/hit", n), func(b *testing.B) {
-			reqs := make([]proxyRequest, 0, max(n, 1))
+			reqs := make([]frpplugin.Proxy, 0, max(n, 1))
 			for i := range n {
-				reqs = append(reqs, proxyRequest{User: "seed", ProxyName: benchSeedKey(i), ProxyType: "tcp"})
+				reqs = append(reqs, frpplugin.Proxy{User: "seed", ProxyName: benchSeedKey(i), ProxyType: "tcp"})
 			}
 			if n == 0 { // a hit needs one allocation: make it, and drop it after
-				r := proxyRequest{User: "u", ProxyName: "bench-hit", ProxyType: "tcp"}
+				r := frpplugin.Proxy{User: "u", ProxyName: "bench-hit", ProxyType: "tcp"}
 				if _, _, err := a.allocate(r); err != nil {
 					b.Fatal(err)
 				}
@@ -236,7 +237,7 @@ func BenchmarkAllocator(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				key := fmt.Sprintf("bench-fresh-%07d", benchFreshKeys.Add(1))
-				_, how, err := a.allocate(proxyRequest{User: "u", ProxyName: key, ProxyType: "tcp"})
+				_, how, err := a.allocate(frpplugin.Proxy{User: "u", ProxyName: key, ProxyType: "tcp"})
 				if err != nil || how != outcomeNew {
 					b.Fatalf("allocate(%s) = %s, %v; want a new port", key, how, err)
 				}
@@ -454,7 +455,7 @@ func benchClaims(b *testing.B, open func() *allocator, room, clients int) {
 						continue // drain, so the loop never blocks
 					}
 					t0 := time.Now()
-					_, how, err := a.allocate(proxyRequest{User: "u", ProxyName: key, ProxyType: "tcp"})
+					_, how, err := a.allocate(frpplugin.Proxy{User: "u", ProxyName: key, ProxyType: "tcp"})
 					if err != nil || how != outcomeNew {
 						failed.Store(true)
 						b.Errorf("allocate(%s) = %s, %v; want a new port", key, how, err)

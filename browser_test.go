@@ -41,6 +41,7 @@ func pageRows(dom string) []string {
 }
 
 func TestBrowserPage(t *testing.T) {
+	fullTier(t, "chromium")
 	base, _ := startServer(t, "-data-dir", t.TempDir(), "-allow-ports", "31000-31009")
 	register(t, base, "alice", "alice.ssh", "tcp")
 	register(t, base, "bob", "bob.wg", "udp")

@@ -150,6 +150,7 @@ func TestDockerImage(t *testing.T) {
 // requireDocker skips the test, saying why, when no Docker daemon answers;
 // with TEST_REQUIRE_DOCKER set (as .ci/run sets it) it fails instead.
 func requireDocker(t *testing.T) {
+	fullTier(t, "a Docker daemon")
 	t.Helper()
 	miss := t.Skipf
 	if os.Getenv("TEST_REQUIRE_DOCKER") != "" {

@@ -68,6 +68,7 @@ var frpVersions = []frpVersion{
 
 // forEachFrpVersion runs fn as a parallel subtest per frp version.
 func forEachFrpVersion(t *testing.T, fn func(t *testing.T, v frpVersion)) {
+	fullTier(t, "frps and frpc")
 	t.Helper()
 	for _, v := range frpVersions {
 		t.Run(v.name, func(t *testing.T) {
@@ -369,6 +370,7 @@ type e2eEnv struct {
 // newE2EEnv builds frp (once per test binary), applies opts, then starts the
 // plugin and frps. Their logs are printed if the test fails.
 func newE2EEnv(t *testing.T, v frpVersion, opts ...func(*e2eEnv)) *e2eEnv {
+	fullTier(t, "frps and frpc")
 	t.Helper()
 	env := &e2eEnv{
 		v:    v,
@@ -540,6 +542,7 @@ func (p *pluginInstance) stop(t testing.TB) {
 // env.frpsPluginINI/TOML) and starts it in env.frpsEnv, waiting until its
 // dashboard API answers.
 func startFrps(t testing.TB, env *e2eEnv) *e2eProcess {
+	fullTier(t, "frps")
 	t.Helper()
 	var conf, name string
 	if env.v.legacyINI {

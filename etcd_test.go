@@ -101,6 +101,7 @@ type etcdServer struct {
 // With pki it serves https and requires client certificates signed by
 // pki's CA.
 func startEtcd(t testing.TB, pki *etcdTestPKI) *etcdServer {
+	fullTier(t, "a real etcd")
 	t.Helper()
 	e := &etcdServer{bin: buildEtcd(t), dataDir: t.TempDir(), pki: pki}
 	e.logPath = filepath.Join(e.dataDir, "..", "etcd.log")

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/storetest"
 
@@ -342,7 +343,7 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 	a := newTestAllocator(t, dir, pool, opts)
 	p0 := req("a", "a.p0", "tcp")
 	p1 := req("a", "a.p1", "tcp")
-	for _, r := range []proxyRequest{p0, p1} {
+	for _, r := range []frpplugin.Proxy{p0, p1} {
 		mustAllocate(t, a, r)
 		a.proxyOpened(r)
 	}
@@ -389,12 +390,12 @@ func TestGroupMoveKeepsCounts(t *testing.T) {
 		t.Run(fmt.Sprintf("store fails %v", fails), func(t *testing.T) {
 			st := storetest.NewFake()
 			a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
-			alice := proxyRequest{User: "alice", ProxyName: "alice.w", ProxyType: "tcp", Group: "web"}
+			alice := frpplugin.Proxy{User: "alice", ProxyName: "alice.w", ProxyType: "tcp", Group: "web"}
 			mustAllocate(t, a, alice)
 			if fails {
 				st.Fail(errors.New("injected"))
 			}
-			bob := proxyRequest{User: "bob", ProxyName: "bob.w", ProxyType: "tcp", Group: "web", RemotePort: 30005}
+			bob := frpplugin.Proxy{User: "bob", ProxyName: "bob.w", ProxyType: "tcp", Group: "web", RemotePort: 30005}
 			_, _, err := a.allocate(bob)
 			if fails != (err != nil) {
 				t.Fatalf("move: %v", err)

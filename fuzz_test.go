@@ -1,94 +1,28 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
-	"strings"
 	"testing"
+
+	"frp-port-keeper/internal/frpplugin"
+	"frp-port-keeper/internal/frpplugin/frpplugintest"
 )
-
-// fuzzCaptures are the real frps requests the fuzzers start from.
-var fuzzCaptures = []string{"testdata/frps-v0.65.0.jsonl", "testdata/frps-v0.51.3.jsonl"}
-
-// capturedBodies returns the body and op of every captured request.
-func capturedBodies(t testing.TB) (bodies [][]byte, ops []string) {
-	t.Helper()
-	for _, path := range fuzzCaptures {
-		f, err := os.Open(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(f)
-		sc.Buffer(nil, 1<<20)
-		for sc.Scan() {
-			var c struct {
-				Path string          `json:"path"`
-				Body json.RawMessage `json:"body"`
-			}
-			if err := json.Unmarshal(sc.Bytes(), &c); err != nil {
-				f.Close()
-				t.Fatalf("%s: %v", path, err)
-			}
-			op := ""
-			if u, err := url.Parse(c.Path); err == nil {
-				op = u.Query().Get("op")
-			}
-			bodies = append(bodies, c.Body)
-			ops = append(ops, op)
-		}
-		err = sc.Err()
-		f.Close()
-		if err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-	}
-	if len(bodies) == 0 {
-		t.Fatal("no captured requests")
-	}
-	return bodies, ops
-}
-
-// fuzzHostileSeeds are hand-made requests at the edges of the protocol.
-var fuzzHostileSeeds = []string{
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a.b","proxy_type":"tcp"}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a.b","proxy_type":"tcp","remote_port":30001}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a.b","proxy_type":"udp","remote_port":-1}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a.b","proxy_type":"tcp","remote_port":"1"}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a.b","proxy_type":"tcp","Remote_Port":5,"remote_port":6}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy\u005fname":"a\u0000/..","proxy_type":"tcp","remote\u005fport":1}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"\ud800"},"proxy_name":"` + "\xff\xfe" + `","proxy_type":"tcp","x":[[[{"}":"]"}]]]}}`,
-	`{"op":"NewProxy","content":{ }}`,
-	`{"op":"NewProxy","content":{"user":{"user":""},"proxy_name":"g","proxy_type":"tcp","group":"grp","group":null}}`,
-	" {\"OP\" : \"NewProxy\" , \"CONTENT\" : {\"USER\":{\"USER\":\"a\"} ,\"PROXY_NAME\":\"a\",\"PROXY_TYPE\":\"tcp\" } } ",
-	`{"op":"Login","content":{"user":"a"}}`,
-	`{"op":"NewProxy","content":null}`,
-	`{"content":{"user":{"user":"a"},"proxy_name":"a","proxy_type":"tcp"},"content":[]}`,
-	`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a","proxy_type":"tcp","remote_port":1e3}}`,
-	`{"op":"NewProxy","content":{"user":{"user":"a"},"proxy_name":"a","proxy_type":"tcp","remote_port":99999999999999999999}}`,
-	``,
-	`null`,
-	"\xef\xbb\xbf{}",
-}
-
-const fuzzPort = 12345
 
 // FuzzPluginRequest: decoding never panics; an allowing answer built from a
 // decoded NewProxy is valid JSON that keeps every content member but
 // remote_port byte for byte; the whole handler answers 200, 400 or 413
 // with JSON.
 func FuzzPluginRequest(f *testing.F) {
-	bodies, ops := capturedBodies(f)
+	bodies, ops := frpplugintest.Captures(f)
 	for i := range bodies {
 		f.Add(bodies[i], ops[i])
 	}
-	for _, s := range fuzzHostileSeeds {
+	for _, s := range frpplugintest.HostileSeeds {
 		f.Add([]byte(s), "NewProxy")
 	}
 	pool, _ := parsePorts("31000-31007")
@@ -96,10 +30,7 @@ func FuzzPluginRequest(f *testing.F) {
 	h := newServer(a, slog.New(slog.DiscardHandler), serverOptions{})
 
 	f.Fuzz(func(t *testing.T, body []byte, op string) {
-		req, err := decodePluginRequest(body, op)
-		if err == nil && req.op == "NewProxy" && req.hasPort {
-			checkAllowedAnswer(t, req.rawContent)
-		}
+		req, err := frpplugin.Decode(body, op)
 
 		target := pluginPath + "?version=0.1.0&op=" + url.QueryEscape(op)
 		hr := httptest.NewRequest(http.MethodPost, target, bytes.NewReader(body))
@@ -128,56 +59,11 @@ func FuzzPluginRequest(f *testing.F) {
 			if ans.Content == nil || ans.Content.RemotePort == nil || !pool.has(*ans.Content.RemotePort) {
 				t.Fatalf("allowing answer %q: want content.remote_port in 31000-31007", rec.Body)
 			}
-			if err != nil || !req.hasPort {
-				t.Fatalf("allowing answer %q for a request decodePluginRequest refused (%v, hasPort %v)", rec.Body, err, req.hasPort)
+			if err != nil || !req.HasPort {
+				t.Fatalf("allowing answer %q for a request decodePluginRequest refused (%v, hasPort %v)", rec.Body, err, req.HasPort)
 			}
 		}
 	})
-}
-
-// checkAllowedAnswer checks appendAllowed's answer for content.
-func checkAllowedAnswer(t *testing.T, content []byte) {
-	t.Helper()
-	out := appendAllowed(nil, content, fuzzPort)
-	if !json.Valid(out) {
-		t.Fatalf("appendAllowed(%q): %q is not valid JSON", content, out)
-	}
-	var ans struct {
-		Reject   *bool           `json:"reject"`
-		Unchange *bool           `json:"unchange"`
-		Content  json.RawMessage `json:"content"`
-	}
-	if err := json.Unmarshal(out, &ans); err != nil {
-		t.Fatalf("appendAllowed(%q) = %q: %v", content, out, err)
-	}
-	if ans.Reject == nil || *ans.Reject || ans.Unchange == nil || *ans.Unchange {
-		t.Fatalf("appendAllowed(%q) = %q: want reject and unchange false", content, out)
-	}
-	var port struct {
-		RemotePort *int `json:"remote_port"`
-	}
-	if err := json.Unmarshal(ans.Content, &port); err != nil || port.RemotePort == nil || *port.RemotePort != fuzzPort {
-		t.Fatalf("appendAllowed(%q) content %q: remote_port %v (%v); want %d", content, ans.Content, ptrString(port.RemotePort), err, fuzzPort)
-	}
-	// Every member named remote_port in any case and spelling is the port.
-	var members map[string]json.RawMessage
-	json.Unmarshal(ans.Content, &members)
-	for k, v := range members {
-		if strings.EqualFold(k, "remote_port") && string(v) != "12345" {
-			t.Fatalf("appendAllowed(%q): member %q = %s; want %d", content, k, v, fuzzPort)
-		}
-	}
-	if err := sameContentExceptPort(content, ans.Content); err != nil {
-		t.Fatalf("appendAllowed(%q) = %q: %v", content, out, err)
-	}
-}
-
-func ptrString(p *int) string {
-	if p == nil {
-		return "absent"
-	}
-	b, _ := json.Marshal(*p)
-	return string(b)
 }
 
 // FuzzParsePorts: parsePorts never panics, and what it accepts prints as a

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 )
@@ -203,32 +204,32 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("reason", "body unreadable"), slog.Any("err", err))
-		writeJSON(w, http.StatusBadRequest, answerInvalid)
+		writeJSON(w, http.StatusBadRequest, frpplugin.AnswerInvalid)
 		return
 	}
-	req, err := decodePluginRequest(in.Bytes(), queryValue(r.URL.RawQuery, "op"))
+	req, err := frpplugin.Decode(in.Bytes(), queryValue(r.URL.RawQuery, "op"))
 	if err != nil {
-		s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("op", req.op), slog.String("reason", "not a valid plugin request"))
-		writeJSON(w, http.StatusBadRequest, answerInvalid)
+		s.decided(start, decisionInvalid, slog.LevelWarn, reqid, slog.String("op", req.Op), slog.String("reason", "not a valid plugin request"))
+		writeJSON(w, http.StatusBadRequest, frpplugin.AnswerInvalid)
 		return
 	}
-	if req.op == "CloseProxy" && req.proxy.ProxyName != "" {
-		s.alloc.proxyClosed(req.proxy.User, req.proxy.ProxyName)
+	if req.Op == "CloseProxy" && req.Proxy.ProxyName != "" {
+		s.alloc.proxyClosed(req.Proxy.User, req.Proxy.ProxyName)
 	}
-	if req.op != "NewProxy" {
-		s.decided(start, decisionPassthrough, slog.LevelDebug, reqid, slog.String("op", req.op))
-		writeJSON(w, http.StatusOK, answerUnchanged)
+	if req.Op != "NewProxy" {
+		s.decided(start, decisionPassthrough, slog.LevelDebug, reqid, slog.String("op", req.Op))
+		writeJSON(w, http.StatusOK, frpplugin.AnswerUnchanged)
 		return
 	}
-	p := req.proxy
+	p := req.Proxy
 	who := []slog.Attr{reqid, slog.String("user", p.User), slog.String("proxy", p.ProxyName), slog.String("type", p.ProxyType)}
-	if !req.hasPort {
+	if !req.HasPort {
 		s.decided(start, decisionPassthrough, slog.LevelInfo, who...)
-		writeJSON(w, http.StatusOK, answerUnchanged)
+		writeJSON(w, http.StatusOK, frpplugin.AnswerUnchanged)
 		return
 	}
 	p.ReqID = reqid.Value.String()
-	if req.badPort {
+	if req.BadPort {
 		err = &portError{port: p.RemotePort, err: errPortInvalid}
 	}
 	port, how := 0, outcome("")
@@ -239,11 +240,11 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 		reason := rejectReason(err)
 		s.decided(start, decisionRejected, slog.LevelWarn, append(who, slog.Int("requested", p.RemotePort),
 			slog.String("reason", reason), slog.Any("err", err))...)
-		writeJSON(w, http.StatusOK, rejectAnswer(reason))
+		writeJSON(w, http.StatusOK, frpplugin.RejectAnswer(reason))
 		return
 	}
 	s.alloc.proxyOpened(p)
-	out.Write(appendAllowed(out.AvailableBuffer(), req.rawContent, port))
+	out.Write(frpplugin.AppendAllowed(out.AvailableBuffer(), req.RawContent, port))
 	writeJSON(w, http.StatusOK, out.Bytes())
 	s.decided(start, string(how), slog.LevelInfo, append(who, slog.Int("port", port))...)
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/frpplugin/frpplugintest"
 )
 
 const invalidAnswer = `{"error":"VALIDATEERR","message":"Invalid inputs. Please check your frpc.ini config"}`
@@ -146,7 +148,7 @@ func assertSameContent(t testing.TB, request, answer string) {
 // TestCapturedRequests replays what real frps v0.65.0 and v0.51.3 sent
 // and checks that every field of every NewProxy survives.
 func TestCapturedRequests(t *testing.T) {
-	for _, capture := range []string{"testdata/frps-v0.65.0.jsonl", "testdata/frps-v0.51.3.jsonl"} {
+	for _, capture := range []string{frpplugintest.CapturePath("frps-v0.65.0.jsonl"), frpplugintest.CapturePath("frps-v0.51.3.jsonl")} {
 		t.Run(capture, func(t *testing.T) {
 			f, err := os.Open(capture)
 			if err != nil {

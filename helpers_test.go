@@ -214,6 +214,16 @@ func (f *faultyOps) SyncDir(name string) error {
 	return f.Ops.SyncDir(name)
 }
 
+// fullTier skips t under make test-unit (go test -short): it needs what
+// only the full suite provides (frps and frpc, etcd, Docker, a browser,
+// loop devices). make test, which CI runs, runs it.
+func fullTier(t testing.TB, needs string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("needs %s: run by make test, not by make test-unit", needs)
+	}
+}
+
 // newTestStore opens a file store on dir without the directory lock.
 func newTestStore(t testing.TB, dir string) *file.Store {
 	t.Helper()

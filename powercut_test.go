@@ -43,6 +43,7 @@ const (
 )
 
 func TestPowerCut(t *testing.T) {
+	fullTier(t, "root and loop devices")
 	requireLoopMount(t)
 	bin := binary(t)
 	for _, st := range []string{"file", "bbolt"} {

@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
+	"frp-port-keeper/internal/frpplugin/frpplugintest"
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 )
@@ -171,38 +173,6 @@ func tail(s string, n int) string {
 		return s
 	}
 	return "..." + s[len(s)-n:]
-}
-
-// sameContentExceptPort checks that every member of the answer's content
-// but remote_port (any case) is the request content's member byte for
-// byte, and that nothing was added or lost.
-func sameContentExceptPort(reqContent, ansContent []byte) error {
-	var req, ans map[string]json.RawMessage
-	if err := json.Unmarshal(reqContent, &req); err != nil {
-		return fmt.Errorf("request content: %v", err)
-	}
-	if err := json.Unmarshal(ansContent, &ans); err != nil {
-		return fmt.Errorf("answer content: %v", err)
-	}
-	isPort := func(k string) bool { return strings.EqualFold(k, "remote_port") }
-	for k, v := range req {
-		if isPort(k) {
-			continue
-		}
-		got, ok := ans[k]
-		if !ok {
-			return fmt.Errorf("content member %q: got none; want %.80s", k, v)
-		}
-		if !bytes.Equal(got, v) {
-			return fmt.Errorf("content member %q: got %.80s; want %.80s", k, got, v)
-		}
-	}
-	for k := range ans {
-		if _, ok := req[k]; !ok && !isPort(k) {
-			return fmt.Errorf("content member %q: got one; want none (not in the request)", k)
-		}
-	}
-	return nil
 }
 
 // requestContent is the raw content member of a plugin request body.
@@ -656,7 +626,7 @@ func TestHostileInputs(t *testing.T) {
 			switch {
 			case status == http.StatusRequestEntityTooLarge:
 				got = expectTooLarge
-			case status == http.StatusBadRequest && string(body) == string(answerInvalid):
+			case status == http.StatusBadRequest && string(body) == string(frpplugin.AnswerInvalid):
 				got = expectInvalid
 			case status != http.StatusOK:
 				t.Fatalf("status %d %.200s; want %v", status, body, tt.want)
@@ -683,7 +653,7 @@ func TestHostileInputs(t *testing.T) {
 				if tt.wantReqPort != 0 && port != tt.wantReqPort {
 					t.Errorf("port %d; want the requested %d", port, tt.wantReqPort)
 				}
-				if err := sameContentExceptPort(requestContent(t, tt.body), requestContent(t, body)); err != nil {
+				if err := frpplugintest.SameContentExceptPort(requestContent(t, tt.body), requestContent(t, body)); err != nil {
 					t.Error(err)
 				}
 				ports[i] = port

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/etcd"
@@ -682,13 +683,13 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 
 			// s1 notices at its first answer, and refuses writes until
 			// it has written back what it holds; sticky hits need none.
-			_, _, err := alloc.allocate(proxyRequest{User: "u", ProxyName: "e.web", ProxyType: "tcp"})
+			_, _, err := alloc.allocate(frpplugin.Proxy{User: "u", ProxyName: "e.web", ProxyType: "tcp"})
 			if reason := rejectReason(err); !strings.Contains(reason, "could not store the port allocation: the port store failed (the store lost its data and is being written back from memory); try again") {
 				t.Fatalf("a new key after etcd lost its data: %v; reject reason %q", err, reason)
 			} else {
 				t.Logf("reject reason: %s", reason)
 			}
-			if port, how, err := alloc.allocate(proxyRequest{User: "u", ProxyName: a.Key, ProxyType: "tcp"}); port != a.Port || how != outcomeHit || err != nil {
+			if port, how, err := alloc.allocate(frpplugin.Proxy{User: "u", ProxyName: a.Key, ProxyType: "tcp"}); port != a.Port || how != outcomeHit || err != nil {
 				t.Fatalf("a held key after etcd lost its data = %d %s %v; want its port %d, a hit", port, how, err, a.Port)
 			}
 			e := storetest.Rec("e.web", 28005, "u")

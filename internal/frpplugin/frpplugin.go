@@ -1,4 +1,7 @@
-package main
+// Package frpplugin speaks frp's server-plugin protocol: it decodes what
+// frps sends (NewProxy, CloseProxy) and writes the answers, patching
+// remote_port into the proxy's content byte for byte.
+package frpplugin
 
 import (
 	"bytes"
@@ -18,60 +21,63 @@ import (
 
 // The fixed answers of the protocol.
 var (
-	answerUnchanged = []byte(`{"reject":false,"unchange":true}`)
-	answerInvalid   = []byte(`{"error":"VALIDATEERR","message":"Invalid inputs. Please check your frpc.ini config"}`)
+	AnswerUnchanged = []byte(`{"reject":false,"unchange":true}`)
+	AnswerInvalid   = []byte(`{"error":"VALIDATEERR","message":"Invalid inputs. Please check your frpc.ini config"}`)
 )
 
-// errInvalid marks a request frps should not have sent: the answer is 400
+// ErrInvalid marks a request frps should not have sent: the answer is 400
 // VALIDATEERR.
-var errInvalid = errors.New("invalid plugin request")
+var ErrInvalid = errors.New("invalid plugin request")
+
+// maxPort is the highest port number.
+const maxPort = 65535
 
 // proxyTypesWithPort are the proxy types frps publishes on a remote port.
 var proxyTypesWithPort = map[string]bool{"tcp": true, "udp": true}
 
-// pluginRequest is a decoded plugin call: its op and, for NewProxy, what
+// Request is a decoded plugin call: its op and, for NewProxy, what
 // the allocation rules need plus the raw content to patch.
-type pluginRequest struct {
-	op         string
-	proxy      proxyRequest
-	hasPort    bool // proxy_type has a remote port
-	badPort    bool // remote_port was an integer outside 0-65535
-	rawContent []byte
+type Request struct {
+	Op         string
+	Proxy      Proxy
+	HasPort    bool // proxy_type has a remote port
+	BadPort    bool // remote_port was an integer outside 0-65535
+	RawContent []byte
 }
 
-// decodePluginRequest reads a plugin request body. Any op but NewProxy is
+// Decode reads a plugin request body. Any op but NewProxy is
 // returned with only op set; queryOp is used when the body names none.
-func decodePluginRequest(body []byte, queryOp string) (pluginRequest, error) {
-	var req pluginRequest
+func Decode(body []byte, queryOp string) (Request, error) {
+	var req Request
 	if !json.Valid(body) {
-		return req, errInvalid
+		return req, ErrInvalid
 	}
 	var members [8]member
 	env, ok := objectMembers(body, members[:0])
 	if !ok {
-		return req, errInvalid
+		return req, ErrInvalid
 	}
 	var content []byte
-	req.op = queryOp
+	req.Op = queryOp
 	for _, m := range env {
 		switch {
 		case nameIs(m.name, "op"):
 			op, ok := decodeString(body[m.start:m.end])
 			if !ok {
-				return req, errInvalid
+				return req, ErrInvalid
 			}
 			if op != "" {
-				req.op = op
+				req.Op = op
 			}
 		case nameIs(m.name, "content"):
 			content = body[m.start:m.end]
 		}
 	}
-	if req.op == "CloseProxy" {
+	if req.Op == "CloseProxy" {
 		decodeCloseProxy(content, &req)
 		return req, nil
 	}
-	if req.op != "NewProxy" {
+	if req.Op != "NewProxy" {
 		return req, nil
 	}
 	if err := decodeNewProxy(content, &req); err != nil {
@@ -83,13 +89,13 @@ func decodePluginRequest(body []byte, queryOp string) (pluginRequest, error) {
 // decodeNewProxy reads the fields the rules need from NewProxy content. A
 // field that appears twice counts with its last value, as in frps's own
 // decoder; names match case-insensitively for the same reason.
-func decodeNewProxy(content []byte, req *pluginRequest) error {
+func decodeNewProxy(content []byte, req *Request) error {
 	var members [32]member
 	fields, ok := objectMembers(content, members[:0])
 	if !ok {
-		return errInvalid
+		return ErrInvalid
 	}
-	req.rawContent = content
+	req.RawContent = content
 	var haveUser, haveName, haveType bool
 	for _, m := range fields {
 		raw := content[m.start:m.end]
@@ -97,50 +103,50 @@ func decodeNewProxy(content []byte, req *pluginRequest) error {
 		case nameIs(m.name, "user"):
 			user, found, ok := userName(raw)
 			if !ok {
-				return errInvalid
+				return ErrInvalid
 			}
-			req.proxy.User, haveUser = user, found
+			req.Proxy.User, haveUser = user, found
 		case nameIs(m.name, "proxy_name"):
 			s, ok := decodeString(raw)
 			if !ok {
-				return errInvalid
+				return ErrInvalid
 			}
-			req.proxy.ProxyName, haveName = s, s != ""
+			req.Proxy.ProxyName, haveName = s, s != ""
 		case nameIs(m.name, "proxy_type"):
 			s, ok := decodeString(raw)
 			if !ok {
-				return errInvalid
+				return ErrInvalid
 			}
-			req.proxy.ProxyType, haveType = s, s != ""
+			req.Proxy.ProxyType, haveType = s, s != ""
 		case nameIs(m.name, "group"):
 			s, ok := decodeString(raw)
 			if !ok && string(raw) != "null" {
-				return errInvalid
+				return ErrInvalid
 			}
-			req.proxy.Group = s
+			req.Proxy.Group = s
 		case nameIs(m.name, "remote_port"):
 			port, ok := decodePort(raw)
 			if !ok {
-				return errInvalid
+				return ErrInvalid
 			}
 			if int64(int(port)) != port { // beyond int on 32-bit platforms
 				port = -1
 			}
-			req.badPort = port < 0 || port > maxPort
-			req.proxy.RemotePort = int(port)
+			req.BadPort = port < 0 || port > maxPort
+			req.Proxy.RemotePort = int(port)
 		}
 	}
 	if !haveUser || !haveName || !haveType {
-		return errInvalid
+		return ErrInvalid
 	}
-	req.hasPort = proxyTypesWithPort[req.proxy.ProxyType]
+	req.HasPort = proxyTypesWithPort[req.Proxy.ProxyType]
 	return nil
 }
 
 // decodeCloseProxy reads who closed which proxy. CloseProxy only feeds
 // the online state, so a body it cannot read is passed through unchanged:
 // req.proxy.ProxyName stays empty.
-func decodeCloseProxy(content []byte, req *pluginRequest) {
+func decodeCloseProxy(content []byte, req *Request) {
 	var members [16]member
 	fields, ok := objectMembers(content, members[:0])
 	if !ok {
@@ -160,7 +166,7 @@ func decodeCloseProxy(content []byte, req *pluginRequest) {
 			}
 		}
 	}
-	req.proxy.User, req.proxy.ProxyName = user, name
+	req.Proxy.User, req.Proxy.ProxyName = user, name
 }
 
 // userName reads content.user, an object {user, metas, run_id} in NewProxy.
@@ -197,9 +203,9 @@ func decodePort(raw []byte) (int64, bool) {
 	return n, true
 }
 
-// patchRemotePort returns content with every remote_port member set to
+// PatchRemotePort returns content with every remote_port member set to
 // port, or one added when it has none. Nothing else changes.
-func patchRemotePort(dst, content []byte, port int) []byte {
+func PatchRemotePort(dst, content []byte, port int) []byte {
 	var members [32]member
 	fields, _ := objectMembers(content, members[:0])
 	value := strconv.AppendInt(nil, int64(port), 10)
@@ -226,16 +232,16 @@ func patchRemotePort(dst, content []byte, port int) []byte {
 	return append(dst, content[closing:]...)
 }
 
-// appendAllowed appends the answer that lets the proxy register on port.
-func appendAllowed(dst, content []byte, port int) []byte {
+// AppendAllowed appends the answer that lets the proxy register on port.
+func AppendAllowed(dst, content []byte, port int) []byte {
 	dst = append(dst, `{"reject":false,"unchange":false,"content":`...)
-	dst = patchRemotePort(dst, content, port)
+	dst = PatchRemotePort(dst, content, port)
 	return append(dst, '}')
 }
 
-// rejectAnswer is the answer that refuses the proxy, with a reason frps
+// RejectAnswer is the answer that refuses the proxy, with a reason frps
 // shows the client.
-func rejectAnswer(reason string) []byte {
+func RejectAnswer(reason string) []byte {
 	b, _ := json.Marshal(struct {
 		Reject       bool   `json:"reject"`
 		RejectReason string `json:"reject_reason"`
@@ -375,4 +381,16 @@ func decodeString(raw []byte) (string, bool) {
 		return "", false
 	}
 	return s, true
+}
+
+// Proxy is what the allocation rules need from a NewProxy (and who closed
+// which proxy, from a CloseProxy).
+type Proxy struct {
+	User       string
+	ProxyName  string
+	ProxyType  string
+	Group      string
+	RemotePort int // 0: any port
+	// ReqID is frps's X-Frp-Reqid, for the history; not part of the key.
+	ReqID string
 }
