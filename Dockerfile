@@ -2,7 +2,7 @@
 # nothing else. Build it with `make image`, which stages the build context
 # (the binary and an empty data directory) in bin/image/; there is no base
 # image to pull, so it builds offline. Run it on frps's host network: see
-# README.md, "Docker", and deploy/docker-compose.yml.
+# docs/docker.md and deploy/docker-compose.yml.
 FROM scratch
 ARG VERSION=dev
 LABEL org.opencontainers.image.title="frp-port-keeper" \

@@ -202,9 +202,9 @@ func TestCLIHealthAnswer(t *testing.T) {
 	}
 }
 
-// TestHelpInREADME: the README shows release -h as the program prints it.
+// TestHelpInREADME: docs/operating.md (Flags) shows release -h as the program prints it.
 func TestHelpInREADME(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
+	readme, err := os.ReadFile("docs/operating.md")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -265,7 +265,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 	t.Logf("after the outages: %s", list.String())
 }
 
-// TestEtcdMoveFileStoreAndBack: the README's move of a file store into
+// TestEtcdMoveFileStoreAndBack: docs/fleet.md's move of a file store into
 // etcd and back, with export and import, keeps every port.
 func TestEtcdMoveFileStoreAndBack(t *testing.T) {
 	etcdSrv := startEtcd(t, nil)
