@@ -2,16 +2,12 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -184,56 +180,12 @@ func TestPluginAllowStartWarning(t *testing.T) {
 // TestPluginAllowServe: a real start logs the allow-list in use, and
 // loopback callers get their port with the default.
 func TestPluginAllowServe(t *testing.T) {
-	var logs lockedBuffer
-	base := startServerLogging(t, &logs, "-data-dir", t.TempDir(), "-allow-ports", "31000-31009", "-plugin-allow", "0.0.0.0/0")
+	srv := startInProc(t, "-probe=false", "-data-dir", t.TempDir(), "-allow-ports", "31000-31009", "-plugin-allow", "0.0.0.0/0")
+	base, logs := srv.url, srv.log
 	if port := register(t, base, "a", "a.p", "tcp"); port != 31000 {
 		t.Fatalf("register from loopback = %d; want 31000", port)
 	}
 	if s := logs.String(); !strings.Contains(s, "plugin_allow=0.0.0.0/0") || strings.Contains(s, "level=WARN") {
 		t.Fatalf("start log on loopback with -plugin-allow 0.0.0.0/0 = %q; want plugin_allow=0.0.0.0/0 and no warning", s)
 	}
-}
-
-// lockedBuffer is a log destination a running server and the test share.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// startServerLogging is startServer with the server's log going to logs.
-func startServerLogging(t testing.TB, logs io.Writer, args ...string) string {
-	t.Helper()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, append([]string{"-listen", addr, "-probe=false"}, args...), func(string) string { return "" }, io.Discard, logs)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("server exit: %v", err)
-		}
-	})
-	base := "http://" + addr
-	waitFor(t, "server to answer /ping", 10*time.Second, func() bool {
-		resp, err := http.Get(base + "/ping")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
-	})
-	return base
 }

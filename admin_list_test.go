@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -677,14 +676,13 @@ func TestCLIListPages(t *testing.T) {
 		mu.Lock()
 		queries = nil
 		mu.Unlock()
-		var out, errOut strings.Builder
-		noEnv := func(string) string { return "" }
-		if err := run(context.Background(), append([]string{"list", "-server", srv.URL}, args...), noEnv, &out, &errOut); err != nil {
-			t.Fatalf("list %v: %v\n%s", args, err, errOut.String())
+		out, errOut, err := runCLI(nil, append([]string{"list", "-server", srv.URL}, args...)...)
+		if err != nil {
+			t.Fatalf("list %v: %v\n%s", args, err, errOut)
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		return out.String(), queries
+		return out, queries
 	}
 
 	out, qs := list()

@@ -211,44 +211,17 @@ func TestMetricsMove(t *testing.T) {
 }
 
 // startServer runs the real program (run) on a free port and returns its
-// base URL and a stop function that waits for it to exit.
+// base URL and a stop function that waits for it to exit; the server's
+// log is shown when the test fails.
 func startServer(t testing.TB, args ...string) (string, func()) {
 	t.Helper()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, append([]string{"-listen", addr, "-probe=false"}, args...), func(string) string { return "" }, io.Discard, testWriter{t})
-	}()
-	base := "http://" + addr
-	waitFor(t, "server to answer /ping", 10*time.Second, func() bool {
-		select {
-		case err := <-done:
-			t.Fatalf("server exited: %v", err)
-		default:
+	s := startInProc(t, append([]string{"-probe=false"}, args...)...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("server log:\n%s", s.log)
 		}
-		resp, err := http.Get(base + "/ping")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
 	})
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("server exit: %v", err)
-				}
-			case <-time.After(15 * time.Second):
-				t.Error("server did not stop")
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return base, stop
+	return s.url, func() { s.stop(t) }
 }
 
 func register(t testing.TB, base, user, name, typ string) int {

@@ -289,16 +289,16 @@ func TestE2EAdoptBeforeEnabling(t *testing.T) {
 		waitProxy(t, env, "tcp", "alice.ssh")
 		waitProxy(t, env, "udp", "alice.dns")
 
-		var out bytes.Buffer
-		args := []string{"adopt", "-server", env.pluginURL(""), "-frps-api", env.dashboardURL(""),
-			"-frps-user", e2eDashboardUser, "-frps-password", e2eDashboardPassword}
-		if err := run(context.Background(), args, func(string) string { return "" }, &out, &out); err != nil {
-			t.Fatalf("adopt: %v\n%s", err, out.String())
+		stdout, stderr, err := runCLI(nil, "adopt", "-server", env.pluginURL(""), "-frps-api", env.dashboardURL(""),
+			"-frps-user", e2eDashboardUser, "-frps-password", e2eDashboardPassword)
+		out := stdout + stderr
+		if err != nil {
+			t.Fatalf("adopt: %v\n%s%s", err, stdout, stderr)
 		}
 		for _, want := range []string{fmt.Sprintf("adopted: alice.ssh on port %d (tcp, user alice)", sshPort),
 			fmt.Sprintf("adopted: alice.dns on port %d (udp, user alice)", dnsPort)} {
-			if !strings.Contains(out.String(), want) {
-				t.Fatalf("adopt said:\n%s\nwant %q", out.String(), want)
+			if !strings.Contains(out, want) {
+				t.Fatalf("adopt said:\n%s\nwant %q", out, want)
 			}
 		}
 

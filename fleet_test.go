@@ -5,7 +5,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -278,16 +277,16 @@ func TestEtcdMoveFileStoreAndBack(t *testing.T) {
 	s.stop(t)
 	cli := func(stdin string, args ...string) string {
 		t.Helper()
-		var out, errOut bytes.Buffer
 		file := filepath.Join(t.TempDir(), "in.json")
 		os.WriteFile(file, []byte(stdin), 0o600)
 		if stdin != "" {
 			args = append(args, file)
 		}
-		if err := run(context.Background(), args, func(string) string { return "" }, &out, &errOut); err != nil {
-			t.Fatalf("%v: %v\n%s", args, err, errOut.String())
+		out, errOut, err := runCLI(nil, args...)
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, errOut)
 		}
-		return out.String()
+		return out
 	}
 	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(), "-etcd-prefix", "/moved/"}
 	exported := cli("", "export", "-data-dir", dir)

@@ -717,28 +717,28 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 	_, body := s.post(t, "NewProxy", "r1", []byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
 	portOfRaw(t, body)
 
-	runCLI := func(args ...string) string {
+	cli := func(args ...string) string {
 		t.Helper()
-		var out bytes.Buffer
-		if err := run(context.Background(), append(args, srv...), func(string) string { return "" }, &out, &out); err != nil {
-			t.Fatalf("%v: %v\n%s", args, err, out.String())
+		stdout, stderr, err := runCLI(nil, append(args, srv...)...)
+		if err != nil {
+			t.Fatalf("%v: %v\n%s%s", args, err, stdout, stderr)
 		}
-		return out.String()
+		return stdout + stderr
 	}
-	out := runCLI("assign", "-note", "Bob's NAS", "bob.nas", "30042")
+	out := cli("assign", "-note", "Bob's NAS", "bob.nas", "30042")
 	if !strings.Contains(out, "pinned") || !strings.Contains(out, "registers again") {
 		t.Fatalf("assign said %q; want it to say the pin and when it takes effect", out)
 	}
-	runCLI("note", "alice.ssh", "Alice's phone")
+	cli("note", "alice.ssh", "Alice's phone")
 	asks := newProxyBody("bob", "bob.nas", "tcp", "")
 	s.post(t, "NewProxy", "r2", []byte(asks))
-	runCLI("assign", "bob.nas", "30043") // a move keeps the note
+	cli("assign", "bob.nas", "30043") // a move keeps the note
 	for _, want := range []string{`"Bob's NAS"`, `"Alice's phone"`, "pinned"} {
-		if out := runCLI("list"); !strings.Contains(out, want) {
+		if out := cli("list"); !strings.Contains(out, want) {
 			t.Errorf("list lacks %s:\n%s", want, out)
 		}
 	}
-	if out := runCLI("show", "bob.nas"); !strings.Contains(out, `"note": "Bob's NAS"`) || !strings.Contains(out, `"port": 30043`) {
+	if out := cli("show", "bob.nas"); !strings.Contains(out, `"note": "Bob's NAS"`) || !strings.Contains(out, `"port": 30043`) {
 		t.Errorf("show bob.nas:\n%s", out)
 	}
 	if page := s.get(t, "/"); !strings.Contains(page, "Bob&#39;s NAS") {
@@ -762,15 +762,15 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 	if !strings.Contains(export, `"note":"Bob's NAS"`) {
 		t.Fatalf("export lacks the note: %s", export)
 	}
-	out = runCLI("history", "-port", "30042", "-at", time.Now().Format(time.RFC3339Nano))
+	out = cli("history", "-port", "30042", "-at", time.Now().Format(time.RFC3339Nano))
 	if !strings.Contains(out, "port 30042 at") || !strings.Contains(out, "free") {
 		t.Errorf("history -port 30042 -at now:\n%s", out)
 	}
-	out = runCLI("history", "-port", "30043", "-at", time.Now().Add(time.Second).Format(time.RFC3339Nano))
+	out = cli("history", "-port", "30043", "-at", time.Now().Add(time.Second).Format(time.RFC3339Nano))
 	if !strings.Contains(out, "bob.nas (user bob)") {
 		t.Errorf("history -port 30043 -at now:\n%s", out)
 	}
-	out = runCLI("history", "-key", "bob.nas")
+	out = cli("history", "-key", "bob.nas")
 	for _, want := range []string{"assigned  bob.nas 30042", "filled_in bob.nas 30042", "assigned  bob.nas 30042 -> 30043"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("history -key bob.nas lacks %q:\n%s", want, out)
@@ -784,9 +784,8 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 	in.WriteString(export)
 	exportFileName := filepath.Join(t.TempDir(), "export.json")
 	os.WriteFile(exportFileName, in.Bytes(), 0o600)
-	var out2 bytes.Buffer
-	if err := run(context.Background(), []string{"import", "-data-dir", dir2, exportFileName}, func(string) string { return "" }, &out2, &out2); err != nil {
-		t.Fatalf("import: %v %s", err, out2.String())
+	if stdout, stderr, err := runCLI(nil, "import", "-data-dir", dir2, exportFileName); err != nil {
+		t.Fatalf("import: %v %s%s", err, stdout, stderr)
 	}
 	a := newTestAllocator(t, dir2, "30000-30099", allocatorOptions{})
 	if v, ok := a.find("bob.nas"); !ok || v.Note != "Bob's NAS" || v.Port != 30043 {

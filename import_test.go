@@ -5,8 +5,6 @@ package main
 // checks, all or nothing.
 
 import (
-	"bytes"
-	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,9 +21,8 @@ func runImportOffline(t testing.TB, file string, args ...string) (string, error)
 	if err := os.WriteFile(name, []byte(file), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var out bytes.Buffer
-	err := run(context.Background(), append(append([]string{"import"}, args...), name), func(string) string { return "" }, &out, &out)
-	return out.String(), err
+	stdout, stderr, err := runCLI(nil, append(append([]string{"import"}, args...), name)...)
+	return stdout + stderr, err
 }
 
 // storedKeys lists the keys a data directory holds, as a server would load them.
