@@ -19,6 +19,7 @@ import (
 
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
+	"frp-port-keeper/internal/testenv"
 )
 
 // TestAdminAPI walks every status of the admin API, with and without a
@@ -407,7 +408,7 @@ func TestSignalsAndSecondServer(t *testing.T) {
 	for _, st := range storeKinds {
 		t.Run(st, func(t *testing.T) {
 			dir := t.TempDir()
-			addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 			var stderr bytes.Buffer
 			first := exec.Command(binary(t), "-listen", addr, "-data-dir", dir, "-store", st, "-probe=false", "-allow-ports", "31000-31009")
 			first.Stderr = &stderr

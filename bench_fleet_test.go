@@ -22,12 +22,13 @@ import (
 	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store/etcd"
+	"frp-port-keeper/internal/testenv"
 )
 
 // benchEtcd is one etcd shared by the fleet benchmarks of a run.
 var benchEtcd struct {
 	once sync.Once
-	srv  *etcdServer
+	srv  *testenv.EtcdServer
 }
 
 var benchPrefixes atomic.Int64
@@ -42,7 +43,7 @@ func benchFleet(b *testing.B, n int) []*allocator {
 	var out []*allocator
 	for range n {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		st, err := etcd.Open(ctx, benchEtcd.srv.options(b, prefix))
+		st, err := etcd.Open(ctx, etcdOptions(b, benchEtcd.srv, prefix))
 		cancel()
 		if err != nil {
 			b.Fatal(err)
@@ -61,9 +62,9 @@ func benchFleet(b *testing.B, n int) []*allocator {
 
 // startEtcdFor starts the benchmarks' etcd; it lives as long as the test
 // binary, not just the benchmark that first asked for it.
-func startEtcdFor(b *testing.B) *etcdServer {
+func startEtcdFor(b *testing.B) *testenv.EtcdServer {
 	fullTier(b, "a real etcd")
-	return startEtcd(&keepTB{TB: b}, nil)
+	return testenv.StartEtcd(&keepTB{TB: b}, nil)
 }
 
 // keepTB is a testing.TB whose cleanups never run and whose temporary

@@ -10,6 +10,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 // runCLI calls run with buffers and an environment of env only.
@@ -75,7 +77,7 @@ func TestHelp(t *testing.T) {
 // TestCLIErrors: every mistake is one line naming it, with the way to the
 // help, and nothing else.
 func TestCLIErrors(t *testing.T) {
-	closed := freePort(t) // nothing listens there
+	closed := testenv.FreePort(t) // nothing listens there
 	tests := []struct {
 		name string
 		args []string

@@ -20,6 +20,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 const (
@@ -44,7 +46,7 @@ func TestDockerImage(t *testing.T) {
 	})
 	block := reservePortBlock(t, e2eFrpsAllowPortsLen)
 	env.allow, env.pool = block, e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
-	env.pluginPort, env.bindPort, env.dashPort = freePort(t), freePort(t), freePort(t)
+	env.pluginPort, env.bindPort, env.dashPort = testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)
 
 	suffix := fmt.Sprintf("%d-%x", os.Getpid(), rand.Uint32())
 	image := "frp-port-keeper-test-" + suffix

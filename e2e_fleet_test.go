@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"testing"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 // TestE2EFrpsPairFailover: two real frps (v0.65.0), each with its own
@@ -11,8 +13,8 @@ import (
 // frpc, pointed at frps-2, gets P again and bytes flow through it.
 func TestE2EFrpsPairFailover(t *testing.T) {
 	v := frpVersions[0]
-	etcdSrv := startEtcd(t, nil)
-	etcdArgs := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(), "-etcd-prefix", fmt.Sprintf("/e2e-pair-%d/", fleetPrefixes.Add(1))}
+	etcdSrv := testenv.StartEtcd(t, nil)
+	etcdArgs := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.Endpoint(), "-etcd-prefix", fmt.Sprintf("/e2e-pair-%d/", fleetPrefixes.Add(1))}
 	env1 := newE2EEnv(t, v, func(e *e2eEnv) { e.pluginArgs = etcdArgs })
 	env2 := newE2EEnv(t, v, func(e *e2eEnv) {
 		e.pluginArgs = etcdArgs

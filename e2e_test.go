@@ -33,6 +33,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 // Timeouts. Generous enough for a loaded 2-core CI machine, short enough that
@@ -384,7 +386,7 @@ func newE2EEnv(t *testing.T, v frpVersion, opts ...func(*e2eEnv)) *e2eEnv {
 	block := reservePortBlock(t, e2eFrpsAllowPortsLen)
 	env.allow = block
 	env.pool = e2ePortRange{block.lo, block.lo + e2ePluginPoolSize - 1}
-	env.pluginPort, env.bindPort, env.dashPort = freePort(t), freePort(t), freePort(t)
+	env.pluginPort, env.bindPort, env.dashPort = testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)
 	if env.pluginClient == nil {
 		env.pluginClient = &http.Client{Timeout: time.Second}
 	}
@@ -973,7 +975,7 @@ func buildFrp(t testing.TB, v frpVersion) frpBinaries {
 
 func doBuildFrp(t testing.TB, v frpVersion) (frpBinaries, error) {
 	start := time.Now()
-	binDir, err := goBuildTool("frp-"+v.name, e2eFrpBuildTimeout, "", "github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
+	binDir, err := testenv.GoBuildTool("frp-"+v.name, e2eFrpBuildTimeout, "", "github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
 	if err != nil {
 		return frpBinaries{}, err
 	}

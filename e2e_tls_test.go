@@ -33,6 +33,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 // e2eTLSRefusalTimeout bounds the wait for frps to refuse a proxy because it
@@ -156,8 +158,8 @@ func newE2ETLSPKI(t testing.TB) *e2eTLSPKI {
 	t.Helper()
 	dir := t.TempDir()
 	now := time.Now()
-	newKey := func() *ecdsa.PrivateKey { return testKey(t) }
-	serial := func() *big.Int { return testSerial(t) }
+	newKey := func() *ecdsa.PrivateKey { return testenv.ECKey(t) }
+	serial := func() *big.Int { return testenv.Serial(t) }
 	writePEM := func(name, typ string, der []byte) string {
 		return e2eWriteFile(t, dir, name, string(pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})))
 	}

@@ -21,6 +21,7 @@ import (
 	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/storetest"
+	"frp-port-keeper/internal/testenv"
 
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/local"
@@ -294,9 +295,10 @@ func TestDataDirRemoved(t *testing.T) {
 	s := startInProc(t, "-data-dir", dir, "-allow-ports", "30000-30009", "-probe=false")
 	_, body := s.post(t, "NewProxy", "r", []byte(newProxyBody("u", "u.a", "tcp", "")))
 	port := portOfRaw(t, body)
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
+	// The history is written in the background: a file it creates while
+	// RemoveAll runs makes RemoveAll fail ("directory not empty"), so try
+	// until the directory is gone.
+	waitFor(t, "the data directory to be removed", 5*time.Second, func() bool { return os.RemoveAll(dir) == nil })
 	if err := os.MkdirAll(dir, 0o700); err != nil { // another server's directory now
 		t.Fatal(err)
 	}
@@ -328,7 +330,7 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 	// Two neighbouring ports that bind now (other tests run alongside).
 	busyPort := 0
 	for range 50 {
-		p := freePort(t)
+		p := testenv.FreePort(t)
 		if p < maxPort && bindProbe("0.0.0.0")(p) == nil && bindProbe("0.0.0.0")(p+1) == nil {
 			busyPort = p
 			break

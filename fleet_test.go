@@ -19,14 +19,15 @@ import (
 	"time"
 
 	"frp-port-keeper/internal/store/etcd"
+	"frp-port-keeper/internal/testenv"
 )
 
 var fleetPrefixes atomic.Int64
 
 // startFleet starts n instances on one etcd under a fresh prefix.
-func startFleet(t *testing.T, etcdSrv *etcdServer, n int, args ...string) ([]*inProcServer, []string) {
+func startFleet(t *testing.T, etcdSrv *testenv.EtcdServer, n int, args ...string) ([]*inProcServer, []string) {
 	t.Helper()
-	flags := append([]string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(),
+	flags := append([]string{"-store", "etcd", "-etcd-endpoints", etcdSrv.Endpoint(),
 		"-etcd-prefix", fmt.Sprintf("/fleet-%d/", fleetPrefixes.Add(1)), "-probe=false"}, args...)
 	var out []*inProcServer
 	for range n {
@@ -81,7 +82,7 @@ func lookupAt(s *inProcServer, key string) int {
 // port, the same key gets one port everywhere, a 10-port pool grants
 // exactly 10 of 30 keys, and a quota is exact fleet-wide.
 func TestFleetClaims(t *testing.T) {
-	etcdSrv := startEtcd(t, nil)
+	etcdSrv := testenv.StartEtcd(t, nil)
 	t.Run("exhaustion", func(t *testing.T) {
 		fleet, _ := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30009")
 		answers := make([]fleetAnswer, 30)
@@ -167,7 +168,7 @@ func TestFleetClaims(t *testing.T) {
 // instance are seen at every other within moments; a restarted instance
 // keeps everything.
 func TestFleetVisibility(t *testing.T) {
-	etcdSrv := startEtcd(t, nil)
+	etcdSrv := testenv.StartEtcd(t, nil)
 	fleet, flags := startFleet(t, etcdSrv, 3, "-allow-ports", "30000-30099")
 	a, b, c := fleet[0], fleet[1], fleet[2]
 	start := time.Now()
@@ -218,7 +219,7 @@ func TestFleetVisibility(t *testing.T) {
 // restarting any instance, and a write that landed late reaches every
 // instance.
 func TestFleetEtcdOutage(t *testing.T) {
-	etcdSrv := startEtcd(t, nil)
+	etcdSrv := testenv.StartEtcd(t, nil)
 	fleet, _ := startFleet(t, etcdSrv, 2, "-allow-ports", "30000-30099", "-store-timeout", "500ms")
 	a, b := fleet[0], fleet[1]
 	known := tryPost(a, "alice", "alice.ssh", "")
@@ -226,9 +227,9 @@ func TestFleetEtcdOutage(t *testing.T) {
 
 	for _, fault := range []string{"pause", "kill"} {
 		if fault == "pause" {
-			etcdSrv.pause(t)
+			etcdSrv.Pause(t)
 		} else {
-			etcdSrv.kill(t)
+			etcdSrv.Kill(t)
 		}
 		for _, s := range fleet {
 			if got := tryPost(s, "alice", "alice.ssh", ""); got.port != known.port {
@@ -241,9 +242,9 @@ func TestFleetEtcdOutage(t *testing.T) {
 			t.Fatalf("%s: a new key during the outage = %+v after %v; want a reject naming the store within the deadline", fault, got, took)
 		}
 		if fault == "pause" {
-			etcdSrv.resume(t)
+			etcdSrv.Resume(t)
 		} else {
-			etcdSrv.restart(t)
+			etcdSrv.Restart(t)
 		}
 		var fresh fleetAnswer
 		waitFor(t, fault+": new keys again without a restart", 15*time.Second, func() bool {
@@ -267,7 +268,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 // TestEtcdMoveFileStoreAndBack: docs/fleet.md's move of a file store into
 // etcd and back, with export and import, keeps every port.
 func TestEtcdMoveFileStoreAndBack(t *testing.T) {
-	etcdSrv := startEtcd(t, nil)
+	etcdSrv := testenv.StartEtcd(t, nil)
 	dir := t.TempDir()
 	s := startInProc(t, "-data-dir", dir, "-allow-ports", "30000-30099", "-probe=false")
 	want := map[string]int{}
@@ -288,7 +289,7 @@ func TestEtcdMoveFileStoreAndBack(t *testing.T) {
 		}
 		return out
 	}
-	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.endpoint(), "-etcd-prefix", "/moved/"}
+	etcdFlags := []string{"-store", "etcd", "-etcd-endpoints", etcdSrv.Endpoint(), "-etcd-prefix", "/moved/"}
 	exported := cli("", "export", "-data-dir", dir)
 	cli(exported, append([]string{"import"}, etcdFlags...)...)
 	fleet := startInProc(t, append(etcdFlags, "-allow-ports", "30000-30099", "-probe=false")...)
@@ -335,11 +336,11 @@ func metricAt(s *inProcServer, series string) float64 {
 // DELETE at one instance is seen at the other, and an instance started
 // afterwards holds every earlier key on its first port.
 func TestFleetEtcdDataLoss(t *testing.T) {
-	etcdSrv := startEtcd(t, nil)
+	etcdSrv := testenv.StartEtcd(t, nil)
 	fleet, flags := startFleet(t, etcdSrv, 2, "-allow-ports", "30000-30099")
 	a, b := fleet[0], fleet[1]
 	prefix := flags[slices.Index(flags, "-etcd-prefix")+1]
-	raw := etcdSrv.client(t)
+	raw := etcdSrv.Client(t)
 	held := map[string]int{}
 	users := map[string]int{}
 	for i := range 8 {
@@ -358,10 +359,10 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 	}
 
-	etcdSrv.wipe(t, "")
+	etcdSrv.Wipe(t, "")
 	wiped := time.Now()
 	waitFor(t, "every allocation written back to the empty etcd", 15*time.Second, func() bool {
-		return etcdCount(t, raw, prefix+"key/") == int64(len(held))
+		return testenv.EtcdCount(t, raw, prefix+"key/") == int64(len(held))
 	})
 	const restores = "frp_port_keeper_store_restores_total"
 	waitFor(t, "a restore counted at both instances", 10*time.Second, func() bool {
@@ -391,12 +392,12 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 	}
 	for key, port := range held {
-		if got := etcdGet(t, raw, prefix+etcd.PortName(port)); got != key {
+		if got := testenv.EtcdGet(t, raw, prefix+etcd.PortName(port)); got != key {
 			t.Fatalf("%s in etcd names %q; want %q", etcd.PortName(port), got, key)
 		}
 	}
 	for user, n := range users {
-		if got := etcdGet(t, raw, prefix+etcd.UserName(user)); got != fmt.Sprint(n) {
+		if got := testenv.EtcdGet(t, raw, prefix+etcd.UserName(user)); got != fmt.Sprint(n) {
 			t.Fatalf("%s in etcd = %q; want %d", etcd.UserName(user), got, n)
 		}
 	}

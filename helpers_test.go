@@ -2,21 +2,11 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -245,17 +235,6 @@ func newFaultyStore(t testing.TB, dir string) (*file.Store, *faultyOps) {
 
 var errDiskFull = errors.New("no space left on device")
 
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 	t.Helper()
@@ -277,59 +256,6 @@ func fakeClock(start time.Time) (now func() time.Time, advance func(time.Duratio
 	return now, advance
 }
 
-// testKey is a fresh ECDSA P-256 key for the tests' certificates.
-func testKey(t testing.TB) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-// testSerial is a random certificate serial number.
-func testSerial(t testing.TB) *big.Int {
-	t.Helper()
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
-// goBuildTool runs `go build -o OUT PKGS...` inside the pinned tool module
+// GoBuildTool runs `go build -o OUT PKGS...` inside the pinned tool module
 // tools/NAME (GOWORK off), with its binaries going to bin/NAME/; out is
 // relative to that directory ("" for the directory itself). It returns the
-// absolute bin/NAME.
-func goBuildTool(name string, timeout time.Duration, out string, pkgs ...string) (string, error) {
-	toolDir, err := filepath.Abs(filepath.Join("tools", name))
-	if err != nil {
-		return "", err
-	}
-	binDir, err := filepath.Abs(filepath.Join("bin", name))
-	if err != nil {
-		return "", err
-	}
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
-		return "", err
-	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		return "", fmt.Errorf("building %s needs the go command on PATH: %w", name, err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	target := binDir + string(filepath.Separator) // one binary per package
-	if out != "" {
-		target = filepath.Join(binDir, out)
-	}
-	cmd := exec.CommandContext(ctx, goTool, append([]string{"build", "-o", target}, pkgs...)...)
-	cmd.Dir = toolDir
-	cmd.Env = append(os.Environ(), "GOWORK=off")
-	var buf bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &buf, &buf
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, buf.String())
-	}
-	return binDir, nil
-}

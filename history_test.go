@@ -26,6 +26,7 @@ import (
 	"frp-port-keeper/internal/history"
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/file"
+	"frp-port-keeper/internal/testenv"
 )
 
 // historyAllocator is an allocator on a real store of kind whose changes
@@ -540,12 +541,12 @@ func TestHistoryLostCountedExactly(t *testing.T) {
 // TestHistoryPrune: entries older than the retention go, newer stay, on
 // every store (etcd's under history/ in the prefix).
 func TestHistoryPrune(t *testing.T) {
-	var etcdSrv *etcdServer
+	var etcdSrv *testenv.EtcdServer
 	for _, kind := range append(storeKinds, "etcd") {
 		t.Run(kind, func(t *testing.T) {
 			var st store.Store
 			if kind == "etcd" {
-				etcdSrv = startEtcd(t, nil)
+				etcdSrv = testenv.StartEtcd(t, nil)
 				st = openTestEtcdStore(t, etcdSrv, "/history-test/")
 			} else {
 				st = openTestStore(t, kind, t.TempDir())

@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"frp-port-keeper/internal/testenv"
 )
 
 const (
@@ -64,7 +66,7 @@ func startKeeperProc(t testing.TB, bin, logPath string, args ...string) *keeperP
 		t.Fatal(err)
 	}
 	defer logFile.Close() // the child holds its own descriptor
-	port := freePort(t)
+	port := testenv.FreePort(t)
 	args = append([]string{"-listen", fmt.Sprintf("127.0.0.1:%d", port)}, args...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile

@@ -14,6 +14,7 @@ import (
 
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/storetest"
+	"frp-port-keeper/internal/testenv"
 )
 
 // adminRequest sends an admin request to h from loopback.
@@ -91,7 +92,7 @@ func TestZeroTimeRefused(t *testing.T) {
 			}
 		}
 	}
-	closed := fmt.Sprintf("127.0.0.1:%d", freePort(t)) // the flag is refused before any request
+	closed := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)) // the flag is refused before any request
 	for _, flag := range []string{"-until", "-since", "-at"} {
 		_, _, err := runCLI(nil, "history", "-port", "30000", flag, "0001-01-01T00:00:00Z", "-server", closed)
 		if err == nil || !strings.HasPrefix(err.Error(), flag+": ") || !strings.Contains(err.Error(), "zero time") {

@@ -27,6 +27,7 @@ import (
 	"frp-port-keeper/internal/frpplugin/frpplugintest"
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
+	"frp-port-keeper/internal/testenv"
 )
 
 // ---------------------------------------------------------------------------
@@ -67,7 +68,7 @@ const inProcTimeout = 10 * time.Second // start and stop bounds
 // it answers /ping.
 func startInProc(t testing.TB, args ...string) *inProcServer {
 	t.Helper()
-	port := freePort(t)
+	port := testenv.FreePort(t)
 	args = append([]string{"-listen", fmt.Sprintf("127.0.0.1:%d", port)}, args...)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &inProcServer{

@@ -21,6 +21,7 @@ import (
 
 	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/file"
+	"frp-port-keeper/internal/testenv"
 )
 
 // openEventStream opens GET /api/events and returns once the server has
@@ -113,7 +114,7 @@ func breakListener(t testing.TB, port int) {
 // and writes what the history recorder holds, as a normal stop does.
 func TestServeErrorDrains(t *testing.T) {
 	dir := t.TempDir()
-	port := freePort(t)
+	port := testenv.FreePort(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	logs := &syncBuffer{}
 	done := make(chan error, 1)
@@ -160,7 +161,7 @@ func TestServeErrorDrains(t *testing.T) {
 // when it is back, and prints the changes made after that.
 func TestWatchReconnects(t *testing.T) {
 	dir := t.TempDir()
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	noEnv := func(string) string { return "" }
 	serveOnce := func() (stop func()) {
 		ctx, cancel := context.WithCancel(context.Background())

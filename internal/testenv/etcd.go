@@ -1,4 +1,7 @@
-package main
+// Package testenv gives tests the real things they run against: tools
+// built from the pinned modules under tools/ (GoBuildTool), and a real etcd
+// server on loopback (StartEtcd), with certificates when asked.
+package testenv
 
 // A real etcd for the etcd store's tests: built once per test binary run
 // from the pinned tool module tools/etcd-v3.7.3 into bin/etcd-v3.7.3/ (like
@@ -10,6 +13,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,13 +26,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"frp-port-keeper/internal/store/etcd"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -66,7 +69,7 @@ func buildEtcd(t testing.TB) string {
 }
 
 func doBuildEtcd() (string, error) {
-	binDir, err := goBuildTool("etcd-"+etcdToolVersion, etcdBuildTimeout, "etcd", ".")
+	binDir, err := GoBuildTool("etcd-"+etcdToolVersion, etcdBuildTimeout, "etcd", ".")
 	if err != nil {
 		return "", err
 	}
@@ -83,11 +86,11 @@ func doBuildEtcd() (string, error) {
 	return bin, nil
 }
 
-// etcdServer is one etcd process and how to reach it.
-type etcdServer struct {
+// EtcdServer is one etcd process and how to reach it.
+type EtcdServer struct {
 	bin, dataDir, logPath string
 	clientPort, peerPort  int
-	pki                   *etcdTestPKI // nil: plain http
+	pki                   *EtcdPKI // nil: plain http
 	// token is --initial-cluster-token ("": etcd's default); another one
 	// makes another cluster ID.
 	token string
@@ -97,16 +100,18 @@ type etcdServer struct {
 	done chan struct{} // closed when cmd has exited
 }
 
-// startEtcd starts a single-member etcd on loopback and waits for /health.
+// StartEtcd starts a single-member etcd on loopback and waits for /health.
 // With pki it serves https and requires client certificates signed by
 // pki's CA.
-func startEtcd(t testing.TB, pki *etcdTestPKI) *etcdServer {
-	fullTier(t, "a real etcd")
+func StartEtcd(t testing.TB, pki *EtcdPKI) *EtcdServer {
+	if testing.Short() {
+		t.Skip("needs a real etcd: run by make test, not by make test-unit")
+	}
 	t.Helper()
-	e := &etcdServer{bin: buildEtcd(t), dataDir: t.TempDir(), pki: pki}
+	e := &EtcdServer{bin: buildEtcd(t), dataDir: t.TempDir(), pki: pki}
 	e.logPath = filepath.Join(e.dataDir, "..", "etcd.log")
 	t.Cleanup(func() {
-		e.stop()
+		e.Stop()
 		if t.Failed() {
 			if log, err := os.ReadFile(e.logPath); err == nil {
 				t.Logf("etcd log (%s):\n%s", e.logPath, etcdTail(log, 60))
@@ -115,7 +120,7 @@ func startEtcd(t testing.TB, pki *etcdTestPKI) *etcdServer {
 	})
 	var err error
 	for range etcdStartAttempts {
-		e.clientPort, e.peerPort = freePort(t), freePort(t)
+		e.clientPort, e.peerPort = FreePort(t), FreePort(t)
 		if e.clientPort == e.peerPort {
 			continue
 		}
@@ -128,37 +133,30 @@ func startEtcd(t testing.TB, pki *etcdTestPKI) *etcdServer {
 	return nil
 }
 
-func (e *etcdServer) scheme() string {
+func (e *EtcdServer) Scheme() string {
 	if e.pki != nil {
 		return "https"
 	}
 	return "http"
 }
 
-// endpoint is the client URL.
-func (e *etcdServer) endpoint() string {
-	return fmt.Sprintf("%s://127.0.0.1:%d", e.scheme(), e.clientPort)
-}
+// TLS is the certificates etcd serves with and trusts; nil: plain http.
+func (e *EtcdServer) TLS() *EtcdPKI { return e.pki }
 
-// options are etcdOptions that reach this server (with pki's client
-// certificate when it has one).
-func (e *etcdServer) options(t testing.TB, prefix string) etcd.Options {
-	o := etcd.Options{Endpoints: []string{e.endpoint()}, Prefix: prefix, Timeout: 5 * time.Second, Log: testLogger(t)}
-	if e.pki != nil {
-		o.CAFile, o.CertFile, o.KeyFile = e.pki.caFile, e.pki.clientCert, e.pki.clientKey
-	}
-	return o
+// Endpoint is the client URL.
+func (e *EtcdServer) Endpoint() string {
+	return fmt.Sprintf("%s://127.0.0.1:%d", e.Scheme(), e.clientPort)
 }
 
 // launch starts etcd on e's ports and data directory and waits until it
 // is healthy.
-func (e *etcdServer) launch() error {
+func (e *EtcdServer) launch() error {
 	peer := fmt.Sprintf("http://127.0.0.1:%d", e.peerPort)
 	args := []string{
 		"--name", "test",
 		"--data-dir", e.dataDir,
-		"--listen-client-urls", e.endpoint(),
-		"--advertise-client-urls", e.endpoint(),
+		"--listen-client-urls", e.Endpoint(),
+		"--advertise-client-urls", e.Endpoint(),
 		"--listen-peer-urls", peer,
 		"--initial-advertise-peer-urls", peer,
 		"--initial-cluster", "test=" + peer,
@@ -173,8 +171,8 @@ func (e *etcdServer) launch() error {
 		args = append(args, "--initial-cluster-token", e.token)
 	}
 	if e.pki != nil {
-		args = append(args, "--cert-file", e.pki.serverCert, "--key-file", e.pki.serverKey,
-			"--client-cert-auth", "--trusted-ca-file", e.pki.caFile)
+		args = append(args, "--cert-file", e.pki.ServerCert, "--key-file", e.pki.ServerKey,
+			"--client-cert-auth", "--trusted-ca-file", e.pki.CAFile)
 	}
 	logFile, err := os.OpenFile(e.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -201,7 +199,7 @@ func (e *etcdServer) launch() error {
 	e.cmd, e.done = cmd, done
 	e.mu.Unlock()
 
-	client := e.httpClient()
+	client := e.HTTPClient()
 	deadline := time.Now().Add(etcdReadyTimeout)
 	for {
 		select {
@@ -210,7 +208,7 @@ func (e *etcdServer) launch() error {
 			return fmt.Errorf("etcd exited before it was healthy: %s", etcdTail(log, 5))
 		default:
 		}
-		if resp, err := client.Get(e.endpoint() + "/health"); err == nil {
+		if resp, err := client.Get(e.Endpoint() + "/health"); err == nil {
 			body := make([]byte, 512)
 			n, _ := resp.Body.Read(body)
 			resp.Body.Close()
@@ -219,23 +217,23 @@ func (e *etcdServer) launch() error {
 			}
 		}
 		if time.Now().After(deadline) {
-			e.stop()
+			e.Stop()
 			return fmt.Errorf("etcd not healthy within %v", etcdReadyTimeout)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 }
 
-// httpClient can GET /health (with the client certificate under TLS).
-func (e *etcdServer) httpClient() *http.Client {
+// HTTPClient can GET /health (with the client certificate under TLS).
+func (e *EtcdServer) HTTPClient() *http.Client {
 	tr := &http.Transport{}
 	if e.pki != nil {
-		tr.TLSClientConfig = e.pki.clientTLS()
+		tr.TLSClientConfig = e.pki.ClientTLS()
 	}
 	return &http.Client{Transport: tr, Timeout: 2 * time.Second}
 }
 
-func (e *etcdServer) signal(t testing.TB, sig syscall.Signal) {
+func (e *EtcdServer) Signal(t testing.TB, sig syscall.Signal) {
 	t.Helper()
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -244,12 +242,12 @@ func (e *etcdServer) signal(t testing.TB, sig syscall.Signal) {
 	}
 }
 
-// pause stops etcd in its tracks (SIGSTOP): connections stay open, nothing
+// Pause stops etcd in its tracks (SIGSTOP): connections stay open, nothing
 // is answered. It returns once the kernel says the process is stopped (a
 // signal is delivered asynchronously: etcd could answer one more request).
-func (e *etcdServer) pause(t testing.TB) {
+func (e *EtcdServer) Pause(t testing.TB) {
 	t.Helper()
-	e.signal(t, syscall.SIGSTOP)
+	e.Signal(t, syscall.SIGSTOP)
 	e.mu.Lock()
 	pid := e.cmd.Process.Pid
 	e.mu.Unlock()
@@ -268,20 +266,20 @@ func (e *etcdServer) pause(t testing.TB) {
 	t.Fatal("etcd did not stop within 5s of SIGSTOP")
 }
 
-// resume lets a paused etcd go on (SIGCONT).
-func (e *etcdServer) resume(t testing.TB) { t.Helper(); e.signal(t, syscall.SIGCONT) }
+// Resume lets a paused etcd go on (SIGCONT).
+func (e *EtcdServer) Resume(t testing.TB) { t.Helper(); e.Signal(t, syscall.SIGCONT) }
 
-// kill SIGKILLs etcd and waits for it to exit.
-func (e *etcdServer) kill(t testing.TB) {
+// Kill SIGKILLs etcd and waits for it to exit.
+func (e *EtcdServer) Kill(t testing.TB) {
 	t.Helper()
-	if !e.stop() {
+	if !e.Stop() {
 		t.Fatalf("etcd did not exit within %v of SIGKILL", etcdStopTimeout)
 	}
 }
 
-// stop kills etcd (resuming it first, in case it is paused) and reports
+// Stop kills etcd (resuming it first, in case it is paused) and reports
 // whether it exited.
-func (e *etcdServer) stop() bool {
+func (e *EtcdServer) Stop() bool {
 	e.mu.Lock()
 	cmd, done := e.cmd, e.done
 	e.mu.Unlock()
@@ -298,22 +296,22 @@ func (e *etcdServer) stop() bool {
 	}
 }
 
-// restart kills etcd if it runs and starts it again on the same data
+// Restart kills etcd if it runs and starts it again on the same data
 // directory and ports.
-func (e *etcdServer) restart(t testing.TB) {
+func (e *EtcdServer) Restart(t testing.TB) {
 	t.Helper()
-	e.kill(t)
+	e.Kill(t)
 	if err := e.launch(); err != nil {
 		t.Fatalf("restart etcd: %v", err)
 	}
 }
 
-// wipe kills etcd, empties its data directory (a lost volume) and starts
+// Wipe kills etcd, empties its data directory (a lost volume) and starts
 // it again on the same ports: an etcd with none of its data. A token other
 // than the one it ran with makes it another cluster (another cluster ID).
-func (e *etcdServer) wipe(t testing.TB, token string) {
+func (e *EtcdServer) Wipe(t testing.TB, token string) {
 	t.Helper()
-	e.kill(t)
+	e.Kill(t)
 	e.token = token
 	if err := os.RemoveAll(e.dataDir); err != nil {
 		t.Fatal(err)
@@ -326,12 +324,12 @@ func (e *etcdServer) wipe(t testing.TB, token string) {
 	}
 }
 
-// client is a plain etcd client for the test's own reads and compactions.
-func (e *etcdServer) client(t testing.TB) *clientv3.Client {
+// Client is a plain etcd Client for the test's own reads and compactions.
+func (e *EtcdServer) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cfg := clientv3.Config{Endpoints: []string{e.endpoint()}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
+	cfg := clientv3.Config{Endpoints: []string{e.Endpoint()}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}
 	if e.pki != nil {
-		cfg.TLS = e.pki.clientTLS()
+		cfg.TLS = e.pki.ClientTLS()
 	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
@@ -353,21 +351,21 @@ func etcdTail(log []byte, n int) string {
 // ---------------------------------------------------------------------------
 // PKI.
 
-// etcdTestPKI is a CA, a server certificate for 127.0.0.1 and localhost, a
+// EtcdPKI is a CA, a server certificate for 127.0.0.1 and localhost, a
 // client certificate it signed, and a client certificate an unrelated CA
 // signed, as PEM files.
-type etcdTestPKI struct {
-	caFile                string
-	serverCert, serverKey string
-	clientCert, clientKey string
-	otherCert, otherKey   string // signed by a CA etcd does not trust
-	otherCAFile           string
+type EtcdPKI struct {
+	CAFile                string
+	ServerCert, ServerKey string
+	ClientCert, ClientKey string
+	OtherCert, OtherKey   string // signed by a CA etcd does not trust
+	OtherCAFile           string
 	caPool                *x509.CertPool
 	clientPair            tls.Certificate
 }
 
-// newEtcdTestPKI makes ECDSA P-256 keys and certificates valid for an hour.
-func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
+// NewEtcdPKI makes ECDSA P-256 keys and certificates valid for an hour.
+func NewEtcdPKI(t testing.TB) *EtcdPKI {
 	t.Helper()
 	dir := t.TempDir()
 	now := time.Now()
@@ -378,8 +376,8 @@ func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
 		}
 		return path
 	}
-	newKey := func() *ecdsa.PrivateKey { return testKey(t) }
-	serial := func() *big.Int { return testSerial(t) }
+	newKey := func() *ecdsa.PrivateKey { return ECKey(t) }
+	serial := func() *big.Int { return Serial(t) }
 	type issued struct {
 		cert *x509.Certificate
 		key  *ecdsa.PrivateKey
@@ -427,19 +425,19 @@ func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
 	cli := issue(leafTmpl("frp-port-keeper", x509.ExtKeyUsageClientAuth), &ca)
 	stranger := issue(leafTmpl("stranger", x509.ExtKeyUsageClientAuth), &other)
 
-	p := &etcdTestPKI{
-		caFile:      write("ca.pem", "CERTIFICATE", ca.der),
-		otherCAFile: write("other-ca.pem", "CERTIFICATE", other.der),
-		serverCert:  write("server.pem", "CERTIFICATE", srv.der),
-		serverKey:   keyPEM("server-key.pem", srv.key),
-		clientCert:  write("client.pem", "CERTIFICATE", cli.der),
-		clientKey:   keyPEM("client-key.pem", cli.key),
-		otherCert:   write("stranger.pem", "CERTIFICATE", stranger.der),
-		otherKey:    keyPEM("stranger-key.pem", stranger.key),
+	p := &EtcdPKI{
+		CAFile:      write("ca.pem", "CERTIFICATE", ca.der),
+		OtherCAFile: write("other-ca.pem", "CERTIFICATE", other.der),
+		ServerCert:  write("server.pem", "CERTIFICATE", srv.der),
+		ServerKey:   keyPEM("server-key.pem", srv.key),
+		ClientCert:  write("client.pem", "CERTIFICATE", cli.der),
+		ClientKey:   keyPEM("client-key.pem", cli.key),
+		OtherCert:   write("stranger.pem", "CERTIFICATE", stranger.der),
+		OtherKey:    keyPEM("stranger-key.pem", stranger.key),
 		caPool:      x509.NewCertPool(),
 	}
 	p.caPool.AddCert(ca.cert)
-	pair, err := tls.LoadX509KeyPair(p.clientCert, p.clientKey)
+	pair, err := tls.LoadX509KeyPair(p.ClientCert, p.ClientKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,40 +445,103 @@ func newEtcdTestPKI(t testing.TB) *etcdTestPKI {
 	return p
 }
 
-// clientTLS trusts the CA and presents the client certificate.
-func (p *etcdTestPKI) clientTLS() *tls.Config {
+// ClientTLS trusts the CA and presents the client certificate.
+func (p *EtcdPKI) ClientTLS() *tls.Config {
 	return &tls.Config{RootCAs: p.caPool, Certificates: []tls.Certificate{p.clientPair}, MinVersion: tls.VersionTLS12}
 }
 
 // ---------------------------------------------------------------------------
 // Helpers for the etcd store's tests.
 
-// openTestEtcdStore opens an etcd store on e under prefix and closes it in
-// t.Cleanup.
-func openTestEtcdStore(t testing.TB, e *etcdServer, prefix string) *etcd.Store {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := etcd.Open(ctx, e.options(t, prefix))
-	if err != nil {
-		t.Fatal(err)
+// absolute bin/NAME.
+func GoBuildTool(name string, timeout time.Duration, out string, pkgs ...string) (string, error) {
+	toolDir := filepath.Join(ModuleRoot(), "tools", name)
+	binDir := filepath.Join(ModuleRoot(), "bin", name)
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return "", err
 	}
-	t.Cleanup(func() { s.Close() })
-	return s
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		return "", fmt.Errorf("building %s needs the go command on PATH: %w", name, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	target := binDir + string(filepath.Separator) // one binary per package
+	if out != "" {
+		target = filepath.Join(binDir, out)
+	}
+	cmd := exec.CommandContext(ctx, goTool, append([]string{"build", "-o", target}, pkgs...)...)
+	cmd.Dir = toolDir
+	cmd.Env = append(os.Environ(), "GOWORK=off")
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s (in %s): %v\n%s", strings.Join(cmd.Args, " "), toolDir, err, buf.String())
+	}
+	return binDir, nil
 }
 
-// compactForTest compacts the etcd history up to the current revision: the
-// store contract suite uses it, when a store has it, to make a watch that
-// is behind lose its history.
-func compactForTest(t testing.TB, s *etcd.Store) {
+// ModuleRoot is the repository's root directory, whatever the test's
+// working directory.
+func ModuleRoot() string {
+	_, here, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(here), "..", "..")
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	resp, err := s.Client().Get(ctx, s.Prefix(), clientv3.WithCountOnly())
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Client().Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// ECKey is a fresh ECDSA P-256 key for the tests' certificates.
+func ECKey(t testing.TB) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
 		t.Fatal(err)
 	}
+	return k
+}
+
+// Serial is a random certificate serial number.
+func Serial(t testing.TB) *big.Int {
+	t.Helper()
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// EtcdGet reads the raw value of name under prefix ("" when absent).
+func EtcdGet(t testing.TB, cli *clientv3.Client, name string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return ""
+	}
+	return string(resp.Kvs[0].Value)
+}
+
+// EtcdCount is how many records lie under a prefix.
+func EtcdCount(t testing.TB, cli *clientv3.Client, prefix string) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
 }
