@@ -89,7 +89,7 @@ func (r *benchRequest) mustServe(b *testing.B, h http.Handler) *httptest.Respons
 // its port: body read, request decoded, allocator hit, answer patched and
 // written, log line formatted, metrics counted.
 func BenchmarkHandlerStickyHit(b *testing.B) {
-	a := newTestAllocator(b, b.TempDir(), benchPool, allocatorOptions{log: benchLogger()})
+	a := newTestAllocator(b, benchDataRoot(b), benchPool, allocatorOptions{log: benchLogger()})
 	h := newServer(a, benchLogger(), serverOptions{})
 	r := newBenchRequest([]byte(newProxyBody("alice", "alice.ssh", "tcp", "")))
 	port := portOf(b, r.mustServe(b, h).Body.String()) // the first request allocates
@@ -106,7 +106,7 @@ func BenchmarkHandlerStickyHit(b *testing.B) {
 // BenchmarkHandlerStickyHitParallel is the same with every core busy, each
 // goroutine on a key of its own (the RWMutex read path under contention).
 func BenchmarkHandlerStickyHitParallel(b *testing.B) {
-	a := newTestAllocator(b, b.TempDir(), benchPool, allocatorOptions{log: benchLogger()})
+	a := newTestAllocator(b, benchDataRoot(b), benchPool, allocatorOptions{log: benchLogger()})
 	h := newServer(a, benchLogger(), serverOptions{})
 	const keys = 256
 	bodies := make([][]byte, keys)
@@ -172,9 +172,11 @@ func benchSeed(b *testing.B, dir string, from, to int) {
 
 func benchSeedKey(i int) string { return fmt.Sprintf("bench-seed-%06d", i) }
 
-// benchFreshBatch is how many fresh keys a fresh benchmark adds before it
-// releases them again (outside the timer), so the store keeps its size
-// whatever b.N is, and the pool never runs dry.
+// benchFreshBatch is how many fresh keys a fresh benchmark adds to one
+// copy of the store before it goes on in a new copy (outside the timer),
+// so the store keeps its size whatever b.N is, and the pool never runs
+// dry. Nothing is released: a deletion makes the next file creations slow
+// on an ext4 without a journal (see bench/misses.md).
 const benchFreshBatch = 1000
 
 // benchFreshKeys numbers fresh keys across sub-benchmarks and -count runs.
@@ -185,9 +187,10 @@ var benchFreshKeys atomic.Int64
 // (newAllocator: read and check every record file, build the maps);
 // allocate() for a key that has its port (hit); and allocate() for a key
 // that has none (fresh: port search, two record files written before the
-// answer). The store grows in place from one size to the next.
+// answer, into a hard-linked copy of the store). The store grows in place
+// from one size to the next.
 func BenchmarkAllocator(b *testing.B) {
-	dir := b.TempDir()
+	dir := benchDataRoot(b)
 	seeded := 0
 	for _, n := range []int{0, 10000, 50000} {
 		benchSeed(b, dir, seeded, n)
@@ -203,12 +206,13 @@ func BenchmarkAllocator(b *testing.B) {
 			for i := range n {
 				reqs = append(reqs, frpplugin.Proxy{User: "seed", ProxyName: benchSeedKey(i), ProxyType: "tcp"})
 			}
-			if n == 0 { // a hit needs one allocation: make it, and drop it after
+			a := a
+			if n == 0 { // a hit needs one allocation: in a store of its own, never released
+				a = newTestAllocator(b, benchDataRoot(b), benchPool, allocatorOptions{log: benchLogger()})
 				r := frpplugin.Proxy{User: "u", ProxyName: "bench-hit", ProxyType: "tcp"}
 				if _, _, err := a.allocate(r); err != nil {
 					b.Fatal(err)
 				}
-				defer a.release(r.ProxyName, "bench")
 				reqs = append(reqs, r)
 			}
 			b.ReportAllocs()
@@ -225,33 +229,36 @@ func BenchmarkAllocator(b *testing.B) {
 		})
 
 		b.Run(fmt.Sprintf("existing=%d/fresh", n), func(b *testing.B) {
-			var added []string
-			releaseAdded := func() {
-				for _, key := range added {
-					if err := a.release(key, "bench"); err != nil {
-						b.Fatalf("release %s: %v", key, err)
-					}
+			var fa *allocator
+			added := 0
+			next := func() { // a new copy of the store of n, its writes on disk
+				if fa != nil {
+					fa.store.Close()
 				}
-				added = added[:0]
+				cp := benchDataRoot(b)
+				benchCopyStore(b, dir, cp)
+				fa = newTestAllocator(b, cp, benchPool, allocatorOptions{log: benchLogger()})
+				if got := len(fa.byKey); got != n {
+					b.Fatalf("the copy holds %d allocations; want %d", got, n)
+				}
+				added = 0
+				syscall.Sync()
 			}
+			next()
 			b.ReportAllocs()
 			for b.Loop() {
 				key := fmt.Sprintf("bench-fresh-%07d", benchFreshKeys.Add(1))
-				_, how, err := a.allocate(frpplugin.Proxy{User: "u", ProxyName: key, ProxyType: "tcp"})
+				_, how, err := fa.allocate(frpplugin.Proxy{User: "u", ProxyName: key, ProxyType: "tcp"})
 				if err != nil || how != outcomeNew {
 					b.Fatalf("allocate(%s) = %s, %v; want a new port", key, how, err)
 				}
-				added = append(added, key)
-				if len(added) == benchFreshBatch {
+				if added++; added == benchFreshBatch {
 					b.StopTimer()
-					releaseAdded()
+					next()
 					b.StartTimer()
 				}
 			}
-			releaseAdded()
-			if got := len(a.byKey); got != n {
-				b.Fatalf("after releasing: %d allocations; want %d", got, n)
-			}
+			fa.store.Close()
 		})
 		a.store.Close()
 	}
@@ -353,10 +360,11 @@ func BenchmarkAdminList(b *testing.B) {
 // The data directories are on the disk BENCH_TMP names, else the system's
 // temporary directory: on tmpfs an fsync costs nothing, so put them on
 // the disk a server would use. Setting up a store (seeding, opening,
-// loading) and removing it stay outside the timer, and the disk is synced
-// before the timer starts, so the writeback of the set-up does not land on
-// the timed claims. Nothing is deleted while the timer runs: when the pool
-// is about to run dry, the claims go on in a fresh copy of the store.
+// loading) stays outside the timer, and the disk is synced before the
+// timer starts, so the writeback of the set-up does not land on the timed
+// claims. Nothing is deleted while the benchmark runs: when the pool is
+// about to run dry, the claims go on in a fresh copy of the store, and
+// every copy stays until benchDataRoot's directory goes.
 func BenchmarkFreshClaims(b *testing.B) {
 	root := benchDataRoot(b)
 	templates := map[string]string{} // seeded stores of 50,000 to copy, by format
@@ -394,7 +402,6 @@ func BenchmarkFreshClaims(b *testing.B) {
 						if err != nil {
 							b.Fatal(err)
 						}
-						b.Cleanup(func() { os.RemoveAll(dir) })
 						if from != "" {
 							benchCopyStore(b, from, dir)
 						}
@@ -506,18 +513,20 @@ func benchClaims(b *testing.B, open func() *allocator, room, clients int) {
 	b.ReportMetric(percentile(lat, 0.99), "p99-ms")
 }
 
-// benchDataRoot is where BenchmarkFreshClaims keeps its stores: under
-// BENCH_TMP when set (as bench/run.sh's load tool does), else b.TempDir().
+// benchDataRoot is a new directory for a benchmark's stores: under
+// BENCH_TMP when set, else b.TempDir(). Under BENCH_TMP it is not removed:
+// bench/run.sh sets BENCH_TMP to a directory of its own and removes it
+// after the last timed phase, because on an ext4 without a journal the
+// file creations of the next minutes are slow after a deletion.
 func benchDataRoot(b *testing.B) string {
 	parent := os.Getenv("BENCH_TMP")
 	if parent == "" {
 		return b.TempDir()
 	}
-	dir, err := os.MkdirTemp(parent, "frp-port-keeper-claims-")
+	dir, err := os.MkdirTemp(parent, "frp-port-keeper-bench-")
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
 }
 
@@ -543,6 +552,9 @@ func benchCopyStore(b *testing.B, src, dst string) {
 				b.Fatal(err)
 			}
 			continue
+		}
+		if e.IsDir() && e.Name() == file.CheckpointDir {
+			continue // what the last close saved: a copy reads every record
 		}
 		if !e.Type().IsRegular() {
 			b.Fatalf("seeded store %s holds %s, not a record file", src, e.Name())

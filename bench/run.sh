@@ -9,10 +9,16 @@
 #                           left alone: profiling slows the server down)
 #
 # Knobs (environment): BENCH_COUNT (micro-benchmark -count, default 3),
-# BENCH_RUNS (load-tool repetitions, default 3), BENCH_TMP (parent of the
-# temporary data directories of the load tool and of BenchmarkFreshClaims,
-# default the system's temp directory: put it on the disk a server would
-# use, not on tmpfs, where an fsync costs nothing).
+# BENCH_RUNS (load-tool repetitions, default 3), BENCH_TMP (where the
+# run's data directories go, default the system's temp directory: put it
+# on the disk a server would use, not on tmpfs, where an fsync costs nothing).
+#
+# Every data directory of a run (the micro-benchmarks' and the load tool's)
+# lives under one directory, made here and removed when this script exits:
+# nothing is deleted before or between timed phases. On an ext4 without a
+# journal the kernel's inode allocator passes over inodes freed in the last
+# 60-360 s, so file creations after a deletion are slow, and creating files
+# is most of what a fresh allocation costs (see BENCHMARKS.md).
 # Everything listens on 127.0.0.1 only; every process it starts is gone when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +28,12 @@ mode="${1:-run}"
 OUT=bench/out
 COUNT="${BENCH_COUNT:-3}"
 RUNS="${BENCH_RUNS:-3}"
-TMPARG=()
-if [ -n "${BENCH_TMP:-}" ]; then TMPARG=(-tmp "$BENCH_TMP"); export BENCH_TMP; fi
 mkdir -p "$OUT"
+RUN_TMP="$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/frp-port-keeper-bench-run-XXXXXX")"
+trap 'rm -rf "$RUN_TMP"' EXIT
+trap 'exit 130' INT TERM
+export BENCH_TMP="$RUN_TMP" # the micro-benchmarks' stores (bench_test.go: benchDataRoot)
+TMPARG=(-tmp "$RUN_TMP")
 
 echo "== building the plugin (as make build does), frps/frpc v0.65.0 and the load tool"
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$OUT/frp-port-keeper" .
@@ -47,7 +56,9 @@ run)
 	;;
 profile)
 	P="$OUT/profiles"
-	rm -rf "$P" && mkdir -p "$P"
+	# The last profiles go with the run's data directories, at exit.
+	if [ -e "$P" ]; then mv "$P" "$RUN_TMP/old-profiles"; fi
+	mkdir -p "$P"
 	go test -tags benchserve -c -o "$OUT/frp-port-keeper.test" .
 	echo "== profiled micro-benchmarks"
 	for b in 'HandlerStickyHit$' 'Allocator/existing=50000/(load|fresh)$' 'FreshClaims/store=file/existing=0/'; do

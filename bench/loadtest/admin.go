@@ -199,10 +199,14 @@ type adminStorm struct {
 	rssMax  int64
 }
 
+// stormN numbers the admin storms of a run.
+var stormN int
+
 func startAdminStorm(cfg config, dir, url string, clients, wantRows, pid int) (*adminStorm, error) {
-	s := &adminStorm{out: filepath.Join(dir, "listers.json"), quit: make(chan struct{}), sampled: make(chan struct{}), started: time.Now()}
-	os.Remove(s.out)
-	p, err := startProc("loadtest listers", filepath.Join(dir, "listers.log"), cfg.self, "listers", "-url", url,
+	// A file of its own per storm: nothing is deleted between runs.
+	stormN++
+	s := &adminStorm{out: filepath.Join(dir, fmt.Sprintf("listers-%d.json", stormN)), quit: make(chan struct{}), sampled: make(chan struct{}), started: time.Now()}
+	p, err := startProc("loadtest listers", filepath.Join(dir, fmt.Sprintf("listers-%d.log", stormN)), cfg.self, "listers", "-url", url,
 		"-clients", strconv.Itoa(clients), "-rows", strconv.Itoa(wantRows), "-out", s.out)
 	if err != nil {
 		return nil, err

@@ -79,7 +79,8 @@ func phaseE2E(cfg config, tmp string) (*e2eResults, error) {
 			}
 			logf("e2e run %d %-6s: %d proxies online in %.0f ms; again after frpc was killed: %.0f ms (%d kept their port)",
 				run+1, mode, cfg.e2eProxies, r.FirstMS, r.ReconnectMS, r.SamePorts)
-			os.RemoveAll(dir)
+			// dir stays until the load tool ends: a deletion here would
+			// slow the next run's file creations (see phaseFresh).
 		}
 	}
 	return res, nil

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"slices"
@@ -215,40 +214,4 @@ func answerPort(body []byte) (int, bool) {
 	}
 	n, err := strconv.Atoi(string(body[i+len(marker) : len(body)-2]))
 	return n, err == nil
-}
-
-// adminDelete releases keys through the plugin's admin API, with a few
-// connections at once.
-func adminDelete(addr string, keys []string) error {
-	const conns = 4
-	var errs errorCounter
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c := &http.Client{Timeout: 10 * time.Second}
-			defer c.CloseIdleConnections()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(keys) {
-					return
-				}
-				req, _ := http.NewRequest(http.MethodDelete, "http://"+addr+"/api/allocations/"+keys[i], nil)
-				resp, err := c.Do(req)
-				if err != nil {
-					errs.add(err)
-					continue
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusNoContent {
-					errs.add(fmt.Errorf("DELETE %s: %s", keys[i], resp.Status))
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return errs.err()
 }

@@ -29,10 +29,12 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -215,6 +217,10 @@ func run() error {
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 
+	// Every phase's data directories go under tmp and stay there until the
+	// last phase is over: nothing is deleted before or between timed
+	// phases (a deletion slows the file creations of the next minutes on
+	// an ext4 without a journal; see BENCHMARKS.md).
 	tmp, err := os.MkdirTemp(cfg.tmpRoot, "frp-port-keeper-bench-")
 	if err != nil {
 		return err
@@ -301,7 +307,8 @@ type machine struct {
 	MemTotal   string `json:"mem_total"`
 	Kernel     string `json:"kernel"`
 	Go         string `json:"go"`
-	FS         string `json:"tmp_fs"` // filesystem of the data directories
+	FS         string `json:"tmp_fs"` // filesystem of the data directories, in short
+	Disk       fsInfo `json:"tmp_fs_detail"`
 	Binary     string `json:"binary"`
 	LoadStart  string `json:"load_start"`
 	LoadEnd    string `json:"load_end"`
@@ -328,7 +335,8 @@ func describeMachine(tmp, bin string) machine {
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(data))
 	}
-	m.FS = fsType(tmp)
+	m.Disk = describeFS(tmp)
+	m.FS = m.Disk.short()
 	return m
 }
 
@@ -344,45 +352,134 @@ func loadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
-// fsType names the filesystem holding dir, from /proc/self/mounts (the
-// longest mount point that prefixes it), and for ext4 whether it has a
-// journal: what an fsync costs depends on it.
-func fsType(dir string) string {
-	data, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
+// fsInfo is what BENCHMARKS.md says about the file system of the data
+// directories: what an fsync and a file creation cost depends on it.
+type fsInfo struct {
+	Dir        string `json:"dir"`
+	Device     string `json:"device"`
+	Type       string `json:"type"`
+	MountPoint string `json:"mount_point"`
+	Options    string `json:"options"`     // /proc/self/mounts
+	Journal    string `json:"journal"`     // "yes", "no" or "" (unknown)
+	JournalWhy string `json:"journal_why"` // how that was found out
+	Features   string `json:"features"`    // tune2fs -l, when it can read the superblock
+	NoFeatures string `json:"no_features"` // why not
+	WriteCache string `json:"write_cache"` // /sys/block/DEV/queue/write_cache
+	Size       string `json:"size"`        // statfs
+}
+
+func (f fsInfo) short() string {
+	if f.Type == "" {
 		return "unknown"
 	}
-	best, typ := "", "unknown"
+	s := fmt.Sprintf("%s (%s on %s)", f.Type, f.Device, f.MountPoint)
+	switch f.Journal {
+	case "yes":
+		s += ", with a journal"
+	case "no":
+		s += ", without a journal"
+	}
+	return s
+}
+
+// describeFS finds the mount holding dir in /proc/self/mounts (the longest
+// mount point that prefixes it) and, for ext4, whether it has a journal:
+// from tune2fs -l when the superblock can be read, else from the kernel's
+// view (/sys/fs/ext4/DEV/journal_task, /proc/fs/jbd2).
+func describeFS(dir string) fsInfo {
+	f := fsInfo{Dir: dir}
+	data, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return f
+	}
+	best := ""
 	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 3 {
+		m := strings.Fields(line)
+		if len(m) < 4 {
 			continue
 		}
-		mp := f[1]
+		mp := m[1]
 		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) > len(best) {
-			best, typ = mp, f[2]+" ("+f[0]+" on "+mp+")"
-			if f[2] == "ext4" {
-				typ += ext4Journal(filepath.Base(f[0]))
+			best = mp
+			f.Device, f.MountPoint, f.Type, f.Options = m[0], mp, m[2], m[3]
+		}
+	}
+	if f.Type == "" {
+		return f
+	}
+	var st syscall.Statfs_t
+	if syscall.Statfs(dir, &st) == nil {
+		size := float64(st.Blocks) * float64(st.Bsize) / (1 << 30)
+		used := 0.0
+		if st.Files > 0 {
+			used = 100 * float64(st.Files-st.Ffree) / float64(st.Files)
+		}
+		f.Size = fmt.Sprintf("%.0f GiB, %d KiB blocks, %s inodes (%.0f%% in use)", size, st.Bsize/1024, n(int(st.Files)), used)
+	}
+	dev := filepath.Base(f.Device)
+	for _, p := range []string{"/sys/class/block/" + dev + "/queue/write_cache", "/sys/class/block/" + dev + "/../queue/write_cache"} {
+		if b, err := os.ReadFile(p); err == nil {
+			f.WriteCache = strings.TrimSpace(string(b))
+			break
+		}
+	}
+	if f.Type != "ext4" {
+		return f
+	}
+	out, err := exec.Command("tune2fs", "-l", f.Device).CombinedOutput()
+	if err == nil {
+		for _, line := range strings.Split(string(out), "\n") {
+			if v, ok := strings.CutPrefix(line, "Filesystem features:"); ok {
+				f.Features = strings.TrimSpace(v)
+			}
+		}
+	} else {
+		why := strings.TrimSpace(string(out))
+		for _, line := range strings.Split(why, "\n") {
+			if strings.Contains(line, "while trying") || strings.Contains(line, "not found") {
+				why = strings.TrimSpace(line)
+				break
+			}
+		}
+		if len(why) > 120 || why == "" {
+			why = err.Error()
+		}
+		f.NoFeatures = fmt.Sprintf("`tune2fs -l %s` cannot read the superblock here (%s)", f.Device, why)
+	}
+	if f.Features != "" {
+		f.Journal, f.JournalWhy = "no", "`tune2fs -l "+f.Device+"`: no has_journal among the features"
+		if slices.Contains(strings.Fields(f.Features), "has_journal") {
+			f.Journal, f.JournalWhy = "yes", "`tune2fs -l "+f.Device+"`: has_journal"
+		}
+		return f
+	}
+	var why []string
+	if b, err := os.ReadFile(filepath.Join("/sys/fs/ext4", dev, "journal_task")); err == nil {
+		task := strings.TrimSpace(string(b))
+		why = append(why, fmt.Sprintf("/sys/fs/ext4/%s/journal_task is `%s`", dev, task))
+		if task == "<none>" {
+			f.Journal = "no"
+		} else {
+			f.Journal = "yes"
+		}
+	}
+	if entries, err := os.ReadDir("/proc/fs/jbd2"); err == nil {
+		found := false
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), dev+"-") {
+				found = true
+			}
+		}
+		if found {
+			why = append(why, fmt.Sprintf("/proc/fs/jbd2 has an entry for %s", dev))
+			f.Journal = "yes"
+		} else {
+			why = append(why, fmt.Sprintf("/proc/fs/jbd2 has no entry for %s", dev))
+			if f.Journal == "" {
+				f.Journal = "no"
 			}
 		}
 	}
-	return typ
-}
-
-// ext4Journal says whether the ext4 file system on dev (as /proc/fs/ext4
-// names it) has a journal: a journaled one has a jbd2 entry, "dev-8".
-func ext4Journal(dev string) string {
-	if _, err := os.Stat(filepath.Join("/proc/fs/ext4", dev)); err != nil {
-		return ""
-	}
-	entries, err := os.ReadDir("/proc/fs/jbd2")
-	if err != nil {
-		return ""
-	}
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), dev+"-") {
-			return ", with a journal"
-		}
-	}
-	return ", without a journal (no jbd2 entry in /proc/fs/jbd2)"
+	f.JournalWhy = strings.Join(why, "; ")
+	return f
 }

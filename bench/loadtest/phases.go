@@ -163,28 +163,30 @@ type freshResults struct {
 
 // phaseFresh leaves the full store (Existing + Keys allocations) in the
 // directory it returns, for the start-up phase.
+//
+// Nothing is deleted or released here: each run has an empty store and a
+// full store of its own, all of them imported before the first timed run,
+// and they stay until the load tool ends. On an ext4 without a journal a
+// deletion makes the file creations of the next minutes slow (the inode
+// allocator skips recently freed inodes), and creating files is nearly
+// all of a fresh allocation.
 func phaseFresh(cfg config, tmp string) (*freshResults, string, error) {
 	res := &freshResults{Keys: cfg.freshKeys, Existing: cfg.freshExisting}
-	fullDir := filepath.Join(tmp, "fresh-full")
-	dataDir := filepath.Join(fullDir, "data")
-	if err := os.MkdirAll(fullDir, 0o700); err != nil {
-		return nil, "", err
+	fullDirs := make([]string, cfg.runs)
+	for run := range cfg.runs {
+		fullDirs[run] = filepath.Join(tmp, fmt.Sprintf("fresh-full-%d", run+1))
+		if err := os.MkdirAll(fullDirs[run], 0o700); err != nil {
+			return nil, "", err
+		}
+		logf("fresh: importing %d allocations for run %d", cfg.freshExisting, run+1)
+		took, err := seedDataDir(cfg.bin, filepath.Join(fullDirs[run], "data"), fullDirs[run], cfg.freshExisting)
+		if err != nil {
+			return nil, "", err
+		}
+		res.SeedSeconds = max(res.SeedSeconds, took.Seconds())
+		logf("fresh: imported %d allocations in %v", cfg.freshExisting, took.Round(time.Millisecond))
 	}
-	logf("fresh: importing %d allocations", cfg.freshExisting)
-	took, err := seedDataDir(cfg.bin, dataDir, fullDir, cfg.freshExisting)
-	if err != nil {
-		return nil, "", err
-	}
-	res.SeedSeconds = took.Seconds()
-	logf("fresh: imported %d allocations in %v", cfg.freshExisting, took.Round(time.Millisecond))
-	full, err := startPlugin(cfg, "fresh-full", dataDir, cfg.pool, filepath.Join(fullDir, "plugin.log"))
-	if err != nil {
-		return nil, "", err
-	}
-	defer full.stop(syscall.SIGTERM)
-	if n, err := loadedAllocations(full.logPath); err != nil || n != cfg.freshExisting {
-		return nil, "", fmt.Errorf("the plugin loaded %d allocations (%v); want %d", n, err, cfg.freshExisting)
-	}
+	syscall.Sync() // the imports' writeback is over before anything is measured
 
 	sequential := func(addr, prefix string) (loadResult, []string, error) {
 		keys := make([]string, cfg.freshKeys)
@@ -218,26 +220,29 @@ func phaseFresh(cfg config, tmp string) (*freshResults, string, error) {
 		}
 		r, _, err := sequential(empty.addr, fmt.Sprintf("fresh-e%d", run+1))
 		empty.stop(syscall.SIGTERM)
-		os.RemoveAll(emptyDir)
 		if err != nil {
 			return nil, "", err
 		}
 		res.Empty = append(res.Empty, r)
 		logf("fresh run %d, empty store:      p50 %.3f ms  p99 %.3f ms  (%.0f allocations/s)", run+1, r.P50, r.P99, r.RPS)
 
-		r, keys, err := sequential(full.addr, fmt.Sprintf("fresh-f%d", run+1))
+		full, err := startPlugin(cfg, "fresh-full", filepath.Join(fullDirs[run], "data"), cfg.pool, filepath.Join(fullDirs[run], "plugin.log"))
+		if err != nil {
+			return nil, "", err
+		}
+		if n, err := loadedAllocations(full.logPath); err != nil || n != cfg.freshExisting {
+			full.stop(syscall.SIGTERM)
+			return nil, "", fmt.Errorf("the plugin loaded %d allocations (%v); want %d", n, err, cfg.freshExisting)
+		}
+		r, _, err = sequential(full.addr, fmt.Sprintf("fresh-f%d", run+1))
+		full.stop(syscall.SIGTERM)
 		if err != nil {
 			return nil, "", err
 		}
 		res.Full = append(res.Full, r)
 		logf("fresh run %d, %d existing: p50 %.3f ms  p99 %.3f ms  (%.0f allocations/s)", run+1, cfg.freshExisting, r.P50, r.P99, r.RPS)
-		if run < cfg.runs-1 { // back to Existing for the next run
-			if err := adminDelete(full.addr, keys); err != nil {
-				return nil, "", fmt.Errorf("releasing run %d's keys: %v", run+1, err)
-			}
-		}
 	}
-	return res, dataDir, nil
+	return res, filepath.Join(fullDirs[cfg.runs-1], "data"), nil
 }
 
 // seedDataDir writes n allocations (ports 1024 up) into dataDir with the
@@ -331,9 +336,10 @@ func phaseStartup(cfg config, tmp, fullData string, want int) (*startupResults, 
 	res := &startupResults{Allocations: want}
 	emptyData := filepath.Join(tmp, "startup-empty")
 	const later = 5 * time.Second
+	starts := 0
 	once := func(label, dataDir string, idle bool) (startupRun, int, error) {
-		logPath := filepath.Join(tmp, "startup.log")
-		os.Remove(logPath)
+		starts++ // a log of its own: nothing is deleted between starts
+		logPath := filepath.Join(tmp, fmt.Sprintf("startup-%02d-%s.log", starts, label))
 		pl, err := startPlugin(cfg, label, dataDir, cfg.pool, logPath)
 		if err != nil {
 			return startupRun{}, 0, err
@@ -363,16 +369,13 @@ func phaseStartup(cfg config, tmp, fullData string, want int) (*startupResults, 
 		return r, n, err
 	}
 	// crash makes the data directory differ from what the last clean
-	// shutdown saw, as a record written before a crash would.
-	crash := func() error {
-		marker := filepath.Join(fullData, "bench-crash-marker.tmp")
-		if err := os.WriteFile(marker, nil, 0o600); err != nil {
-			return err
-		}
-		return os.Remove(marker)
+	// shutdown saw, as a record written before a crash would: a new file
+	// the store does not read (neither .json nor .tmp), left in place.
+	crash := func(run int) error {
+		return os.WriteFile(filepath.Join(fullData, fmt.Sprintf("bench-crash-marker-%d", run+1)), nil, 0o600)
 	}
 	for run := range cfg.startupRuns {
-		if err := crash(); err != nil {
+		if err := crash(run); err != nil {
 			return nil, err
 		}
 		r, n, err := once("startup-cold", fullData, run == cfg.startupRuns-1)

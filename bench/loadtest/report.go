@@ -7,6 +7,7 @@ import (
 	"maps"
 	"math"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -303,11 +304,22 @@ func markdown(cfg config, res *results, micro []microResult) string {
 	p("`go run ./bench/loadtest -bin bin/frp-port-keeper -phases storm -storm-runs 1` (`-keep` keeps the data directories and logs; `-h` lists the knobs).\n\n")
 
 	p("## Machine\n\n| | |\n|---|---|\n")
-	p("| Cores | %d (GOMAXPROCS %d) |\n| CPU | %s |\n| Memory | %s |\n| Kernel | Linux %s |\n| Go | %s |\n| Data directories on | %s |\n",
-		m.Cores, m.GOMAXPROCS, m.CPU, memTotal(m.MemTotal), m.Kernel, m.Go, m.FS)
+	p("| Cores | %d (GOMAXPROCS %d) |\n| CPU | %s |\n| Memory | %s |\n| Kernel | Linux %s |\n| Go | %s |\n",
+		m.Cores, m.GOMAXPROCS, m.CPU, memTotal(m.MemTotal), m.Kernel, m.Go)
+	fsRows(p, m)
 	p("| Load average (1, 5, 15 min) | %s at the start, %s at the end |\n\n", m.LoadStart, m.LoadEnd)
 	p("Everything shares these cores: the load generator, the plugin or the baseline, frps and frpc. ")
 	p("Other work on the machine shows in the load average above. Figures that swing from run to run are the median of several runs, and every run is listed.\n\n")
+	p("**Nothing is deleted while anything is timed.** Every data directory of the run (micro-benchmarks and load tool) lives under one directory that ")
+	p("bench/run.sh removes when it exits, after the last timed phase; between phases and runs nothing is released, removed or overwritten by the suite: ")
+	p("each run gets a store of its own, imported or copied (hard links) before the timer starts, and the disk is synced before timing. ")
+	p("The reason is the data disk: on an ext4 without a journal the kernel's inode allocator passes over every inode freed in the last 60 s ")
+	p("(360 s while its inode table block is still dirty; `recently_deleted()` in fs/ext4/ialloc.c, checked only when there is no journal), ")
+	p("looking each one up in the buffer cache. After thousands of deletions every file creation walks past them, and creating files is nearly all of a fresh allocation. ")
+	p("In the BENCHMARKS.md of 2026-11-26, deleting each run's data directory before the next timed run made fresh allocations at 50,000 existing look 2.7× slower than into an empty store, ")
+	p("and registration through frps 6.6× frps alone, where by hand without the deletions they were 0.85–1.18× and about 3.5×. ")
+	p("What the suite cannot keep out: the product's own deletions (the store's write probe at each start and a used checkpoint), ")
+	p("the go tool's temporary build files before the micro-benchmarks, and whatever else runs on the machine and deletes files on the same disk.\n\n")
 
 	p("## Targets\n\n| Target | Measured (medians) | Status |\n|---|---|---|\n")
 	for _, t := range append(targets(res), durableTargets(micro)...) {
@@ -343,8 +355,9 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("*heap kept* is the live heap of one loaded allocator.\n")
 		p("- **Allocator/existing=N/hit**: `allocate()` of keys that have their port, cycling through the N seeded keys (one key when N = 0).\n")
 		p("- **Allocator/existing=N/fresh**: `allocate()` of new keys: port search, then the two record files written before the answer. ")
-		p("The store in `b.TempDir()` is seeded through `kvStore.claim` outside the timer. ")
-		p("After every 1,000 fresh keys the timer stops and they are released, so the store keeps its size and the pool never runs dry. ")
+		p("The store is seeded through `kvStore.claim` outside the timer, and the fresh keys go into a copy of it (hard links, loaded and synced outside the timer). ")
+		p("After every 1,000 fresh keys the timer stops and they go on in a new copy, so the store keeps its size and the pool never runs dry; ")
+		p("nothing is released (see *Nothing is deleted* above). ")
 		p("Nearly all of a fresh allocation is the kernel creating the two files (openat with O_CREAT in the data directory). ")
 		p("What that costs depends on the filesystem, the directory's size and other disk activity, and on this shared machine it swings between runs. ")
 		p("So the store sizes are compared in section 3, where they are interleaved.\n")
@@ -386,7 +399,7 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("## 3. Fresh allocations\n\n")
 		p("%s NewProxy requests for new keys, one at a time over one keep-alive connection. So each latency is one allocation: ", n(f.Keys))
 		p("HTTP round trip, port search, two record files written. They go into an empty store and into a store that already holds %s allocations ", n(f.Existing))
-		p("(imported with `frp-port-keeper import` in %.1f s). Between runs the full store's new keys are released through the admin API, so every run starts from %s.\n\n", f.SeedSeconds, n(f.Existing))
+		p("(imported with `frp-port-keeper import`, at most %.1f s). Each run has an empty store and a full store of its own, all imported and synced before the first run, so every run starts from %s and nothing is deleted or released between runs.\n\n", f.SeedSeconds, n(f.Existing))
 		p("| Run | Empty: p50 | p99 | allocations/s | %s existing: p50 | p99 | allocations/s | p50 ratio |\n|---|---|---|---|---|---|---|---|\n", n(f.Existing))
 		for i := range f.Empty {
 			e, full := f.Empty[i], f.Full[i]
@@ -401,9 +414,9 @@ func markdown(cfg config, res *results, micro []microResult) string {
 
 	if s := res.Startup; s != nil {
 		p("## 4. Start-up\n\n")
-		p("The binary on a data directory holding %s allocations (the full store of section 3) with the pool %s. ", n(s.Allocations), cfg.pool)
+		p("The binary on a data directory holding %s allocations (the last run's full store of section 3) with the pool %s. ", n(s.Allocations), cfg.pool)
 		p("Measured: the time from exec to the first 200 on `GET /ping` (polled every millisecond), and VmRSS and VmHWM from /proc/PID/status at that moment. Three starts per run:\n\n")
-		p("- **after a crash**: a file is created in and removed from the data directory before the start, as a record written before a crash would. ")
+		p("- **after a crash**: a file the store does not read is created in the data directory before the start (and left there), as a record written before a crash would. ")
 		p("Whatever the plugin saved at its last clean shutdown no longer describes the store, so it must read every record.\n")
 		p("- **after a clean shutdown**: the previous instance stopped on SIGTERM and nothing changed since.\n")
 		p("- **empty store**, for comparison.\n\n")
@@ -435,7 +448,7 @@ func markdown(cfg config, res *results, micro []microResult) string {
 		p("## 5. End to end with frps and frpc v0.65.0\n\n")
 		p("One frpc with %s tcp proxies without `remotePort` logs in to frps, which has `allowPorts` %s and `maxPortsPerClient = 0` (no limit). Three set-ups, in turn:\n\n", n(e.Proxies), e.Pool)
 		p("- **frps alone**: frps picks its own random ports.\n")
-		p("- **with the plugin**: frps calls it for every NewProxy. The plugin runs with `-allow-ports %s -probe=false` on an empty data directory, so every proxy is a fresh allocation.\n", e.Pool)
+		p("- **with the plugin**: frps calls it for every NewProxy. The plugin runs with `-allow-ports %s -probe=false` on an empty data directory of its own (each run's stays until the end), so every proxy is a fresh allocation.\n", e.Pool)
 		p("- **with a no-op plugin** (reference): the bare baseline server of section 2 as frps's plugin, answering `{\"reject\":false,\"unchange\":true}` at once. It shows what any HTTP plugin call costs frps.\n\n")
 		p("The time runs from frpc's exec until frps's dashboard (`GET /api/proxy/tcp`, polled every %.0f ms) lists all %s online. ", e.PollInterval, n(e.Proxies))
 		p("Then frpc is killed, the proxies go offline, and a new frpc registers them again (\"again\"). With the plugin those are %s sticky hits.\n\n", n(e.Proxies))
@@ -507,6 +520,46 @@ func stormTable(p func(string, ...any), base, plug []loadResult, closed bool) {
 		rate(bRPS), median(field(base, p50)), median(field(base, p99)), rate(pRPS), median(field(plug, p50)), median(field(plug, p99)), pairedRatio(plug, base, rps))
 	if closed {
 		p("The last column's median is the median of the per-run ratios (each run pairs the two storms back to back); the ratio of the two median throughputs is %.2f.\n\n", pRPS/bRPS)
+	}
+}
+
+// fsRows are the machine table's rows about the data directories' file
+// system.
+func fsRows(p func(string, ...any), m machine) {
+	d := m.Disk
+	if d.Type == "" {
+		p("| Data directories on | %s |\n", m.FS)
+		return
+	}
+	p("| Data directories on | %s on %s, mounted on %s (the run's directories under %s) |\n", d.Type, d.Device, d.MountPoint, filepath.Dir(filepath.Dir(d.Dir)))
+	p("| Mount options | `%s` (/proc/mounts) |\n", d.Options)
+	if d.Type == "ext4" {
+		j := "unknown"
+		switch d.Journal {
+		case "yes":
+			j = "yes"
+		case "no":
+			j = "**none**"
+		}
+		if d.JournalWhy != "" {
+			j += " (" + d.JournalWhy + ")"
+		}
+		p("| Journal | %s |\n", j)
+		if d.Features != "" {
+			p("| ext4 features | %s (`tune2fs -l`) |\n", d.Features)
+		} else if d.NoFeatures != "" {
+			p("| ext4 features | not known: %s |\n", d.NoFeatures)
+		}
+	}
+	if d.WriteCache != "" {
+		note := ""
+		if d.WriteCache == "write back" {
+			note = ": every fsync ends in a cache flush"
+		}
+		p("| Device write cache | %s%s |\n", d.WriteCache, note)
+	}
+	if d.Size != "" {
+		p("| File system size | %s |\n", d.Size)
 	}
 }
 
@@ -654,7 +707,7 @@ func durableMarkdown(p func(string, ...any), m machine, micro []microResult) {
 	p("- **file-nosync**: the same store with every fsync skipped: the old, undurable file store, kept only to measure what durability costs.\n")
 	p("- **bbolt**: one fsync'd bbolt transaction per claim.\n\n")
 	p("Set-up (seeding 50,000 allocations, copying the seeded store, opening and loading it) is outside the timer, and the disk is synced before the timer starts. ")
-	p("Nothing is deleted while the timer runs. *claims/s* counts the claims over the timed wall time; *p50*/*p99* are the latencies of single claims. ")
+	p("Nothing is deleted while the benchmarks run: each count's stores stay until bench/run.sh exits. *claims/s* counts the claims over the timed wall time; *p50*/*p99* are the latencies of single claims. ")
 	p("Medians of %d counts, and the range of claims/s over the counts. Data directories on %s.\n\n", runs, m.FS)
 	p("| Store | Existing | Clients | p50 | p99 | claims/s | claims/s range |\n|---|---|---|---|---|---|---|\n")
 	for _, store := range claimsStores {
