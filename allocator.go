@@ -34,7 +34,6 @@ var (
 	errStoreFailed   = errors.New("the port store failed")
 	errKeyBusy       = errors.New("another change to this key is still being stored")
 	errQuota         = errors.New("quota reached")
-	errPinned        = errors.New("pinned by an operator")
 	errNoteTooLong   = fmt.Errorf("a note is at most %d bytes", maxNoteBytes)
 )
 
@@ -45,18 +44,6 @@ func checkNote(note string) error {
 	}
 	return nil
 }
-
-// pinError refuses a device's request to move a key an operator pinned.
-type pinError struct {
-	key        string
-	port, want int
-}
-
-func (e *pinError) Error() string {
-	return fmt.Sprintf("remote port %d refused: %q is pinned to port %d by an operator (frp-port-keeper release %s lifts the pin)",
-		e.want, e.key, e.port, e.key)
-}
-func (e *pinError) Unwrap() error { return errPinned }
 
 // portError is a refusal about one specific port.
 type portError struct {
@@ -138,6 +125,9 @@ const (
 	outcomeHit       outcome = "hit"       // the key's sticky port
 	outcomeNew       outcome = "new"       // a fresh port from the pool
 	outcomeRequested outcome = "requested" // the port the client asked for
+	// outcomePinned: the key's pinned port, answered to a client that
+	// asked for another one (an operator's assign moves the device).
+	outcomePinned outcome = "pinned"
 )
 
 // allocation is a record the store holds, in memory, with the fields that
@@ -152,6 +142,10 @@ type allocation struct {
 	// storedSeen and seenWrittenAt (unix nanoseconds) keep last_seen writes
 	// to one per key per seenInterval. Guarded by allocator.mu.
 	storedSeen, seenWrittenAt int64
+	// pinAsked is the other port the device of a pinned key last asked for
+	// that the history recorded (see hit), so a reconnect storm adds
+	// nothing; it lives in memory, for as long as the pin is unchanged.
+	pinAsked atomic.Int64
 }
 
 // allocator holds the allocation rules. Every allocation the store holds
@@ -386,6 +380,9 @@ func (a *allocator) apply(c store.Change) {
 		if cur != nil {
 			seen = max(seen, cur.lastSeen.Load())
 			n.storedSeen, n.seenWrittenAt = cur.storedSeen, cur.seenWrittenAt
+			if cur.Pinned && r.Pinned && cur.Port == r.Port {
+				n.pinAsked.Store(cur.pinAsked.Load())
+			}
 			freedAt := r.AssignedAt
 			if !c.At.IsZero() {
 				freedAt = c.At
@@ -508,16 +505,18 @@ func (a *allocator) markBusy(key string) (settled func()) {
 
 // allocate returns the port for req's key: its sticky port, the port it
 // asked for, or a fresh one. A new port is stored before it is returned.
+// A key an operator pinned gets its pinned port whatever port it asks for
+// (outcomePinned when it asked for another one).
 func (a *allocator) allocate(req frpplugin.Proxy) (int, outcome, error) {
 	req.User, req.ProxyName, req.Group = validUTF8(req.User), validUTF8(req.ProxyName), validUTF8(req.Group)
 	req.ProxyType = validUTF8(req.ProxyType)
 	key := keyOf(req)
 	now := a.now()
 	a.mu.RLock()
-	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) && cur.ProxyType != "" {
+	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && sticks(cur, req.RemotePort) && cur.ProxyType != "" {
 		cur.lastSeen.Store(now.UnixNano())
 		a.mu.RUnlock()
-		return cur.Port, outcomeHit, nil
+		return cur.Port, a.hit(cur, req, now), nil
 	}
 	a.mu.RUnlock()
 
@@ -544,17 +543,13 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	if err != nil {
 		return 0, "", err
 	}
-	if cur != nil && (req.RemotePort == 0 || req.RemotePort == cur.Port) {
+	if cur != nil && sticks(cur, req.RemotePort) {
 		cur.lastSeen.Store(now.UnixNano())
 		if cur.ProxyType == "" && req.ProxyType != "" {
 			return a.fillIn(ctx, cur, req, now)
 		}
 		a.mu.Unlock()
-		return cur.Port, outcomeHit, nil
-	}
-	if cur != nil && cur.Pinned {
-		a.mu.Unlock()
-		return 0, "", &pinError{key: key, port: cur.Port, want: req.RemotePort}
+		return cur.Port, a.hit(cur, req, now), nil
 	}
 	up := a.policy.forUser(req.User)
 	newKey := cur == nil
@@ -632,6 +627,40 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	return port, how, nil
 }
 
+// sticks says whether a request for port keeps the key of cur on its
+// port: no port asked for, its own port, or any port when an operator
+// pinned it.
+func sticks(cur *allocation, port int) bool {
+	return port == 0 || port == cur.Port || cur.Pinned
+}
+
+// hit is the outcome of answering cur's port to req: outcomePinned when
+// req asked for another port, which the history records the first time
+// that port is asked for under this pin.
+func (a *allocator) hit(cur *allocation, req frpplugin.Proxy, now time.Time) outcome {
+	if !pinnedAway(cur, req.RemotePort) {
+		return outcomeHit
+	}
+	if cur.pinAsked.Swap(int64(req.RemotePort)) != int64(req.RemotePort) {
+		r := cur.Record
+		a.changed(store.HistoryEntry{Time: now, Key: r.Key, User: req.User, ProxyType: req.ProxyType, Port: r.Port,
+			Change: store.HistPinned, By: "frps reqid=" + req.ReqID, Note: r.Note, Reason: pinnedReason(req.RemotePort, r.Port)})
+	}
+	return outcomePinned
+}
+
+// pinnedAway says whether a request for port is for another port than the
+// one cur's key is pinned to.
+func pinnedAway(cur *allocation, port int) bool {
+	return cur.Pinned && port != 0 && port != cur.Port
+}
+
+// pinnedReason is what the history says of a device that asked for
+// another port than its pin.
+func pinnedReason(asked, port int) string {
+	return fmt.Sprintf("asked for %d; pinned to %d by an operator", asked, port)
+}
+
 // fillIn completes a key an operator assigned before its device ever
 // registered: user, type and proxy name come from the first registration.
 // The port stays; if the write fails the device still gets its port (the
@@ -641,18 +670,34 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 func (a *allocator) fillIn(ctx context.Context, cur *allocation, req frpplugin.Proxy, now time.Time) (int, outcome, error) {
 	c := store.Claim{Want: *cur.Record, Old: cur.Record, At: now}
 	c.Want.User, c.Want.ProxyName, c.Want.ProxyType, c.Want.Group = req.User, req.ProxyName, req.ProxyType, req.Group
+	how := outcomeHit
+	away := pinnedAway(cur, req.RemotePort)
+	if away {
+		// The filled_in entry says what the device asked for; the stored
+		// record carries pinAsked over, so its reconnects add nothing.
+		how = outcomePinned
+		cur.pinAsked.Store(int64(req.RemotePort))
+	}
 	settled := a.markBusy(cur.Key)
 	a.mu.Unlock()
+	_, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, settled)
+	if err != nil && away {
+		cur.pinAsked.CompareAndSwap(int64(req.RemotePort), 0) // recorded when the fill-in is retried
+	}
 	var lost *store.ConflictError
-	if _, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, settled); errors.As(err, &lost) {
+	if errors.As(err, &lost) {
 		return 0, "", err
 	} else if err != nil {
 		a.log.Warn("could not fill in the details of an assigned key; its port stands", "key", cur.Key, "err", err)
 	} else {
-		a.changed(store.HistoryEntry{Time: now, Key: c.Want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.Want.Port,
-			Change: store.HistFilledIn, By: "frps reqid=" + req.ReqID, Note: c.Want.Note})
+		e := store.HistoryEntry{Time: now, Key: c.Want.Key, User: req.User, ProxyType: req.ProxyType, Port: c.Want.Port,
+			Change: store.HistFilledIn, By: "frps reqid=" + req.ReqID, Note: c.Want.Note}
+		if away {
+			e.Reason = pinnedReason(req.RemotePort, c.Want.Port)
+		}
+		a.changed(e)
 	}
-	return cur.Port, outcomeHit, nil
+	return cur.Port, how, nil
 }
 
 // reclaimVictim is an abandoned key chosen to give up its port; its key is

@@ -264,8 +264,9 @@ func TestParsePorts(t *testing.T) {
 }
 
 // TestOperatorPin: an operator's assign wins over the device's own
-// remote_port until the operator releases the key; a key assigned before
-// its device ever registered gets its user, type and proxy name from the
+// remote_port until the operator releases the key: the device asking for
+// another port is answered the pinned one; a key assigned before its
+// device ever registered gets its user, type and proxy name from the
 // first registration.
 func TestOperatorPin(t *testing.T) {
 	dir := t.TempDir()
@@ -278,9 +279,8 @@ func TestOperatorPin(t *testing.T) {
 	}
 	asks := req("myiphone", "myiphone.ssh", "tcp")
 	asks.RemotePort = 30007
-	_, _, err := a.allocate(asks)
-	if !errors.Is(err, errPinned) || !strings.Contains(rejectReason(err), "pinned to port 30003") {
-		t.Fatalf("device asking for 30007 while pinned to 30003: %v (%q)", err, rejectReason(err))
+	if p, how := mustAllocate(t, a, asks); p != 30003 || how != outcomePinned {
+		t.Fatalf("device asking for 30007 while pinned to 30003 = %d %s; want 30003 pinned", p, how)
 	}
 	p, how := mustAllocate(t, a, req("myiphone", "myiphone.ssh", "tcp"))
 	if p != 30003 || how != outcomeHit {

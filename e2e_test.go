@@ -317,6 +317,61 @@ func TestE2EAdoptBeforeEnabling(t *testing.T) {
 	})
 }
 
+// TestE2EPinMovesDevice (issue 17): alice's frpc asks for remotePort = X
+// and gets it; an operator assigns her key to Y with the CLI; when her
+// frpc reconnects, still asking for X, frps listens on Y (not X), bytes
+// flow through Y to her backend, and the history says she asked for X and
+// was given the pin.
+func TestE2EPinMovesDevice(t *testing.T) {
+	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
+		env := newE2EEnv(t, v)
+		echo := startTCPEcho(t)
+		asked, pin := env.pool.lo+1, env.pool.lo+4
+		spec := proxySpec{Name: "ssh", Type: "tcp", LocalPort: echo.Port, RemotePort: asked}
+		alice := startFrpc(t, env, "alice", spec)
+		if got := waitProxy(t, env, "tcp", "alice.ssh"); got.RemotePort != asked {
+			t.Fatalf("alice.ssh = %d; want %d, the port it asked for", got.RemotePort, asked)
+		}
+		checkTCPEchoReaches(t, asked, echo)
+
+		server := env.pluginURL("")
+		stdout, stderr, err := runCLI(nil, "assign", "-server", server, "alice.ssh", fmt.Sprint(pin))
+		if want := fmt.Sprintf("alice.ssh now holds port %d (pinned)", pin); err != nil || !strings.Contains(stdout, want) {
+			t.Fatalf("assign: %v\n%s%s\nwant %q", err, stdout, stderr, want)
+		}
+
+		alice.stop(t)
+		waitProxyGone(t, env, "tcp", "alice.ssh")
+		startFrpc(t, env, "alice", spec) // the same config: remotePort = asked
+		if got := waitProxy(t, env, "tcp", "alice.ssh"); got.RemotePort != pin {
+			t.Fatalf("alice.ssh after the assign and a reconnect = %d; want %d, the pin", got.RemotePort, pin)
+		}
+		checkTCPEchoReaches(t, pin, echo)
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", asked), time.Second); err == nil {
+			c.Close()
+			t.Fatalf("something listens on %d, the port alice asked for; want only the pin %d", asked, pin)
+		}
+
+		stdout, stderr, err = runCLI(nil, "list", "-server", server, "-key", "alice.ssh")
+		if err != nil || !strings.Contains(stdout, fmt.Sprint(pin)) || !strings.Contains(stdout, "pinned") {
+			t.Fatalf("list -key alice.ssh: %v\n%s%s\nwant port %d, pinned", err, stdout, stderr, pin)
+		}
+		// History is written in the background, within a second.
+		want := fmt.Sprintf("asked for %d; pinned to %d by an operator", asked, pin)
+		deadline := time.Now().Add(e2eReadyTimeout)
+		for {
+			stdout, stderr, err = runCLI(nil, "history", "-server", server, "-key", "alice.ssh")
+			if err == nil && strings.Contains(stdout, want) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("history -key alice.ssh: %v\n%s%s\nwant %q", err, stdout, stderr, want)
+			}
+			time.Sleep(e2ePollInterval)
+		}
+	})
+}
+
 // TestE2ETransportOptionsKept: the plugin's answer keeps the proxy's other
 // settings: frps's effective conf still has the bandwidth limit and
 // encryption, and encrypted traffic flows.

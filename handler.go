@@ -246,6 +246,9 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	s.alloc.proxyOpened(p)
 	out.Write(frpplugin.AppendAllowed(out.AvailableBuffer(), req.RawContent, port))
 	writeJSON(w, http.StatusOK, out.Bytes())
+	if how == outcomePinned { // it asked for another port and got its pin
+		who = append(who, slog.Int("asked", p.RemotePort))
+	}
 	s.decided(start, string(how), slog.LevelInfo, append(who, slog.Int("port", port))...)
 }
 
@@ -344,7 +347,8 @@ type apiAllocation struct {
 	Port      int       `json:"port"`
 	CreatedAt time.Time `json:"created_at"`
 	LastSeen  time.Time `json:"last_seen"`
-	// Pinned: an operator assigned this port; the device cannot move it.
+	// Pinned: an operator assigned this port; the device gets it whatever
+	// port it asks for.
 	Pinned bool   `json:"pinned"`
 	Note   string `json:"note,omitempty"`
 	// HeldBack, on a row with no key, says why its port is held back: a
@@ -473,12 +477,9 @@ func rejectReason(err error) string {
 	var pe *portError
 	var poolErr *poolError
 	var qe *quotaError
-	var pin *pinError
 	switch {
 	case errors.As(err, &qe):
 		return qe.Error()
-	case errors.As(err, &pin):
-		return pin.Error()
 	case errors.As(err, &pe):
 		return "remote " + pe.Error()
 	case errors.As(err, &poolErr):

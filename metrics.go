@@ -44,7 +44,7 @@ func newMetrics(pool func() poolStats) *metrics {
 	m := &metrics{
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "frp_port_keeper_decisions_total",
-			Help: "Plugin requests by outcome: hit, new, requested, rejected, invalid, passthrough.",
+			Help: "Plugin requests by outcome: hit, new, requested, pinned, rejected, invalid, passthrough.",
 		}, []string{"outcome"}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "frp_port_keeper_request_duration_seconds",
@@ -61,7 +61,7 @@ func newMetrics(pool func() poolStats) *metrics {
 		}),
 	}
 	m.byOutcome = map[string]prometheus.Counter{}
-	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), decisionRejected, decisionInvalid, decisionPassthrough} {
+	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), string(outcomePinned), decisionRejected, decisionInvalid, decisionPassthrough} {
 		m.byOutcome[o] = m.decisions.WithLabelValues(o) // every series exists from the start
 	}
 	m.historyFailures = prometheus.NewCounter(prometheus.CounterOpts{

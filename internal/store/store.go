@@ -98,8 +98,8 @@ type Record struct {
 	CreatedAt time.Time `json:"created_at"`
 	// AssignedAt is when the key got this port.
 	AssignedAt time.Time `json:"assigned_at"`
-	// Pinned is set by an operator's assign: the device's own request for
-	// another port is refused until the operator releases the key.
+	// Pinned is set by an operator's assign: the device gets this port
+	// whatever port it asks for, until the operator releases the key.
 	Pinned bool `json:"pinned,omitempty"`
 	// Note is an operator's note ("Alice's NAS"); it stays across moves.
 	Note string `json:"note,omitempty"`
@@ -213,7 +213,8 @@ var (
 type RestoreReport struct{ Restored, Present, Lost int }
 
 // HistoryEntry is one change of an allocation, as the history keeps it and
-// as webhooks and /api/events deliver it. A sticky hit is not a change.
+// as webhooks and /api/events deliver it. A sticky hit is not a change; a
+// pinned key's device asking for another port is recorded (HistPinned).
 type HistoryEntry struct {
 	// ID orders entries: the time in nanoseconds, zero-padded, then the
 	// writing instance and a sequence number, so IDs sort as time does.
@@ -248,6 +249,10 @@ const (
 	HistImported  HistoryChange = "imported"
 	HistAdopted   HistoryChange = "adopted"
 	HistNoted     HistoryChange = "noted" // an operator's note changed
+	// HistPinned: the device of a pinned key asked for another port
+	// (Reason) and was given its pin; the allocation is unchanged. Recorded
+	// once per port asked for under one pin, not at every reconnect.
+	HistPinned HistoryChange = "pinned"
 )
 
 // Holds says whether e leaves its key on port.
