@@ -218,3 +218,26 @@ func TestHelpInREADME(t *testing.T) {
 		t.Fatalf("README shows release -h as\n%s\nwant what it prints:\n%s", shown, out)
 	}
 }
+
+// TestServeHelpWebhookSignature: serve -h says how a webhook request is
+// signed, in full: the header, its "sha256=" prefix and what is hashed
+// (newWebhookReceiver checks that the server signs so).
+func TestServeHelpWebhookSignature(t *testing.T) {
+	out, _, err := runCLI(nil, "serve", "-h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, secretHelp, _ := strings.Cut(out, "-notify-secret")
+	secretHelp, _, _ = strings.Cut(secretHelp, "\n  -")
+	secretHelp = strings.Join(strings.Fields(secretHelp), " ")
+	for _, want := range []string{signatureHeader + ": sha256=HEX(HMAC-SHA256(secret, body))", "lowercase hex", "request body"} {
+		if !strings.Contains(secretHelp, want) {
+			t.Errorf("serve -h says of -notify-secret %q; want it to contain %q", secretHelp, want)
+		}
+	}
+	_, urlHelp, _ := strings.Cut(out, "-notify-url")
+	urlHelp, _, _ = strings.Cut(urlHelp, "\n  -")
+	if !strings.Contains(urlHelp, "-notify-secret") {
+		t.Errorf("serve -h says of -notify-url %q; want it to point at -notify-secret", urlHelp)
+	}
+}
