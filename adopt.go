@@ -133,7 +133,10 @@ func dashboardFrom(frpsConfig, api, user, password string) (frpsDashboard, error
 type dashboardProxy struct {
 	Name   string `json:"name"`
 	Status string `json:"status"`
-	Conf   *struct {
+	// User is the frpc's user, if frps reports it: frps v0.51.3 to
+	// v0.65.0 do not (their ProxyStatsInfo has no user), so nil there.
+	User *string `json:"user"`
+	Conf *struct {
 		RemotePort   int    `json:"remotePort"`
 		RemotePortV1 int    `json:"remote_port"`
 		Group        string `json:"group"`
@@ -200,9 +203,16 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 				skipped = append(skipped, fmt.Sprintf("%s (%s): frps reports no remote port", p.Name, typ))
 				continue
 			}
-			// frpc names proxies "user.name"; the part before the dot is the user.
+			// The user frps reports wins (an empty one too: "my.cam" of an
+			// frpc without user). frps up to v0.65.0 reports none; then the
+			// text before the first dot, the "user." frpc puts before the
+			// proxy's name, is taken as the user (frps itself cannot tell
+			// it from a proxy named "my.cam" by an frpc without user).
 			user, _, hasUser := strings.Cut(p.Name, ".")
-			if !hasUser {
+			switch {
+			case p.User != nil:
+				user = *p.User
+			case !hasUser:
 				user = ""
 			}
 			r := store.Record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}

@@ -54,3 +54,36 @@ func TestAdoptDashboardTooSlowOrTooBig(t *testing.T) {
 		}
 	})
 }
+
+// TestAdoptUser: the user of an adopted proxy is what frps's dashboard
+// reports for it, when it reports one (an empty user too: an frpc without
+// user whose proxy is "my.cam"); only when it reports none is the text
+// before the first dot taken, the "user." frpc puts before the name.
+func TestAdoptUser(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/proxy/tcp" {
+			w.Write([]byte(`{"proxies":[]}`))
+			return
+		}
+		w.Write([]byte(`{"proxies":[
+			{"name":"my.cam","user":"","status":"online","conf":{"name":"my.cam","remotePort":30001}},
+			{"name":"bob.x.y","user":"bob","status":"online","conf":{"remotePort":30002}},
+			{"name":"alice.ssh","status":"online","conf":{"remotePort":30003}},
+			{"name":"plain","status":"online","conf":{"remotePort":30004}}]}`))
+	}))
+	defer srv.Close()
+	found, _, err := frpsDashboard{base: srv.URL}.onlinePorts(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"my.cam": "", "bob.x.y": "bob", "alice.ssh": "alice", "plain": ""}
+	for _, r := range found {
+		if u, ok := want[r.Key]; !ok || r.User != u {
+			t.Errorf("%s adopted with user %q; want %q", r.Key, r.User, u)
+		}
+		delete(want, r.Key)
+	}
+	if len(want) > 0 {
+		t.Errorf("not adopted: %v", want)
+	}
+}
