@@ -20,7 +20,8 @@ const defaultPluginAllow = "127.0.0.0/8,::1/128"
 type allowList []netip.Prefix
 
 // parseAllowList reads -plugin-allow: comma-separated CIDRs; a bare
-// address stands for itself alone.
+// address stands for itself alone, and an IPv4-mapped IPv6 address or
+// prefix for its IPv4 form.
 func parseAllowList(spec string) (allowList, error) {
 	if strings.TrimSpace(spec) == "" {
 		return nil, errors.New("empty address list (the default is " + defaultPluginAllow + ")")
@@ -35,6 +36,15 @@ func parseAllowList(spec string) (allowList, error) {
 				return nil, fmt.Errorf("%q is not an address or CIDR, e.g. 10.0.0.0/8 or 192.0.2.7", item)
 			}
 			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		// An IPv4 peer's address reaches allows unmapped, so an
+		// IPv4-mapped entry (::ffff:a.b.c.d/N) could never match as
+		// written: it stands for its IPv4 form, a.b.c.d/(N-96).
+		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				return nil, fmt.Errorf("%q reaches beyond the IPv4-mapped addresses (::ffff:0:0/96): write the IPv4 form, e.g. 10.0.0.0/8", item)
+			}
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		out = append(out, p.Masked())
 	}

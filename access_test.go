@@ -48,6 +48,10 @@ func TestPluginAllow(t *testing.T) {
 		{"its neighbour", "192.0.2.7", "192.0.2.8:40000", 403},
 		{"IPv4-mapped peer on a dual-stack listener", "10.0.0.0/8", "[::ffff:10.1.2.3]:40000", 200},
 		{"everyone", "0.0.0.0/0,::/0", "203.0.113.9:40000", 200},
+		{"an IPv4-mapped address", "::ffff:192.0.2.2", "192.0.2.2:40000", 200},
+		{"an IPv4-mapped address, mapped peer", "::ffff:192.0.2.2", "[::ffff:192.0.2.2]:40000", 200},
+		{"an IPv4-mapped network", "::ffff:10.0.0.0/104", "10.20.30.40:40000", 200},
+		{"outside an IPv4-mapped network", "::ffff:10.0.0.0/104", "11.0.0.1:40000", 403},
 		{"not an address", defaultPluginAllow, "@", 403},
 	}
 	for _, tt := range tests {
@@ -133,6 +137,13 @@ func TestPluginAllowParse(t *testing.T) {
 		{"frps.example.net", `"frps.example.net" is not an address or CIDR`, true},
 		{"10.0.0.0/8,", `"" is not an address or CIDR`, true},
 		{"fe80::1%eth0", `"fe80::1%eth0" is not an address or CIDR`, true},
+		// Go unmaps an IPv4 peer's address, so an IPv4-mapped entry is
+		// taken in its IPv4 form: ::ffff:a.b.c.d/N is a.b.c.d/(N-96).
+		{"::ffff:192.0.2.2", "192.0.2.2/32", false},
+		{"::ffff:192.0.2.2/128", "192.0.2.2/32", false},
+		{"::ffff:10.1.2.3/104", "10.0.0.0/8", false},
+		{"::ffff:0:0/96", "0.0.0.0/0", false},
+		{"::ffff:10.0.0.0/90", `"::ffff:10.0.0.0/90" reaches beyond the IPv4-mapped addresses (::ffff:0:0/96): write the IPv4 form`, true},
 	}
 	for _, tt := range tests {
 		got, err := parseAllowList(tt.spec)

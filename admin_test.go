@@ -456,3 +456,35 @@ func TestSignalsAndSecondServer(t *testing.T) {
 		})
 	}
 }
+
+// TestAdminTokenSchemeAnyCase: the scheme of an Authorization header is
+// case-insensitive (RFC 7235 section 2.1), so "bearer TOKEN" and "BEARER
+// TOKEN" are taken as "Bearer TOKEN" is; the token itself is not.
+func TestAdminTokenSchemeAnyCase(t *testing.T) {
+	a := newTestAllocator(t, t.TempDir(), "30000-30009", allocatorOptions{})
+	h := newServer(a, testLogger(t), serverOptions{adminToken: "s3cret"})
+	for _, tc := range []struct {
+		auth string
+		want int
+	}{
+		{"Bearer s3cret", 200},
+		{"bearer s3cret", 200},
+		{"BEARER s3cret", 200},
+		{"bEaReR s3cret", 200},
+		{"Bearer  s3cret", 200}, // RFC 7235: 1*SP after the scheme
+		{"Bearer S3CRET", 401},
+		{"Bearers3cret", 401},
+		{"Basic s3cret", 401},
+		{"bearer", 401},
+		{"s3cret", 401},
+	} {
+		req := httptest.NewRequest("GET", "/api/allocations", nil)
+		req.RemoteAddr = "192.0.2.7:4000"
+		req.Header.Set("Authorization", tc.auth)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != tc.want {
+			t.Errorf("Authorization: %q = %d %s; want %d", tc.auth, rec.Code, rec.Body, tc.want)
+		}
+	}
+}

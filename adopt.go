@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -78,7 +79,15 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 // frpsDashboard is where frps's dashboard API answers.
 type frpsDashboard struct {
 	base, user, password string
+	timeout              time.Duration // per request; 0: dashboardTimeout
+	maxBody              int64         // per answer; 0: dashboardMaxBody
 }
+
+// A dashboard answer adopt waits for and reads at most.
+const (
+	dashboardTimeout = 10 * time.Second
+	dashboardMaxBody = 64 << 20
+)
 
 // dashboardFrom works out the dashboard from frps's config and the flags
 // (which win).
@@ -124,7 +133,10 @@ func dashboardFrom(frpsConfig, api, user, password string) (frpsDashboard, error
 type dashboardProxy struct {
 	Name   string `json:"name"`
 	Status string `json:"status"`
-	Conf   *struct {
+	// User is the frpc's user, if frps reports it: frps v0.51.3 to
+	// v0.65.0 do not (their ProxyStatsInfo has no user), so nil there.
+	User *string `json:"user"`
+	Conf *struct {
 		RemotePort   int    `json:"remotePort"`
 		RemotePortV1 int    `json:"remote_port"`
 		Group        string `json:"group"`
@@ -137,7 +149,8 @@ type dashboardProxy struct {
 // onlinePorts lists the online tcp and udp proxies as allocations; skipped
 // says which proxies could not be adopted and why.
 func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, skipped []string, err error) {
-	client := &http.Client{Timeout: 10 * time.Second}
+	timeout, maxBody := cmp.Or(d.timeout, dashboardTimeout), cmp.Or(d.maxBody, dashboardMaxBody)
+	client := &http.Client{Timeout: timeout}
 	byKey := map[string]store.Record{}
 	now := time.Now().UTC()
 	for _, typ := range []string{"tcp", "udp"} {
@@ -152,8 +165,18 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 		if err != nil {
 			return nil, nil, fmt.Errorf("cannot reach frps's dashboard at %s (%v): is webServer enabled? set -frps-api", d.base, err)
 		}
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+		url := d.base + "/api/proxy/" + typ
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
 		resp.Body.Close()
+		var netErr net.Error
+		switch {
+		case err != nil && (errors.As(err, &netErr) && netErr.Timeout() || errors.Is(err, context.DeadlineExceeded)):
+			return nil, nil, fmt.Errorf("frps's dashboard answered %s too slowly: not all of it within %v", url, timeout)
+		case err != nil:
+			return nil, nil, fmt.Errorf("reading frps's dashboard answer to %s: %v", url, err)
+		case int64(len(body)) > maxBody:
+			return nil, nil, fmt.Errorf("frps's dashboard answered %s with more than %d bytes, adopt's limit: is that frps's dashboard?", url, maxBody)
+		}
 		switch {
 		case resp.StatusCode == http.StatusUnauthorized:
 			return nil, nil, fmt.Errorf("frps's dashboard at %s refused the credentials: set -frps-user and -frps-password (or -frps-config)", d.base)
@@ -180,9 +203,16 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 				skipped = append(skipped, fmt.Sprintf("%s (%s): frps reports no remote port", p.Name, typ))
 				continue
 			}
-			// frpc names proxies "user.name"; the part before the dot is the user.
+			// The user frps reports wins (an empty one too: "my.cam" of an
+			// frpc without user). frps up to v0.65.0 reports none; then the
+			// text before the first dot, the "user." frpc puts before the
+			// proxy's name, is taken as the user (frps itself cannot tell
+			// it from a proxy named "my.cam" by an frpc without user).
 			user, _, hasUser := strings.Cut(p.Name, ".")
-			if !hasUser {
+			switch {
+			case p.User != nil:
+				user = *p.User
+			case !hasUser:
 				user = ""
 			}
 			r := store.Record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}

@@ -82,10 +82,10 @@ func commands() []command {
 			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. When the stream ends or the server cannot be reached (it stopped or restarted) it says so on stderr and reconnects, after 1s and then doubling up to 30s; changes made while it was away are in history. " + serverAbout,
 			setup: setupWatch},
 		{name: "export", summary: "write every allocation as JSON (from -server, or -data-dir)",
-			about: "Writes every allocation as JSON to stdout. With -server, a consistent snapshot from the running server (a backup without downtime); without it, from -data-dir, which it refuses while a server holds the directory.",
+			about: "Writes every allocation as JSON to stdout. With -server, a consistent snapshot from the running server (a backup without downtime); without it, from -data-dir, which must exist and which it refuses while a server holds it.",
 			setup: setupStoreTool("export")},
 		{name: "import", args: "[FILE]", maxArgs: 1, summary: "read that JSON (default stdin), all or nothing",
-			about: "Reads export's JSON from FILE (default, or -, stdin), all or nothing. With -server, through the running server; without it, into -data-dir, which it refuses while a server holds the directory. Ports outside the pool are kept (shown as \"outside pool\"); a port that another key holds, or frps's own, refuses the whole import.",
+			about: "Reads export's JSON from FILE (default, or -, stdin), all or nothing. With -server, through the running server; without it, into -data-dir, which must exist (mkdir a new one) and which it refuses while a server holds it. Ports outside the pool are kept (shown as \"outside pool\"); a port that another key holds, or frps's own, refuses the whole import.",
 			setup: setupStoreTool("import")},
 		{name: "adopt", summary: "record the ports frps's proxies have now, before enabling the plugin",
 			about: "Reads the running frps's dashboard API (address and credentials from -frps-config's webServer section, or -frps-api/-frps-user/-frps-password) and records every online tcp and udp proxy's current remote port as its sticky allocation on the running frp-port-keeper, all or nothing, printing what it adopted and what it could not. Run it before adding the plugin to frps: then enabling the plugin moves no device. " + serverAbout,
@@ -1011,6 +1011,11 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 	if err := cfg.checkStore(); err != nil {
 		return err
 	}
+	if cfg.store != "etcd" {
+		if err := existingDataDir(cfg.dataDir); err != nil {
+			return err
+		}
+	}
 	if cfg.storeTimeout <= 0 {
 		cfg.storeTimeout = 2 * time.Second
 	}
@@ -1035,6 +1040,23 @@ func runStoreTool(cmd string, cfg config, args []string, stdout, stderr io.Write
 		out.Allocations = append(out.Allocations, exportRecord{Record: r, LastSeen: got.LastSeen[r.Key]})
 	}
 	return printJSON(stdout, out)
+}
+
+// existingDataDir checks that the data directory export or import works on
+// is there. Opening a store creates its directory, which serve wants and
+// an offline command does not: a mistyped -data-dir, or a volume not
+// mounted, would export nothing or import into a directory no server reads.
+func existingDataDir(dir string) error {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("-data-dir %s: no such directory (export and import without -server work on the data directory of a stopped server; they create none)", dir)
+	case err != nil:
+		return fmt.Errorf("-data-dir: %v", err)
+	case !fi.IsDir():
+		return fmt.Errorf("-data-dir %s: not a directory", dir)
+	}
+	return nil
 }
 
 // importOffline imports an export file into cfg's store with no server

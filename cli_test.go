@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -216,5 +217,103 @@ func TestHelpInREADME(t *testing.T) {
 	out, _, err := runCLI(nil, "release", "-h")
 	if !ok || err != nil || shown != out {
 		t.Fatalf("README shows release -h as\n%s\nwant what it prints:\n%s", shown, out)
+	}
+}
+
+// TestServeHelpWebhookSignature: serve -h says how a webhook request is
+// signed, in full: the header, its "sha256=" prefix and what is hashed
+// (newWebhookReceiver checks that the server signs so).
+func TestServeHelpWebhookSignature(t *testing.T) {
+	out, _, err := runCLI(nil, "serve", "-h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, secretHelp, _ := strings.Cut(out, "-notify-secret")
+	secretHelp, _, _ = strings.Cut(secretHelp, "\n  -")
+	secretHelp = strings.Join(strings.Fields(secretHelp), " ")
+	for _, want := range []string{signatureHeader + ": sha256=HEX(HMAC-SHA256(secret, body))", "lowercase hex", "request body"} {
+		if !strings.Contains(secretHelp, want) {
+			t.Errorf("serve -h says of -notify-secret %q; want it to contain %q", secretHelp, want)
+		}
+	}
+	_, urlHelp, _ := strings.Cut(out, "-notify-url")
+	urlHelp, _, _ = strings.Cut(urlHelp, "\n  -")
+	if !strings.Contains(urlHelp, "-notify-secret") {
+		t.Errorf("serve -h says of -notify-url %q; want it to point at -notify-secret", urlHelp)
+	}
+}
+
+// TestOfflineMissingDataDir: export and import without -server work on an
+// existing data directory only: a -data-dir that does not exist (a typo, a
+// volume not mounted) is an error naming it, and nothing is created. list
+// has no -data-dir (it asks the running server). serve still creates its
+// own data directory.
+func TestOfflineMissingDataDir(t *testing.T) {
+	for _, store := range []string{"file", "bbolt"} {
+		for _, args := range [][]string{{"export"}, {"import", "-"}, {"list"}} {
+			t.Run(store+" "+args[0], func(t *testing.T) {
+				dir := filepath.Join(t.TempDir(), "no", "such", "dir")
+				out, errOut, err := runCLI(nil, append(args, "-store", store, "-data-dir", dir)...)
+				if err == nil || !strings.Contains(err.Error(), dir) && args[0] != "list" {
+					t.Errorf("%s -data-dir %s = %v (stdout %q, stderr %q); want an error naming the directory", args[0], dir, err, out, errOut)
+				}
+				if _, serr := os.Stat(filepath.Join(dir, "..", "..")); !os.IsNotExist(serr) {
+					t.Errorf("%s -data-dir %s created %s (stat: %v)", args[0], dir, filepath.Dir(filepath.Dir(dir)), serr)
+				}
+			})
+		}
+	}
+	t.Run("a file, not a directory", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "gokv")
+		if err := os.WriteFile(path, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := runCLI(nil, "export", "-data-dir", path); err == nil || !strings.Contains(err.Error(), path) {
+			t.Errorf("export -data-dir %s (a file) = %v; want an error naming it", path, err)
+		}
+	})
+	t.Run("an empty directory exports nothing", func(t *testing.T) {
+		out, _, err := runCLI(nil, "export", "-data-dir", t.TempDir())
+		if err != nil || !strings.Contains(out, `"allocations": []`) {
+			t.Errorf("export of an empty directory = %q, %v; want no allocations", out, err)
+		}
+	})
+	t.Run("serve creates its data directory", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "new", "data")
+		s := startInProc(t, "-data-dir", dir)
+		s.stop(t)
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			t.Errorf("serve -data-dir %s: %v; want the directory created", dir, err)
+		}
+	})
+}
+
+// TestServingLogDataDir: the start line names the data directory as an
+// absolute path, however -data-dir gave it; with -store etcd it names no
+// data directory but etcd's endpoints and prefix.
+func TestServingLogDataDir(t *testing.T) {
+	base := t.TempDir()
+	t.Chdir(base)
+	s := startInProc(t, "-data-dir", "rel/data")
+	s.stop(t)
+	line := ""
+	for l := range strings.Lines(s.log.String()) {
+		if strings.Contains(l, "msg=serving") {
+			line = l
+		}
+	}
+	abs, err := filepath.EvalSymlinks(base) // what os.Getwd reports for it
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "data_dir=" + filepath.Join(abs, "rel", "data") + " "; !strings.Contains(line, want) {
+		t.Errorf("start line %q; want %q", line, want)
+	}
+
+	etcdAttrs := fmt.Sprint(storeLogAttrs(config{store: "etcd", dataDir: "gokv",
+		etcd: etcdFlags{endpoints: "http://10.0.0.1:2379,http://10.0.0.2:2379", prefix: "/fpk/"}}))
+	if strings.Contains(etcdAttrs, "data_dir") || strings.Contains(etcdAttrs, "gokv") ||
+		!strings.Contains(etcdAttrs, "etcd_endpoints http://10.0.0.1:2379,http://10.0.0.2:2379") || !strings.Contains(etcdAttrs, "etcd_prefix /fpk/") {
+		t.Errorf("the start line's store attributes with -store etcd = %s; want etcd_endpoints and etcd_prefix, no data_dir", etcdAttrs)
 	}
 }

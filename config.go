@@ -109,14 +109,16 @@ func (c *config) declare(fs *flag.FlagSet) {
 	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
 	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
 	fs.DurationVar(&c.historyKeep, "history-keep", 400*24*time.Hour, "keep the allocation history this long (0: forever)")
-	fs.Func("notify-url", "POST every change as JSON to this URL (repeat the flag, or comma-separate)", func(v string) error {
+	fs.Func("notify-url", "POST every change as JSON to this URL (repeat the flag, or comma-separate); signed with -notify-secret", func(v string) error {
 		if c.notifyURL != "" {
 			v = c.notifyURL + "," + v
 		}
 		c.notifyURL = v
 		return nil
 	})
-	fs.StringVar(&c.notifySecret, "notify-secret", "", "sign webhook bodies with HMAC-SHA256 under this secret (header "+signatureHeader+")")
+	fs.StringVar(&c.notifySecret, "notify-secret", "", "sign every webhook request with this secret: header\n"+
+		signatureHeader+": sha256=HEX(HMAC-SHA256(secret, body)),\n"+
+		"HEX the lowercase hex of the HMAC of the request body as sent")
 }
 
 // check rejects settings that cannot work together and parses the ones

@@ -72,8 +72,35 @@ func TestDockerComposeFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(cfg.HTTPPlugins) != 1 || cfg.HTTPPlugins[0].Addr != "127.0.0.1:8080" || cfg.HTTPPlugins[0].Path != pluginPath ||
-		!slices.Equal(cfg.HTTPPlugins[0].Ops, []string{"NewProxy"}) {
-		t.Errorf("deploy/frps.toml httpPlugins = %+v; want one at 127.0.0.1:8080%s for NewProxy", cfg.HTTPPlugins, pluginPath)
+		!slices.Equal(cfg.HTTPPlugins[0].Ops, []string{"NewProxy", "CloseProxy"}) {
+		t.Errorf("deploy/frps.toml httpPlugins = %+v; want one at 127.0.0.1:8080%s for NewProxy and CloseProxy (as README.md says)", cfg.HTTPPlugins, pluginPath)
+	}
+	// README.md's frps.toml stanzas ask frps for the same ops.
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stanzas := 0
+	for _, block := range strings.Split(string(readme), "```toml\n")[1:] {
+		block, _, _ = strings.Cut(block, "```")
+		if !strings.Contains(block, "[[httpPlugins]]") {
+			continue
+		}
+		stanzas++
+		path := filepath.Join(t.TempDir(), "frps.toml")
+		if err := os.WriteFile(path, []byte(block), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		rc, _, err := frpconfig.LoadServerConfig(path, false)
+		if err != nil {
+			t.Fatalf("README.md's stanza %q: %v", block, err)
+		}
+		if len(rc.HTTPPlugins) != 1 || !slices.Equal(rc.HTTPPlugins[0].Ops, cfg.HTTPPlugins[0].Ops) {
+			t.Errorf("README.md's stanza %q asks for %+v; deploy/frps.toml for ops %v", block, rc.HTTPPlugins, cfg.HTTPPlugins[0].Ops)
+		}
+	}
+	if stanzas == 0 {
+		t.Error("README.md has no frps.toml stanza with [[httpPlugins]]")
 	}
 	plan, err := planPool(config{frpsConfig: "deploy/frps.toml"}, 8080)
 	if err != nil || plan.pool.len() == 0 || plan.excluded[cfg.BindPort] == "" {

@@ -12,11 +12,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -173,6 +176,30 @@ func requireDocker(t *testing.T) {
 			msg = err.Error()
 		}
 		miss("no Docker daemon reachable (docker info: %s): start dockerd, as .ci/run does", strings.SplitN(msg, "\n", 2)[0])
+	}
+}
+
+// TestDockerImageSize: docs/docker.md's "about N MB" is the size of the
+// image make image builds, to the nearest MB.
+func TestDockerImageSize(t *testing.T) {
+	requireDocker(t)
+	doc, err := os.ReadFile("docs/docker.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`:latest` + "`" + ` \(about (\d+) MB\)`).FindSubmatch(doc)
+	if m == nil {
+		t.Fatal("docs/docker.md does not say the image's size as \"(about N MB)\" after :latest")
+	}
+	said, _ := strconv.Atoi(string(m[1]))
+	image := fmt.Sprintf("frp-port-keeper-test-%d-%x", os.Getpid(), rand.Uint32())
+	buildImage(t, image)
+	size, err := strconv.ParseInt(dockerOK(t, "image", "inspect", "-f", "{{.Size}}", image+":"+dockerTestVersion), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := int(math.Round(float64(size) / 1e6)); got != said {
+		t.Errorf("the image is %d bytes, about %d MB; docs/docker.md says about %d MB", size, got, said)
 	}
 }
 

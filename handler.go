@@ -295,7 +295,7 @@ func queryValue(rawQuery, name string) string {
 func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if s.adminToken != "" {
-			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			got, ok := bearerToken(r.Header.Get("Authorization"))
 			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.adminToken)) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="frp-port-keeper"`)
 				writeError(w, http.StatusUnauthorized, "a valid admin token is required (Authorization: Bearer ...)")
@@ -307,6 +307,18 @@ func (s *server) admin(h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// bearerToken is the token of an "Authorization: Bearer TOKEN" header.
+// The scheme is matched in any case and may be followed by more than one
+// space (RFC 7235 section 2.1); the token is taken as it stands.
+func bearerToken(header string) (string, bool) {
+	scheme, token, ok := strings.Cut(header, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	token = strings.TrimLeft(token, " ")
+	return token, token != ""
 }
 
 // adminActor names who made an admin change, for the history: the peer,

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -168,10 +169,12 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	}
 	// Shutdown waits for every handler; an event stream's never ends by itself.
 	srv.RegisterOnShutdown(events.close)
-	log.Info("serving", "addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
-		"pool_size", plan.pool.len(), "allocations", count, "loaded_from", from, "store", cfg.store,
-		"data_dir", cfg.dataDir, "probe", cfg.probe, "tls", tlsConfig != nil, "plugin_allow", cfg.allowNets.String(), "policy_rules", len(pol.rules),
+	attrs := []any{"addr", ln.Addr().String(), "path", pluginPath, "pool", alloc.poolStr,
+		"pool_size", plan.pool.len(), "allocations", count, "loaded_from", from}
+	attrs = append(attrs, storeLogAttrs(cfg)...)
+	attrs = append(attrs, "probe", cfg.probe, "tls", tlsConfig != nil, "plugin_allow", cfg.allowNets.String(), "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
+	log.Info("serving", attrs...)
 	logOut.sync() // the start-up report is out before the first answer
 	errc := make(chan error, 1)
 	if tlsConfig != nil {
@@ -236,6 +239,20 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		err = cerr
 	}
 	return err
+}
+
+// storeLogAttrs say in the start line where the allocations are: the
+// data directory as an absolute path (the service's working directory is
+// rarely where the operator looks), or etcd's endpoints and prefix.
+func storeLogAttrs(cfg config) []any {
+	if cfg.store == "etcd" {
+		return []any{"store", cfg.store, "etcd_endpoints", strings.Join(etcdOptionsFrom(cfg, nil).Endpoints, ","), "etcd_prefix", cfg.etcd.prefix}
+	}
+	dir := cfg.dataDir
+	if abs, err := filepath.Abs(dir); err == nil {
+		dir = abs
+	}
+	return []any{"store", cfg.store, "data_dir", dir}
 }
 
 // openStore opens the chosen backend. For file and bbolt it locks the data
