@@ -43,9 +43,9 @@ type config struct {
 	// adoptRequests: for this long after the start, a device's own
 	// remote_port outside the pool is adopted instead of refused.
 	adoptRequests time.Duration
-	historyKeep  time.Duration
-	notifyURL    string
-	notifySecret string
+	historyKeep   time.Duration
+	notifyURL     string
+	notifySecret  string
 
 	etcd etcdFlags
 

@@ -95,7 +95,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		r.OnRestore(m.restored)
 	}
 	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log, policy: pol,
-		adoptUntil: adoptUntil(cfg.adoptRequests, time.Now()),
+		adoptUntil:  adoptUntil(cfg.adoptRequests, time.Now()),
 		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(store.Record) { m.reclaims.Inc() }}
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
