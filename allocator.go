@@ -128,6 +128,9 @@ const (
 	// outcomePinned: the key's pinned port, answered to a client that
 	// asked for another one (an operator's assign moves the device).
 	outcomePinned outcome = "pinned"
+	// outcomeAdopted: the port the client asked for, outside the pool,
+	// taken over during -adopt-requests.
+	outcomeAdopted outcome = "adopted"
 )
 
 // allocation is a record the store holds, in memory, with the fields that
@@ -168,6 +171,7 @@ type allocator struct {
 	storeFailed func(error)
 	reclaimed   func(victim store.Record)
 	changed     func(store.HistoryEntry)
+	adoptUntil  time.Time // see allocatorOptions.adoptUntil
 
 	flushMu sync.Mutex // one last_seen flush at a time
 	mu      sync.RWMutex
@@ -223,6 +227,10 @@ type allocatorOptions struct {
 	reclaimed func(victim store.Record)
 	// changed hears of every change this instance made (history, events).
 	changed func(store.HistoryEntry)
+	// adoptUntil: before then, a device's own remote_port outside the
+	// pool (or its policy range) is adopted rather than refused, when an
+	// operator could put it there (-adopt-requests).
+	adoptUntil time.Time
 }
 
 // maxClaimAttempts bounds how often a claim that lost a race to another
@@ -244,6 +252,7 @@ func newAllocator(st store.Store, pool *portSet, opts allocatorOptions) (*alloca
 		storeFailed: opts.storeFailed,
 		reclaimed:   opts.reclaimed,
 		changed:     opts.changed,
+		adoptUntil:  opts.adoptUntil,
 		policy:      opts.policy,
 		busy:        map[string]chan struct{}{},
 		pendingUser: map[string]int{},
@@ -613,6 +622,10 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 		e.Change, e.OldPort = store.HistMoved, cur.Port
 	case how == outcomeRequested:
 		e.Change = store.HistRequested
+	case how == outcomeAdopted:
+		e.Change, e.By = store.HistAdopted, e.By+" (-adopt-requests)"
+		e.Reason = fmt.Sprintf("asked for %d, outside the pool %s, while -adopt-requests lasts (until %s)", port, a.poolStr,
+			a.adoptUntil.UTC().Format(time.RFC3339))
 	}
 	if victim != nil {
 		lastSeen := time.Unix(0, victim.lastSeen).UTC()
@@ -720,9 +733,16 @@ type reclaimVictim struct {
 func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now time.Time, attempt int) (int, outcome, *reclaimVictim, error) {
 	if port := req.RemotePort; port != 0 {
 		a.mu.Lock()
+		how := outcomeRequested
 		err := a.checkRequested(key, port)
 		if err == nil {
 			err = a.checkPolicy(req.User, up, port)
+		}
+		if errors.Is(err, errPortOutside) && now.Before(a.adoptUntil) {
+			// A migration: the rule an operator's adopt follows decides.
+			if err = a.checkOperatorPort(key, port); err == nil {
+				how = outcomeAdopted
+			}
 		}
 		if err == nil && a.reserved.has(port) {
 			err = &portError{port: port, err: errPortReserved}
@@ -739,7 +759,7 @@ func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now t
 			a.unreserve(port)
 			return 0, "", nil, &portError{port: port, err: errPortInUse}
 		}
-		return port, outcomeRequested, nil, nil
+		return port, how, nil, nil
 	}
 	var refused portSet // ports the bind test refused during this search
 	var stepped portSet // ports stepped over to spread racing instances

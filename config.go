@@ -40,9 +40,12 @@ type config struct {
 	policyFile   string
 	maxPorts     int
 	reclaimAfter time.Duration
-	historyKeep  time.Duration
-	notifyURL    string
-	notifySecret string
+	// adoptRequests: for this long after the start, a device's own
+	// remote_port outside the pool is adopted instead of refused.
+	adoptRequests time.Duration
+	historyKeep   time.Duration
+	notifyURL     string
+	notifySecret  string
 
 	etcd etcdFlags
 
@@ -108,6 +111,7 @@ func (c *config) declare(fs *flag.FlagSet) {
 	fs.StringVar(&c.policyFile, "policy", "", "policy file (TOML): per-user port ranges and quotas; re-read on SIGHUP")
 	fs.IntVar(&c.maxPorts, "max-ports-per-user", 0, "keys a user may hold, unless a policy rule says otherwise (0: unlimited)")
 	fs.DurationVar(&c.reclaimAfter, "reclaim-after", 0, "let a full pool take back the port of a key unseen this long, e.g. 2160h (0: never)")
+	fs.DurationVar(&c.adoptRequests, "adopt-requests", 0, "for this long after the start (e.g. 24h), adopt the port a device asks for outside the pool (when free and not frps's own) instead of refusing it: a migration for a frps whose dashboard is off (0: never)")
 	fs.DurationVar(&c.historyKeep, "history-keep", 400*24*time.Hour, "keep the allocation history this long (0: forever)")
 	fs.Func("notify-url", "POST every change as JSON to this URL (repeat the flag, or comma-separate); signed with -notify-secret", func(v string) error {
 		if c.notifyURL != "" {
@@ -145,6 +149,9 @@ func (c *config) check() error {
 	}
 	if c.historyKeep < 0 {
 		return fmt.Errorf("-history-keep %v: must not be negative", c.historyKeep)
+	}
+	if c.adoptRequests < 0 {
+		return fmt.Errorf("-adopt-requests %v: must not be negative", c.adoptRequests)
 	}
 	nets, err := parseAllowList(c.pluginAllow)
 	if err != nil {

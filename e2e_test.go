@@ -1331,3 +1331,63 @@ func e2eDumpLogs(t testing.TB, dir string) {
 		t.Logf("--- %s:\n%s", filepath.Base(path), strings.Join(lines, "\n"))
 	}
 }
+
+// TestE2EAdoptRequests: migration from a frps whose dashboard is off.
+// While -adopt-requests lasts, a device whose frpc asks for its own port
+// outside the plugin's pool keeps it (frps listens there, bytes flow) and
+// the history says it was adopted; after a restart without the flag the
+// device still gets its port on every reconnect, and a newcomer asking for
+// a port outside the pool is refused as before.
+func TestE2EAdoptRequests(t *testing.T) {
+	forEachFrpVersion(t, func(t *testing.T, v frpVersion) {
+		env := newE2EEnv(t, v, func(e *e2eEnv) { e.pluginArgs = []string{"-adopt-requests", "1h"} })
+		echo := startTCPEcho(t)
+		own := env.pool.hi + 2 // outside the plugin's pool, inside frps's allowPorts
+		spec := proxySpec{Name: "cam", Type: "tcp", LocalPort: echo.Port, RemotePort: own}
+		bob := startFrpc(t, env, "bob", spec)
+		if got := waitProxy(t, env, "tcp", "bob.cam"); got.RemotePort != own {
+			t.Fatalf("bob.cam = %d; want %d, its own port, adopted", got.RemotePort, own)
+		}
+		checkTCPEchoReaches(t, own, echo)
+
+		server := env.pluginURL("")
+		want := fmt.Sprintf("asked for %d, outside the pool %s", own, env.pool)
+		deadline := time.Now().Add(e2eReadyTimeout)
+		for { // the history is written in the background, within a second
+			stdout, stderr, err := runCLI(nil, "history", "-server", server, "-key", "bob.cam")
+			if err == nil && strings.Contains(stdout, "adopted") && strings.Contains(stdout, want) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("history -key bob.cam: %v\n%s%s\nwant adopted, %q", err, stdout, stderr, want)
+			}
+			time.Sleep(e2ePollInterval)
+		}
+
+		// The window ends: a restart without the flag.
+		env.pluginArgs = nil
+		env.restartPlugin(t)
+		bob.stop(t)
+		waitProxyGone(t, env, "tcp", "bob.cam")
+		startFrpc(t, env, "bob", spec)
+		if got := waitProxy(t, env, "tcp", "bob.cam"); got.RemotePort != own {
+			t.Fatalf("bob.cam after the window and a reconnect = %d; want %d", got.RemotePort, own)
+		}
+		checkTCPEchoReaches(t, own, echo)
+		if stdout, stderr, err := runCLI(nil, "list", "-server", server, "-key", "bob.cam"); err != nil || !strings.Contains(stdout, fmt.Sprint(own)) {
+			t.Fatalf("list -key bob.cam: %v\n%s%s\nwant port %d", err, stdout, stderr, own)
+		}
+
+		startFrpc(t, env, "carol", proxySpec{Name: "cam", Type: "tcp", LocalPort: echo.Port, RemotePort: own + 1})
+		deadline = time.Now().Add(e2eProxyOnlineTimeout)
+		for frpcStartError(env, "carol.cam") == "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("carol.cam asking for %d outside the pool after the window was not refused", own+1)
+			}
+			time.Sleep(e2ePollInterval)
+		}
+		if msg := frpcStartError(env, "carol.cam"); !strings.Contains(msg, "outside the allowed ports") {
+			t.Fatalf("carol.cam refused with %q; want outside the allowed ports", msg)
+		}
+	})
+}

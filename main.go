@@ -96,6 +96,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		r.OnRestore(m.restored)
 	}
 	opts := allocatorOptions{excluded: plan.excluded, storeTimeout: cfg.storeTimeout, log: log, policy: pol,
+		adoptUntil:  adoptUntil(cfg.adoptRequests, time.Now()),
 		storeFailed: func(error) { m.storeErrors.Inc() }, reclaimed: func(store.Record) { m.reclaims.Inc() }}
 	if cfg.probe {
 		opts.probe = bindProbe(plan.probeAddr)
@@ -175,6 +176,10 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	attrs = append(attrs, "probe", cfg.probe, "tls", tlsConfig != nil, "plugin_allow", cfg.allowNets.String(), "policy_rules", len(pol.rules),
 		"max_ports_per_user", cfg.maxPorts, "reclaim_after", cfg.reclaimAfter)
 	log.Info("serving", attrs...)
+	if !opts.adoptUntil.IsZero() {
+		log.Warn("adopting the ports devices ask for outside the pool (-adopt-requests)", "until", opts.adoptUntil.UTC().Format(time.RFC3339),
+			"pool", alloc.poolStr)
+	}
 	logOut.sync() // the start-up report is out before the first answer
 	errc := make(chan error, 1)
 	if tlsConfig != nil {
@@ -302,4 +307,12 @@ func pruneHistory(ctx context.Context, hist store.HistoryLog, keep time.Duration
 		case <-time.After(24 * time.Hour):
 		}
 	}
+}
+
+// adoptUntil is when -adopt-requests ends, for a start at now (zero: off).
+func adoptUntil(d time.Duration, now time.Time) time.Time {
+	if d <= 0 {
+		return time.Time{}
+	}
+	return now.Add(d)
 }

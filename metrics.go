@@ -61,7 +61,7 @@ func newMetrics(pool func() poolStats) *metrics {
 		}),
 	}
 	m.byOutcome = map[string]prometheus.Counter{}
-	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), string(outcomePinned), decisionRejected, decisionInvalid, decisionPassthrough} {
+	for _, o := range []string{string(outcomeHit), string(outcomeNew), string(outcomeRequested), string(outcomePinned), string(outcomeAdopted), decisionRejected, decisionInvalid, decisionPassthrough} {
 		m.byOutcome[o] = m.decisions.WithLabelValues(o) // every series exists from the start
 	}
 	m.historyFailures = prometheus.NewCounter(prometheus.CounterOpts{
