@@ -32,7 +32,8 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	api := fs.String("frps-api", "", "frps dashboard URL (default: from -frps-config's webServer)")
 	user := fs.String("frps-user", "", "dashboard user (default: from -frps-config)")
 	password := fs.String("frps-password", "", "dashboard password (default: from -frps-config)")
-	dryRun := fs.Bool("dry-run", false, "print what would be adopted and change nothing")
+	dryRun := fs.Bool("dry-run", false, "check everything the real run checks (with the running server) and change nothing; exits as the real run would")
+	skip := fs.Bool("skip-conflicts", false, "adopt what can be adopted and list the rest with why (default: all or nothing)")
 	return func([]string) error {
 		db, err := dashboardFrom(*frpsConfig, *api, *user, *password)
 		if err != nil {
@@ -53,25 +54,46 @@ func setupAdopt(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		for _, r := range found {
 			file.Allocations = append(file.Allocations, exportRecord{Record: r})
 		}
-		if *dryRun {
-			for _, r := range found {
-				fmt.Fprintf(e.stdout, "would adopt: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
-			}
-			return nil
-		}
 		c, err := cf.client(e.getenv)
 		if err != nil {
 			return err
 		}
+		path := "/api/import?as=adopt"
+		if *dryRun {
+			path += "&dry_run=1"
+		}
+		if *skip {
+			path += "&skip_conflicts=1"
+		}
+		nothing := "nothing adopted"
+		if *dryRun {
+			nothing = "nothing would be adopted"
+		}
 		var res importResult
-		if err := c.do(e.ctx, "POST", "/api/import?as=adopt", file, &res); err != nil {
-			return fmt.Errorf("adopt: %v (nothing adopted)", err)
+		if err := c.do(e.ctx, "POST", path, file, &res); err != nil {
+			return fmt.Errorf("adopt: %v (%s)", err, nothing)
 		}
 		for _, r := range found {
-			fmt.Fprintf(e.stdout, "adopted: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
+			if i := slices.IndexFunc(res.Refused, func(f importRefusal) bool { return f.Key == r.Key && f.Port == r.Port }); i >= 0 {
+				fmt.Fprintf(e.stdout, "not adopted: %s on port %d (%s): %s\n", r.Key, r.Port, r.ProxyType, res.Refused[i].Reason)
+				continue
+			}
+			if *dryRun {
+				fmt.Fprintf(e.stdout, "would adopt: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
+			} else {
+				fmt.Fprintf(e.stdout, "adopted: %s on port %d (%s, user %s)\n", r.Key, r.Port, r.ProxyType, dash(r.User))
+			}
 		}
 		warnOutsidePool(e.stdout, res)
-		_, err = fmt.Fprintf(e.stdout, "%d adopted (%d already held those ports); now add the plugin to frps and restart it\n", res.Imported, res.Unchanged)
+		notTaken := ""
+		if len(res.Refused) > 0 {
+			notTaken = fmt.Sprintf(", %d not", len(res.Refused))
+		}
+		if *dryRun {
+			_, err = fmt.Fprintf(e.stdout, "%d would be adopted (%d already hold those ports)%s; nothing changed\n", res.Imported, res.Unchanged, notTaken)
+			return err
+		}
+		_, err = fmt.Fprintf(e.stdout, "%d adopted (%d already held those ports)%s; now add the plugin to frps and restart it\n", res.Imported, res.Unchanged, notTaken)
 		return err
 	}
 }

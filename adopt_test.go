@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -85,5 +87,88 @@ func TestAdoptUser(t *testing.T) {
 	}
 	if len(want) > 0 {
 		t.Errorf("not adopted: %v", want)
+	}
+}
+
+// TestAdoptDryRunAndSkipConflicts: adopt -dry-run checks what the real run
+// checks, with the running server, and exits as it would: a port another
+// key holds and frps's own port are named with why, and nothing is
+// written; the real run refuses all of it the same way; -skip-conflicts
+// adopts the rest and names what it left.
+func TestAdoptDryRunAndSkipConflicts(t *testing.T) {
+	dash := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/proxy/tcp" {
+			w.Write([]byte(`{"proxies":[]}`))
+			return
+		}
+		w.Write([]byte(`{"proxies":[
+			{"name":"alice.ssh","status":"online","conf":{"remotePort":30001}},
+			{"name":"bob.ssh","status":"online","conf":{"remotePort":30002}},
+			{"name":"carol.ssh","status":"online","conf":{"remotePort":7000}}]}`))
+	}))
+	defer dash.Close()
+	frpsConfig := filepath.Join(t.TempDir(), "frps.toml")
+	if err := os.WriteFile(frpsConfig, []byte("bindPort = 7000\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := startInProc(t, "-probe=false", "-data-dir", t.TempDir(), "-allow-ports", "30000-30009", "-frps-config", frpsConfig)
+	if p := tryPost(s, "dave", "dave.web", "").port; p != 30000 {
+		t.Fatalf("dave.web = %d; want 30000", p)
+	}
+	if _, _, err := runCLI(nil, "assign", "-server", s.url, "dave.web", "30002"); err != nil {
+		t.Fatal(err)
+	}
+	adopt := func(args ...string) (string, error) {
+		stdout, stderr, err := runCLI(nil, append([]string{"adopt", "-server", s.url, "-frps-api", dash.URL}, args...)...)
+		if err != nil {
+			stderr += err.Error()
+		}
+		return stdout + stderr, err
+	}
+	held := func() []string {
+		out, _, err := runCLI(nil, "list", "-server", s.url, "-json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var keys []string
+		for _, k := range []string{"alice.ssh", "bob.ssh", "carol.ssh"} {
+			if strings.Contains(out, `"`+k+`"`) {
+				keys = append(keys, k)
+			}
+		}
+		return keys
+	}
+
+	dry, dryErr := adopt("-dry-run")
+	real, realErr := adopt()
+	if dryErr == nil || realErr == nil {
+		t.Fatalf("adopt with conflicts: dry run %v, real run %v; want both to fail\n%s\n%s", dryErr, realErr, dry, real)
+	}
+	for _, out := range []string{dry, real} {
+		for _, want := range []string{"port 30002", "bob.ssh", "port 7000", "carol.ssh", "used by frps itself"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("adopt said:\n%s\nwant it to name %q", out, want)
+			}
+		}
+	}
+	if got := held(); len(got) != 0 {
+		t.Fatalf("after a refused adopt the server holds %v; want none of them", got)
+	}
+
+	dry, err := adopt("-dry-run", "-skip-conflicts")
+	if err != nil || !strings.Contains(dry, "would adopt: alice.ssh on port 30001") || !strings.Contains(dry, "not adopted: bob.ssh on port 30002") ||
+		!strings.Contains(dry, "1 would be adopted") {
+		t.Fatalf("adopt -dry-run -skip-conflicts: %v\n%s", err, dry)
+	}
+	if got := held(); len(got) != 0 {
+		t.Fatalf("after a dry run the server holds %v; want nothing adopted", got)
+	}
+	out, err := adopt("-skip-conflicts")
+	if err != nil || !strings.Contains(out, "adopted: alice.ssh on port 30001") || !strings.Contains(out, "not adopted: carol.ssh on port 7000") ||
+		!strings.Contains(out, "1 adopted (0 already held those ports), 2 not") {
+		t.Fatalf("adopt -skip-conflicts: %v\n%s", err, out)
+	}
+	if got := held(); len(got) != 1 || got[0] != "alice.ssh" {
+		t.Fatalf("after adopt -skip-conflicts the server holds %v; want alice.ssh alone", got)
 	}
 }

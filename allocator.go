@@ -1486,12 +1486,54 @@ func bindProbe(addr string) func(port int) error {
 // operators' rule (checkOperatorPort). It returns how many were new or
 // moved; the rest were there already.
 func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by string) (int, error) {
+	n, _, err := a.importWith(recs, how, by, importMode{})
+	return n, err
+}
+
+// importMode: dryRun checks everything and writes nothing; skipConflicts
+// takes the records it can and names the rest, instead of refusing all.
+type importMode struct{ dryRun, skipConflicts bool }
+
+// importRefusal is a record an import or adopt cannot take, and why.
+type importRefusal struct {
+	Key    string `json:"key"`
+	Port   int    `json:"port"`
+	Reason string `json:"reason"`
+}
+
+// importError refuses a whole import, naming every record it cannot take.
+type importError struct {
+	refused []importRefusal
+	errs    []error
+}
+
+func (e *importError) Error() string {
+	if len(e.errs) == 1 {
+		return e.errs[0].Error()
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d records cannot be taken:", len(e.errs))
+	for i, err := range e.errs {
+		if i > 0 {
+			b.WriteByte(';')
+		}
+		b.WriteString(" " + err.Error())
+	}
+	return b.String()
+}
+
+func (e *importError) Unwrap() []error { return e.errs }
+
+// importWith is importAll with a mode; it also returns the records it
+// refused (with skipConflicts, or for a dry run).
+func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by string, mode importMode) (int, []importRefusal, error) {
 	now := a.now()
 	a.mu.RLock()
 	seen, ports := map[string]bool{}, map[int]string{}
 	var todo []store.Record
-	var err error
+	refusals := &importError{}
 	for _, r := range recs {
+		var err error
 		r.Key = validUTF8(r.Key)
 		switch {
 		case !store.ValidRecord(r):
@@ -1509,7 +1551,9 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 			}
 		}
 		if err != nil {
-			break
+			refusals.refused = append(refusals.refused, importRefusal{Key: r.Key, Port: r.Port, Reason: err.Error()})
+			refusals.errs = append(refusals.errs, err)
+			continue
 		}
 		seen[r.Key], ports[r.Port] = true, r.Key
 		if cur := a.byKey[r.Key]; cur == nil || cur.Port != r.Port {
@@ -1523,8 +1567,11 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 		}
 	}
 	a.mu.RUnlock()
-	if err != nil {
-		return 0, err
+	if len(refusals.errs) > 0 && !mode.skipConflicts {
+		return 0, refusals.refused, refusals
+	}
+	if mode.dryRun {
+		return len(todo), refusals.refused, nil
 	}
 	var done []store.Claim
 	undo := func() {
@@ -1555,13 +1602,13 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 		if lerr != nil {
 			cancel()
 			undo()
-			return 0, lerr
+			return 0, nil, lerr
 		}
 		if err := a.checkOperatorPort(r.Key, r.Port); err != nil {
 			a.mu.Unlock()
 			cancel()
 			undo()
-			return 0, fmt.Errorf("%q: %w", r.Key, err)
+			return 0, nil, fmt.Errorf("%q: %w", r.Key, err)
 		}
 		c := store.Claim{Want: r, At: now}
 		if cur != nil {
@@ -1579,7 +1626,7 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 		cancel()
 		if err != nil {
 			undo()
-			return 0, fmt.Errorf("%q: %w (nothing imported)", r.Key, err)
+			return 0, nil, fmt.Errorf("%q: %w (nothing imported)", r.Key, err)
 		}
 		done = append(done, c)
 	}
@@ -1591,5 +1638,5 @@ func (a *allocator) importAll(recs []store.Record, how store.HistoryChange, by s
 		}
 		a.changed(e)
 	}
-	return len(done), nil
+	return len(done), refusals.refused, nil
 }

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -576,7 +577,9 @@ func (s *server) serveExport(w http.ResponseWriter, _ *http.Request) {
 }
 
 // serveImport records an export file's allocations (or adopt's) through
-// the running server, all or nothing: POST /api/import[?as=adopt].
+// the running server, all or nothing: POST /api/import[?as=adopt]. With
+// dry_run=1 it checks everything and writes nothing; with skip_conflicts=1
+// it takes what it can and names the rest (Refused).
 func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 	var file exportFile
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20))
@@ -585,15 +588,17 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "not an export file: "+err.Error())
 		return
 	}
+	q := r.URL.Query()
 	how := store.HistImported
-	if r.URL.Query().Get("as") == "adopt" {
+	if q.Get("as") == "adopt" {
 		how = store.HistAdopted
 	}
+	mode := importMode{dryRun: queryFlag(q.Get("dry_run")), skipConflicts: queryFlag(q.Get("skip_conflicts"))}
 	recs := make([]store.Record, 0, len(file.Allocations))
 	for _, e := range file.Allocations {
 		recs = append(recs, e.Record)
 	}
-	n, err := s.alloc.importAll(recs, how, adminActor(r))
+	n, refused, err := s.alloc.importWith(recs, how, adminActor(r), mode)
 	if err != nil {
 		status := http.StatusUnprocessableEntity
 		switch {
@@ -606,9 +611,21 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, err.Error())
 		return
 	}
-	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(recs)-n)
-	writeValue(w, http.StatusOK, s.alloc.importSummary(recs, n))
+	taken := slices.DeleteFunc(slices.Clone(recs), func(r store.Record) bool {
+		return slices.ContainsFunc(refused, func(f importRefusal) bool { return f.Key == r.Key && f.Port == r.Port })
+	})
+	res := s.alloc.importSummary(taken, n)
+	res.Refused, res.DryRun = refused, mode.dryRun
+	if mode.dryRun {
+		writeValue(w, http.StatusOK, res)
+		return
+	}
+	s.log.Info("admin imported", "as", how, "changed", n, "unchanged", len(taken)-n, "refused", len(refused))
+	writeValue(w, http.StatusOK, res)
 }
+
+// queryFlag reads a boolean query parameter: "1" or "true" (any case).
+func queryFlag(v string) bool { return v == "1" || strings.EqualFold(v, "true") }
 
 // importSummary is what an import of recs that changed n reports, through
 // the server or offline.
@@ -630,6 +647,11 @@ type importResult struct {
 	// OutsidePool lists "key:port" of imported allocations outside the
 	// pool: kept, as an operator may, and shown as such.
 	OutsidePool []string `json:"outside_pool,omitempty"`
+	// Refused names the records skipped (skip_conflicts=1), or that a dry
+	// run found would be, with why.
+	Refused []importRefusal `json:"refused,omitempty"`
+	// DryRun: nothing was written; Imported says what would change.
+	DryRun bool `json:"dry_run,omitempty"`
 }
 
 // historyPage is the answer of GET /api/history.
