@@ -118,7 +118,7 @@ func dashboardFrom(frpsConfig, api, user, password string) (frpsDashboard, error
 	if frpsConfig != "" {
 		cfg, _, err := frpconfig.LoadServerConfig(frpsConfig, false)
 		if err != nil {
-			return d, fmt.Errorf("-frps-config %s: %v", frpsConfig, err)
+			return d, frpsConfigError(frpsConfig, err)
 		}
 		if cfg.WebServer.Port <= 0 && d.base == "" {
 			return d, fmt.Errorf("-frps-config %s has no webServer.port: enable frps's dashboard, or give -frps-api", frpsConfig)

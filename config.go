@@ -4,8 +4,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -263,7 +265,7 @@ type frpsPorts struct {
 func readFrpsConfig(path string) (frpsPorts, error) {
 	cfg, _, err := frpconfig.LoadServerConfig(path, false)
 	if err != nil {
-		return frpsPorts{}, fmt.Errorf("-frps-config %s: %v", path, err)
+		return frpsPorts{}, frpsConfigError(path, err)
 	}
 	out := frpsPorts{ownPorts: map[int]string{}, proxyBindAddr: cfg.ProxyBindAddr}
 	if out.proxyBindAddr == "" {
@@ -312,4 +314,17 @@ func etcdOptionsFrom(c config, log *slog.Logger) etcd.Options {
 		Username: c.etcd.username, Password: c.etcd.password,
 		Timeout: c.storeTimeout, Log: log,
 	}
+}
+
+// frpsConfigError says why frps's config could not be read; when this
+// process may not read it (a root-owned 0600 frps.toml and the container's
+// non-root user, say), it says how to let it.
+func frpsConfigError(path string, err error) error {
+	if !errors.Is(err, fs.ErrPermission) {
+		return fmt.Errorf("-frps-config %s: %v", path, err)
+	}
+	uid, gid := os.Getuid(), os.Getgid()
+	return fmt.Errorf("-frps-config %s: %v: frp-port-keeper runs as uid %d, gid %d and may not read it; "+
+		"let it (chgrp %d %s && chmod 0640 %s), or run it as the file's owner (in Docker: --user 0:0, in compose: user: \"0:0\")",
+		path, err, uid, gid, gid, path, path)
 }

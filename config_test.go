@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -181,5 +182,21 @@ func TestPoolEmptySaysWhy(t *testing.T) {
 		func(string) string { return "" }, io.Discard, io.Discard)
 	if want := "the port pool is empty: -allow-ports 7000 minus 7000 (frps bindPort)"; err == nil || err.Error() != want {
 		t.Fatalf("run = %v; want %q", err, want)
+	}
+}
+
+// TestFrpsConfigUnreadable: a frps config this process may not read is
+// an error that says which user it runs as and how to let it read the
+// file (tests run as root, who reads everything, so the error is made).
+func TestFrpsConfigUnreadable(t *testing.T) {
+	err := frpsConfigError("/etc/frp/frps.toml", &fs.PathError{Op: "open", Path: "/etc/frp/frps.toml", Err: fs.ErrPermission})
+	for _, want := range []string{"-frps-config /etc/frp/frps.toml", "permission denied", fmt.Sprintf("uid %d", os.Getuid()),
+		"chmod 0640 /etc/frp/frps.toml", `user: "0:0"`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	if err := frpsConfigError("/x.toml", fs.ErrNotExist); strings.Contains(err.Error(), "chmod") {
+		t.Errorf("a missing file: %q; want no advice on permissions", err)
 	}
 }

@@ -66,6 +66,28 @@ func TestDockerImage(t *testing.T) {
 		t.Errorf("docker run %s version = %q; want %q", ref, out, "frp-port-keeper "+dockerTestVersion)
 	}
 
+	// A root-owned 0600 frps.toml, as the systemd section calls usual: the
+	// image's own user may not read it and is told how to let it; run as
+	// root, the documented way, the same image reads it.
+	private, empty := filepath.Join(t.TempDir(), "frps.toml"), filepath.Join(t.TempDir(), "empty.json")
+	if err := os.WriteFile(private, []byte("bindPort = 7000\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(empty, []byte(`{"allocations":[]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	readConfig := []string{"-v", private + ":/etc/frp/frps.toml:ro", "-v", empty + ":/in.json:ro"}
+	importArgs := []string{"import", "-data-dir", "/data", "-frps-config", "/etc/frp/frps.toml", "/in.json"}
+	if os.Getuid() == 0 {
+		out, err := docker(t, append(append(append([]string{"run", "--rm"}, readConfig...), ref), importArgs...)...)
+		if err == nil || !strings.Contains(err.Error(), "may not read it") || !strings.Contains(err.Error(), "user: \"0:0\"") {
+			t.Errorf("the image's user reading a root-owned 0600 frps.toml: %v %s; want an error saying how to let it", err, out)
+		}
+		if out, err := docker(t, append(append(append([]string{"run", "--rm", "--user", "0:0"}, readConfig...), ref), importArgs...)...); err != nil {
+			t.Errorf("run as root with a root-owned 0600 frps.toml: %v %s; want it read", err, out)
+		}
+	}
+
 	volume := "frp-port-keeper-test-" + suffix
 	dockerOK(t, "volume", "create", volume)
 	t.Cleanup(func() { docker(t, "volume", "rm", "-f", volume) })
