@@ -55,6 +55,8 @@ func TestDockerComposeFiles(t *testing.T) {
 		"image: frp-port-keeper:latest", "image: fatedier/frps:v0.65.0",
 		`command: ["-frps-config", "/etc/frp/frps.toml"]`, `FRP_PORT_KEEPER_LISTEN: "127.0.0.1:8080"`,
 		"- port-keeper-data:/data", "/etc/frp/frps.toml:/etc/frp/frps.toml:ro",
+		// docs/docker.md's backup and restore name the volume as is
+		"  port-keeper-data:\n    # Named as is, not <project>_port-keeper-data, so the backup and\n    # restore commands of docs/docker.md work as written.\n    name: port-keeper-data\n",
 	} {
 		if !strings.Contains(string(compose), want) {
 			t.Errorf("docker-compose.yml lacks %q", want)

@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -171,6 +172,25 @@ func TestDockerImage(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("export from the volume: got %s; want alice.web on port %d", out, port)
+	}
+
+	// docs/docker.md's restore, into a new volume: the same allocations
+	// come back out of it.
+	restored := volume + "-restored"
+	dockerOK(t, "volume", "create", restored)
+	t.Cleanup(func() { docker(t, "volume", "rm", "-f", restored) })
+	ctx, cancel := context.WithTimeout(context.Background(), dockerCommandTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "docker", "run", "--rm", "-i", "-v", restored+":/data", ref, "import")
+	cmd.Stdin = strings.NewReader(out)
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("restore into a new volume: %v\n%s", err, msg)
+	}
+	again := dockerOK(t, "run", "--rm", "-v", restored+":/data", ref, "export")
+	var back exportFile
+	if err := json.Unmarshal([]byte(again), &back); err != nil || len(back.Allocations) != len(exported.Allocations) ||
+		!slices.ContainsFunc(back.Allocations, func(r exportRecord) bool { return r.Key == "alice.web" && r.Port == port }) {
+		t.Fatalf("export of the restored volume: %v\n%s\nwant what was backed up:\n%s", err, again, out)
 	}
 }
 
