@@ -892,19 +892,30 @@ func waitProxy(t testing.TB, env *e2eEnv, typ, name string) proxyInfo {
 }
 
 // frpcStartError returns the line in which a running frpc reports that frps
-// refused to start the proxy ("[alice.web] start error: ..."), or "". frpc
-// retries such a proxy only after 30s, so there is no point waiting.
+// refused to start the proxy, name being its full name "user.proxy", or "".
+// frpc retries such a proxy only after 30s, so there is no point waiting.
+// frpc v0.51.3 and v0.65.0 log the full name ("[alice.web] start error:
+// ..."), v0.71.0 the name without the user prefix ("[web] start error:
+// ..."), so only the user's own frpcs are searched, for either.
 func frpcStartError(env *e2eEnv, name string) string {
-	needle := "[" + name + "] start error"
+	user, short, ok := strings.Cut(name, ".")
+	if !ok {
+		panic("frpcStartError: want a full proxy name user.proxy, got " + name)
+	}
+	needles := [][]byte{[]byte("[" + name + "] start error"), []byte("[" + short + "] start error")}
 	for _, p := range env.frpcs {
-		if p.exited() {
+		if p.exited() || p.name != "frpc "+user {
 			continue
 		}
 		data, err := os.ReadFile(p.logPath)
 		if err != nil {
 			continue
 		}
-		if i := bytes.Index(data, []byte(needle)); i >= 0 {
+		i := bytes.Index(data, needles[0])
+		if i < 0 {
+			i = bytes.Index(data, needles[1])
+		}
+		if i >= 0 {
 			line := data[i:]
 			if j := bytes.IndexByte(line, '\n'); j >= 0 {
 				line = line[:j]
