@@ -772,7 +772,7 @@ log.disablePrintColor = true
 }
 
 // proxyInfo is one proxy as frps's dashboard API reports it, normalised over
-// the two versions' JSON shapes.
+// the versions' JSON shapes.
 type proxyInfo struct {
 	Name           string
 	Status         string // "online" or "offline"
@@ -784,7 +784,7 @@ type proxyInfo struct {
 
 // getProxies asks frps's dashboard for GET /api/proxy/TYPE.
 //
-// v0.65.0: {"proxies":[{"name":"alice.web","status":"online","conf":{
+// v0.65.0 and v0.71.0: {"proxies":[{"name":"alice.web","status":"online","conf":{
 // "remotePort":30001,"transport":{"useEncryption":true,"bandwidthLimit":"2MB"},
 // "loadBalancer":{"group":"web","groupKey":"k"},...}}]}
 //
