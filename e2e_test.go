@@ -3,9 +3,11 @@ package main
 // End-to-end tests: real frps and frpc binaries (built from the pinned tool
 // modules under tools/) talking to the plugin's run() in this test process.
 //
-// Every test runs against two frp versions:
+// Every test runs against three frp versions:
 //   - v0.65.0, configured with TOML (frps.toml, [[httpPlugins]])
 //   - v0.51.3, configured with legacy INI (frps.ini, [plugin.NAME])
+//   - v0.71.0, configured with TOML, built with frp's "noweb" tag (its module
+//     has no built dashboard assets)
 //
 // frps and frpc are built once per test binary run into bin/frp-VERSION/
 // (git-ignored) with `go build` run inside tools/frp-VERSION/; the go build
@@ -61,11 +63,18 @@ const (
 type frpVersion struct {
 	name      string // "v0.65.0": the tools/frp-NAME and bin/frp-NAME directories
 	legacyINI bool   // configure with INI (frps.ini/frpc.ini) instead of TOML
+	// buildTags for go build. frp v0.71.0's module no longer carries the
+	// dashboards' built assets (web/frps/dist, web/frpc/dist, which
+	// //go:embed wants); its "noweb" tag, which frp's own Makefile sets when
+	// they are missing, leaves them out. The dashboard API still answers,
+	// only its web pages are gone.
+	buildTags string
 }
 
 var frpVersions = []frpVersion{
 	{name: "v0.65.0"},
 	{name: "v0.51.3", legacyINI: true},
+	{name: "v0.71.0", buildTags: "noweb"},
 }
 
 // forEachFrpVersion runs fn as a parallel subtest per frp version.
@@ -763,7 +772,7 @@ log.disablePrintColor = true
 }
 
 // proxyInfo is one proxy as frps's dashboard API reports it, normalised over
-// the two versions' JSON shapes.
+// the versions' JSON shapes.
 type proxyInfo struct {
 	Name           string
 	Status         string // "online" or "offline"
@@ -775,7 +784,7 @@ type proxyInfo struct {
 
 // getProxies asks frps's dashboard for GET /api/proxy/TYPE.
 //
-// v0.65.0: {"proxies":[{"name":"alice.web","status":"online","conf":{
+// v0.65.0 and v0.71.0: {"proxies":[{"name":"alice.web","status":"online","conf":{
 // "remotePort":30001,"transport":{"useEncryption":true,"bandwidthLimit":"2MB"},
 // "loadBalancer":{"group":"web","groupKey":"k"},...}}]}
 //
@@ -883,19 +892,30 @@ func waitProxy(t testing.TB, env *e2eEnv, typ, name string) proxyInfo {
 }
 
 // frpcStartError returns the line in which a running frpc reports that frps
-// refused to start the proxy ("[alice.web] start error: ..."), or "". frpc
-// retries such a proxy only after 30s, so there is no point waiting.
+// refused to start the proxy, name being its full name "user.proxy", or "".
+// frpc retries such a proxy only after 30s, so there is no point waiting.
+// frpc v0.51.3 and v0.65.0 log the full name ("[alice.web] start error:
+// ..."), v0.71.0 the name without the user prefix ("[web] start error:
+// ..."), so only the user's own frpcs are searched, for either.
 func frpcStartError(env *e2eEnv, name string) string {
-	needle := "[" + name + "] start error"
+	user, short, ok := strings.Cut(name, ".")
+	if !ok {
+		panic("frpcStartError: want a full proxy name user.proxy, got " + name)
+	}
+	needles := [][]byte{[]byte("[" + name + "] start error"), []byte("[" + short + "] start error")}
 	for _, p := range env.frpcs {
-		if p.exited() {
+		if p.exited() || p.name != "frpc "+user {
 			continue
 		}
 		data, err := os.ReadFile(p.logPath)
 		if err != nil {
 			continue
 		}
-		if i := bytes.Index(data, []byte(needle)); i >= 0 {
+		i := bytes.Index(data, needles[0])
+		if i < 0 {
+			i = bytes.Index(data, needles[1])
+		}
+		if i >= 0 {
 			line := data[i:]
 			if j := bytes.IndexByte(line, '\n'); j >= 0 {
 				line = line[:j]
@@ -1030,7 +1050,7 @@ func buildFrp(t testing.TB, v frpVersion) frpBinaries {
 
 func doBuildFrp(t testing.TB, v frpVersion) (frpBinaries, error) {
 	start := time.Now()
-	binDir, err := testenv.GoBuildTool("frp-"+v.name, e2eFrpBuildTimeout, "", "github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
+	binDir, err := testenv.GoBuildToolTags("frp-"+v.name, e2eFrpBuildTimeout, "", v.buildTags, "github.com/fatedier/frp/cmd/frps", "github.com/fatedier/frp/cmd/frpc")
 	if err != nil {
 		return frpBinaries{}, err
 	}

@@ -8,7 +8,7 @@ package main
 // store is chosen by the test.
 //
 // frp's http plugin client (pkg/plugin/server/http.go, the same code in
-// v0.51.3 and v0.65.0) uses an addr that starts with "https://" as is, and
+// v0.51.3, v0.65.0 and v0.71.0) uses an addr that starts with "https://" as is, and
 // gives its http.Transport a tls.Config{InsecureSkipVerify: !TLSVerify} with
 // no RootCAs, so with tlsVerify the plugin's certificate is checked against
 // Go's system roots. On Linux crypto/x509 reads those from SSL_CERT_FILE and

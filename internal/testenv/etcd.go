@@ -455,6 +455,11 @@ func (p *EtcdPKI) ClientTLS() *tls.Config {
 
 // absolute bin/NAME.
 func GoBuildTool(name string, timeout time.Duration, out string, pkgs ...string) (string, error) {
+	return GoBuildToolTags(name, timeout, out, "", pkgs...)
+}
+
+// GoBuildToolTags is GoBuildTool with go build -tags tags ("": none).
+func GoBuildToolTags(name string, timeout time.Duration, out, tags string, pkgs ...string) (string, error) {
 	toolDir := filepath.Join(ModuleRoot(), "tools", name)
 	binDir := filepath.Join(ModuleRoot(), "bin", name)
 	if err := os.MkdirAll(binDir, 0o755); err != nil {
@@ -470,7 +475,11 @@ func GoBuildTool(name string, timeout time.Duration, out string, pkgs ...string)
 	if out != "" {
 		target = filepath.Join(binDir, out)
 	}
-	cmd := exec.CommandContext(ctx, goTool, append([]string{"build", "-o", target}, pkgs...)...)
+	args := []string{"build", "-o", target}
+	if tags != "" {
+		args = append(args, "-tags", tags)
+	}
+	cmd := exec.CommandContext(ctx, goTool, append(args, pkgs...)...)
 	cmd.Dir = toolDir
 	cmd.Env = append(os.Environ(), "GOWORK=off")
 	var buf bytes.Buffer
