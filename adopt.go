@@ -175,35 +175,19 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 	client := &http.Client{Timeout: timeout}
 	byKey := map[string]store.Record{}
 	now := time.Now().UTC()
+	// frps reports each proxy's user from v0.67.0 on (omitted when
+	// empty); before, only the name says it.
+	var info struct {
+		Version string `json:"version"`
+	}
+	if body, err := d.get(ctx, client, "/api/serverinfo", maxBody); err == nil {
+		json.Unmarshal(body, &info)
+	}
+	reportsUser := versionAtLeast(info.Version, 0, 67)
 	for _, typ := range []string{"tcp", "udp"} {
-		req, err := http.NewRequestWithContext(ctx, "GET", d.base+"/api/proxy/"+typ, nil)
+		body, err := d.get(ctx, client, "/api/proxy/"+typ, maxBody)
 		if err != nil {
 			return nil, nil, err
-		}
-		if d.user != "" || d.password != "" {
-			req.SetBasicAuth(d.user, d.password)
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return nil, nil, fmt.Errorf("cannot reach frps's dashboard at %s (%v): is webServer enabled? set -frps-api", d.base, err)
-		}
-		url := d.base + "/api/proxy/" + typ
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
-		resp.Body.Close()
-		var netErr net.Error
-		switch {
-		case err != nil && (errors.As(err, &netErr) && netErr.Timeout() || errors.Is(err, context.DeadlineExceeded)):
-			return nil, nil, fmt.Errorf("frps's dashboard answered %s too slowly: not all of it within %v", url, timeout)
-		case err != nil:
-			return nil, nil, fmt.Errorf("reading frps's dashboard answer to %s: %v", url, err)
-		case int64(len(body)) > maxBody:
-			return nil, nil, fmt.Errorf("frps's dashboard answered %s with more than %d bytes, adopt's limit: is that frps's dashboard?", url, maxBody)
-		}
-		switch {
-		case resp.StatusCode == http.StatusUnauthorized:
-			return nil, nil, fmt.Errorf("frps's dashboard at %s refused the credentials: set -frps-user and -frps-password (or -frps-config)", d.base)
-		case resp.StatusCode != http.StatusOK:
-			return nil, nil, fmt.Errorf("frps's dashboard at %s answered %s for /api/proxy/%s", d.base, resp.Status, typ)
 		}
 		var list struct {
 			Proxies []dashboardProxy `json:"proxies"`
@@ -226,15 +210,16 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 				continue
 			}
 			// The user frps reports wins (an empty one too: "my.cam" of an
-			// frpc without user). frps up to v0.65.0 reports none; then the
-			// text before the first dot, the "user." frpc puts before the
-			// proxy's name, is taken as the user (frps itself cannot tell
-			// it from a proxy named "my.cam" by an frpc without user).
+			// frpc without user; frps 0.67 and later omit an empty user).
+			// Older frps report none; then the text before the first dot,
+			// the "user." frpc puts before the proxy's name, is taken as
+			// the user (such a frps cannot tell it from a proxy named
+			// "my.cam" by an frpc without user).
 			user, _, hasUser := strings.Cut(p.Name, ".")
 			switch {
 			case p.User != nil:
 				user = *p.User
-			case !hasUser:
+			case reportsUser, !hasUser:
 				user = ""
 			}
 			r := store.Record{Port: port, User: user, ProxyName: p.Name, ProxyType: typ, Group: group, CreatedAt: now, AssignedAt: now}
@@ -251,4 +236,47 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 	}
 	slices.SortFunc(found, func(a, b store.Record) int { return a.Port - b.Port })
 	return found, skipped, nil
+}
+
+// get reads path from the dashboard, at most maxBody bytes, saying why
+// when it cannot: unreachable, too slow, too much, refused.
+func (d frpsDashboard) get(ctx context.Context, client *http.Client, path string, maxBody int64) ([]byte, error) {
+	url := d.base + path
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return nil, err
+	}
+	if d.user != "" || d.password != "" {
+		req.SetBasicAuth(d.user, d.password)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach frps's dashboard at %s (%v): is webServer enabled? set -frps-api", d.base, err)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
+	resp.Body.Close()
+	var netErr net.Error
+	switch {
+	case err != nil && (errors.As(err, &netErr) && netErr.Timeout() || errors.Is(err, context.DeadlineExceeded)):
+		return nil, fmt.Errorf("frps's dashboard answered %s too slowly: not all of it within %v", url, client.Timeout)
+	case err != nil:
+		return nil, fmt.Errorf("reading frps's dashboard answer to %s: %v", url, err)
+	case int64(len(body)) > maxBody:
+		return nil, fmt.Errorf("frps's dashboard answered %s with more than %d bytes, adopt's limit: is that frps's dashboard?", url, maxBody)
+	case resp.StatusCode == http.StatusUnauthorized:
+		return nil, fmt.Errorf("frps's dashboard at %s refused the credentials: set -frps-user and -frps-password (or -frps-config)", d.base)
+	case resp.StatusCode != http.StatusOK:
+		return nil, fmt.Errorf("frps's dashboard at %s answered %s for %s", d.base, resp.Status, path)
+	}
+	return body, nil
+}
+
+// versionAtLeast says whether version ("0.71.0", "v0.71.0") is at least
+// major.minor; an unreadable version is not.
+func versionAtLeast(version string, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(strings.TrimPrefix(version, "v"), "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
 }

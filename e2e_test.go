@@ -299,6 +299,16 @@ func TestE2EAdoptBeforeEnabling(t *testing.T) {
 			proxySpec{Name: "dns", Type: "udp", LocalPort: udp.Port, RemotePort: dnsPort})
 		waitProxy(t, env, "tcp", "alice.ssh")
 		waitProxy(t, env, "udp", "alice.dns")
+		// An frpc without user whose proxy's name has a dot: frps from
+		// v0.67 reports its (empty) user; older frps report none, and the
+		// text before the dot is all adopt has to go on.
+		camPort := env.allow.hi - 2
+		startFrpc(t, env, "", proxySpec{Name: "my.cam", Type: "tcp", LocalPort: echo.Port, RemotePort: camPort})
+		waitProxy(t, env, "tcp", "my.cam")
+		camUser := "-"
+		if !versionAtLeast(v.name, 0, 67) {
+			camUser = "my"
+		}
 
 		stdout, stderr, err := runCLI(nil, "adopt", "-server", env.pluginURL(""), "-frps-api", env.dashboardURL(""),
 			"-frps-user", e2eDashboardUser, "-frps-password", e2eDashboardPassword)
@@ -307,7 +317,8 @@ func TestE2EAdoptBeforeEnabling(t *testing.T) {
 			t.Fatalf("adopt: %v\n%s%s", err, stdout, stderr)
 		}
 		for _, want := range []string{fmt.Sprintf("adopted: alice.ssh on port %d (tcp, user alice)", sshPort),
-			fmt.Sprintf("adopted: alice.dns on port %d (udp, user alice)", dnsPort)} {
+			fmt.Sprintf("adopted: alice.dns on port %d (udp, user alice)", dnsPort),
+			fmt.Sprintf("adopted: my.cam on port %d (tcp, user %s)", camPort, camUser)} {
 			if !strings.Contains(out, want) {
 				t.Fatalf("adopt said:\n%s\nwant %q", out, want)
 			}
