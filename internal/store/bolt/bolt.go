@@ -324,7 +324,7 @@ func (s *Store) Touch(_ context.Context, marks []store.SeenMark) error {
 // Watch has nothing to deliver: only this process writes the file.
 func (s *Store) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
-	return nil
+	return ctx.Err()
 }
 
 func (s *Store) Close() error {

@@ -888,7 +888,7 @@ func (s *Store) Touch(_ context.Context, marks []store.SeenMark) error {
 // and each write's outcome reaches its caller.
 func (s *Store) Watch(ctx context.Context, _ int64, _ func(store.Change)) error {
 	<-ctx.Done()
-	return nil
+	return ctx.Err()
 }
 
 // Close writes the checkpoint of a clean stop, unless the directory is no

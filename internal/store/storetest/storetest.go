@@ -56,6 +56,7 @@ func Run(t *testing.T, b Backend) {
 		{"concurrent claims of many ports: all win", false, contractConcurrentManyPorts},
 		{"outcome unknown: the answer agrees with what loads", false, contractOutcomeUnknown},
 		{"history, when kept", false, contractHistory},
+		{"watch returns ctx's error when ctx ends", false, contractWatchEnds},
 		{"watch sees another handle's changes in order", true, contractWatch},
 		{"watch behind a compaction resets", true, contractWatchReset},
 	}
@@ -759,5 +760,24 @@ func contractHistory(t *testing.T, h *Harness) {
 	log = s.History()
 	if got, want := ids(store.HistoryQuery{}), []string{es[2].ID, es[1].ID}; !slices.Equal(got, want) {
 		t.Fatalf("after prune and reopen: %v; want %v", got, want)
+	}
+}
+
+// contractWatchEnds: Watch returns ctx's error once ctx ends, whether or
+// not anyone else writes the store.
+func contractWatchEnds(t *testing.T, h *Harness) {
+	s := h.openStore()
+	snap := h.Load(s)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Watch(ctx, snap.Rev, func(store.Change) {}) }()
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Watch after its ctx ended returned %v; want context.Canceled", err)
+		}
+	case <-time.After(contractTimeout):
+		t.Fatalf("Watch did not return within %v of its ctx ending", contractTimeout)
 	}
 }
