@@ -263,11 +263,11 @@ func TestListPaging(t *testing.T) {
 				}
 				// A free port just ahead of the cursor, one far ahead, and one behind it.
 				for _, p := range []int{next + 1, 1024 + n*step + added, next - 1} {
-					if a.held.has(p) || p < 1024 {
+					if a.tcp.held.has(p) || p < 1024 {
 						continue
 					}
 					key := fmt.Sprintf("added-%d", p)
-					if _, err := a.assign(key, p, operatorChange{}); err != nil {
+					if _, err := a.assign(key, p, "", operatorChange{}); err != nil {
 						t.Fatalf("assign %s %d: %v", key, p, err)
 					}
 					if p < next {
@@ -386,7 +386,7 @@ func TestListQueryValidation(t *testing.T) {
 // empty list (200) when there is none; other filters narrow them.
 func TestListLookup(t *testing.T) {
 	a := bigAllocator(t, 5, 2) // list-000000..4 on 1024-1028, users u0 u1
-	if _, err := a.assign("group:a/b", 2000, operatorChange{}); err != nil {
+	if _, err := a.assign("group:a/b", 2000, "", operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
 	h := newServer(a, slog.New(slog.DiscardHandler), serverOptions{})
@@ -468,7 +468,7 @@ func TestListStreamMatchesMarshal(t *testing.T) {
 	// before: the same bytes, hostile names included.
 	a := bigAllocator(t, 3, 1)
 	for i, name := range names[1:6] {
-		if _, err := a.assign(name, 2000+i, operatorChange{}); err != nil {
+		if _, err := a.assign(name, 2000+i, "", operatorChange{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -690,11 +690,11 @@ func TestCLIListPages(t *testing.T) {
 		t.Errorf("list asked %q; want %q", qs, want)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 1+2500+2 || !strings.HasPrefix(lines[0], "PORT") || lines[2502] != "pool: 2500 used, 62012 free, 64512 ports" {
+	if len(lines) != 1+2500+2 || !strings.HasPrefix(lines[0], "PORT") || lines[2502] != "pool: 2500 used, 126524 free, 129024 ports (tcp 2500 used of 64512, udp 0 used of 64512)" {
 		t.Fatalf("list: %d lines, header %q, last %q; want 2503 lines ending in the pool", len(lines), lines[0], lines[len(lines)-1])
 	}
 	for i, line := range lines[1:2501] {
-		if f := strings.Fields(line); len(f) < 4 || f[0] != strconv.Itoa(1024+i) || f[1] != fmt.Sprintf("list-%06d", i) {
+		if f := strings.Fields(line); len(f) < 5 || f[0] != strconv.Itoa(1024+i) || f[1] != "tcp" || f[2] != fmt.Sprintf("list-%06d", i) {
 			t.Fatalf("line %d = %q; want port %d", i+1, line, 1024+i)
 		}
 	}
@@ -767,7 +767,7 @@ func TestAdminPacing(t *testing.T) {
 	// operator pinned: its user is "") pauses as often as one that keeps
 	// all, and so does the page.
 	a := bigAllocator(t, 5000, 50)
-	if _, err := a.assign("pinned.rare", 60000, operatorChange{}); err != nil {
+	if _, err := a.assign("pinned.rare", 60000, "", operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
 	for _, target := range []string{"/api/allocations", "/api/allocations?user=", "/?q=pinned.rare"} {

@@ -60,7 +60,7 @@ func TestAdminAPI(t *testing.T) {
 		run(t, "", []step{
 			{name: "list", method: "GET", path: "/api/allocations", wantStatus: 200,
 				wantBody: `"key":"alice.ssh","proxy_name":"alice.ssh","user":"alice","proxy_type":"tcp","group":"","port":30000`},
-			{name: "list has pool", method: "GET", path: "/api/allocations", wantStatus: 200, wantBody: `"pool":{"size":10,"used":2,"free":8}`},
+			{name: "list has pool", method: "GET", path: "/api/allocations", wantStatus: 200, wantBody: `"pool":{"size":20,"used":2,"free":18,"tcp":{"size":10,"used":1,"free":9},"udp":{"size":10,"used":1,"free":9}}`},
 			{name: "list by user", method: "GET", path: "/api/allocations?user=bob", wantStatus: 200, wantBody: `"allocations":[{"key":"bob.wg"`},
 			{name: "list unknown user", method: "GET", path: "/api/allocations?user=zed", wantStatus: 200, wantBody: `"allocations":[]`},
 			{name: "show", method: "GET", path: "/api/allocations/alice.ssh", wantStatus: 200, wantBody: `"port":30000`},
@@ -179,7 +179,7 @@ func TestMetricsMove(t *testing.T) {
 		return rec.Body.String()
 	}
 	before := scrape()
-	for _, want := range []string{`frp_port_keeper_decisions_total{outcome="hit"} 0`, `frp_port_keeper_pool_ports{state="free"} 2`} {
+	for _, want := range []string{`frp_port_keeper_decisions_total{outcome="hit"} 0`, `frp_port_keeper_pool_ports{proto="tcp",state="free"} 2`, `frp_port_keeper_pool_ports{proto="udp",state="free"} 2`} {
 		if !strings.Contains(before, want) {
 			t.Fatalf("metrics lack %q:\n%s", want, before)
 		}
@@ -200,8 +200,9 @@ func TestMetricsMove(t *testing.T) {
 		`frp_port_keeper_decisions_total{outcome="rejected"} 1`,
 		`frp_port_keeper_decisions_total{outcome="invalid"} 1`,
 		`frp_port_keeper_decisions_total{outcome="passthrough"} 1`,
-		`frp_port_keeper_pool_ports{state="used"} 2`,
-		`frp_port_keeper_pool_ports{state="free"} 0`,
+		`frp_port_keeper_pool_ports{proto="tcp",state="used"} 2`,
+		`frp_port_keeper_pool_ports{proto="tcp",state="free"} 0`,
+		`frp_port_keeper_pool_ports{proto="udp",state="free"} 2`,
 		`frp_port_keeper_store_errors_total 1`,
 		`frp_port_keeper_request_duration_seconds_count 6`,
 	} {
@@ -287,8 +288,8 @@ func TestCLIAgainstServer(t *testing.T) {
 
 	out, _ := cli(t, false, "", append([]string{"list"}, srv...)...)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) < 3 || !strings.HasPrefix(lines[0], "PORT") || !strings.Contains(lines[1], "31000  alice.ssh  alice  tcp") ||
-		!strings.Contains(lines[2], "31001  bob.wg     bob    udp") {
+	if len(lines) < 3 || !strings.HasPrefix(lines[0], "PORT") || strings.Join(strings.Fields(lines[1])[:5], " ") != "31000 tcp alice.ssh alice tcp" ||
+		strings.Join(strings.Fields(lines[2])[:5], " ") != "31000 udp bob.wg bob udp" {
 		t.Fatalf("list:\n%s", out)
 	}
 	out, _ = cli(t, false, "", append(append([]string{"list"}, srv...), "-json", "-user", "bob")...)

@@ -234,7 +234,7 @@ func (d frpsDashboard) onlinePorts(ctx context.Context) (found []store.Record, s
 			found = append(found, r)
 		}
 	}
-	slices.SortFunc(found, func(a, b store.Record) int { return a.Port - b.Port })
+	slices.SortFunc(found, func(a, b store.Record) int { return cmp.Or(a.Port-b.Port, cmp.Compare(a.ProxyType, b.ProxyType)) })
 	return found, skipped, nil
 }
 

@@ -18,7 +18,7 @@ import (
 func TestAdoptRequests(t *testing.T) {
 	now, advance := fakeClock(time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC))
 	h := newHistoryAllocator(t, "file", "30000-30009", allocatorOptions{now: now,
-		excluded:   map[int]string{7000: "frps bindPort"},
+		excluded:   map[store.Slot]string{store.TCPPort(7000): "frps bindPort"},
 		adoptUntil: now().Add(time.Hour)})
 
 	p, how := mustAllocate(t, h.allocator, withPort(req("alice", "alice.ssh", "tcp"), 31022))

@@ -35,6 +35,7 @@ var (
 	errKeyBusy       = errors.New("another change to this key is still being stored")
 	errQuota         = errors.New("quota reached")
 	errNoteTooLong   = fmt.Errorf("a note is at most %d bytes", maxNoteBytes)
+	errWrongSpace    = errors.New("the protocol is not the key's")
 )
 
 // checkNote refuses a note over maxNoteBytes, on every path that sets one.
@@ -47,14 +48,14 @@ func checkNote(note string) error {
 
 // portError is a refusal about one specific port.
 type portError struct {
-	port int
+	slot store.Slot
 	err  error
 	// detail adds what the port is used for, when known (errPortForFrps).
 	detail string
 }
 
 func (e *portError) Error() string {
-	s := fmt.Sprintf("port %d is %v", e.port, e.err)
+	s := fmt.Sprintf("port %s is %v", portName(e.slot), e.err)
 	if e.detail != "" {
 		s += " (" + e.detail + ")"
 	}
@@ -62,10 +63,27 @@ func (e *portError) Error() string {
 }
 func (e *portError) Unwrap() error { return e.err }
 
-// poolError says which pool ran dry.
-type poolError struct{ pool string }
+// portName is how clients and logs are told of a port: the number alone
+// for tcp, as frps names ports, and 53/udp for udp.
+func portName(s store.Slot) string {
+	if s.Space == store.UDP {
+		return s.String()
+	}
+	return strconv.Itoa(s.Port)
+}
 
-func (e *poolError) Error() string { return fmt.Sprintf("no free port left in pool %s", e.pool) }
+// poolError says which pool ran dry, and in which space.
+type poolError struct {
+	pool  string
+	space store.Space
+}
+
+func (e *poolError) Error() string {
+	if e.space == store.UDP {
+		return fmt.Sprintf("no free udp port left in pool %s", e.pool)
+	}
+	return fmt.Sprintf("no free port left in pool %s", e.pool)
+}
 func (e *poolError) Unwrap() error { return errPoolExhausted }
 
 // storeError wraps what the store said, so logs have it while the client
@@ -152,21 +170,21 @@ type allocation struct {
 }
 
 // allocator holds the allocation rules. Every allocation the store holds
-// lives in memory, so a sticky hit touches no disk. byKey, byPort, held,
-// perUser and the free queue change only through apply, whether the change
-// is this instance's own store write or one that watch brought in from
-// another instance, so none of them can drift from the records.
+// lives in memory, so a sticky hit touches no disk. byKey, perUser and each
+// space's byPort, held and free queue change only through apply, whether
+// the change is this instance's own store write or one that watch brought
+// in from another instance, so none of them can drift from the records.
 type allocator struct {
-	store   store.Store
+	store store.Store
+	// pool is the ports frps allows, in each space alike (frps's
+	// allowPorts is one list for tcp and udp); each space keeps its own
+	// listeners out of it (portSpace.excluded).
 	pool    *portSet
 	poolStr string
-	// excluded names ports taken out of the pool for a reason a client
-	// should hear (frps's own listeners, the plugin's port).
-	excluded map[int]string
-	probe    func(port int) error // nil: no bind test
-	timeout  time.Duration
-	now      func() time.Time
-	log      *slog.Logger
+	probe   func(store.Slot) error // nil: no bind test
+	timeout time.Duration
+	now     func() time.Time
+	log     *slog.Logger
 	// storeFailed hears of every store call that failed or timed out.
 	storeFailed func(error)
 	reclaimed   func(victim store.Record)
@@ -176,26 +194,17 @@ type allocator struct {
 	flushMu sync.Mutex // one last_seen flush at a time
 	mu      sync.RWMutex
 	byKey   map[string]*allocation
-	byPort  map[int]*allocation
-	held    portSet // ports of byPort, and those heldBack
-	// heldBack are ports a damaged record keeps from fresh allocation
-	// (snapshot.heldBack), with the reason, until an operator releases them.
-	heldBack map[int]string
+	// tcp and udp are the two port spaces, kept apart as frps keeps them:
+	// a tcp key and a udp key may hold one number. Reach them through in.
+	tcp, udp portSpace
 	policy   *policy
-	// perUser counts keys by user, for quotas.
+	// perUser counts keys by user, for quotas: a user's keys in both
+	// spaces count, as frps's maxPortsPerClient counts tcp and udp alike.
 	perUser map[string]int
-	// freed holds ports that were given back, since freedAt (unix
-	// nanoseconds); freeQueue orders them, longest free first. Entries of
-	// ports reused since are skipped and dropped lazily.
-	freed     portSet
-	freedAt   map[int]int64
-	freeQueue []freedPort
 
 	// busy marks keys with a store call in flight (closed when it ends);
-	// reserved, the ports such calls or a bind test are about to take;
 	// pendingUser, new keys in flight per user (for quotas).
 	busy        map[string]chan struct{}
-	reserved    portSet
 	pendingUser map[string]int
 	// tombs remembers the revision of deletes a watch may still echo an
 	// older put for; watchRev is how far the watch has delivered.
@@ -204,6 +213,39 @@ type allocator struct {
 	rev      int64 // the newest revision applied
 
 	online onlineProxies
+}
+
+// portSpace is what the allocator holds of one port space. Guarded by
+// allocator.mu.
+type portSpace struct {
+	space  store.Space
+	byPort map[int]*allocation
+	held   portSet // ports of byPort, and those heldBack
+	// heldBack are ports a damaged record keeps from fresh allocation
+	// (snapshot.heldBack), with the reason, until an operator releases them.
+	heldBack map[int]string
+	// freed holds ports that were given back, since freedAt (unix
+	// nanoseconds); freeQueue orders them, longest free first. Entries of
+	// ports reused since are skipped and dropped lazily.
+	freed     portSet
+	freedAt   map[int]int64
+	freeQueue []freedPort
+	// reserved are the ports store calls in flight or a bind test are
+	// about to take.
+	reserved portSet
+	// excluded names ports kept out of the pool for a reason a client
+	// should hear (frps's own listeners of this protocol, the plugin's
+	// port); excludedSet holds the same ports for the pool's walk.
+	excluded    map[int]string
+	excludedSet portSet
+}
+
+// in returns the port space s.
+func (a *allocator) in(s store.Space) *portSpace {
+	if s == store.UDP {
+		return &a.udp
+	}
+	return &a.tcp
 }
 
 // freedPort is an entry of the free queue; it is stale once the port's
@@ -215,8 +257,8 @@ type freedPort struct {
 
 // allocatorOptions are the allocator's tunables; zero values are defaults.
 type allocatorOptions struct {
-	excluded     map[int]string
-	probe        func(port int) error
+	excluded     map[store.Slot]string
+	probe        func(store.Slot) error
 	storeTimeout time.Duration
 	now          func() time.Time
 	log          *slog.Logger
@@ -244,7 +286,6 @@ func newAllocator(st store.Store, pool *portSet, opts allocatorOptions) (*alloca
 		store:       st,
 		pool:        pool,
 		poolStr:     pool.String(),
-		excluded:    opts.excluded,
 		probe:       opts.probe,
 		timeout:     opts.storeTimeout,
 		now:         opts.now,
@@ -279,6 +320,16 @@ func newAllocator(st store.Store, pool *portSet, opts allocatorOptions) (*alloca
 	if a.policy == nil {
 		a.policy = &policy{shared: pool, sharedSpec: a.poolStr}
 	}
+	a.tcp.space, a.udp.space = store.TCP, store.UDP
+	for _, sp := range []*portSpace{&a.tcp, &a.udp} {
+		sp.excluded = map[int]string{}
+		sp.byPort, sp.heldBack, sp.freedAt = map[int]*allocation{}, map[int]string{}, map[int]int64{}
+	}
+	for slot, why := range opts.excluded {
+		sp := a.in(slot.Space)
+		sp.excluded[slot.Port] = why
+		sp.excludedSet.add(slot.Port)
+	}
 	a.online.init()
 	// A first load may read every record of a large directory, or wait for
 	// an etcd cluster to answer: more than one store call's deadline.
@@ -299,10 +350,12 @@ func newAllocator(st store.Store, pool *portSet, opts allocatorOptions) (*alloca
 func (a *allocator) reset(snap store.Snapshot) {
 	old := a.byKey
 	a.byKey = make(map[string]*allocation, len(snap.Allocations))
-	a.byPort = make(map[int]*allocation, len(snap.Allocations))
-	a.held = portSet{}
+	for _, sp := range []*portSpace{&a.tcp, &a.udp} {
+		sp.byPort = map[int]*allocation{}
+		sp.held, sp.heldBack = portSet{}, map[int]string{}
+		sp.freed, sp.freedAt, sp.freeQueue = portSet{}, map[int]int64{}, nil
+	}
 	a.perUser = map[string]int{}
-	a.freed, a.freedAt, a.freeQueue = portSet{}, map[int]int64{}, nil
 	a.tombs = map[string]int64{}
 	a.rev, a.watchRev = snap.Rev, snap.Rev
 	now := a.now().UnixNano()
@@ -327,22 +380,22 @@ func (a *allocator) reset(snap store.Snapshot) {
 			a.online.restore(r.Key)
 		}
 	}
-	freed := make([]int, 0, len(snap.Freed))
-	for port, t := range snap.Freed {
-		if !a.held.has(port) {
-			freed = append(freed, port)
-			a.freedAt[port] = min(t.UnixNano(), now)
+	freed := make([]store.Slot, 0, len(snap.Freed))
+	freedAt := make(map[store.Slot]int64, len(snap.Freed))
+	for slot, t := range snap.Freed {
+		if !a.in(slot.Space).held.has(slot.Port) {
+			freed = append(freed, slot)
+			freedAt[slot] = min(t.UnixNano(), now)
 		}
 	}
-	slices.SortFunc(freed, func(x, y int) int { return cmp.Compare(a.freedAt[x], a.freedAt[y]) })
-	for _, port := range freed {
-		a.markFreed(port, a.freedAt[port])
+	slices.SortFunc(freed, func(x, y store.Slot) int { return cmp.Compare(freedAt[x], freedAt[y]) })
+	for _, slot := range freed {
+		a.in(slot.Space).markFreed(slot.Port, freedAt[slot])
 	}
-	a.heldBack = map[int]string{}
-	for port, why := range snap.HeldBack {
-		if !a.held.has(port) {
-			a.heldBack[port] = why
-			a.held.add(port)
+	for slot, why := range snap.HeldBack {
+		if sp := a.in(slot.Space); !sp.held.has(slot.Port) {
+			sp.heldBack[slot.Port] = why
+			sp.held.add(slot.Port)
 		}
 	}
 }
@@ -377,7 +430,7 @@ func (a *allocator) apply(c store.Change) {
 		if c.Rev != 0 && ((cur != nil && c.Rev <= cur.rev) || c.Rev <= a.tombs[r.Key]) {
 			return
 		}
-		if h := a.byPort[r.Port]; h != nil && h.Key != r.Key {
+		if h := a.in(r.Space()).byPort[r.Port]; h != nil && h.Key != r.Key {
 			if c.Rev != 0 && c.Rev <= h.rev {
 				return
 			}
@@ -451,10 +504,11 @@ func (a *allocator) pruneTombs() {
 // add puts al in memory. Called with mu held.
 func (a *allocator) add(al *allocation) {
 	a.byKey[al.Key] = al
-	a.byPort[al.Port] = al
-	a.held.add(al.Port)
+	sp := a.in(al.Space())
+	sp.byPort[al.Port] = al
+	sp.held.add(al.Port)
 	a.perUser[al.User]++
-	a.unmarkFreed(al.Port)
+	sp.unmarkFreed(al.Port)
 }
 
 // drop takes al out of memory; its port is free as of at unless another
@@ -463,10 +517,10 @@ func (a *allocator) drop(al *allocation, at int64) {
 	if a.byKey[al.Key] == al {
 		delete(a.byKey, al.Key)
 	}
-	if a.byPort[al.Port] == al {
-		delete(a.byPort, al.Port)
-		a.held.remove(al.Port)
-		a.markFreed(al.Port, at)
+	if sp := a.in(al.Space()); sp.byPort[al.Port] == al {
+		delete(sp.byPort, al.Port)
+		sp.held.remove(al.Port)
+		sp.markFreed(al.Port, at)
 	}
 	if a.perUser[al.User]--; a.perUser[al.User] <= 0 {
 		delete(a.perUser, al.User)
@@ -522,7 +576,7 @@ func (a *allocator) allocate(req frpplugin.Proxy) (int, outcome, error) {
 	key := keyOf(req)
 	now := a.now()
 	a.mu.RLock()
-	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && sticks(cur, req.RemotePort) && cur.ProxyType != "" {
+	if cur := a.byKey[key]; cur != nil && a.busy[key] == nil && sticks(cur, req) && !unfilled(cur, req) {
 		cur.lastSeen.Store(now.UnixNano())
 		a.mu.RUnlock()
 		return cur.Port, a.hit(cur, req, now), nil
@@ -552,13 +606,21 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	if err != nil {
 		return 0, "", err
 	}
-	if cur != nil && sticks(cur, req.RemotePort) {
+	if cur != nil && sticks(cur, req) {
 		cur.lastSeen.Store(now.UnixNano())
-		if cur.ProxyType == "" && req.ProxyType != "" {
+		if unfilled(cur, req) {
 			return a.fillIn(ctx, cur, req, now)
 		}
 		a.mu.Unlock()
 		return cur.Port, a.hit(cur, req, now), nil
+	}
+	// A pinned key whose device turns out to be of the other protocol (an
+	// operator assigned it before it was seen, or its type changed) keeps
+	// its number, in the device's space.
+	asked := req.RemotePort
+	pinnedMove := cur != nil && cur.Pinned
+	if pinnedMove {
+		req.RemotePort = cur.Port
 	}
 	up := a.policy.forUser(req.User)
 	newKey := cur == nil
@@ -580,7 +642,21 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 		}
 	}
 
-	port, how, victim, err := a.choose(key, req, up, now, attempt)
+	var port int
+	var how outcome
+	var victim *reclaimVictim
+	if cur != nil && !pinnedMove && req.RemotePort == 0 && cur.Space() != store.SpaceOf(req.ProxyType) {
+		// A proxy that changed protocol keeps its number when it is free
+		// in its new space, else gets a fresh port there.
+		keep := req
+		keep.RemotePort = cur.Port
+		if port, _, victim, err = a.choose(key, keep, up, now, attempt, false); err == nil {
+			how = outcomeNew
+		}
+	}
+	if port == 0 {
+		port, how, victim, err = a.choose(key, req, up, now, attempt, pinnedMove)
+	}
 	if err != nil {
 		a.mu.Lock()
 		done()
@@ -591,7 +667,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 		ProxyType: req.ProxyType, Group: req.Group, CreatedAt: now, AssignedAt: now}
 	c := store.Claim{Want: want, At: now}
 	if cur != nil {
-		c.Want.CreatedAt, c.Want.Note = cur.CreatedAt, cur.Note
+		c.Want.CreatedAt, c.Want.Note, c.Want.Pinned = cur.CreatedAt, cur.Note, cur.Pinned
 		c.Old = cur.Record
 	} else {
 		c.MaxKeys = up.maxPorts
@@ -601,9 +677,10 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 		c.Victim = &victim.rec
 		victimDone = victim.settled
 	}
+	sp := a.in(c.Want.Space())
 	_, err = a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 		done()
-		a.reserved.remove(port)
+		sp.reserved.remove(port)
 		if victimDone != nil {
 			victimDone()
 		}
@@ -620,6 +697,20 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	switch {
 	case cur != nil:
 		e.Change, e.OldPort = store.HistMoved, cur.Port
+		if cur.Space() != c.Want.Space() {
+			e.OldProxyType = cmp.Or(cur.ProxyType, string(store.TCP))
+			e.Reason = fmt.Sprintf("the proxy is %s now; it was on %s", c.Want.Space(), cur.Slot())
+			if cur.ProxyType == "" {
+				// An operator's assign of a key not seen yet, whose device
+				// is a udp proxy: its first registration fills in the space.
+				e.Change = store.HistFilledIn
+				e.Reason = fmt.Sprintf("the device is a %s proxy; assigned as %s", c.Want.Space(), cur.Slot())
+			}
+		}
+		if pinnedMove && asked != 0 && asked != port {
+			e.Reason = joinReasons(e.Reason, pinnedReason(asked, port))
+			how = outcomePinned
+		}
 	case how == outcomeRequested:
 		e.Change = store.HistRequested
 	case how == outcomeAdopted:
@@ -629,7 +720,7 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	}
 	if victim != nil {
 		lastSeen := time.Unix(0, victim.lastSeen).UTC()
-		a.log.Warn("port reclaimed", "port", port, "from", victim.rec.Key, "from_user", victim.rec.User,
+		a.log.Warn("port reclaimed", "port", port, "proto", c.Want.Space(), "from", victim.rec.Key, "from_user", victim.rec.User,
 			"last_seen", lastSeen, "to", key)
 		a.reclaimed(victim.rec)
 		e.Change, e.Victim = store.HistReclaimed, victim.rec.Key
@@ -640,11 +731,27 @@ func (a *allocator) allocateOnce(ctx context.Context, key string, req frpplugin.
 	return port, how, nil
 }
 
-// sticks says whether a request for port keeps the key of cur on its
-// port: no port asked for, its own port, or any port when an operator
-// pinned it.
-func sticks(cur *allocation, port int) bool {
-	return port == 0 || port == cur.Port || cur.Pinned
+// sticks says whether req keeps the key of cur on its port: a proxy of
+// its port's protocol that asks for no port, its own port, or any port
+// when an operator pinned it.
+func sticks(cur *allocation, req frpplugin.Proxy) bool {
+	port := req.RemotePort
+	return cur.Space() == store.SpaceOf(req.ProxyType) && (port == 0 || port == cur.Port || cur.Pinned)
+}
+
+// unfilled says whether cur lacks details its device's registration
+// brings: the type of a key an operator assigned before its device was
+// seen, or the user of one imported without it.
+func unfilled(cur *allocation, req frpplugin.Proxy) bool {
+	return cur.ProxyType == "" || cur.User == "" && req.User != ""
+}
+
+// joinReasons joins two reasons for the history, either may be empty.
+func joinReasons(a, b string) string {
+	if a == "" || b == "" {
+		return a + b
+	}
+	return a + "; " + b
 }
 
 // hit is the outcome of answering cur's port to req: outcomePinned when
@@ -722,42 +829,52 @@ type reclaimVictim struct {
 	after    time.Duration // the policy's reclaimAfter that chose it
 }
 
-// choose picks key's port, with mu not held: the requested one, else a
-// fresh one from the user's pool (never-used ports first, lowest first,
-// then given-back ports, longest free first), else, with reclaim on, the
-// port of the key unseen for longest. Candidates are test-bound outside
-// the lock, so sticky hits never wait on bind syscalls. The port comes
-// back reserved. After a lost race (attempt > 1) it steps over a few of
-// the lowest free ports at random: instances sharing a store all want the
-// lowest one, and would otherwise keep colliding on it.
-func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now time.Time, attempt int) (int, outcome, *reclaimVictim, error) {
+// choose picks key's port in the space of req's protocol, with mu not
+// held: the requested one, else a fresh one from the user's pool
+// (never-used ports first, lowest first, then given-back ports, longest
+// free first), else, with reclaim on, the port of the key unseen for
+// longest. Candidates are test-bound outside the lock, so sticky hits
+// never wait on bind syscalls. The port comes back reserved. After a lost
+// race (attempt > 1) it steps over a few of the lowest free ports at
+// random: instances sharing a store all want the lowest one, and would
+// otherwise keep colliding on it. pinned: the requested port is an
+// operator's pin, which follows the operators' rule (checkOperatorPort).
+func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now time.Time, attempt int, pinned bool) (int, outcome, *reclaimVictim, error) {
+	sp := a.in(store.SpaceOf(req.ProxyType))
 	if port := req.RemotePort; port != 0 {
+		slot := store.Slot{Space: sp.space, Port: port}
 		a.mu.Lock()
 		how := outcomeRequested
-		err := a.checkRequested(key, port)
-		if err == nil {
-			err = a.checkPolicy(req.User, up, port)
-		}
-		if errors.Is(err, errPortOutside) && now.Before(a.adoptUntil) {
-			// A migration: the rule an operator's adopt follows decides.
-			if err = a.checkOperatorPort(key, port); err == nil {
-				how = outcomeAdopted
+		var err error
+		if pinned {
+			how = outcomeHit
+			err = a.checkOperatorPort(key, slot)
+		} else {
+			err = a.checkRequested(key, slot)
+			if err == nil {
+				err = a.checkPolicy(req.User, up, slot)
+			}
+			if errors.Is(err, errPortOutside) && now.Before(a.adoptUntil) {
+				// A migration: the rule an operator's adopt follows decides.
+				if err = a.checkOperatorPort(key, slot); err == nil {
+					how = outcomeAdopted
+				}
 			}
 		}
-		if err == nil && a.reserved.has(port) {
-			err = &portError{port: port, err: errPortReserved}
+		if err == nil && sp.reserved.has(port) {
+			err = &portError{slot: slot, err: errPortReserved}
 		}
-		probe := err == nil && a.byPort[port] == nil && a.probe != nil
+		probe := err == nil && sp.byPort[port] == nil && a.probe != nil
 		if err == nil {
-			a.reserved.add(port)
+			sp.reserved.add(port)
 		}
 		a.mu.Unlock()
 		if err != nil {
 			return 0, "", nil, err
 		}
-		if probe && a.probe(port) != nil {
-			a.unreserve(port)
-			return 0, "", nil, &portError{port: port, err: errPortInUse}
+		if probe && a.probe(slot) != nil {
+			a.unreserve(slot)
+			return 0, "", nil, &portError{slot: slot, err: errPortInUse}
 		}
 		return port, how, nil, nil
 	}
@@ -769,10 +886,10 @@ func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now t
 	}
 	for {
 		a.mu.Lock()
-		p := a.nextCandidate(up, &refused, &stepped)
+		p := sp.nextCandidate(up, &refused, &stepped)
 		if p < 0 && skip >= 0 && stepped.len() > 0 { // fewer free ports than steps
 			stepped, skip = portSet{}, -1
-			p = a.nextCandidate(up, &refused, &stepped)
+			p = sp.nextCandidate(up, &refused, &stepped)
 		}
 		if p >= 0 && skip > 0 {
 			skip--
@@ -781,37 +898,37 @@ func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now t
 			continue
 		}
 		if p >= 0 {
-			a.reserved.add(p)
+			sp.reserved.add(p)
 			a.mu.Unlock()
 			if a.probe == nil {
 				return p, outcomeNew, nil, nil
 			}
-			if err := a.probe(p); err != nil {
-				a.log.Debug("port failed the bind test", "port", p, "err", err)
+			if err := a.probe(store.Slot{Space: sp.space, Port: p}); err != nil {
+				a.log.Debug("port failed the bind test", "port", p, "proto", sp.space, "err", err)
 				a.mu.Lock()
-				a.reserved.remove(p)
+				sp.reserved.remove(p)
 				refused.add(p)
 				a.mu.Unlock()
 				continue
 			}
 			return p, outcomeNew, nil, nil
 		}
-		v := a.abandoned(up.ports, &refused)
+		v := a.abandoned(sp, up.ports, &refused)
 		if v == nil {
 			a.mu.Unlock()
 			break
 		}
 		victim := &reclaimVictim{rec: *v.Record, lastSeen: v.lastSeen.Load(), settled: a.markBusy(v.Key), after: a.policy.reclaimAfter}
-		a.reserved.add(v.Port)
+		sp.reserved.add(v.Port)
 		a.mu.Unlock()
 		// A port frps still listens on belongs to a proxy that is online,
 		// whatever last_seen says: not abandoned.
 		if a.probe != nil {
-			if err := a.probe(v.Port); err != nil {
-				a.log.Info("reclaim skipped: the port is still in use", "port", v.Port, "key", v.Key, "err", err)
+			if err := a.probe(v.Slot()); err != nil {
+				a.log.Info("reclaim skipped: the port is still in use", "port", v.Port, "proto", sp.space, "key", v.Key, "err", err)
 				a.mu.Lock()
 				v.lastSeen.Store(now.UnixNano())
-				a.reserved.remove(v.Port)
+				sp.reserved.remove(v.Port)
 				refused.add(v.Port)
 				victim.settled()
 				a.mu.Unlock()
@@ -827,41 +944,42 @@ func (a *allocator) choose(key string, req frpplugin.Proxy, up userPolicy, now t
 	if up.rule != nil && up.rule.ports != nil {
 		spec += " of " + up.rule.name()
 	}
-	return 0, "", nil, &poolError{pool: spec}
+	return 0, "", nil, &poolError{pool: spec, space: sp.space}
 }
 
-func (a *allocator) unreserve(port int) {
+func (a *allocator) unreserve(slot store.Slot) {
 	a.mu.Lock()
-	a.reserved.remove(port)
+	a.in(slot.Space).reserved.remove(slot.Port)
 	a.mu.Unlock()
 }
 
 // nextCandidate is the first port of up's pool that nobody holds or is
-// about to take. Called with mu held.
-func (a *allocator) nextCandidate(up userPolicy, refused, stepped *portSet) int {
-	if p := up.ports.nextFree(0, &a.held, &a.freed, &a.reserved, refused, stepped); p >= 0 {
+// about to take in this space. Called with mu held.
+func (sp *portSpace) nextCandidate(up userPolicy, refused, stepped *portSet) int {
+	if p := up.ports.nextFree(0, &sp.held, &sp.freed, &sp.reserved, &sp.excludedSet, refused, stepped); p >= 0 {
 		return p
 	}
-	for _, f := range a.freeQueue {
-		if p := f.port; up.ports.has(p) && !a.held.has(p) && !a.reserved.has(p) && !refused.has(p) && !stepped.has(p) && !a.staleFreed(f) {
+	for _, f := range sp.freeQueue {
+		if p := f.port; up.ports.has(p) && !sp.held.has(p) && !sp.reserved.has(p) && !sp.excludedSet.has(p) && !refused.has(p) &&
+			!stepped.has(p) && !sp.staleFreed(f) {
 			return p
 		}
 	}
 	return -1
 }
 
-// abandoned returns the allocation in ports unseen for longest, if it has
-// been unseen for longer than the policy's reclaimAfter and its proxy is
-// not online. Called with mu held.
-func (a *allocator) abandoned(ports, refused *portSet) *allocation {
+// abandoned returns the allocation of sp in ports unseen for longest, if
+// it has been unseen for longer than the policy's reclaimAfter and its
+// proxy is not online. Called with mu held.
+func (a *allocator) abandoned(sp *portSpace, ports, refused *portSet) *allocation {
 	if a.policy.reclaimAfter <= 0 {
 		return nil
 	}
 	cutoff := a.now().Add(-a.policy.reclaimAfter).UnixNano()
 	var oldest *allocation
-	for port, al := range a.byPort {
+	for port, al := range sp.byPort {
 		seen := al.lastSeen.Load()
-		if ports.has(port) && seen < cutoff && !refused.has(port) && !a.reserved.has(port) && a.busy[al.Key] == nil &&
+		if ports.has(port) && seen < cutoff && !refused.has(port) && !sp.reserved.has(port) && a.busy[al.Key] == nil &&
 			(oldest == nil || seen < oldest.lastSeen.Load()) && !a.online.has(al.Key) {
 			oldest = al
 		}
@@ -878,8 +996,11 @@ type operatorChange struct {
 }
 
 // assign pins key to port on an operator's word: a new key or a move. The
-// operator may use any port of the pool, whatever the policy says.
-func (a *allocator) assign(key string, port int, op operatorChange) (store.Record, error) {
+// operator may use any port of the pool, whatever the policy says. space
+// is the protocol the operator named: "" means the key's own, or tcp for a
+// key not seen yet; naming the other protocol than a known key's is an
+// error (its device's type decides).
+func (a *allocator) assign(key string, port int, space store.Space, op operatorChange) (store.Record, error) {
 	if op.note != nil {
 		if err := checkNote(*op.note); err != nil {
 			return store.Record{}, err
@@ -890,7 +1011,7 @@ func (a *allocator) assign(key string, port int, op operatorChange) (store.Recor
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
-		rec, err := a.assignOnce(ctx, key, port, now, op)
+		rec, err := a.assignOnce(ctx, key, port, space, now, op)
 		var lost *store.ConflictError
 		if !errors.As(err, &lost) {
 			return rec, err
@@ -901,25 +1022,41 @@ func (a *allocator) assign(key string, port int, op operatorChange) (store.Recor
 	}
 }
 
-func (a *allocator) assignOnce(ctx context.Context, key string, port int, now time.Time, op operatorChange) (store.Record, error) {
+func (a *allocator) assignOnce(ctx context.Context, key string, port int, space store.Space, now time.Time, op operatorChange) (store.Record, error) {
 	cur, err := a.lockKey(ctx, key)
 	if err != nil {
 		return store.Record{}, err
 	}
-	if cur != nil && cur.Port == port && cur.Pinned && (op.note == nil || *op.note == cur.Note) {
+	if cur != nil && space != "" && space != cur.Space() && cur.ProxyType != "" {
+		a.mu.Unlock()
+		return store.Record{}, &spaceError{key: key, proxyType: cur.ProxyType, asked: space}
+	}
+	if cur != nil && cur.Port == port && cur.Pinned && (space == "" || space == cur.Space()) && (op.note == nil || *op.note == cur.Note) {
 		r := *cur.Record
 		a.mu.Unlock()
 		return r, nil
 	}
-	if err := a.checkOperatorPort(key, port); err != nil {
+	if space == "" && cur != nil {
+		space = cur.Space()
+	}
+	slot := store.Slot{Space: cmp.Or(space, store.TCP), Port: port}
+	if err := a.checkOperatorPort(key, slot); err != nil {
 		a.mu.Unlock()
 		return store.Record{}, err
 	}
 	c := store.Claim{Want: store.Record{Key: key, Port: port, CreatedAt: now, AssignedAt: now}, At: now}
+	if space == store.UDP {
+		// The key's space lives in its type; the device's registration
+		// fills in the rest.
+		c.Want.ProxyType = string(store.UDP)
+	}
 	if cur != nil {
 		c.Old = cur.Record
 		c.Want = *cur.Record
 		c.Want.Port, c.Want.AssignedAt = port, now
+		if cur.ProxyType == "" && space == store.UDP {
+			c.Want.ProxyType = string(store.UDP)
+		}
 	} else {
 		c.Want.ProxyName, c.Want.Group = keyNames(key)
 	}
@@ -928,11 +1065,12 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 		c.Want.Note = *op.note
 	}
 	settled := a.markBusy(key)
-	a.reserved.add(port)
+	sp := a.in(slot.Space)
+	sp.reserved.add(port)
 	a.mu.Unlock()
 	_, err = a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 		settled()
-		a.reserved.remove(port)
+		sp.reserved.remove(port)
 	})
 	if err != nil {
 		return store.Record{}, err
@@ -943,13 +1081,26 @@ func (a *allocator) assignOnce(ctx context.Context, key string, port int, now ti
 	}
 	if cur != nil {
 		e.OldPort = cur.Port
-		if cur.Port == port {
+		if cur.Space() != slot.Space {
+			e.OldProxyType = cmp.Or(cur.ProxyType, string(store.TCP))
+		} else if cur.Port == port {
 			e.Change = store.HistNoted
 		}
 	}
 	a.changed(e)
 	return c.Want, nil
 }
+
+// spaceError refuses an operator's protocol that is not the key's.
+type spaceError struct {
+	key, proxyType string
+	asked          store.Space
+}
+
+func (e *spaceError) Error() string {
+	return fmt.Sprintf("%q is a %s proxy: its port is a %s port, not %s", e.key, e.proxyType, store.SpaceOf(e.proxyType), e.asked)
+}
+func (e *spaceError) Unwrap() error { return errWrongSpace }
 
 // setNote changes the note of key's allocation, keeping its port.
 func (a *allocator) setNote(key, note, by string) (store.Record, error) {
@@ -1011,36 +1162,41 @@ const heldBackDetail = "held back: its record was damaged (a crash?) and its key
 
 // releaseHeldBack frees a port that a damaged record held back, on an
 // operator's word that no device still counts on it.
-func (a *allocator) releaseHeldBack(port int, by string) error {
+func (a *allocator) releaseHeldBack(slot store.Slot, by string) error {
+	port, sp := slot.Port, a.in(slot.Space)
 	a.mu.Lock()
-	why, ok := a.heldBack[port]
+	why, ok := sp.heldBack[port]
 	if !ok {
 		a.mu.Unlock()
 		return errNoAllocation
 	}
-	if a.reserved.has(port) {
+	if sp.reserved.has(port) {
 		a.mu.Unlock()
-		return &portError{port: port, err: errPortReserved}
+		return &portError{slot: slot, err: errPortReserved}
 	}
-	a.reserved.add(port)
+	sp.reserved.add(port)
 	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	err := a.store.ReleaseDamaged(ctx, port)
+	err := a.store.ReleaseDamaged(ctx, slot)
 	now := a.now()
 	a.mu.Lock()
-	a.reserved.remove(port)
+	sp.reserved.remove(port)
 	if err == nil || errors.Is(err, store.ErrNotHeldBack) {
-		delete(a.heldBack, port)
-		a.held.remove(port)
-		a.markFreed(port, now.UnixNano())
+		delete(sp.heldBack, port)
+		sp.held.remove(port)
+		sp.markFreed(port, now.UnixNano())
 	}
 	a.mu.Unlock()
 	if err != nil && !errors.Is(err, store.ErrNotHeldBack) {
 		a.storeFailed(err)
 		return &storeError{kind: errStoreFailed, err: err}
 	}
-	a.changed(store.HistoryEntry{Time: now, OldPort: port, Change: store.HistReleased, By: by, Note: "held back: " + why})
+	e := store.HistoryEntry{Time: now, OldPort: port, Change: store.HistReleased, By: by, Note: "held back: " + why}
+	if slot.Space == store.UDP {
+		e.ProxyType = string(store.UDP)
+	}
+	a.changed(e)
 	return nil
 }
 
@@ -1141,27 +1297,27 @@ func (a *allocator) write(ctx context.Context, call func(context.Context) ([]sto
 
 // markFreed queues a port that was given back, for reuse after every
 // never-used port. Called with mu held.
-func (a *allocator) markFreed(port int, at int64) {
-	a.freedAt[port] = at
-	a.freed.add(port)
-	a.freeQueue = append(a.freeQueue, freedPort{port, at})
+func (sp *portSpace) markFreed(port int, at int64) {
+	sp.freedAt[port] = at
+	sp.freed.add(port)
+	sp.freeQueue = append(sp.freeQueue, freedPort{port, at})
 }
 
 // unmarkFreed takes a port that is in use again off the free queue, in
 // constant time: its queue entry goes stale. Called with mu held.
-func (a *allocator) unmarkFreed(port int) {
-	if !a.freed.has(port) {
+func (sp *portSpace) unmarkFreed(port int) {
+	if !sp.freed.has(port) {
 		return
 	}
-	delete(a.freedAt, port)
-	a.freed.remove(port)
-	if stale := len(a.freeQueue) - len(a.freedAt); stale > 64 && stale > len(a.freedAt) {
-		a.freeQueue = slices.DeleteFunc(a.freeQueue, a.staleFreed)
+	delete(sp.freedAt, port)
+	sp.freed.remove(port)
+	if stale := len(sp.freeQueue) - len(sp.freedAt); stale > 64 && stale > len(sp.freedAt) {
+		sp.freeQueue = slices.DeleteFunc(sp.freeQueue, sp.staleFreed)
 	}
 }
 
-func (a *allocator) staleFreed(f freedPort) bool {
-	at, ok := a.freedAt[f.port]
+func (sp *portSpace) staleFreed(f freedPort) bool {
+	at, ok := sp.freedAt[f.port]
 	return !ok || at != f.at
 }
 
@@ -1302,18 +1458,12 @@ func (a *allocator) proxyClosed(user, name string) {
 
 // checkRequested says whether key may have port as far as the pool goes.
 // Called with mu held.
-func (a *allocator) checkRequested(key string, port int) error {
-	switch holder := a.byPort[port]; {
-	case port < 1 || port > maxPort:
-		return &portError{port: port, err: errPortInvalid}
-	case holder != nil && holder.Key != key:
-		return &portError{port: port, err: errPortReserved}
-	case a.heldBack[port] != "":
-		return &portError{port: port, err: errPortReserved, detail: heldBackDetail}
-	case a.excluded[port] != "":
-		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
-	case !a.pool.has(port):
-		return &portError{port: port, err: errPortOutside, detail: "allowed: " + a.poolStr}
+func (a *allocator) checkRequested(key string, slot store.Slot) error {
+	if err := a.checkOperatorPort(key, slot); err != nil {
+		return err
+	}
+	if !a.pool.has(slot.Port) {
+		return &portError{slot: slot, err: errPortOutside, detail: "allowed: " + a.poolStr}
 	}
 	return nil
 }
@@ -1324,31 +1474,33 @@ func (a *allocator) checkRequested(key string, port int) error {
 // port it had before the plugin (frps's allowPorts still has the last
 // word), and shown as "outside pool"; frps's own ports and another key's
 // port never. Called with mu held.
-func (a *allocator) checkOperatorPort(key string, port int) error {
-	switch holder := a.byPort[port]; {
+func (a *allocator) checkOperatorPort(key string, slot store.Slot) error {
+	port, sp := slot.Port, a.in(slot.Space)
+	switch holder := sp.byPort[port]; {
 	case port < 1 || port > maxPort:
-		return &portError{port: port, err: errPortInvalid}
-	case holder != nil && holder.Key != key, a.reserved.has(port):
-		return &portError{port: port, err: errPortReserved}
-	case a.heldBack[port] != "":
-		return &portError{port: port, err: errPortReserved, detail: heldBackDetail}
-	case a.excluded[port] != "":
-		return &portError{port: port, err: errPortForFrps, detail: a.excluded[port]}
+		return &portError{slot: slot, err: errPortInvalid}
+	case holder != nil && holder.Key != key, sp.reserved.has(port):
+		return &portError{slot: slot, err: errPortReserved}
+	case sp.heldBack[port] != "":
+		return &portError{slot: slot, err: errPortReserved, detail: heldBackDetail}
+	case sp.excluded[port] != "":
+		return &portError{slot: slot, err: errPortForFrps, detail: sp.excluded[port]}
 	}
 	return nil
 }
 
-// checkPolicy says whether user may ask for port: inside the user's own
-// range, and not inside a range another rule reserves.
-func (a *allocator) checkPolicy(user string, up userPolicy, port int) error {
-	if up.ports.has(port) {
+// checkPolicy says whether user may ask for slot: inside the user's own
+// range, and not inside a range another rule reserves. A rule's range is
+// the same numbers in both spaces.
+func (a *allocator) checkPolicy(user string, up userPolicy, slot store.Slot) error {
+	if up.ports.has(slot.Port) {
 		return nil
 	}
 	if up.rule != nil && up.rule.ports != nil {
-		return &portError{port: port, err: errPortOutside, detail: fmt.Sprintf("user %q may use %s, by %s", user, up.portSpec, up.rule.name())}
+		return &portError{slot: slot, err: errPortOutside, detail: fmt.Sprintf("user %q may use %s, by %s", user, up.portSpec, up.rule.name())}
 	}
-	if r := a.policy.reservedFor(port); r != nil {
-		return &portError{port: port, err: errPortReserved, detail: "by " + r.name()}
+	if r := a.policy.reservedFor(slot.Port); r != nil {
+		return &portError{slot: slot, err: errPortReserved, detail: "by " + r.name()}
 	}
 	return nil
 }
@@ -1381,8 +1533,19 @@ func (a *allocator) lookup(key string) (store.Record, time.Time, bool) {
 	return *al.Record, time.Unix(0, al.lastSeen.Load()), true
 }
 
-// poolStats counts the pool: size, allocated ports inside it, and free.
+// poolStats counts the pool: size, allocated ports inside it, and free,
+// over both spaces (a port number counts once in each), and each space's.
 type poolStats struct {
+	Size int `json:"size"`
+	Used int `json:"used"`
+	Free int `json:"free"`
+	// TCP and UDP count each space alone.
+	TCP *spaceStats `json:"tcp,omitempty"`
+	UDP *spaceStats `json:"udp,omitempty"`
+}
+
+// spaceStats counts one space of the pool.
+type spaceStats struct {
 	Size int `json:"size"`
 	Used int `json:"used"`
 	Free int `json:"free"`
@@ -1391,37 +1554,53 @@ type poolStats struct {
 func (a *allocator) stats() poolStats {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
-	s := poolStats{Size: a.pool.len()}
-	for p := range a.byPort {
-		if a.pool.has(p) {
-			s.Used++
+	count := func(sp *portSpace) *spaceStats {
+		s := &spaceStats{Size: a.pool.len()}
+		for p := range sp.excluded {
+			if a.pool.has(p) {
+				s.Size--
+			}
 		}
-	}
-	for p := range a.heldBack {
-		if a.pool.has(p) {
-			s.Used++
+		for p := range sp.byPort {
+			if a.pool.has(p) && sp.excluded[p] == "" {
+				s.Used++
+			}
 		}
+		for p := range sp.heldBack {
+			if a.pool.has(p) && sp.excluded[p] == "" {
+				s.Used++
+			}
+		}
+		s.Free = s.Size - s.Used
+		return s
 	}
-	s.Free = s.Size - s.Used
-	return s
+	tcp, udp := count(&a.tcp), count(&a.udp)
+	return poolStats{Size: tcp.Size + udp.Size, Used: tcp.Used + udp.Used, Free: tcp.Free + udp.Free, TCP: tcp, UDP: udp}
 }
 
-// snapshot lists every allocation, sorted by port.
+// snapshot lists every allocation, sorted by port, tcp before udp.
 func (a *allocator) snapshot() []allocationView {
 	a.mu.RLock()
-	out := make([]allocationView, 0, len(a.byPort))
-	for _, al := range a.byPort {
+	out := make([]allocationView, 0, len(a.byKey))
+	for _, al := range a.byKey {
 		out = append(out, a.view(al))
 	}
 	a.mu.RUnlock()
-	slices.SortFunc(out, func(x, y allocationView) int { return x.Port - y.Port })
+	slices.SortFunc(out, compareViews)
 	return out
+}
+
+// compareViews orders allocations by port, tcp before udp.
+func compareViews(x, y allocationView) int {
+	return cmp.Or(x.Port-y.Port, cmp.Compare(x.Space(), y.Space()))
 }
 
 // allocationView is an allocation as operators see it.
 type allocationView struct {
 	store.Record
-	LastSeen time.Time `json:"last_seen"`
+	// Proto is the space of its port, tcp or udp (by its proxy type).
+	Proto    store.Space `json:"proto"`
+	LastSeen time.Time   `json:"last_seen"`
 	// HeldBack, set on a row of no key, says why the port is held back
 	// (a damaged record of an unknown key).
 	HeldBack string `json:"held_back,omitempty"`
@@ -1436,7 +1615,7 @@ type allocationView struct {
 // view describes al. Called with mu held.
 func (a *allocator) view(al *allocation) allocationView {
 	inPool := a.pool.has(al.Port)
-	return allocationView{Record: *al.Record, LastSeen: time.Unix(0, al.lastSeen.Load()),
+	return allocationView{Record: *al.Record, Proto: al.Space(), LastSeen: time.Unix(0, al.lastSeen.Load()),
 		OutsidePool: !inPool, OutsidePolicy: inPool && !a.policy.forUser(al.User).ports.has(al.Port)}
 }
 
@@ -1462,21 +1641,24 @@ func keyNames(key string) (proxyName, group string) {
 	return key, ""
 }
 
-// bindProbe test-binds a port for tcp and udp on addr the way frps does
-// before it listens, so a port frps could not bind is never handed out.
-func bindProbe(addr string) func(port int) error {
-	return func(port int) error {
-		hostport := net.JoinHostPort(addr, strconv.Itoa(port))
+// bindProbe test-binds a port on addr the way frps does before it
+// listens, in the port's own protocol (a tcp listener for tcp, a udp
+// socket for udp), so a port frps could not bind is never handed out.
+func bindProbe(addr string) func(store.Slot) error {
+	return func(slot store.Slot) error {
+		hostport := net.JoinHostPort(addr, strconv.Itoa(slot.Port))
+		if slot.Space == store.UDP {
+			pc, err := net.ListenPacket("udp", hostport)
+			if err != nil {
+				return err
+			}
+			return pc.Close()
+		}
 		l, err := net.Listen("tcp", hostport)
 		if err != nil {
 			return err
 		}
-		l.Close()
-		pc, err := net.ListenPacket("udp", hostport)
-		if err != nil {
-			return err
-		}
-		return pc.Close()
+		return l.Close()
 	}
 }
 
@@ -1496,9 +1678,10 @@ type importMode struct{ dryRun, skipConflicts bool }
 
 // importRefusal is a record an import or adopt cannot take, and why.
 type importRefusal struct {
-	Key    string `json:"key"`
-	Port   int    `json:"port"`
-	Reason string `json:"reason"`
+	Key    string      `json:"key"`
+	Port   int         `json:"port"`
+	Proto  store.Space `json:"proto"`
+	Reason string      `json:"reason"`
 }
 
 // importError refuses a whole import, naming every record it cannot take.
@@ -1529,7 +1712,7 @@ func (e *importError) Unwrap() []error { return e.errs }
 func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by string, mode importMode) (int, []importRefusal, error) {
 	now := a.now()
 	a.mu.RLock()
-	seen, ports := map[string]bool{}, map[int]string{}
+	seen, slots := map[string]bool{}, map[store.Slot]string{}
 	var todo []store.Record
 	refusals := &importError{}
 	for _, r := range recs {
@@ -1540,23 +1723,23 @@ func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by 
 			err = fmt.Errorf("allocation %q on port %d is not valid", r.Key, r.Port)
 		case seen[r.Key]:
 			err = fmt.Errorf("key %q appears twice", r.Key)
-		case ports[r.Port] != "":
-			err = fmt.Errorf("port %d is given to both %q and %q", r.Port, ports[r.Port], r.Key)
+		case slots[r.Slot()] != "":
+			err = fmt.Errorf("port %s is given to both %q and %q", portName(r.Slot()), slots[r.Slot()], r.Key)
 		case checkNote(r.Note) != nil:
 			err = fmt.Errorf("%q: %w", r.Key, checkNote(r.Note))
 		default:
-			err = a.checkOperatorPort(r.Key, r.Port)
+			err = a.checkOperatorPort(r.Key, r.Slot())
 			if err != nil {
 				err = fmt.Errorf("%q: %w", r.Key, err)
 			}
 		}
 		if err != nil {
-			refusals.refused = append(refusals.refused, importRefusal{Key: r.Key, Port: r.Port, Reason: err.Error()})
+			refusals.refused = append(refusals.refused, importRefusal{Key: r.Key, Port: r.Port, Proto: r.Space(), Reason: err.Error()})
 			refusals.errs = append(refusals.errs, err)
 			continue
 		}
-		seen[r.Key], ports[r.Port] = true, r.Key
-		if cur := a.byKey[r.Key]; cur == nil || cur.Port != r.Port {
+		seen[r.Key], slots[r.Slot()] = true, r.Key
+		if cur := a.byKey[r.Key]; cur == nil || cur.Slot() != r.Slot() {
 			if r.CreatedAt.IsZero() {
 				r.CreatedAt = now
 			}
@@ -1604,7 +1787,7 @@ func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by 
 			undo()
 			return 0, nil, lerr
 		}
-		if err := a.checkOperatorPort(r.Key, r.Port); err != nil {
+		if err := a.checkOperatorPort(r.Key, r.Slot()); err != nil {
 			a.mu.Unlock()
 			cancel()
 			undo()
@@ -1616,12 +1799,13 @@ func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by 
 			c.Want.CreatedAt = cur.CreatedAt
 		}
 		settled := a.markBusy(r.Key)
-		a.reserved.add(r.Port)
+		sp := a.in(r.Space())
+		sp.reserved.add(r.Port)
 		a.mu.Unlock()
 		port := r.Port
 		_, err := a.write(ctx, func(ctx context.Context) ([]store.Change, error) { return a.store.Claim(ctx, c) }, func() {
 			settled()
-			a.reserved.remove(port)
+			sp.reserved.remove(port)
 		})
 		cancel()
 		if err != nil {
@@ -1635,6 +1819,9 @@ func (a *allocator) importWith(recs []store.Record, how store.HistoryChange, by 
 			Change: how, By: by, Note: c.Want.Note}
 		if c.Old != nil {
 			e.OldPort = c.Old.Port
+			if c.Old.Space() != c.Want.Space() {
+				e.OldProxyType = cmp.Or(c.Old.ProxyType, string(store.TCP))
+			}
 		}
 		a.changed(e)
 	}

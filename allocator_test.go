@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"frp-port-keeper/internal/frpplugin"
+	"frp-port-keeper/internal/store"
 )
 
 func req(user, name, typ string) frpplugin.Proxy {
@@ -37,12 +38,18 @@ func TestAllocatorRules(t *testing.T) {
 	if p, how := mustAllocate(t, a, req("alice", "alice.ssh", "tcp")); p != p1 || how != outcomeHit {
 		t.Fatalf("second allocation = %d %s; want %d hit", p, how, p1)
 	}
-	// tcp and udp share one namespace: the same name with udp keeps the port,
-	// another name gets another port.
+	// A proxy that changes protocol keeps its number, in the other port
+	// space, and back again; another name gets another port.
 	if p, _ := mustAllocate(t, a, req("alice", "alice.ssh", "udp")); p != p1 {
 		t.Fatalf("same key, other type = %d; want %d", p, p1)
 	}
-	p2, _ := mustAllocate(t, a, req("alice", "alice.wg", "udp"))
+	if r, _ := a.current("alice.ssh"); r.Slot() != store.UDPPort(p1) {
+		t.Fatalf("alice.ssh as udp = %v; want %d/udp", r.Slot(), p1)
+	}
+	if p, _ := mustAllocate(t, a, req("alice", "alice.ssh", "tcp")); p != p1 {
+		t.Fatalf("same key, back to tcp = %d; want %d", p, p1)
+	}
+	p2, _ := mustAllocate(t, a, req("alice", "alice.wg", "tcp"))
 	if p2 == p1 {
 		t.Fatalf("two keys share port %d", p1)
 	}
@@ -71,7 +78,7 @@ func TestAllocatorRules(t *testing.T) {
 		t.Fatalf("explicit port of another key: err = %v; want errPortReserved", err)
 	}
 	// A key moving to a free port gives its old one back.
-	r = req("alice", "alice.wg", "udp")
+	r = req("alice", "alice.wg", "tcp")
 	r.RemotePort = 30003
 	if p, _ := mustAllocate(t, a, r); p != 30003 {
 		t.Fatalf("move = %d; want 30003", p)
@@ -129,7 +136,7 @@ func TestAllocatorSkipsBusyPorts(t *testing.T) {
 }
 
 func TestAllocatorExcludedPorts(t *testing.T) {
-	a := newTestAllocator(t, t.TempDir(), "7000-7001", allocatorOptions{excluded: map[int]string{7000: "frps bindPort"}})
+	a := newTestAllocator(t, t.TempDir(), "7000-7001", allocatorOptions{excluded: map[store.Slot]string{store.TCPPort(7000): "frps bindPort"}})
 	a.pool.remove(7000)
 	r := req("a", "a.p", "tcp")
 	r.RemotePort = 7000
@@ -210,15 +217,15 @@ func TestReleaseAndAssign(t *testing.T) {
 	if q, _ := mustAllocate(t, a, req("b", "b.p", "tcp")); q == p {
 		t.Fatalf("released port %d reused while never-used ports are left", p)
 	}
-	if _, err := a.assign("b.p", 30005, operatorChange{}); err != nil {
+	if _, err := a.assign("b.p", 30005, "", operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.assign("c.p", 30005, operatorChange{}); !errors.Is(err, errPortReserved) {
+	if _, err := a.assign("c.p", 30005, "", operatorChange{}); !errors.Is(err, errPortReserved) {
 		t.Fatalf("assign taken port: %v", err)
 	}
 	// An operator may keep a key outside the pool (as adopt does); it is
 	// shown as such, never handed out by the pool.
-	if r, err := a.assign("c.p", 40000, operatorChange{}); err != nil || r.Port != 40000 {
+	if r, err := a.assign("c.p", 40000, "", operatorChange{}); err != nil || r.Port != 40000 {
 		t.Fatalf("assign outside pool: %+v, %v", r, err)
 	}
 	if v, _ := a.find("c.p"); !v.OutsidePool || v.OutsidePolicy {
@@ -271,7 +278,7 @@ func TestParsePorts(t *testing.T) {
 func TestOperatorPin(t *testing.T) {
 	dir := t.TempDir()
 	a := newTestAllocator(t, dir, "30000-30009", allocatorOptions{})
-	if _, err := a.assign("myiphone.ssh", 30003, operatorChange{}); err != nil {
+	if _, err := a.assign("myiphone.ssh", 30003, "", operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
 	if v, _ := a.find("myiphone.ssh"); v.User != "" || !v.Pinned {

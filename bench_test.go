@@ -151,7 +151,7 @@ func benchSeed(b *testing.B, dir string, from, to int) {
 				r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp",
 					CreatedAt: created, AssignedAt: created}
 				// A committed allocation as the file store writes it.
-				if err := kv.Set(local.PortName(r.Port), r); err != nil {
+				if err := kv.Set(local.PortName(store.TCPPort(r.Port)), r); err != nil {
 					errs <- err
 					return
 				}
@@ -592,7 +592,7 @@ func benchSeedBolt(b *testing.B, path string, n int) {
 		for i := range n {
 			key := benchSeedKey(i)
 			r := store.Record{Key: key, Port: 1024 + i, User: "seed", ProxyName: key, ProxyType: "tcp", CreatedAt: created, AssignedAt: created}
-			if err := put(local.PortName(r.Port), r); err != nil {
+			if err := put(local.PortName(store.TCPPort(r.Port)), r); err != nil {
 				return err
 			}
 			if err := put(local.KeyName(r.Key), r); err != nil {

@@ -48,11 +48,11 @@ func TestBrowserPage(t *testing.T) {
 	register(t, base, "alice", "alice.web", "tcp")
 
 	dom := renderInChromium(t, base+"/")
-	want := []string{"31000 alice.ssh alice tcp", "31001 bob.wg bob udp", "31002 alice.web alice tcp"}
+	want := []string{"31000 alice.ssh alice tcp", "31000 bob.wg bob udp", "31001 alice.web alice tcp"}
 	if got := pageRows(dom); strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Fatalf("table rows = %q; want %q\n%s", got, want, dom)
 	}
-	for _, s := range []string{"<strong>3</strong> used", "<strong>7</strong> free", "10 ports", "version ", "up "} {
+	for _, s := range []string{"<strong>3</strong> used", "<strong>17</strong> free", "20 ports (tcp 2 used of 10, udp 1 used of 10)", "version ", "up "} {
 		if !strings.Contains(dom, s) {
 			t.Errorf("page lacks %q", s)
 		}
@@ -62,7 +62,7 @@ func TestBrowserPage(t *testing.T) {
 		t.Fatalf("page has no filter form")
 	}
 	filtered := renderInChromium(t, base+"/?q=bob")
-	if got := pageRows(filtered); len(got) != 1 || got[0] != "31001 bob.wg bob udp" {
+	if got := pageRows(filtered); len(got) != 1 || got[0] != "31000 bob.wg bob udp" {
 		t.Fatalf("filtered rows = %q; want only bob's", got)
 	}
 }

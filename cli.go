@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -69,14 +70,14 @@ func commands() []command {
 		{name: "assign", args: "KEY PORT", minArgs: 2, maxArgs: 2, summary: "pin a key to a port",
 			about: "Pins KEY (new or existing) to PORT on the running server; the key's old port becomes free. The pin wins over the device's own remotePort until you release the key. PORT may lie outside the pool (shown as \"outside pool\"), never on frps's own ports. It takes effect when the device registers again (frpc restarts or reconnects; frpc reload does not re-register). " + serverAbout,
 			setup: setupAssign},
-		{name: "release", args: "KEY | -port PORT", maxArgs: 1, summary: "forget a key; its port becomes free",
-			about: "Forgets KEY on the running server; its port becomes free. A device still connected keeps its listener until it registers again (frpc restarts or reconnects), and then gets a port anew. -port PORT frees a port by number: the key that holds it, or a port held back because a crash damaged its record (list shows it as held by an unknown key). " + serverAbout,
+		{name: "release", args: "KEY | -port PORT [-proto tcp|udp]", maxArgs: 1, summary: "forget a key; its port becomes free",
+			about: "Forgets KEY on the running server; its port becomes free. A device still connected keeps its listener until it registers again (frpc restarts or reconnects), and then gets a port anew. -port PORT frees a port by number: the key that holds it, or a port held back because a crash damaged its record (list shows it as held by an unknown key); when a tcp and a udp key both hold it, -proto tcp or -proto udp says which. " + serverAbout,
 			setup: setupRelease},
 		{name: "note", args: "KEY TEXT", minArgs: 2, maxArgs: 2, summary: "attach a note to an allocation (\"\" clears it)",
 			about: "Sets the note of KEY's allocation on the running server (\"Alice's NAS\"); list, show, the page and export show it, and it stays when the key moves. " + serverAbout,
 			setup: setupNote},
 		{name: "history", summary: "who held which port when",
-			about: "Prints the allocation history of the running server, newest first. -port N -at TIME answers who held port N at that moment (or \"free\"). TIME is 2026-03-03 14:05 (local time), a date, or RFC 3339. " + serverAbout,
+			about: "Prints the allocation history of the running server, newest first. -port N -at TIME answers who held port N at that moment (or \"free\"), in tcp and in udp (-proto says one). TIME is 2026-03-03 14:05 (local time), a date, or RFC 3339. " + serverAbout,
 			setup: setupHistory},
 		{name: "watch", summary: "print every change as it happens",
 			about: "Follows the running server's /api/events and prints each allocation change as it happens, until interrupted. When the stream ends or the server cannot be reached (it stopped or restarted) it says so on stderr and reconnects, after 1s and then doubling up to 30s; changes made while it was away are in history. " + serverAbout,
@@ -372,10 +373,17 @@ func serverBase(server string, getenv func(string) string) (string, error) {
 func setupList(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	asJSON := fs.Bool("json", false, "print JSON")
 	user := fs.String("user", "", "list only this user's allocations")
-	port := fs.Int("port", 0, "list only the allocation of this port")
+	port := fs.Int("port", 0, "list only the allocations of this port (its tcp and its udp one)")
+	proto := fs.String("proto", "", "tcp or udp: list only ports of this protocol")
 	key := fs.String("key", "", "list only the allocation of this key")
 	return withClient(fs, e, func(c adminClient, _ []string) error {
 		filter := url.Values{}
+		if _, err := store.ParseSpace(*proto); err != nil {
+			return fmt.Errorf("-proto: %v", err)
+		}
+		if *proto != "" {
+			filter.Set("proto", *proto)
+		}
 		if *user != "" {
 			filter.Set("user", *user)
 		}
@@ -402,7 +410,7 @@ func (c adminClient) list(ctx context.Context, filter url.Values, asJSON bool, s
 	if asJSON {
 		fmt.Fprint(out, "{\n  \"allocations\": [")
 	} else {
-		fmt.Fprintln(tw, "PORT\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\tNOTES")
+		fmt.Fprintln(tw, "PORT\tPROTO\tKEY\tUSER\tTYPE\tCREATED\tLAST SEEN\tNOTES")
 	}
 	rows, after := 0, 0
 	var pool poolStats
@@ -430,9 +438,9 @@ func (c adminClient) list(ctx context.Context, filter url.Values, asJSON bool, s
 				}
 				fmt.Fprintf(out, "\n    %s", b)
 			} else if a.HeldBack != "" {
-				fmt.Fprintf(tw, "%d\t(unknown)\t-\t-\t-\t-\t%s\n", a.Port, listNotes(a))
+				fmt.Fprintf(tw, "%d\t%s\t(unknown)\t-\t-\t-\t-\t%s\n", a.Port, dash(string(a.Proto)), listNotes(a))
 			} else {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, a.Key, dash(a.User), dash(a.ProxyType),
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Port, dash(string(a.Proto)), a.Key, dash(a.User), dash(a.ProxyType),
 					a.CreatedAt.Local().Format("2006-01-02 15:04"), a.LastSeen.Local().Format("2006-01-02 15:04"), listNotes(a))
 			}
 			rows++
@@ -459,7 +467,11 @@ func (c adminClient) list(ctx context.Context, filter url.Values, asJSON bool, s
 		}
 		fmt.Fprintf(out, "],\n  \"pool\": %s\n}\n", b)
 	} else {
-		fmt.Fprintf(out, "\npool: %d used, %d free, %d ports\n", pool.Used, pool.Free, pool.Size)
+		fmt.Fprintf(out, "\npool: %d used, %d free, %d ports", pool.Used, pool.Free, pool.Size)
+		if pool.TCP != nil && pool.UDP != nil {
+			fmt.Fprintf(out, " (tcp %d used of %d, udp %d used of %d)", pool.TCP.Used, pool.TCP.Size, pool.UDP.Used, pool.UDP.Size)
+		}
+		fmt.Fprintln(out)
 	}
 	return out.Flush()
 }
@@ -525,12 +537,19 @@ func setupShow(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	var note optionalString
 	fs.Var(&note, "note", "a note for the allocation (\"Alice's NAS\")")
+	proto := fs.String("proto", "", "tcp or udp: the port's protocol, for a key not seen yet (default tcp; a known key's is its proxy's)")
 	return withClient(fs, e, func(c adminClient, args []string) error {
 		port, err := strconv.Atoi(args[1])
 		if err != nil {
 			return fmt.Errorf("port %q is not a number (usage: frp-port-keeper assign [flags] KEY PORT)", args[1])
 		}
+		if _, err := store.ParseSpace(*proto); err != nil {
+			return fmt.Errorf("-proto: %v", err)
+		}
 		body := map[string]any{"port": port}
+		if *proto != "" {
+			body["proto"] = *proto
+		}
 		if note.set {
 			body["note"] = note.value
 		}
@@ -538,22 +557,37 @@ func setupAssign(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err := c.do(e.ctx, "PUT", "/api/allocations/"+url.PathEscape(args[0]), body, &a); err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(e.stdout, "%s now holds port %d (pinned); the device gets it when it registers again (frpc restart or reconnect)\n", a.Key, a.Port)
+		_, err = fmt.Fprintf(e.stdout, "%s now holds port %s (pinned); the device gets it when it registers again (frpc restart or reconnect)\n",
+			a.Key, portName(store.Slot{Space: a.Proto, Port: a.Port}))
 		return err
 	})
 }
 
 func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	port := fs.Int("port", 0, "free this port instead of naming a key: its key's, or one held back by a damaged record")
+	proto := fs.String("proto", "", "with -port: tcp or udp, needed when both a tcp and a udp key hold the port")
 	return withClient(fs, e, func(c adminClient, args []string) error {
+		space, err := store.ParseSpace(*proto)
 		switch {
+		case err != nil:
+			return fmt.Errorf("-proto: %v", err)
 		case *port != 0 && len(args) > 0:
 			return errors.New("give KEY or -port PORT, not both")
+		case space != "" && *port == 0:
+			return errors.New("-proto goes with -port")
 		case *port != 0:
-			if err := c.do(e.ctx, "DELETE", "/api/ports/"+strconv.Itoa(*port), nil, nil); err != nil {
+			path := "/api/ports/" + strconv.Itoa(*port)
+			if space != "" {
+				path += "?proto=" + string(space)
+			}
+			if err := c.do(e.ctx, "DELETE", path, nil, nil); err != nil {
 				return err
 			}
-			_, err := fmt.Fprintf(e.stdout, "released port %d; it is free\n", *port)
+			name := strconv.Itoa(*port)
+			if space != "" {
+				name = store.Slot{Space: space, Port: *port}.String()
+			}
+			_, err := fmt.Fprintf(e.stdout, "released port %s; it is free\n", name)
 			return err
 		case len(args) == 0:
 			return errors.New("missing KEY (or -port PORT)")
@@ -561,7 +595,7 @@ func setupRelease(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if err := c.do(e.ctx, "DELETE", "/api/allocations/"+url.PathEscape(args[0]), nil, nil); err != nil {
 			return err
 		}
-		_, err := fmt.Fprintf(e.stdout, "released %s; its port is free. A device still connected keeps listening until it registers again\n", args[0])
+		_, err = fmt.Fprintf(e.stdout, "released %s; its port is free. A device still connected keeps listening until it registers again\n", args[0])
 		return err
 	})
 }
@@ -602,6 +636,7 @@ func setupNote(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 
 func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 	port := fs.Int("port", 0, "only changes of this port")
+	proto := fs.String("proto", "", "tcp or udp: only changes of ports of this protocol (default both)")
 	key := fs.String("key", "", "only changes of this key")
 	user := fs.String("user", "", "only changes of this user's keys")
 	since := fs.String("since", "", "only changes at or after this time")
@@ -614,7 +649,10 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 		if *port != 0 {
 			q.Set("port", strconv.Itoa(*port))
 		}
-		for name, v := range map[string]string{"key": *key, "user": *user} {
+		if _, err := store.ParseSpace(*proto); err != nil {
+			return fmt.Errorf("-proto: %v", err)
+		}
+		for name, v := range map[string]string{"key": *key, "user": *user, "proto": *proto} {
 			if v != "" {
 				q.Set(name, v)
 			}
@@ -641,17 +679,24 @@ func setupHistory(fs *flag.FlagSet, e cmdEnv) func([]string) error {
 			if *asJSON {
 				return printJSON(e.stdout, ans)
 			}
-			when := ans.At.Local().Format("2006-01-02 15:04:05 MST")
-			switch {
-			case ans.Held:
-				fmt.Fprintf(e.stdout, "port %d at %s: %s (user %s)\n", ans.Port, when, ans.Key, dash(ans.User))
-			case ans.Known:
-				fmt.Fprintf(e.stdout, "port %d at %s: free\n", ans.Port, when)
-			default:
-				fmt.Fprintf(e.stdout, "port %d at %s: free (no record of it before then)\n", ans.Port, when)
+			answers := []portAt{ans}
+			if ans.UDP != nil {
+				answers = append(answers, *ans.UDP)
 			}
-			if ans.Entry != nil {
-				fmt.Fprintf(e.stdout, "  since: %s\n", history.Describe(*ans.Entry))
+			for _, ans := range answers {
+				when := ans.At.Local().Format("2006-01-02 15:04:05 MST")
+				slot := store.Slot{Space: cmp.Or(ans.Proto, store.TCP), Port: ans.Port}
+				switch {
+				case ans.Held:
+					fmt.Fprintf(e.stdout, "port %s at %s: %s (user %s)\n", slot, when, ans.Key, dash(ans.User))
+				case ans.Known:
+					fmt.Fprintf(e.stdout, "port %s at %s: free\n", slot, when)
+				default:
+					fmt.Fprintf(e.stdout, "port %s at %s: free (no record of it before then)\n", slot, when)
+				}
+				if ans.Entry != nil {
+					fmt.Fprintf(e.stdout, "  since: %s\n", history.Describe(*ans.Entry))
+				}
 			}
 			return nil
 		}

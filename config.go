@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/etcd"
 
 	frpconfig "github.com/fatedier/frp/pkg/config"
@@ -182,18 +183,22 @@ func parseConfig(args []string, getenv func(string) string) (config, error) {
 
 // poolPlan is the pool the allocator serves and the ports kept out of it.
 type poolPlan struct {
+	// pool is the allowed ports, alike in both spaces; each space's own
+	// listeners are kept out by excluded.
 	pool      *portSet
-	excluded  map[int]string // port -> what uses it
-	probeAddr string         // where frps binds proxies
+	excluded  map[store.Slot]string // port -> what uses it
+	probeAddr string                // where frps binds proxies
 }
 
 // planPool works out the pool: the allowed ports (from -allow-ports, frps's
-// allowPorts, or the default; both when both are given), minus frps's own
-// listeners and the plugin's port. frps's listeners are known only from
-// -frps-config: with -allow-ports alone, frps's bindPort stays in the pool
-// if -allow-ports names it (the probe then skips it while frps holds it).
+// allowPorts, or the default; both when both are given), minus, in each
+// space, frps's own listeners of that protocol (bindPort is tcp, kcp and
+// quic bind ports are udp) and the plugin's port (tcp). frps's listeners
+// are known only from -frps-config: with -allow-ports alone, frps's
+// bindPort stays in the pool if -allow-ports names it (the probe then
+// skips it while frps holds it).
 func planPool(c config, listenPort int) (poolPlan, error) {
-	plan := poolPlan{excluded: map[int]string{}, probeAddr: "0.0.0.0"}
+	plan := poolPlan{excluded: map[store.Slot]string{}, probeAddr: "0.0.0.0"}
 	var allowed *portSet
 	from := "the default pool " + defaultPool // where the allowed ports came from, for errors
 	if c.allowPorts != "" {
@@ -209,8 +214,8 @@ func planPool(c config, listenPort int) (poolPlan, error) {
 			return plan, err
 		}
 		plan.probeAddr = frps.proxyBindAddr
-		for port, use := range frps.ownPorts {
-			plan.excluded[port] = use
+		for slot, use := range frps.ownPorts {
+			plan.excluded[slot] = use
 		}
 		switch {
 		case frps.allowPorts != nil && allowed != nil:
@@ -229,25 +234,31 @@ func planPool(c config, listenPort int) (poolPlan, error) {
 		allowed, _ = parsePorts(defaultPool)
 	}
 	if listenPort > 0 {
-		plan.excluded[listenPort] = "the plugin's own port"
-	}
-	var removed []int
-	for port := range plan.excluded {
-		if allowed.has(port) {
-			removed = append(removed, port)
-			allowed.remove(port)
-		}
+		plan.excluded[store.TCPPort(listenPort)] = "the plugin's own port"
 	}
 	if allowed.len() == 0 {
-		if len(removed) == 0 {
-			return plan, fmt.Errorf("the port pool is empty: %s", from)
+		return plan, fmt.Errorf("the port pool is empty: %s", from)
+	}
+	// Each space must keep a port: frps allows both protocols on every
+	// allowed port, so a pool that only one of them can use is a mistake.
+	for _, space := range store.Spaces {
+		left := *allowed
+		var removed []store.Slot
+		for slot := range plan.excluded {
+			if slot.Space == space && left.has(slot.Port) {
+				removed = append(removed, slot)
+				left.remove(slot.Port)
+			}
 		}
-		slices.Sort(removed)
+		if left.len() > 0 {
+			continue
+		}
+		slices.SortFunc(removed, func(a, b store.Slot) int { return a.Port - b.Port })
 		why := make([]string, len(removed))
-		for i, port := range removed {
-			why[i] = fmt.Sprintf("%d (%s)", port, plan.excluded[port])
+		for i, slot := range removed {
+			why[i] = fmt.Sprintf("%s (%s)", portName(slot), plan.excluded[slot])
 		}
-		return plan, fmt.Errorf("the port pool is empty: %s minus %s", from, strings.Join(why, ", "))
+		return plan, fmt.Errorf("the port pool is empty for %s: %s minus %s", space, from, strings.Join(why, ", "))
 	}
 	plan.pool = allowed
 	return plan, nil
@@ -256,7 +267,7 @@ func planPool(c config, listenPort int) (poolPlan, error) {
 // frpsPorts is what the plugin needs from frps's configuration.
 type frpsPorts struct {
 	allowPorts    *portSet // nil: frps allows every port
-	ownPorts      map[int]string
+	ownPorts      map[store.Slot]string
 	proxyBindAddr string
 }
 
@@ -267,22 +278,27 @@ func readFrpsConfig(path string) (frpsPorts, error) {
 	if err != nil {
 		return frpsPorts{}, frpsConfigError(path, err)
 	}
-	out := frpsPorts{ownPorts: map[int]string{}, proxyBindAddr: cfg.ProxyBindAddr}
+	out := frpsPorts{ownPorts: map[store.Slot]string{}, proxyBindAddr: cfg.ProxyBindAddr}
 	if out.proxyBindAddr == "" {
 		out.proxyBindAddr = "0.0.0.0"
 	}
-	for port, use := range map[int]string{
-		cfg.BindPort:                  "frps bindPort",
-		cfg.KCPBindPort:               "frps kcpBindPort",
-		cfg.QUICBindPort:              "frps quicBindPort",
-		cfg.VhostHTTPPort:             "frps vhostHTTPPort",
-		cfg.VhostHTTPSPort:            "frps vhostHTTPSPort",
-		cfg.TCPMuxHTTPConnectPort:     "frps tcpmuxHTTPConnectPort",
-		cfg.WebServer.Port:            "frps webServer.port",
-		cfg.SSHTunnelGateway.BindPort: "frps sshTunnelGateway.bindPort",
+	// kcp and quic listen on udp, often on bindPort's number (frp's own
+	// examples do so), and take that number from udp proxies only.
+	for _, own := range []struct {
+		slot store.Slot
+		use  string
+	}{
+		{store.TCPPort(cfg.BindPort), "frps bindPort"},
+		{store.UDPPort(cfg.KCPBindPort), "frps kcpBindPort"},
+		{store.UDPPort(cfg.QUICBindPort), "frps quicBindPort"},
+		{store.TCPPort(cfg.VhostHTTPPort), "frps vhostHTTPPort"},
+		{store.TCPPort(cfg.VhostHTTPSPort), "frps vhostHTTPSPort"},
+		{store.TCPPort(cfg.TCPMuxHTTPConnectPort), "frps tcpmuxHTTPConnectPort"},
+		{store.TCPPort(cfg.WebServer.Port), "frps webServer.port"},
+		{store.TCPPort(cfg.SSHTunnelGateway.BindPort), "frps sshTunnelGateway.bindPort"},
 	} {
-		if port > 0 && port <= maxPort {
-			out.ownPorts[port] = use
+		if own.slot.Port > 0 && own.slot.Port <= maxPort {
+			out.ownPorts[own.slot] = own.use
 		}
 	}
 	if len(cfg.AllowPorts) > 0 {

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"frp-port-keeper/internal/store"
 )
 
 func TestParseConfigEnvFallback(t *testing.T) {
@@ -73,8 +75,9 @@ func TestPlanPoolFromFrpsConfig(t *testing.T) {
 	tests := []struct {
 		name, file, body string
 		allow            string // -allow-ports
-		wantPool         string
-		wantExcluded     []int
+		wantPool         string // the allowed ports, alike in both spaces
+		wantExcluded     []int  // kept out of the tcp space
+		wantUDPExcluded  []int  // kept out of the udp space
 		wantBind         string
 	}{
 		{name: "toml", file: "frps.toml", body: `
@@ -83,19 +86,19 @@ vhostHTTPPort = 7080
 proxyBindAddr = "127.0.0.1"
 webServer.port = 7500
 allowPorts = [{ start = 7000, end = 7010 }, { single = 7500 }, { start = 20000, end = 20002 }]
-`, wantPool: "7001-7010,20000-20002", wantExcluded: []int{7000, 7080, 7500}, wantBind: "127.0.0.1"},
+`, wantPool: "7000-7010,7500,20000-20002", wantExcluded: []int{7000, 7080, 7500}, wantBind: "127.0.0.1"},
 		{name: "legacy ini", file: "frps.ini", body: `[common]
 bind_port = 7000
 kcp_bind_port = 7000
 dashboard_port = 7500
 allow_ports = 7000-7005,7500
-`, wantPool: "7001-7005", wantExcluded: []int{7000, 7500}, wantBind: "0.0.0.0"},
-		{name: "yaml", file: "frps.yaml", body: "bindPort: 7100\nallowPorts:\n  - start: 7100\n    end: 7103\n", wantPool: "7101-7103", wantExcluded: []int{7100}, wantBind: "0.0.0.0"},
-		{name: "json", file: "frps.json", body: `{"bindPort": 7200, "allowPorts": [{"start": 7200, "end": 7202}]}`, wantPool: "7201-7202", wantExcluded: []int{7200}, wantBind: "0.0.0.0"},
+`, wantPool: "7000-7005,7500", wantExcluded: []int{7000, 7500}, wantUDPExcluded: []int{7000}, wantBind: "0.0.0.0"},
+		{name: "yaml", file: "frps.yaml", body: "bindPort: 7100\nallowPorts:\n  - start: 7100\n    end: 7103\n", wantPool: "7100-7103", wantExcluded: []int{7100}, wantBind: "0.0.0.0"},
+		{name: "json", file: "frps.json", body: `{"bindPort": 7200, "allowPorts": [{"start": 7200, "end": 7202}]}`, wantPool: "7200-7202", wantExcluded: []int{7200}, wantBind: "0.0.0.0"},
 		{name: "narrowed by -allow-ports", file: "frps.toml", body: "bindPort = 7000\nallowPorts = [{ start = 7000, end = 7100 }]\n",
 			allow: "7050-7200", wantPool: "7050-7100", wantExcluded: []int{7000}, wantBind: "0.0.0.0"},
 		{name: "no allowPorts: the default pool minus frps's ports", file: "frps.toml", body: "bindPort = 10001\n",
-			wantPool: "10000,10002-32767", wantExcluded: []int{10001}, wantBind: "0.0.0.0"},
+			wantPool: "10000-32767", wantExcluded: []int{10001}, wantBind: "0.0.0.0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -110,9 +113,19 @@ allow_ports = 7000-7005,7500
 			if got := plan.pool.String(); got != tt.wantPool {
 				t.Errorf("pool = %s; want %s", got, tt.wantPool)
 			}
+			var wantExcluded []store.Slot
 			for _, p := range tt.wantExcluded {
-				if plan.excluded[p] == "" || plan.pool.has(p) {
-					t.Errorf("port %d not excluded (%v)", p, plan.excluded)
+				wantExcluded = append(wantExcluded, store.TCPPort(p))
+			}
+			for _, p := range tt.wantUDPExcluded {
+				wantExcluded = append(wantExcluded, store.UDPPort(p))
+			}
+			if len(plan.excluded) != len(wantExcluded) {
+				t.Errorf("excluded %v; want %v", plan.excluded, wantExcluded)
+			}
+			for _, slot := range wantExcluded {
+				if plan.excluded[slot] == "" {
+					t.Errorf("port %v not excluded (%v)", slot, plan.excluded)
 				}
 			}
 			if plan.probeAddr != tt.wantBind {
@@ -120,9 +133,9 @@ allow_ports = 7000-7005,7500
 			}
 		})
 	}
-	// The plugin's own port never enters the pool.
+	// The plugin's own port is never a tcp proxy's; a udp proxy may have it.
 	plan, err := planPool(config{allowPorts: "8000-8002"}, 8001)
-	if err != nil || plan.pool.String() != "8000,8002" || plan.excluded[8001] == "" {
+	if err != nil || plan.pool.String() != "8000-8002" || plan.excluded[store.TCPPort(8001)] == "" || plan.excluded[store.UDPPort(8001)] != "" {
 		t.Fatalf("own port: %v %v", plan.pool, err)
 	}
 	if _, err := planPool(config{allowPorts: "8001"}, 8001); err == nil || !strings.Contains(err.Error(), "pool is empty") {
@@ -154,11 +167,11 @@ func TestPoolEmptySaysWhy(t *testing.T) {
 	}{
 		{name: "-allow-ports alone keeps frps's bindPort", cfg: config{allowPorts: "7000"}, wantPool: "7000"},
 		{name: "-frps-config takes it out", cfg: config{allowPorts: "7000", frpsConfig: bind7000},
-			wantErr: "the port pool is empty: -allow-ports 7000 minus 7000 (frps bindPort)"},
+			wantErr: "the port pool is empty for tcp: -allow-ports 7000 minus 7000 (frps bindPort)"},
 		{name: "and the plugin's own port", cfg: config{allowPorts: "7000-7001", frpsConfig: bind7000}, listenPort: 7001,
-			wantErr: "the port pool is empty: -allow-ports 7000-7001 minus 7000 (frps bindPort), 7001 (the plugin's own port)"},
+			wantErr: "the port pool is empty for tcp: -allow-ports 7000-7001 minus 7000 (frps bindPort), 7001 (the plugin's own port)"},
 		{name: "frps's allowPorts alone", cfg: config{frpsConfig: bindAndDash},
-			wantErr: "the port pool is empty: frps's allowPorts 7000,7500 minus 7000 (frps bindPort), 7500 (frps webServer.port)"},
+			wantErr: "the port pool is empty for tcp: frps's allowPorts 7000,7500 minus 7000 (frps bindPort), 7500 (frps webServer.port)"},
 		{name: "no port in common", cfg: config{allowPorts: "6000", frpsConfig: narrow},
 			wantErr: "the port pool is empty: -allow-ports 6000 and frps's allowPorts 7000-7001 have no port in common"},
 		{name: "both, minus frps's ports", cfg: config{allowPorts: "7000-7100", frpsConfig: narrow}, wantPool: "7000-7001"},
@@ -180,7 +193,7 @@ func TestPoolEmptySaysWhy(t *testing.T) {
 	// The same line stops a real start.
 	err := run(context.Background(), []string{"-listen", "127.0.0.1:0", "-data-dir", t.TempDir(), "-allow-ports", "7000", "-frps-config", bind7000},
 		func(string) string { return "" }, io.Discard, io.Discard)
-	if want := "the port pool is empty: -allow-ports 7000 minus 7000 (frps bindPort)"; err == nil || err.Error() != want {
+	if want := "the port pool is empty for tcp: -allow-ports 7000 minus 7000 (frps bindPort)"; err == nil || err.Error() != want {
 		t.Fatalf("run = %v; want %q", err, want)
 	}
 }

@@ -23,7 +23,7 @@ import (
 func TestFillInLostRace(t *testing.T) {
 	st := storetest.NewFake()
 	a := newAllocatorOn(t, st, "30000-30009", allocatorOptions{})
-	if _, err := a.assign("u.a", 30005, operatorChange{by: "test"}); err != nil {
+	if _, err := a.assign("u.a", 30005, "", operatorChange{by: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	at := time.Now()

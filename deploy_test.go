@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"frp-port-keeper/internal/store"
+
 	frpconfig "github.com/fatedier/frp/pkg/config"
 )
 
@@ -105,7 +107,7 @@ func TestDockerComposeFiles(t *testing.T) {
 		t.Error("README.md has no frps.toml stanza with [[httpPlugins]]")
 	}
 	plan, err := planPool(config{frpsConfig: "deploy/frps.toml"}, 8080)
-	if err != nil || plan.pool.len() == 0 || plan.excluded[cfg.BindPort] == "" {
+	if err != nil || plan.pool.len() == 0 || plan.excluded[store.TCPPort(cfg.BindPort)] == "" {
 		t.Errorf("pool from deploy/frps.toml = %v, %v; want a pool without frps's bindPort", plan.pool, err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/file"
 
 	"frp-port-keeper/internal/store/local"
@@ -141,20 +142,20 @@ func TestDurableCommitOrder(t *testing.T) {
 		t.Fatalf("u.a = %d; want 30000", p)
 	}
 	ops := rec.take()
-	inOrder(t, "new key", ops, "write "+file.RecordFile(local.PortName(30000)), "write "+key+".tmp", "sync "+key+".tmp",
+	inOrder(t, "new key", ops, "write "+file.RecordFile(local.PortName(store.TCPPort(30000))), "write "+key+".tmp", "sync "+key+".tmp",
 		"rename "+key, "syncdir .")
-	inOrder(t, "new key's port record", ops, "write "+file.RecordFile(local.PortName(30000)), "sync "+file.RecordFile(local.PortName(30000)), "rename "+key)
+	inOrder(t, "new key's port record", ops, "write "+file.RecordFile(local.PortName(store.TCPPort(30000))), "sync "+file.RecordFile(local.PortName(store.TCPPort(30000))), "rename "+key)
 
-	if _, err := a.assign("u.a", 30001, operatorChange{}); err != nil {
+	if _, err := a.assign("u.a", 30001, "", operatorChange{}); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "move", rec.take(), "write "+file.RecordFile(local.PortName(30001)), "write "+key+".tmp", "sync "+key+".tmp",
-		"rename "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(30000)))
+	inOrder(t, "move", rec.take(), "write "+file.RecordFile(local.PortName(store.TCPPort(30001))), "write "+key+".tmp", "sync "+key+".tmp",
+		"rename "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(store.TCPPort(30000))))
 
 	if err := a.release("u.a", "test"); err != nil {
 		t.Fatal(err)
 	}
-	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(30001)))
+	inOrder(t, "release", rec.take(), "remove "+key, "syncdir .", "remove "+file.RecordFile(local.PortName(store.TCPPort(30001))))
 }
 
 // TestReclaimSyncsPortRecord: a reclaim's port record names the new owner
@@ -173,7 +174,7 @@ func TestReclaimSyncsPortRecord(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("v", "v.new", "tcp")); p != 30000 {
 		t.Fatalf("v.new = %d; want the reclaimed 30000", p)
 	}
-	port := file.RecordFile(local.PortName(30000))
+	port := file.RecordFile(local.PortName(store.TCPPort(30000)))
 	inOrder(t, "reclaim", rec.take(), "write "+port, "sync "+port, "rename "+file.RecordFile(local.KeyName("v.new")),
 		"remove "+file.RecordFile(local.KeyName("u.old")), "syncdir .")
 }
@@ -240,7 +241,7 @@ func TestFailedSyncKeepsOldState(t *testing.T) {
 			a := newAllocatorOn(t, st, "30000-30010", allocatorOptions{})
 			mustAllocate(t, a, req("u", "u.a", "tcp"))
 			faults.failWhen(syscall.EIO, func(o, _ string) bool { return o == op })
-			if _, err := a.assign("u.a", 30005, operatorChange{}); err == nil {
+			if _, err := a.assign("u.a", 30005, "", operatorChange{}); err == nil {
 				t.Fatal("a move whose fsync failed was acknowledged")
 			}
 			if _, _, err := a.allocate(req("u", "u.new", "tcp")); err == nil {
@@ -271,7 +272,7 @@ func TestFailedSyncKeepsOldState(t *testing.T) {
 // (checkpoint included); list shows it as held by an unknown key.
 func TestDamagedPortHeldBack(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30000})
-	if err := os.WriteFile(storeFile(dir, local.PortName(30001)), nil, 0o600); err != nil { // a new key's record, torn by a power cut
+	if err := os.WriteFile(storeFile(dir, local.PortName(store.TCPPort(30001))), nil, 0o600); err != nil { // a new key's record, torn by a power cut
 		t.Fatal(err)
 	}
 	st := newTestStore(t, dir)
@@ -280,7 +281,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Damaged != 1 || got.HeldBack[30001] == "" {
+	if got.Damaged != 1 || got.HeldBack[store.TCPPort(30001)] == "" {
 		t.Fatalf("load: damaged %d, held back %v; want 1 and port 30001", got.Damaged, got.HeldBack)
 	}
 	if p, _ := mustAllocate(t, a, req("v", "v.b", "tcp")); p != 30002 {
@@ -305,7 +306,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if len(l.Allocations) != 3 || l.Allocations[1].Port != 30001 || l.Allocations[1].Key != "" || l.Allocations[1].HeldBack == "" {
 		t.Fatalf("list: %+v; want 30001 as a held-back row of no key", l.Allocations)
 	}
-	if l.Pool.Free != 1 {
+	if l.Pool.TCP.Free != 1 {
 		t.Fatalf("pool %+v; want 1 free (the held-back port counts as used)", l.Pool)
 	}
 
@@ -328,7 +329,7 @@ func TestDamagedPortHeldBack(t *testing.T) {
 	if code := httptestStatus(t, h, "DELETE", "/api/ports/30001"); code != http.StatusNotFound {
 		t.Fatalf("second DELETE /api/ports/30001 = %d; want 404", code)
 	}
-	if _, err := os.Stat(storeFile(dir, local.PortName(30001))); !os.IsNotExist(err) {
+	if _, err := os.Stat(storeFile(dir, local.PortName(store.TCPPort(30001)))); !os.IsNotExist(err) {
 		t.Fatalf("the damaged record is still there after its release (%v)", err)
 	}
 	crashStore(a.store.(*file.Store))
@@ -344,8 +345,8 @@ func TestDamagedPortHeldBack(t *testing.T) {
 // counts as freed at the start, so ports free for longer go first.
 func TestDamagedFreedRecordReusedLast(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30002})
-	newFileKV(t, dir).Set(local.FreedName(30000), local.FreedRecord{Port: 30000, FreedAt: testStart})
-	if err := os.WriteFile(storeFile(dir, local.FreedName(30001)), nil, 0o600); err != nil {
+	newFileKV(t, dir).Set(local.FreedName(store.TCPPort(30000)), local.FreedRecord{Port: 30000, FreedAt: testStart})
+	if err := os.WriteFile(storeFile(dir, local.FreedName(store.TCPPort(30001))), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	a := newTestAllocator(t, dir, "30000-30002", allocatorOptions{})

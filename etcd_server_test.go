@@ -108,9 +108,9 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 			ij, _ := json.Marshal(intruder)
 			dj, _ := json.Marshal(d2)
 			if _, err := raw.Txn(ctx).Then(
-				clientv3.OpPut(prefix+etcd.KeyName(intruder.Key), string(ij)), clientv3.OpPut(prefix+etcd.PortName(c.Port), intruder.Key),
+				clientv3.OpPut(prefix+etcd.KeyName(intruder.Key), string(ij)), clientv3.OpPut(prefix+etcd.PortName(store.TCPPort(c.Port)), intruder.Key),
 				clientv3.OpPut(prefix+etcd.UserName("w"), "1"),
-				clientv3.OpPut(prefix+etcd.KeyName(d.Key), string(dj)), clientv3.OpPut(prefix+etcd.PortName(d2.Port), d.Key),
+				clientv3.OpPut(prefix+etcd.KeyName(d.Key), string(dj)), clientv3.OpPut(prefix+etcd.PortName(store.TCPPort(d2.Port)), d.Key),
 				clientv3.OpPut(prefix+etcd.UserName("v"), "1"),
 			).Commit(); err != nil {
 				t.Fatal(err)
@@ -156,8 +156,8 @@ func TestEtcdStoreRestoreAfterDataLoss(t *testing.T) {
 				t.Fatalf("write-backs %+v and %+v; want a and b restored by s1 and found present by s2, c and d lost at both", r1, r2)
 			}
 			for name, want := range map[string]string{
-				etcd.PortName(a.Port): a.Key, etcd.PortName(b.Port): b.Key, etcd.PortName(c.Port): intruder.Key,
-				etcd.PortName(d.Port): "", etcd.PortName(d2.Port): d.Key,
+				etcd.PortName(store.TCPPort(a.Port)): a.Key, etcd.PortName(store.TCPPort(b.Port)): b.Key, etcd.PortName(store.TCPPort(c.Port)): intruder.Key,
+				etcd.PortName(store.TCPPort(d.Port)): "", etcd.PortName(store.TCPPort(d2.Port)): d.Key,
 				etcd.UserName("u"): "2", etcd.UserName("v"): "1", etcd.UserName("w"): "1",
 			} {
 				if got := testenv.EtcdGet(t, raw, prefix+name); got != want {
@@ -255,7 +255,7 @@ func TestEtcdHistoryUnderPrefix(t *testing.T) {
 			t.Fatalf("entries(%+v) = %s, %v; want %s", tc.q, keys(got), err, tc.want)
 		}
 	}
-	if e, held, ok, err := history.HolderAt(ctx, log, 30051, day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
+	if e, held, ok, err := history.HolderAt(ctx, log, store.TCPPort(30051), day(2, 1)); err != nil || !ok || !held || e.Key != "old.one" {
 		t.Fatalf("port 30051 on 1 February: %+v held %v known %v (%v); want old.one", e, held, ok, err)
 	}
 	if n, err := log.Prune(ctx, day(2, 20)); err != nil || n != 2 {

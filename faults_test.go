@@ -62,7 +62,7 @@ func TestFailedMoveKeepsOldPort(t *testing.T) {
 				if via == "plugin" {
 					_, _, err = a.allocate(moveTo)
 				} else {
-					_, err = a.assign("u.m-0", 61005, operatorChange{})
+					_, err = a.assign("u.m-0", 61005, "", operatorChange{})
 				}
 				if tt.moved != (err == nil) {
 					t.Fatalf("move with a failing %s: %v; want success %v", tt.name, err, tt.moved)
@@ -104,13 +104,13 @@ func TestUnfinishedAllocationDropped(t *testing.T) {
 	if err == nil || !strings.Contains(rejectReason(err), "disk is full") {
 		t.Fatalf("allocation with a failing commit: %v (%q); want a reject naming the full disk", err, rejectReason(err))
 	}
-	if _, err := os.Stat(storeFile(dir, local.PortName(30000))); !os.IsNotExist(err) {
+	if _, err := os.Stat(storeFile(dir, local.PortName(store.TCPPort(30000)))); !os.IsNotExist(err) {
 		t.Fatalf("the unfinished allocation's port record was left behind (%v)", err)
 	}
 	faults.set(nil, nil)
 	crashStore(st)
 	// Leave the port record behind as a crash at that moment would.
-	newFileKV(t, dir).Set(local.PortName(30000), store.Record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
+	newFileKV(t, dir).Set(local.PortName(store.TCPPort(30000)), store.Record{Key: "u.ghost", Port: 30000, User: "u", ProxyName: "u.ghost", ProxyType: "tcp"})
 
 	b := newAllocatorOn(t, newTestStore(t, dir), "30000-30001", allocatorOptions{policy: pol})
 	if _, _, ok := b.lookup("u.ghost"); ok {
@@ -177,7 +177,7 @@ func TestStartOnFullDisk(t *testing.T) {
 			if kind == "file" {
 				// A crash left u.b's port record missing: the start must rebuild it.
 				os.Remove(filepath.Join(dir, file.CheckpointName))
-				os.Remove(storeFile(dir, local.PortName(ports["u.b"])))
+				os.Remove(storeFile(dir, local.PortName(store.TCPPort(ports["u.b"]))))
 			}
 			fillDisk(t, filepath.Dir(dir))
 
@@ -194,7 +194,7 @@ func TestStartOnFullDisk(t *testing.T) {
 			}
 			if kind == "file" {
 				waitFor(t, "the log to say what could not be repaired", 5*time.Second, func() bool {
-					return strings.Contains(s.log.String(), "could not rewrite "+local.PortName(ports["u.b"]))
+					return strings.Contains(s.log.String(), "could not rewrite "+local.PortName(store.TCPPort(ports["u.b"])))
 				})
 			}
 			filler, _ := filepath.Glob(filepath.Join(filepath.Dir(dir), "filler*"))
@@ -273,7 +273,7 @@ func TestFutureTimesClamped(t *testing.T) {
 	future := clock.AddDate(1, 0, 0)
 	r := store.Record{Key: "u.old", Port: 30000, User: "u", ProxyName: "u.old", ProxyType: "tcp", CreatedAt: future, AssignedAt: future}
 	kv := newFileKV(t, dir)
-	kv.Set(local.PortName(30000), r)
+	kv.Set(local.PortName(store.TCPPort(30000)), r)
 	kv.Set(local.KeyName(r.Key), r)
 	kv.Set(local.SeenName(r.Key), local.SeenRecord{Key: r.Key, LastSeen: future})
 	pol := mustPolicy(t, "", "30000-30000", 0, time.Hour)
@@ -331,7 +331,7 @@ func TestReclaimSparesOnlineProxies(t *testing.T) {
 	busyPort := 0
 	for range 50 {
 		p := testenv.FreePort(t)
-		if p < maxPort && bindProbe("0.0.0.0")(p) == nil && bindProbe("0.0.0.0")(p+1) == nil {
+		if p < maxPort && bindProbe("0.0.0.0")(store.TCPPort(p)) == nil && bindProbe("0.0.0.0")(store.TCPPort(p+1)) == nil {
 			busyPort = p
 			break
 		}
@@ -420,7 +420,7 @@ func TestProbeOutsideLock(t *testing.T) {
 	var probing sync.WaitGroup
 	probing.Add(1)
 	var once sync.Once
-	probe := func(int) error {
+	probe := func(store.Slot) error {
 		once.Do(func() { probing.Done(); <-hang })
 		return nil
 	}

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/etcd"
 	"frp-port-keeper/internal/testenv"
 )
@@ -392,8 +393,8 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 	}
 	for key, port := range held {
-		if got := testenv.EtcdGet(t, raw, prefix+etcd.PortName(port)); got != key {
-			t.Fatalf("%s in etcd names %q; want %q", etcd.PortName(port), got, key)
+		if got := testenv.EtcdGet(t, raw, prefix+etcd.PortName(store.TCPPort(port))); got != key {
+			t.Fatalf("%s in etcd names %q; want %q", etcd.PortName(store.TCPPort(port)), got, key)
 		}
 	}
 	for user, n := range users {

@@ -231,7 +231,7 @@ func (s *server) serveRegistration(w http.ResponseWriter, r *http.Request) {
 	}
 	p.ReqID = reqid.Value.String()
 	if req.BadPort {
-		err = &portError{port: p.RemotePort, err: errPortInvalid}
+		err = &portError{slot: store.Slot{Space: store.SpaceOf(p.ProxyType), Port: p.RemotePort}, err: errPortInvalid}
 	}
 	port, how := 0, outcome("")
 	if err == nil {
@@ -352,14 +352,17 @@ func isLoopback(remoteAddr string) bool {
 
 // apiAllocation is an allocation as the admin API shows it.
 type apiAllocation struct {
-	Key       string    `json:"key"`
-	ProxyName string    `json:"proxy_name"`
-	User      string    `json:"user"`
-	ProxyType string    `json:"proxy_type"`
-	Group     string    `json:"group"`
-	Port      int       `json:"port"`
-	CreatedAt time.Time `json:"created_at"`
-	LastSeen  time.Time `json:"last_seen"`
+	Key       string `json:"key"`
+	ProxyName string `json:"proxy_name"`
+	User      string `json:"user"`
+	ProxyType string `json:"proxy_type"`
+	Group     string `json:"group"`
+	Port      int    `json:"port"`
+	// Proto is the port's space, tcp or udp: a tcp and a udp key may
+	// hold one number, as frps allows.
+	Proto     store.Space `json:"proto"`
+	CreatedAt time.Time   `json:"created_at"`
+	LastSeen  time.Time   `json:"last_seen"`
 	// Pinned: an operator assigned this port; the device gets it whatever
 	// port it asks for.
 	Pinned bool   `json:"pinned"`
@@ -376,7 +379,7 @@ type apiAllocation struct {
 
 func (s *server) toAPI(v allocationView) apiAllocation {
 	return apiAllocation{Key: v.Key, ProxyName: v.ProxyName, User: v.User, ProxyType: v.ProxyType,
-		Group: v.Group, Port: v.Port, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
+		Group: v.Group, Port: v.Port, Proto: v.Proto, CreatedAt: v.CreatedAt.UTC(), LastSeen: v.LastSeen.UTC(),
 		Pinned: v.Pinned, Note: v.Note, HeldBack: v.HeldBack, OutsidePool: v.OutsidePool, OutsidePolicy: v.OutsidePolicy}
 }
 
@@ -400,12 +403,18 @@ func (s *server) serveShow(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 	var body struct {
-		Port *int    `json:"port"`
-		Note *string `json:"note"`
+		Port  *int    `json:"port"`
+		Proto string  `json:"proto"`
+		Note  *string `json:"note"`
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 	if err := dec.Decode(&body); err != nil || body.Port == nil {
-		writeError(w, http.StatusBadRequest, `the body must be {"port":N} or {"port":N,"note":"…"}`)
+		writeError(w, http.StatusBadRequest, `the body must be {"port":N}, with "proto":"tcp"|"udp" and "note":"…" optional`)
+		return
+	}
+	space, err := store.ParseSpace(body.Proto)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
 	if body.Note != nil && len(*body.Note) > maxNoteBytes {
@@ -413,15 +422,15 @@ func (s *server) serveAssign(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	key := r.PathValue("key")
-	rec, err := s.alloc.assign(key, *body.Port, operatorChange{note: body.Note, by: adminActor(r)})
+	rec, err := s.alloc.assign(key, *body.Port, space, operatorChange{note: body.Note, by: adminActor(r)})
 	if err != nil {
 		s.writeChangeError(w, "assign", key, err)
 		return
 	}
-	s.log.Info("admin assigned", "key", key, "port", rec.Port)
+	s.log.Info("admin assigned", "key", key, "port", rec.Port, "proto", rec.Space())
 	v, ok := s.alloc.find(key)
-	if !ok || v.Port != rec.Port { // changed again meanwhile: answer what was assigned
-		v = allocationView{Record: rec, LastSeen: rec.AssignedAt}
+	if !ok || v.Slot() != rec.Slot() { // changed again meanwhile: answer what was assigned
+		v = allocationView{Record: rec, Proto: rec.Space(), LastSeen: rec.AssignedAt}
 	}
 	writeValue(w, http.StatusOK, s.toAPI(v))
 }
@@ -441,35 +450,55 @@ func (s *server) serveRelease(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// serveReleasePort frees a port by number: the key holding it is
-// released, or the hold of a damaged record of an unknown key is lifted.
+// serveReleasePort frees a port by number (?proto=tcp|udp says which
+// space; it may be left out when only one space holds the port): the key
+// holding it is released, or the hold of a damaged record of an unknown
+// key is lifted.
 func (s *server) serveReleasePort(w http.ResponseWriter, r *http.Request) {
 	port, err := strconv.Atoi(r.PathValue("port"))
 	if err != nil || port < 1 || port > maxPort {
 		writeError(w, http.StatusBadRequest, "port must be a number from 1 to 65535")
 		return
 	}
-	var key string
-	page, _ := s.alloc.listPage(port-1, 1, nil)
-	if len(page) == 1 && page[0].Port == port {
-		key = page[0].Key
+	space, err := store.ParseSpace(r.URL.Query().Get("proto"))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
 	}
-	by := adminActor(r)
-	if key != "" {
-		err = s.alloc.release(key, by)
+	holders := s.alloc.atPort(port, space)
+	switch len(holders) {
+	case 0:
+		writeError(w, http.StatusNotFound, "nobody holds this port")
+		return
+	case 2:
+		writeError(w, http.StatusConflict, fmt.Sprintf("port %d is held in both spaces, tcp by %s and udp by %s: say which with ?proto=tcp or ?proto=udp",
+			port, holderName(holders[0]), holderName(holders[1])))
+		return
+	}
+	h, by := holders[0], adminActor(r)
+	if h.Key != "" {
+		err = s.alloc.release(h.Key, by)
 	} else {
-		err = s.alloc.releaseHeldBack(port, by)
+		err = s.alloc.releaseHeldBack(h.Slot(), by)
 	}
 	switch {
 	case errors.Is(err, errNoAllocation):
 		writeError(w, http.StatusNotFound, "nobody holds this port")
 	case err != nil:
-		s.log.Warn("admin release failed", "port", port, "err", err)
+		s.log.Warn("admin release failed", "port", port, "proto", h.Proto, "err", err)
 		writeError(w, http.StatusServiceUnavailable, rejectReason(err))
 	default:
-		s.log.Info("admin released", "port", port, "key", key)
+		s.log.Info("admin released", "port", port, "proto", h.Proto, "key", h.Key)
 		w.WriteHeader(http.StatusNoContent)
 	}
+}
+
+// holderName names what holds a port, for an operator.
+func holderName(v allocationView) string {
+	if v.Key == "" {
+		return "a damaged record (held back)"
+	}
+	return strconv.Quote(v.Key)
 }
 
 func writeValue(w http.ResponseWriter, status int, v any) {
@@ -557,7 +586,7 @@ func (s *server) writeChangeError(w http.ResponseWriter, what, key string, err e
 		return
 	case errors.Is(err, errPortReserved):
 		status = http.StatusConflict
-	case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid):
+	case errors.Is(err, errPortOutside), errors.Is(err, errPortForFrps), errors.Is(err, errPortInvalid), errors.Is(err, errWrongSpace):
 		status = http.StatusUnprocessableEntity
 	case errors.Is(err, errStoreTimedOut), errors.Is(err, errStoreFailed):
 		status = http.StatusServiceUnavailable
@@ -661,10 +690,13 @@ type historyPage struct {
 	Next string `json:"next,omitempty"`
 }
 
-// portAt answers GET /api/history?port=N&at=TIME: who held port N then.
+// portAt answers GET /api/history?port=N&at=TIME[&proto=P]: who held
+// port N then. Without proto it is tcp's answer, with the udp space's in
+// UDP when the udp space knows anything of N then.
 type portAt struct {
-	Port int       `json:"port"`
-	At   time.Time `json:"at"`
+	Port  int         `json:"port"`
+	Proto store.Space `json:"proto"`
+	At    time.Time   `json:"at"`
 	// Held says a key held it; Key and User name it. Known is false when
 	// neither the history nor today's allocations say anything of it then.
 	Held  bool                `json:"held"`
@@ -672,6 +704,7 @@ type portAt struct {
 	Key   string              `json:"key,omitempty"`
 	User  string              `json:"user,omitempty"`
 	Entry *store.HistoryEntry `json:"entry,omitempty"` // the change that decided it
+	UDP   *portAt             `json:"udp,omitempty"`
 }
 
 // serveHistory answers history queries, newest first, paged.
@@ -689,6 +722,10 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 			bad("port must be 1-65535")
 			return
 		}
+	}
+	if hq.Space, err = store.ParseSpace(q.Get("proto")); err != nil {
+		bad("proto: " + err.Error())
+		return
 	}
 	hq.Key, hq.User, hq.Before = q.Get("key"), q.Get("user"), q.Get("before")
 	for name, dst := range map[string]*time.Time{"since": &hq.Since, "until": &hq.Until} {
@@ -716,7 +753,15 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 			bad("at: " + err.Error())
 			return
 		}
-		ans, err := s.portAt(r.Context(), hq.Port, at)
+		var ans portAt
+		if hq.Space != "" {
+			ans, err = s.portAt(r.Context(), store.Slot{Space: hq.Space, Port: hq.Port}, at)
+		} else if ans, err = s.portAt(r.Context(), store.TCPPort(hq.Port), at); err == nil {
+			var udp portAt
+			if udp, err = s.portAt(r.Context(), store.UDPPort(hq.Port), at); udp.Known {
+				ans.UDP = &udp
+			}
+		}
 		if err != nil {
 			writeError(w, http.StatusServiceUnavailable, "history unreadable: "+err.Error())
 			return
@@ -741,11 +786,11 @@ func (s *server) serveHistory(w http.ResponseWriter, r *http.Request) {
 	writeValue(w, http.StatusOK, page)
 }
 
-// portAt works out who held port at t: the last change of the port at or
+// portAt works out who held slot at t: the last change of the slot at or
 // before t, else today's holder if it got the port before t.
-func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, error) {
-	ans := portAt{Port: port, At: t.UTC()}
-	e, held, ok, err := history.HolderAt(ctx, s.history, port, t)
+func (s *server) portAt(ctx context.Context, slot store.Slot, t time.Time) (portAt, error) {
+	ans := portAt{Port: slot.Port, Proto: slot.Space, At: t.UTC()}
+	e, held, ok, err := history.HolderAt(ctx, s.history, slot, t)
 	if err != nil {
 		return ans, err
 	}
@@ -756,8 +801,8 @@ func (s *server) portAt(ctx context.Context, port int, t time.Time) (portAt, err
 		}
 		return ans, nil
 	}
-	for _, v := range s.alloc.snapshot() {
-		if v.Port == port && !v.AssignedAt.After(t) {
+	for _, v := range s.alloc.atPort(slot.Port, slot.Space) {
+		if v.Key != "" && !v.AssignedAt.After(t) {
 			ans.Known, ans.Held, ans.Key, ans.User = true, true, v.Key, v.User
 		}
 	}

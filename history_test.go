@@ -89,10 +89,10 @@ func TestHistoryEveryChange(t *testing.T) {
 			asks.RemotePort = 30003
 			mustAllocate(t, h.allocator, asks) // moved
 			note := "Bob's NAS"
-			if _, err := h.assign("bob.nas", 30001, operatorChange{note: &note, by: "admin 127.0.0.1:1"}); err != nil {
+			if _, err := h.assign("bob.nas", 30001, "", operatorChange{note: &note, by: "admin 127.0.0.1:1"}); err != nil {
 				t.Fatal(err)
 			}
-			mustAllocate(t, h.allocator, req("bob", "bob.nas", "udp")) // filled in
+			mustAllocate(t, h.allocator, req("bob", "bob.nas", "tcp")) // filled in
 			if _, err := h.setNote("bob.nas", "Bob's new NAS", "admin 127.0.0.1:1"); err != nil {
 				t.Fatal(err)
 			}
@@ -103,7 +103,7 @@ func TestHistoryEveryChange(t *testing.T) {
 				t.Fatal(err)
 			}
 			advance(2 * time.Hour)
-			mustAllocate(t, h.allocator, req("bob", "bob.nas", "udp")) // alice.ssh is not seen again
+			mustAllocate(t, h.allocator, req("bob", "bob.nas", "tcp")) // alice.ssh is not seen again
 			mustAllocate(t, h.allocator, req("carol", "carol.x", "tcp"))
 			r = req("dave", "dave.p", "tcp")
 			r.ReqID = "r9"
@@ -146,7 +146,7 @@ func TestHistoryPortAt(t *testing.T) {
 				t.Fatal(err)
 			}
 			advance(time.Hour)
-			if _, err := h.assign("bob.nas", 30005, operatorChange{by: "admin"}); err != nil { // t0+2h: bob
+			if _, err := h.assign("bob.nas", 30005, "", operatorChange{by: "admin"}); err != nil { // t0+2h: bob
 				t.Fatal(err)
 			}
 			h.recorder.Stop()
@@ -164,7 +164,7 @@ func TestHistoryPortAt(t *testing.T) {
 				{t0.Add(48 * time.Hour), true, "bob.nas"},
 			}
 			for _, tt := range tests {
-				e, held, _, err := history.HolderAt(context.Background(), h.log, 30005, tt.at)
+				e, held, _, err := history.HolderAt(context.Background(), h.log, store.TCPPort(30005), tt.at)
 				if err != nil || held != tt.held || (held && e.Key != tt.key) {
 					t.Errorf("port 30005 at %s: held %v by %q (%v); want %v by %q", tt.at.Format(time.RFC3339Nano), held, e.Key, err, tt.held, tt.key)
 				}
@@ -399,7 +399,7 @@ func TestHistoryFileTornAppendOnFullDisk(t *testing.T) {
 		{30003, t0.Add(time.Hour), true, true, "k3"},
 		{30009, t0.Add(time.Hour), false, false, ""}, // never written
 	} {
-		e, held, ok, err := history.HolderAt(context.Background(), log, c.port, c.at)
+		e, held, ok, err := history.HolderAt(context.Background(), log, store.TCPPort(c.port), c.at)
 		if err != nil || held != c.held || ok != c.ok || (held && e.Key != c.key) {
 			t.Errorf("who held %d at %s: %s held=%v known=%v (%v); want %q held=%v known=%v",
 				c.port, c.at.Format(time.TimeOnly), e.Key, held, ok, err, c.key, c.held, c.ok)
@@ -454,7 +454,7 @@ func TestHistoryFileTornAppendEndedNextTime(t *testing.T) {
 	if len(got) != 2 || got[0].Change != store.HistReleased || got[1].Change != store.HistNew {
 		t.Fatalf("history after a torn append that stayed:\n%s", describeAll(got))
 	}
-	if _, held, _, err := history.HolderAt(context.Background(), h, 30001, t0.Add(4*time.Minute)); err != nil || held {
+	if _, held, _, err := history.HolderAt(context.Background(), h, store.TCPPort(30001), t0.Add(4*time.Minute)); err != nil || held {
 		t.Fatalf("port 30001 after its release: held=%v (%v); want free", held, err)
 	}
 }
@@ -573,7 +573,7 @@ func TestHistoryPrune(t *testing.T) {
 			if len(got) != 2 || got[0].Key != "k3" || got[1].Key != "k2" {
 				t.Fatalf("after pruning: %s", describeAll(got))
 			}
-			if e, held, _, err := history.HolderAt(context.Background(), log, 30000, time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
+			if e, held, _, err := history.HolderAt(context.Background(), log, store.TCPPort(30000), time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)); err != nil || !held || e.Key != "k2" {
 				t.Fatalf("port 30000 on 2026-03-01: %+v held %v (%v); want k2", e, held, err)
 			}
 			if page, _ := log.Entries(context.Background(), store.HistoryQuery{Before: got[0].ID}); len(page) != 1 || page[0].Key != "k2" {
@@ -746,7 +746,7 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 		t.Errorf("the page lacks the note")
 	}
 	for path, wants := range map[string][]string{
-		"/history?key=bob.nas":  {"<td>assigned</td>", "<td>filled_in</td>", "Bob&#39;s NAS", `href="/history?port=30043"`},
+		"/history?key=bob.nas":  {"<td>assigned</td>", "<td>filled_in</td>", "Bob&#39;s NAS", `href="/history?port=30043&amp;proto=tcp"`},
 		"/history?port=30042":   {"<td>assigned</td>", "bob.nas"},
 		"/":                     {`href="/history?key=bob.nas"`},
 		"/history?port=70000x":  {"port must be 1-65535"},
@@ -764,7 +764,7 @@ func TestWatchAndHistoryCLI(t *testing.T) {
 		t.Fatalf("export lacks the note: %s", export)
 	}
 	out = cli("history", "-port", "30042", "-at", time.Now().Format(time.RFC3339Nano))
-	if !strings.Contains(out, "port 30042 at") || !strings.Contains(out, "free") {
+	if !strings.Contains(out, "port 30042/tcp at") || !strings.Contains(out, "free") {
 		t.Errorf("history -port 30042 -at now:\n%s", out)
 	}
 	out = cli("history", "-port", "30043", "-at", time.Now().Add(time.Second).Format(time.RFC3339Nano))

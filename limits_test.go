@@ -53,7 +53,7 @@ func TestNoteBoundEverywhere(t *testing.T) {
 		t.Fatalf("POST /api/import with a note of exactly the limit: %d %s", rec.Code, rec.Body)
 	}
 	over := max + "n"
-	if _, err := a.assign("u.d", 30004, operatorChange{note: &over, by: "test"}); err == nil || !strings.Contains(err.Error(), "at most 1024 bytes") {
+	if _, err := a.assign("u.d", 30004, "", operatorChange{note: &over, by: "test"}); err == nil || !strings.Contains(err.Error(), "at most 1024 bytes") {
 		t.Errorf("assign with a note over the limit: %v", err)
 	}
 	if _, err := a.setNote("u.c", over, "test"); err == nil || !strings.Contains(err.Error(), "at most 1024 bytes") {

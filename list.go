@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"time"
 	"unicode/utf8"
+
+	"frp-port-keeper/internal/store"
 )
 
 // The listing side of the admin API: GET /api/allocations pages through
@@ -37,7 +39,8 @@ type listQuery struct {
 	limit int // 0: every allocation, streamed
 	after int // the cursor: only ports above it
 	user  string
-	port  int // 0: any port
+	port  int         // 0: any port
+	proto store.Space // "": both spaces
 	key   string
 	// byUser and byKey say the filter was given (an empty user is a user).
 	byUser, byKey bool
@@ -61,6 +64,10 @@ func parseListQuery(q url.Values) (listQuery, error) {
 		number("port", 1, maxPort, &lq.port)); err != nil {
 		return lq, err
 	}
+	var err error
+	if lq.proto, err = store.ParseSpace(q.Get("proto")); err != nil {
+		return lq, err
+	}
 	_, lq.byUser = q["user"]
 	_, lq.byKey = q["key"]
 	lq.user, lq.key = q.Get("user"), validUTF8(q.Get("key"))
@@ -70,7 +77,7 @@ func parseListQuery(q url.Values) (listQuery, error) {
 // keeps says whether v passes the query's filters.
 func (q listQuery) keeps(v allocationView) bool {
 	return v.Port > q.after && (!q.byUser || v.User == q.user) && (!q.byKey || v.Key == q.key) &&
-		(q.port == 0 || v.Port == q.port)
+		(q.port == 0 || v.Port == q.port) && (q.proto == "" || v.Proto == q.proto)
 }
 
 // serveList answers GET /api/allocations. A lookup (?port= or ?key=)
@@ -94,19 +101,23 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request) {
 }
 
 // serveLookup answers a listing by port or key: the same shape as any
-// listing, with the one allocation or none (200 either way, like a user
-// filter that matches nothing), and never a next cursor.
+// listing, with the allocations found (one, or a port's tcp and udp ones)
+// or none (200 either way, like a user filter that matches nothing), and
+// never a next cursor.
 func (s *server) serveLookup(w http.ResponseWriter, q listQuery) {
 	out := allocationList{Allocations: []apiAllocation{}}
-	var v allocationView
-	found := false
+	var found []allocationView
 	if q.byKey {
-		v, found = s.alloc.find(q.key)
-	} else if page, _ := s.alloc.listPage(q.port-1, 1, nil); len(page) == 1 {
-		v, found = page[0], true
+		if v, ok := s.alloc.find(q.key); ok {
+			found = append(found, v)
+		}
+	} else {
+		found = s.alloc.atPort(q.port, q.proto)
 	}
-	if found && q.keeps(v) {
-		out.Allocations = append(out.Allocations, s.toAPI(v))
+	for _, v := range found {
+		if q.keeps(v) {
+			out.Allocations = append(out.Allocations, s.toAPI(v))
+		}
 	}
 	out.Pool = s.alloc.stats()
 	writeValue(w, http.StatusOK, out)
@@ -150,7 +161,7 @@ func (s *server) streamList(ctx context.Context, w http.ResponseWriter, q listQu
 		if more == 0 {
 			break
 		}
-		if after = more; q.limit > 0 && left == 0 {
+		if after = more; q.limit > 0 && left <= 0 {
 			next = more
 			break
 		}
@@ -171,6 +182,18 @@ func (s *server) streamList(ctx context.Context, w http.ResponseWriter, q listQu
 	buf = strconv.AppendInt(buf, int64(pool.Used), 10)
 	buf = append(buf, `,"free":`...)
 	buf = strconv.AppendInt(buf, int64(pool.Free), 10)
+	for _, sp := range []struct {
+		name  string
+		stats *spaceStats
+	}{{"tcp", pool.TCP}, {"udp", pool.UDP}} {
+		buf = append(buf, `,"`+sp.name+`":{"size":`...)
+		buf = strconv.AppendInt(buf, int64(sp.stats.Size), 10)
+		buf = append(buf, `,"used":`...)
+		buf = strconv.AppendInt(buf, int64(sp.stats.Used), 10)
+		buf = append(buf, `,"free":`...)
+		buf = strconv.AppendInt(buf, int64(sp.stats.Free), 10)
+		buf = append(buf, '}')
+	}
 	buf = append(buf, '}')
 	if next != 0 {
 		buf = append(buf, `,"next":`...)
@@ -290,6 +313,8 @@ func appendAPIAllocation(b []byte, a apiAllocation) []byte {
 	b = appendJSONString(b, a.Group)
 	b = append(b, `,"port":`...)
 	b = strconv.AppendInt(b, int64(a.Port), 10)
+	b = append(b, `,"proto":`...)
+	b = appendJSONString(b, string(a.Proto))
 	b = append(b, `,"created_at":"`...)
 	b = a.CreatedAt.AppendFormat(b, time.RFC3339Nano)
 	b = append(b, `","last_seen":"`...)

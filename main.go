@@ -4,6 +4,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -137,7 +138,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 		log.Warn("store repaired", "problem", p)
 	}
 	if got.Damaged > 0 || len(got.HeldBack) > 0 {
-		held := slices.Sorted(maps.Keys(got.HeldBack))
+		held := slices.SortedFunc(maps.Keys(got.HeldBack), func(a, b store.Slot) int { return cmp.Or(a.Port-b.Port, cmp.Compare(a.Space, b.Space)) })
 		log.Warn("records found damaged (a crash or power cut?): ports whose record is damaged and whose key is unknown are held back from new keys until an operator releases them (release -port N)",
 			"damaged_records", got.Damaged, "held_back", len(held), "ports", fmt.Sprint(held))
 	}
@@ -152,7 +153,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	debug.FreeOSMemory()
 	for _, v := range alloc.snapshot() {
 		if !plan.pool.has(v.Port) {
-			log.Warn("allocation outside the pool stays sticky", "key", v.Key, "port", v.Port)
+			log.Warn("allocation outside the pool stays sticky", "key", v.Key, "port", v.Port, "proto", v.Proto)
 		}
 	}
 

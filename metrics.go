@@ -92,7 +92,7 @@ func newMetrics(pool func() poolStats) *metrics {
 		m.restoredRecords.WithLabelValues(r) // every series exists from the start
 	}
 	reg.MustRegister(m.restores, m.restoredRecords)
-	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state.", []string{"state"}, nil)
+	poolPorts := prometheus.NewDesc("frp_port_keeper_pool_ports", "Ports of the pool by state and protocol (tcp and udp are two spaces, as in frps).", []string{"state", "proto"}, nil)
 	reg.MustRegister(m.decisions, m.duration, m.storeErrors, m.reclaims, poolCollector{desc: poolPorts, stats: pool})
 	m.handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	return m
@@ -120,6 +120,8 @@ type poolCollector struct {
 func (c poolCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.stats()
-	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(s.Used), "used")
-	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(s.Free), "free")
+	for proto, sp := range map[string]*spaceStats{"tcp": s.TCP, "udp": s.UDP} {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(sp.Used), "used", proto)
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(sp.Free), "free", proto)
+	}
 }

@@ -31,6 +31,7 @@ var historyTemplate = template.Must(template.Must(pageTemplate.Clone()).New("his
 type historyPageData struct {
 	Key     string
 	Port    int
+	Proto   store.Space // with Port: one space; "": both
 	Limit   int
 	Entries []store.HistoryEntry
 	Error   string
@@ -47,13 +48,19 @@ func (s *server) servePageHistory(w http.ResponseWriter, r *http.Request) {
 		}
 		data.Port = p
 	}
+	proto, err := store.ParseSpace(r.URL.Query().Get("proto"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	data.Proto = proto
 	switch {
 	case s.history == nil:
 		data.Error = "This store keeps no history."
 	case data.Key == "" && data.Port == 0:
 		data.Error = "Name a key or a port."
 	default:
-		got, err := s.history.Entries(r.Context(), store.HistoryQuery{Key: data.Key, Port: data.Port, Limit: data.Limit})
+		got, err := s.history.Entries(r.Context(), store.HistoryQuery{Key: data.Key, Port: data.Port, Space: data.Proto, Limit: data.Limit})
 		if err != nil {
 			data.Error = "The history could not be read: " + err.Error()
 		}
@@ -133,7 +140,9 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 			case v.Port <= after:
 				before[seen%len(before)] = v.Port
 				seen++
-			case len(data.Allocations) < pageSize:
+			case len(data.Allocations) < pageSize,
+				// A port's tcp and udp rows share a page: the cursor is a port.
+				!more && data.Allocations[len(data.Allocations)-1].Port == v.Port:
 				data.Allocations = append(data.Allocations, s.toAPI(v))
 			default:
 				more = true
@@ -196,9 +205,11 @@ func writeBusyPage(w http.ResponseWriter) {
 	http.Error(w, busyMessage, http.StatusServiceUnavailable)
 }
 
-// matches is the page filter: a substring of key, user or proxy, or the
-// port. lowerQ is the filter in lower case.
+// matches is the page filter: a substring of key, user or proxy, the
+// port, the port with its protocol (53/udp), or the protocol. lowerQ is
+// the filter in lower case.
 func matches(v allocationView, lowerQ string) bool {
 	return strings.Contains(strings.ToLower(v.Key), lowerQ) || strings.Contains(strings.ToLower(v.User), lowerQ) ||
-		strings.Contains(strings.ToLower(v.ProxyName), lowerQ) || strconv.Itoa(v.Port) == lowerQ
+		strings.Contains(strings.ToLower(v.ProxyName), lowerQ) || strconv.Itoa(v.Port) == lowerQ ||
+		v.Slot().String() == lowerQ || string(v.Proto) == lowerQ
 }

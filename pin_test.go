@@ -61,7 +61,7 @@ func TestPinMovesDevice(t *testing.T) {
 		t.Fatalf("first registration = %d; want 30007, the port it asked for", p)
 	}
 	// The operator moves it to 30003.
-	if _, err := h.assign("myiphone.ssh", 30003, operatorChange{by: "admin test"}); err != nil {
+	if _, err := h.assign("myiphone.ssh", 30003, "", operatorChange{by: "admin test"}); err != nil {
 		t.Fatal(err)
 	}
 	pinned, _ := h.current("myiphone.ssh")
@@ -112,7 +112,7 @@ func TestPinMovesDevice(t *testing.T) {
 // again.
 func TestPinBeforeFirstRegistration(t *testing.T) {
 	h := newHistoryAllocator(t, "file", "30000-30009", allocatorOptions{})
-	if _, err := h.assign("myiphone.ssh", 30003, operatorChange{by: "admin test"}); err != nil {
+	if _, err := h.assign("myiphone.ssh", 30003, "", operatorChange{by: "admin test"}); err != nil {
 		t.Fatal(err)
 	}
 	asks := req("myiphone", "myiphone.ssh", "tcp")
@@ -125,7 +125,7 @@ func TestPinBeforeFirstRegistration(t *testing.T) {
 	if p, how := mustAllocate(t, h.allocator, req("myiphone", "myiphone.ssh", "tcp")); p != 30003 || how != outcomeHit {
 		t.Fatalf("plain registration = %d %s; want a hit on 30003", p, how)
 	}
-	if _, err := h.assign("myiphone.ssh", 30005, operatorChange{by: "admin test"}); err != nil {
+	if _, err := h.assign("myiphone.ssh", 30005, "", operatorChange{by: "admin test"}); err != nil {
 		t.Fatal(err)
 	}
 	for range 3 {

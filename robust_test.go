@@ -25,6 +25,7 @@ import (
 
 	"frp-port-keeper/internal/frpplugin"
 	"frp-port-keeper/internal/frpplugin/frpplugintest"
+	"frp-port-keeper/internal/store"
 	"frp-port-keeper/internal/store/file"
 	"frp-port-keeper/internal/store/local"
 	"frp-port-keeper/internal/testenv"
@@ -241,7 +242,7 @@ func TestTornFilesLive(t *testing.T) {
 	damaged := map[string]string{} // file name -> what
 	for i, d := range damage {
 		name := names[i]
-		file := local.PortName(ports[name]) + ".json"
+		file := local.PortName(store.TCPPort(ports[name])) + ".json"
 		switch d.kind {
 		case "key":
 			file = local.KeyName(name) + ".json"

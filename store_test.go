@@ -37,10 +37,10 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 	dir := seedStore(t, allocs)
 	// Damage both kinds of record, one side of an allocation at a time.
 	damage := map[string][]byte{
-		storeFile(dir, local.PortName(30001)): {},                         // empty port record
-		storeFile(dir, local.KeyName("u.b")):  []byte(`{"key":"u.b","po`), // truncated key record
-		storeFile(dir, local.PortName(30003)): []byte("\x00\x00garbage"),  // garbage port record
-		storeFile(dir, local.KeyName("u.d")):  []byte(`[]`),               // wrong shape
+		storeFile(dir, local.PortName(store.TCPPort(30001))): {},                         // empty port record
+		storeFile(dir, local.KeyName("u.b")):                 []byte(`{"key":"u.b","po`), // truncated key record
+		storeFile(dir, local.PortName(store.TCPPort(30003))): []byte("\x00\x00garbage"),  // garbage port record
+		storeFile(dir, local.KeyName("u.d")):                 []byte(`[]`),               // wrong shape
 	}
 	for path, data := range damage {
 		if err := os.WriteFile(path, data, 0o600); err != nil {
@@ -80,7 +80,7 @@ func TestLoadRepairsTornFiles(t *testing.T) {
 // was never acknowledged; its port is free again and nobody's port moves.
 func TestLoadTornWithoutTwin(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
-	os.WriteFile(storeFile(dir, local.PortName(30001)), nil, 0o600)
+	os.WriteFile(storeFile(dir, local.PortName(store.TCPPort(30001))), nil, 0o600)
 	os.Remove(storeFile(dir, local.KeyName("u.a")))
 	a := newTestAllocator(t, dir, "30000-30099", allocatorOptions{})
 	if _, _, ok := a.lookup("u.a"); ok {
@@ -105,17 +105,17 @@ func TestLoadInterruptedMove(t *testing.T) {
 		wantPort int
 	}{
 		{"new port record written", func(kv gokv.Store) {
-			kv.Set(local.PortName(30001), old)
+			kv.Set(local.PortName(store.TCPPort(30001)), old)
 			kv.Set(local.KeyName("u.a"), old)
-			kv.Set(local.PortName(30009), moved)
+			kv.Set(local.PortName(store.TCPPort(30009)), moved)
 		}, 30001},
 		{"key record replaced", func(kv gokv.Store) {
-			kv.Set(local.PortName(30001), old)
-			kv.Set(local.PortName(30009), moved)
+			kv.Set(local.PortName(store.TCPPort(30001)), old)
+			kv.Set(local.PortName(store.TCPPort(30009)), moved)
 			kv.Set(local.KeyName("u.a"), moved)
 		}, 30009},
 		{"old port record deleted", func(kv gokv.Store) {
-			kv.Set(local.PortName(30009), moved)
+			kv.Set(local.PortName(store.TCPPort(30009)), moved)
 			kv.Set(local.KeyName("u.a"), moved)
 		}, 30009},
 	}
@@ -134,7 +134,7 @@ func TestLoadInterruptedMove(t *testing.T) {
 			if n := len(a2.snapshot()); n != 1 {
 				t.Fatalf("after repair, %d allocations; want 1", n)
 			}
-			if _, err := os.Stat(storeFile(dir, local.PortName(30001+30009-tt.wantPort))); !os.IsNotExist(err) {
+			if _, err := os.Stat(storeFile(dir, local.PortName(store.TCPPort(30001+30009-tt.wantPort)))); !os.IsNotExist(err) {
 				t.Fatalf("the losing port record is still there (%v)", err)
 			}
 		})
@@ -145,7 +145,7 @@ func TestLoadInterruptedMove(t *testing.T) {
 // key's port record holds loses; the port is never handed to two keys.
 func TestLoadConflictingKeyRecord(t *testing.T) {
 	dir := seedStore(t, map[string]int{"u.a": 30001, "u.b": 30002})
-	os.Remove(storeFile(dir, local.PortName(30002)))
+	os.Remove(storeFile(dir, local.PortName(store.TCPPort(30002))))
 	// u.b's port record is gone and its key record now points at u.a's port.
 	b := store.Record{Key: "u.b", Port: 30001, User: "u", ProxyName: "u.b", ProxyType: "tcp"}
 	newFileKV(t, dir).Set(local.KeyName("u.b"), b)
@@ -168,7 +168,7 @@ func TestStoresReadGokvLayout(t *testing.T) {
 	}
 	write := func(t *testing.T, kv gokv.Store) {
 		for _, r := range recs {
-			if err := kv.Set(local.PortName(r.Port), r); err != nil {
+			if err := kv.Set(local.PortName(store.TCPPort(r.Port)), r); err != nil {
 				t.Fatal(err)
 			}
 			if err := kv.Set(local.KeyName(r.Key), r); err != nil {
@@ -257,7 +257,7 @@ func TestCheckpoint(t *testing.T) {
 		t.Fatal("an empty directory loaded from a checkpoint")
 	}
 	mustAllocate(t, a, req("u", "u.a", "tcp"))
-	mustAllocate(t, a, req("u", "u.b", "udp"))
+	mustAllocate(t, a, req("u", "u.b", "tcp"))
 	mustAllocate(t, a, req("u", "u.c", "tcp"))
 	if err := a.release("u.b", "test"); err != nil {
 		t.Fatal(err)

@@ -115,29 +115,35 @@ func (r *Recorder) Stop() {
 	}
 }
 
-// HolderAt answers "who held port at t": the key (and user) of the last
-// change of port at or before t that left a key on it, or "" when the
+// HolderAt answers "who held slot at t": the key (and user) of the last
+// change of slot at or before t that left a key on it, or "" when the
 // last such change freed it. ok is false when the history knows nothing of
-// port before t.
-func HolderAt(ctx context.Context, log store.HistoryLog, port int, t time.Time) (e store.HistoryEntry, held, ok bool, err error) {
-	found, err := log.Entries(ctx, store.HistoryQuery{Port: port, Until: t, Limit: 1})
+// slot before t.
+func HolderAt(ctx context.Context, log store.HistoryLog, slot store.Slot, t time.Time) (e store.HistoryEntry, held, ok bool, err error) {
+	found, err := log.Entries(ctx, store.HistoryQuery{Port: slot.Port, Space: slot.Space, Until: t, Limit: 1})
 	if err != nil || len(found) == 0 {
 		return store.HistoryEntry{}, false, false, err
 	}
-	return found[0], found[0].Holds(port), true, nil
+	return found[0], found[0].Holds(slot), true, nil
 }
 
 // Describe is one line of an entry, for the CLI and logs.
 func Describe(e store.HistoryEntry) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s  %-9s %s", e.Time.Local().Format("2006-01-02 15:04:05"), e.Change, e.Key)
+	port := func(n int, space store.Space) string {
+		if space == store.UDP {
+			return store.UDPPort(n).String()
+		}
+		return fmt.Sprint(n)
+	}
 	switch {
-	case e.Port != 0 && e.OldPort != 0 && e.Port != e.OldPort:
-		fmt.Fprintf(&b, " %d -> %d", e.OldPort, e.Port)
+	case e.Port != 0 && e.OldPort != 0 && (e.Port != e.OldPort || e.Space() != e.OldSpace()):
+		fmt.Fprintf(&b, " %s -> %s", port(e.OldPort, e.OldSpace()), port(e.Port, e.Space()))
 	case e.Port != 0:
-		fmt.Fprintf(&b, " %d", e.Port)
+		fmt.Fprintf(&b, " %s", port(e.Port, e.Space()))
 	case e.OldPort != 0:
-		fmt.Fprintf(&b, " (was %d)", e.OldPort)
+		fmt.Fprintf(&b, " (was %s)", port(e.OldPort, e.OldSpace()))
 	}
 	if e.User != "" {
 		fmt.Fprintf(&b, " user=%s", e.User)

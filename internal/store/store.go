@@ -25,6 +25,10 @@ import (
 //     bound each call with ctx.
 //   - Acknowledged means durable: when Claim or Release returns its
 //     changes, they survive a crash of the process and of the machine.
+//   - Ports live in two spaces, as frps keeps them (see Space): a tcp
+//     record and a udp record may hold the same number at once, and every
+//     check, free port and held-back port below is of a Slot, a number in
+//     its space.
 //   - Conflicts: Claim and Release check what the caller saw (Claim.Old,
 //     Claim.Victim, the released record, the port being free) against
 //     what the store holds, and on a mismatch write nothing and return a
@@ -72,10 +76,10 @@ type Store interface {
 	// it delivers a ChangeReset carrying a whole new snapshot. It returns
 	// ctx's error when ctx ends, or an error when the store is closed.
 	Watch(ctx context.Context, rev int64, apply func(Change)) error
-	// ReleaseDamaged forgets the damaged record that holds port back (see
+	// ReleaseDamaged forgets the damaged record that holds slot back (see
 	// Snapshot.HeldBack): an operator's word that nobody holds it.
 	// ErrNotHeldBack when no such record is there.
-	ReleaseDamaged(ctx context.Context, port int) error
+	ReleaseDamaged(ctx context.Context, slot Slot) error
 	// History is where this store keeps the history of changes, beside
 	// the allocations; nil when it keeps none (/api/history then answers
 	// 404 and nothing is recorded).
@@ -86,6 +90,50 @@ type Store interface {
 
 // ErrNotHeldBack says a port is not held back by a damaged record.
 var ErrNotHeldBack = errors.New("no damaged record holds this port back")
+
+// Space is a port space. frps keeps tcp and udp ports apart: a tcp proxy
+// and a udp proxy may both listen on 53 (DNS), on one number beside
+// WireGuard, and so on, so the plugin keeps two spaces too.
+type Space string
+
+const (
+	TCP Space = "tcp"
+	UDP Space = "udp"
+)
+
+// Spaces lists every space, in the order lists show them.
+var Spaces = []Space{TCP, UDP}
+
+// SpaceOf is the space a proxy type's remote port lives in: udp for udp
+// proxies, tcp for every other (tcp, and the empty type of a record an
+// operator assigned before its device was seen).
+func SpaceOf(proxyType string) Space {
+	if proxyType == string(UDP) {
+		return UDP
+	}
+	return TCP
+}
+
+// ParseSpace reads "tcp" or "udp"; the empty string is both (ok, "").
+func ParseSpace(s string) (Space, error) {
+	switch Space(s) {
+	case "", TCP, UDP:
+		return Space(s), nil
+	}
+	return "", fmt.Errorf("protocol %q: want tcp or udp", s)
+}
+
+// Slot is a port number in its space: 53/udp.
+type Slot struct {
+	Space Space
+	Port  int
+}
+
+func (s Slot) String() string { return fmt.Sprintf("%d/%s", s.Port, s.Space) }
+
+// TCPPort and UDPPort name a slot.
+func TCPPort(port int) Slot { return Slot{TCP, port} }
+func UDPPort(port int) Slot { return Slot{UDP, port} }
 
 // Record is one allocation as the store keeps it.
 type Record struct {
@@ -105,18 +153,24 @@ type Record struct {
 	Note string `json:"note,omitempty"`
 }
 
+// Space is the space r's port lives in, by its proxy type.
+func (r Record) Space() Space { return SpaceOf(r.ProxyType) }
+
+// Slot is r's port in its space.
+func (r Record) Slot() Slot { return Slot{r.Space(), r.Port} }
+
 // Snapshot is what load hands the allocator.
 type Snapshot struct {
 	Rev         int64 // changes after rev come through watch
 	Allocations []Record
 	LastSeen    map[string]time.Time
 	Online      map[string]bool // keys whose proxy was online when last written
-	Freed       map[int]time.Time
+	Freed       map[Slot]time.Time
 	// HeldBack are ports whose record was found damaged (a power cut left
 	// it empty, say) with no allocation behind it: the key that held them
 	// is unknown, so they are kept from fresh allocation, with the reason,
 	// until an operator releases them (releaseDamaged).
-	HeldBack map[int]string
+	HeldBack map[Slot]string
 	// Damaged counts the records found Damaged (unreadable, empty, or not
 	// matching their name), for the start's summary.
 	Damaged int
@@ -135,7 +189,7 @@ type Claim struct {
 	Want Record
 	// Old is the key's record as the caller saw it; nil: the key is new.
 	Old *Record
-	// Victim is the record of another key whose port want takes (reclaim).
+	// Victim is the record of another key whose slot want takes (reclaim).
 	Victim *Record
 	// MaxKeys, when > 0, makes the claim of a new key fail with a quota
 	// conflict unless want.User holds fewer than MaxKeys keys in the store:
@@ -218,14 +272,17 @@ type RestoreReport struct{ Restored, Present, Lost int }
 type HistoryEntry struct {
 	// ID orders entries: the time in nanoseconds, zero-padded, then the
 	// writing instance and a sequence number, so IDs sort as time does.
-	ID        string        `json:"id"`
-	Time      time.Time     `json:"time"`
-	Key       string        `json:"key"`
-	User      string        `json:"user,omitempty"`
-	ProxyType string        `json:"proxy_type,omitempty"`
-	Port      int           `json:"port,omitempty"`     // the key's port after the change; 0: none
-	OldPort   int           `json:"old_port,omitempty"` // its port before; 0: none
-	Change    HistoryChange `json:"change"`
+	ID        string    `json:"id"`
+	Time      time.Time `json:"time"`
+	Key       string    `json:"key"`
+	User      string    `json:"user,omitempty"`
+	ProxyType string    `json:"proxy_type,omitempty"`
+	Port      int       `json:"port,omitempty"`     // the key's port after the change; 0: none
+	OldPort   int       `json:"old_port,omitempty"` // its port before; 0: none
+	// OldProxyType is the key's type before, set only when the change
+	// moved it to the other port space (its proxy changed protocol).
+	OldProxyType string        `json:"old_proxy_type,omitempty"`
+	Change       HistoryChange `json:"change"`
 	// By says who caused it: "frps reqid=…", "admin 127.0.0.1:5555",
 	// "import", "adopt".
 	By     string `json:"by"`
@@ -255,11 +312,26 @@ const (
 	HistPinned HistoryChange = "pinned"
 )
 
-// Holds says whether e leaves its key on port.
-func (e HistoryEntry) Holds(port int) bool { return e.Port == port }
+// Space is the space of e's Port, by its proxy type.
+func (e HistoryEntry) Space() Space { return SpaceOf(e.ProxyType) }
 
-// Involves says whether e concerns port, as holder before or after.
-func (e HistoryEntry) Involves(port int) bool { return e.Port == port || e.OldPort == port }
+// OldSpace is the space of e's OldPort.
+func (e HistoryEntry) OldSpace() Space {
+	if e.OldProxyType != "" {
+		return SpaceOf(e.OldProxyType)
+	}
+	return e.Space()
+}
+
+// Holds says whether e leaves its key on slot.
+func (e HistoryEntry) Holds(slot Slot) bool { return e.Port == slot.Port && e.Space() == slot.Space }
+
+// Involves says whether e concerns port in space ("": either space), as
+// holder before or after.
+func (e HistoryEntry) Involves(port int, space Space) bool {
+	return e.Port == port && (space == "" || e.Space() == space) ||
+		e.OldPort == port && (space == "" || e.OldSpace() == space)
+}
 
 // HistoryLog is where a store keeps the history, beside its allocations.
 type HistoryLog interface {
@@ -283,6 +355,7 @@ func (e *HistoryAppendError) Unwrap() error { return e.Err }
 // HistoryQuery selects entries; zero fields select everything.
 type HistoryQuery struct {
 	Port         int
+	Space        Space // with Port: only entries of this space; "": both
 	Key, User    string
 	Since, Until time.Time // inclusive
 	Before       string    // only entries with an ID below this (paging)
@@ -291,7 +364,8 @@ type HistoryQuery struct {
 
 func (q HistoryQuery) Match(e HistoryEntry) bool {
 	switch {
-	case q.Port != 0 && !e.Involves(q.Port),
+	case q.Port != 0 && !e.Involves(q.Port, q.Space),
+		q.Port == 0 && q.Space != "" && e.Space() != q.Space && e.OldSpace() != q.Space,
 		q.Key != "" && e.Key != q.Key && e.Victim != q.Key,
 		q.User != "" && e.User != q.User,
 		!q.Since.IsZero() && e.Time.Before(q.Since),

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,7 +28,10 @@ import (
 // written by earlier versions open unchanged. It talks to bbolt directly
 // rather than through gokv because a claim must retire the old record and
 // write the new one in one transaction: each change is one fsync'd commit,
-// so there is no half-written state for a crash to leave.
+// so there is no half-written state for a crash to leave. Records are
+// named as the file store names its files (local.PortName and the rest);
+// the udp records that versions with one port space kept under tcp names
+// are moved to their udp names by the load's repair transaction.
 type Store struct {
 	db     *bbolt.DB
 	path   string
@@ -111,18 +113,23 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 			}
 			switch {
 			case strings.HasPrefix(name, local.PortPrefix):
+				slot, ok := local.ParseSlotName(local.PortPrefix, name)
+				if !ok {
+					return nil
+				}
 				var r store.Record
-				port, perr := strconv.Atoi(name[len(local.PortPrefix):])
-				if perr != nil {
-					return nil
-				}
-				if json.Unmarshal(v, &r) != nil || !store.ValidRecord(r) || r.Port != port {
-					// Kept: it holds the port back (see resolve).
+				if json.Unmarshal(v, &r) != nil || !store.ValidRecord(r) || r.Port != slot.Port ||
+					(r.Space() != slot.Space && slot.Space != store.TCP) {
+					// Kept: it holds its slot back (see local.Resolve).
 					problems = append(problems, fmt.Sprintf("%s: not a valid port record", name))
-					raw.DamagedPorts[port] = fmt.Sprintf("%s: not a valid port record", name)
+					raw.DamagedPorts[slot] = fmt.Sprintf("%s: not a valid port record", name)
 					return nil
 				}
-				raw.Ports[port] = r
+				if r.Space() != slot.Space {
+					raw.LegacyUDP[slot.Port] = r
+					return nil
+				}
+				raw.Ports[slot] = r
 			case strings.HasPrefix(name, local.KeyPrefix):
 				var r store.Record
 				if json.Unmarshal(v, &r) != nil || !store.ValidRecord(r) || local.KeyName(r.Key) != name {
@@ -139,11 +146,11 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 				raw.Seen[sr.Key] = sr
 			case strings.HasPrefix(name, local.FreedPrefix):
 				var f local.FreedRecord
-				if json.Unmarshal(v, &f) != nil || local.FreedName(f.Port) != name {
+				if json.Unmarshal(v, &f) != nil || local.FreedName(f.Slot()) != name {
 					bad("not a valid freed-port record")
 					return nil
 				}
-				raw.Freed[f.Port] = f.FreedAt
+				raw.Freed[f.Slot()] = f.FreedAt
 			}
 			return nil
 		})
@@ -155,7 +162,7 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	snap := res.Snapshot(raw)
 	snap.Damaged = len(problems)
 	snap.Problems = append(problems, snap.Problems...)
-	if len(res.Rewrite)+len(res.RewriteKeys)+len(res.Drop)+len(res.SetAside)+len(damaged) > 0 {
+	if len(res.Rewrite)+len(res.RewriteKeys)+len(res.Drop)+len(res.SetAside)+len(res.Legacy)+len(damaged) > 0 {
 		if err := s.update(func(b *bbolt.Bucket) error {
 			for _, name := range damaged {
 				if err := b.Delete([]byte(name)); err != nil {
@@ -163,7 +170,7 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 				}
 			}
 			for _, r := range res.Rewrite {
-				if err := putJSON(b, local.PortName(r.Port), r); err != nil {
+				if err := putJSON(b, local.PortName(r.Slot()), r); err != nil {
 					return err
 				}
 			}
@@ -172,8 +179,13 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 					return err
 				}
 			}
-			for _, port := range res.Drop {
-				if err := b.Delete([]byte(local.PortName(port))); err != nil {
+			for _, slot := range res.Drop {
+				if err := b.Delete([]byte(local.PortName(slot))); err != nil {
+					return err
+				}
+			}
+			for _, port := range res.Legacy {
+				if err := removeLegacy(b, port); err != nil {
 					return err
 				}
 			}
@@ -209,6 +221,17 @@ func (s *Store) update(fn func(b *bbolt.Bucket) error) error {
 	}))
 }
 
+// removeLegacy deletes the udp record under port's tcp name, unless a
+// rewrite of the tcp slot has put its own record there.
+func removeLegacy(b *bbolt.Bucket, port int) error {
+	name := []byte(local.PortName(store.TCPPort(port)))
+	var r store.Record
+	if json.Unmarshal(b.Get(name), &r) != nil || r.Slot() != store.UDPPort(port) {
+		return nil
+	}
+	return b.Delete(name)
+}
+
 func putJSON(b *bbolt.Bucket, name string, v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
@@ -236,18 +259,18 @@ func (s *Store) Claim(_ context.Context, c store.Claim) ([]store.Change, error) 
 				return err
 			}
 		}
-		if c.Old != nil && c.Old.Port != want.Port {
-			if err := b.Delete([]byte(local.PortName(c.Old.Port))); err != nil {
+		if old := c.Old; old != nil && old.Slot() != want.Slot() {
+			if err := b.Delete([]byte(local.PortName(old.Slot()))); err != nil {
 				return err
 			}
-			if err := putJSON(b, local.FreedName(c.Old.Port), local.FreedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()}); err != nil {
+			if err := putJSON(b, local.FreedName(old.Slot()), local.NewFreedRecord(old.Slot(), c.At)); err != nil {
 				return err
 			}
 		}
-		if err := b.Delete([]byte(local.FreedName(want.Port))); err != nil {
+		if err := b.Delete([]byte(local.FreedName(want.Slot()))); err != nil {
 			return err
 		}
-		if err := putJSON(b, local.PortName(want.Port), want); err != nil {
+		if err := putJSON(b, local.PortName(want.Slot()), want); err != nil {
 			return err
 		}
 		return putJSON(b, local.KeyName(want.Key), want)
@@ -265,15 +288,15 @@ func (s *Store) Release(_ context.Context, r store.Record, at time.Time) ([]stor
 		return nil, errors.New("store not loaded")
 	}
 	if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, r) {
-		return nil, &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
+		return nil, &store.ConflictError{Current: s.idx.Current(r.Key, r.Slot())}
 	}
 	err := s.update(func(b *bbolt.Bucket) error {
-		for _, name := range []string{local.KeyName(r.Key), local.PortName(r.Port), local.SeenName(r.Key)} {
+		for _, name := range []string{local.KeyName(r.Key), local.PortName(r.Slot()), local.SeenName(r.Key)} {
 			if err := b.Delete([]byte(name)); err != nil {
 				return err
 			}
 		}
-		return putJSON(b, local.FreedName(r.Port), local.FreedRecord{Port: r.Port, FreedAt: at.UTC()})
+		return putJSON(b, local.FreedName(r.Slot()), local.NewFreedRecord(r.Slot(), at))
 	})
 	if err != nil {
 		return nil, err
@@ -281,16 +304,16 @@ func (s *Store) Release(_ context.Context, r store.Record, at time.Time) ([]stor
 	return s.idx.Released(r, at), nil
 }
 
-func (s *Store) ReleaseDamaged(_ context.Context, port int) error {
+func (s *Store) ReleaseDamaged(_ context.Context, slot store.Slot) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.idx.Damaged[port]; !ok {
+	if _, ok := s.idx.Damaged[slot]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.update(func(b *bbolt.Bucket) error { return b.Delete([]byte(local.PortName(port))) }); err != nil {
+	if err := s.update(func(b *bbolt.Bucket) error { return b.Delete([]byte(local.PortName(slot))) }); err != nil {
 		return err
 	}
-	delete(s.idx.Damaged, port)
+	delete(s.idx.Damaged, slot)
 	return nil
 }
 

@@ -11,15 +11,38 @@ package etcd
 // Layout under the prefix (default /frp-port-keeper/):
 //
 //	key/<url.PathEscape(key)>    the allocation (record JSON)
-//	port/<%05d>                  the key that holds the port
+//	port/<%05d>                  the key that holds the tcp port
+//	port/udp/<%05d>              the key that holds the udp port
 //	user/<url.PathEscape(user)>  how many keys the user holds (decimal; absent: 0)
 //	seen/<url.PathEscape(key)>   {"last_seen":…,"online":…} (touch; losing it is harmless)
-//	freed/<%05d>                 since when the port is free (RFC 3339); orders reuse
+//	freed/<%05d>                 since when the tcp port is free (RFC 3339); orders reuse
+//	freed/udp/<%05d>             since when the udp port is free
 //	history/<entry ID>           the history (see etcdHistory); load and watch skip it
 //
 // A key record and its port record are only ever written together, in one
 // transaction, so there is no crash state to repair: etcd applies a
-// transaction whole or not at all.
+// transaction whole or not at all. A key record's proxy_type decides the
+// space, hence which of the two names its port record has.
+//
+// Earlier versions: before tcp and udp were two spaces, every port record
+// was port/<%05d>, a udp key's too, and freed/<%05d> any freed port. Load
+// (a reset's reload too) moves a port/N that names a key whose record is
+// udp on N to port/udp/N, in transactions comparing the ModRevisions of
+// the key record and both port records, so a concurrent writer (another
+// instance of the upgraded fleet migrating too) wins cleanly and load
+// reads again. A freed/N of a udp port stays, as tcp's: it only orders
+// reuse.
+//
+// Upgrade every instance of a fleet together. An instance of an earlier
+// version checks and writes port/N alone, whatever the space: it does not
+// see port/udp/N, so it can give N to a second udp key; it reports a
+// port/udp/ record as "not a port", and its load writes port/N back for
+// a udp key whose port/N is missing (which the next load here moves or
+// removes again). Its udp claims under port/N are moved at this
+// version's next load or reset; until then they hold their udp slot here
+// (releases, moves and reclaims retire them), and a tcp claim of N moves
+// such a record to port/udp/N in the claim's own transaction rather than
+// refuse N or overwrite the udp key's record.
 //
 // An etcd that lost its data under running servers (restarted on an empty
 // data directory, a backup restored) is written back from their memory.
@@ -86,6 +109,12 @@ const (
 	etcdClaimAttempts = 16
 	// etcdLoadPage is how many records one read of load returns.
 	etcdLoadPage = 5000
+	// etcdLoadAttempts bounds the reads of a load whose moves of port
+	// records of an earlier version lose to other writers.
+	etcdLoadAttempts = 4
+	// etcdMigrateBatch is how many of those moves one transaction holds:
+	// 3 compares each stay within MaxTxnOps.
+	etcdMigrateBatch = MaxTxnOps / 3
 	// etcdRetryDelay is how long the watch waits before reconnecting.
 	etcdRetryDelay = 200 * time.Millisecond
 	// etcdCheckInterval is how often an instance asks etcd whether it is
@@ -215,10 +244,37 @@ type etcdSeen struct {
 const maxPort = 65535
 
 func KeyName(key string) string      { return "key/" + url.PathEscape(key) }
-func PortName(port int) string       { return fmt.Sprintf("port/%05d", port) }
 func UserName(user string) string    { return "user/" + url.PathEscape(user) }
 func etcdSeenName(key string) string { return "seen/" + url.PathEscape(key) }
-func etcdFreedName(port int) string  { return fmt.Sprintf("freed/%05d", port) }
+
+// PortName is the name of the record that says which key holds slot. tcp
+// keeps the names of the versions before udp had a space of its own, so
+// their data loads unchanged.
+func PortName(slot store.Slot) string { return "port/" + slotName(slot) }
+
+// freedName is the name of the record that says since when slot is free.
+func freedName(slot store.Slot) string { return "freed/" + slotName(slot) }
+
+func slotName(slot store.Slot) string {
+	if slot.Space == store.UDP {
+		return fmt.Sprintf("udp/%05d", slot.Port)
+	}
+	return fmt.Sprintf("%05d", slot.Port)
+}
+
+// parseSlot reads what follows port/ or freed/ in a record's name.
+func parseSlot(rest string) (store.Slot, bool) {
+	slot := store.Slot{Space: store.TCP}
+	if num, ok := strings.CutPrefix(rest, "udp/"); ok {
+		slot.Space, rest = store.UDP, num
+	}
+	port, err := strconv.Atoi(rest)
+	if err != nil || port < 1 || port > maxPort {
+		return store.Slot{}, false
+	}
+	slot.Port = port
+	return slot, true
+}
 
 // Open connects to etcd and checks that it answers within
 // o.timeout, so a wrong endpoint or certificate stops the start with one
@@ -411,7 +467,7 @@ func (s *Store) Close() error { return s.cli.Close() }
 
 // ReleaseDamaged: etcd's records are written whole or not at all, so none
 // is ever found damaged.
-func (s *Store) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
+func (s *Store) ReleaseDamaged(context.Context, store.Slot) error { return store.ErrNotHeldBack }
 
 // OnRestore sets what hears of every finished write-back; call it before
 // watch.
@@ -511,7 +567,7 @@ func (s *Store) heldLocked() []store.Record {
 			continue
 		}
 		if r, _, ok := s.recordLocked(key); ok && store.ValidRecord(r) {
-			if h, _ := s.holderLocked(r.Port); h == key {
+			if _, _, own := s.ownPortLocked(r); own {
 				held = append(held, r)
 			}
 		}
@@ -584,13 +640,66 @@ func (s *Store) recordLocked(key string) (store.Record, etcdEntry, bool) {
 	return r, e, true
 }
 
-// holderLocked is the key the port record names ("" when none).
-func (s *Store) holderLocked(port int) (string, etcdEntry) {
-	e := s.mem[PortName(port)]
+// holderLocked is the key slot's port record names ("" when none).
+func (s *Store) holderLocked(slot store.Slot) (string, etcdEntry) {
+	e := s.mem[PortName(slot)]
 	if e.modRev == 0 {
 		return "", e
 	}
 	return string(e.value), e
+}
+
+// legacyLocked is the key that holds port/udp by a port record of an
+// earlier version (see "Earlier versions" above): port/N naming a key whose
+// record is udp on N; "" when none.
+func (s *Store) legacyLocked(port int) (string, etcdEntry) {
+	h, e := s.holderLocked(store.TCPPort(port))
+	if h == "" {
+		return "", e
+	}
+	if r, _, ok := s.recordLocked(h); ok && r.Slot() == store.UDPPort(port) {
+		return h, e
+	}
+	return "", e
+}
+
+// slotHolderLocked is the key that holds slot, by its port record or, for
+// udp while no such record is there, by one of an earlier version.
+func (s *Store) slotHolderLocked(slot store.Slot) string {
+	h, _ := s.holderLocked(slot)
+	if h == "" && slot.Space == store.UDP {
+		h, _ = s.legacyLocked(slot.Port)
+	}
+	return h
+}
+
+// ownPortLocked is the name and entry of the port record by which r's key
+// holds r's slot, if it does: the slot's own, or for udp one of an earlier
+// version while the slot's own is absent.
+func (s *Store) ownPortLocked(r store.Record) (string, etcdEntry, bool) {
+	h, e := s.holderLocked(r.Slot())
+	if h == r.Key {
+		return PortName(r.Slot()), e, true
+	}
+	if h == "" && r.Space() == store.UDP {
+		if l, le := s.legacyLocked(r.Port); l == r.Key {
+			return PortName(store.TCPPort(r.Port)), le, true
+		}
+	}
+	return "", e, false
+}
+
+// knowsSlotLocked says whether memory has seen slot's port record. One of
+// an earlier version that memory never saw is taken to be absent: only an
+// instance of an earlier version writes one after load migrated them all.
+func (s *Store) knowsSlotLocked(slot store.Slot) bool {
+	return s.mem[PortName(slot)].asOf != 0
+}
+
+// portNames are the names of every port record that may hold port, in
+// either space.
+func portNames(port int) []string {
+	return []string{PortName(store.TCPPort(port)), PortName(store.UDPPort(port))}
 }
 
 // countLocked is the user's key count as the store last saw it.
@@ -737,17 +846,21 @@ const (
 
 // names used in reads: the records a claim or release depends on.
 func (s *Store) claimNames(c store.Claim) []string {
-	set := map[string]bool{
-		KeyName(c.Want.Key): true, PortName(c.Want.Port): true,
-		UserName(c.Want.User): true,
-	}
+	set := map[string]bool{KeyName(c.Want.Key): true, UserName(c.Want.User): true}
+	// Both spaces' port records of the number: a record of an earlier
+	// version under the tcp name may hold it for udp.
 	s.mu.Lock()
-	if h, _ := s.holderLocked(c.Want.Port); h != "" {
-		set[KeyName(h)] = true
+	for _, space := range store.Spaces {
+		set[PortName(store.Slot{Space: space, Port: c.Want.Port})] = true
+		if h, _ := s.holderLocked(store.Slot{Space: space, Port: c.Want.Port}); h != "" {
+			set[KeyName(h)] = true
+		}
 	}
 	s.mu.Unlock()
 	if c.Old != nil {
-		set[PortName(c.Old.Port)] = true
+		for _, n := range portNames(c.Old.Port) {
+			set[n] = true
+		}
 		set[UserName(c.Old.User)] = true
 	}
 	if c.Victim != nil {
@@ -786,7 +899,7 @@ func (s *Store) Claim(ctx context.Context, c store.Claim) ([]store.Change, error
 			if c.Victim != nil {
 				keys, believed[c.Victim.Key] = append(keys, c.Victim.Key), true
 			}
-			return s.conflictLocked(keys, believed, []int{c.Want.Port})
+			return s.conflictLocked(keys, believed, c.Want.Slot())
 		})
 }
 
@@ -805,11 +918,11 @@ func (s *Store) Release(ctx context.Context, r store.Record, at time.Time) ([]st
 	defer leave()
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	names := []string{KeyName(r.Key), PortName(r.Port), UserName(r.User)}
+	names := append([]string{KeyName(r.Key), UserName(r.User)}, portNames(r.Port)...)
 	defer s.lockUsers(r.User)()
 	return s.write(ctx, names, func() (etcdPlan, etcdVerdict) { return s.planRelease(r, at) },
 		func() *store.ConflictError {
-			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, []int{r.Port})
+			return s.conflictLocked([]string{r.Key}, map[string]bool{r.Key: true}, r.Slot())
 		})
 }
 
@@ -865,8 +978,8 @@ func checkEtcdClaim(c store.Claim) error {
 		return fmt.Errorf("claim: invalid record for %q port %d", c.Want.Key, c.Want.Port)
 	case c.Old != nil && c.Old.Key != c.Want.Key:
 		return fmt.Errorf("claim: old record is of %q, not %q", c.Old.Key, c.Want.Key)
-	case c.Victim != nil && (c.Victim.Port != c.Want.Port || c.Victim.Key == c.Want.Key):
-		return fmt.Errorf("claim: victim %q on port %d cannot make way for %q on port %d", c.Victim.Key, c.Victim.Port, c.Want.Key, c.Want.Port)
+	case c.Victim != nil && (c.Victim.Slot() != c.Want.Slot() || c.Victim.Key == c.Want.Key):
+		return fmt.Errorf("claim: victim %q on port %s cannot make way for %q on port %s", c.Victim.Key, c.Victim.Slot(), c.Want.Key, c.Want.Slot())
 	}
 	return nil
 }
@@ -896,8 +1009,12 @@ func (s *Store) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p etcdPlan
-	key, port := s.prefix+KeyName(c.Want.Key), s.prefix+PortName(c.Want.Port)
+	slot := c.Want.Slot()
+	key, port := s.prefix+KeyName(c.Want.Key), s.prefix+PortName(slot)
 	delta := map[string]int{}
+	// reads are what a lost transaction reads, for the retry or the
+	// conflict: what it depended on.
+	reads := []string{key, port}
 
 	// The key's record is still what the caller saw.
 	cur, ke, exists := s.recordLocked(c.Want.Key)
@@ -913,23 +1030,65 @@ func (s *Store) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 		delta[c.Want.User]++
 	}
 
-	// The port is free, or held by the key itself or by the victim.
-	holder, pe := s.holderLocked(c.Want.Port)
+	// The slot is free, or held by the key itself or by the victim. Either
+	// may hold a udp slot by a record of an earlier version, under the tcp
+	// name: it goes, as want's record takes the slot's own name.
+	holder, pe := s.holderLocked(slot)
+	if holder != "" && holder != c.Want.Key {
+		reads = append(reads, s.prefix+KeyName(holder))
+	}
+	retire := func(name string, e etcdEntry) {
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", e.modRev))
+		if name != PortName(slot) {
+			p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
+			p.then = append(p.then, clientv3.OpDelete(s.prefix+name))
+			reads = append(reads, s.prefix+name)
+		}
+	}
+	var ownName string
+	var own etcdEntry
+	holdsIt := false
+	if c.Old != nil && c.Old.Slot() == slot {
+		ownName, own, holdsIt = s.ownPortLocked(*c.Old)
+	}
+	legacy, _ := s.legacyLocked(c.Want.Port)
 	switch {
 	case c.Victim != nil:
 		v, ve, ok := s.recordLocked(c.Victim.Key)
-		if holder != c.Victim.Key || !ok || !store.SameRecord(v, *c.Victim) {
+		if !ok || !store.SameRecord(v, *c.Victim) {
 			return p, etcdStale
 		}
-		p.cmps = append(p.cmps,
-			clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev),
-			clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(v.Key)), "=", ve.modRev))
+		name, e, held := s.ownPortLocked(v)
+		if !held {
+			return p, etcdStale
+		}
+		retire(name, e)
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(v.Key)), "=", ve.modRev))
 		p.then = append(p.then, clientv3.OpDelete(s.prefix+KeyName(v.Key)), clientv3.OpDelete(s.prefix+etcdSeenName(v.Key)))
+		reads = append(reads, s.prefix+KeyName(v.Key))
 		delta[v.User]--
-	case holder == "":
-		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
-	case holder == c.Want.Key && c.Old != nil && c.Old.Port == c.Want.Port:
+	case holdsIt:
+		retire(ownName, own)
+	case slot.Space == store.TCP && legacy != "" && legacy == holder:
+		// port/N is a udp port record of an earlier version (an instance
+		// of one still running wrote it since this one loaded). The key
+		// moving off it overwrites it; another key's is moved to its own
+		// name first, in this transaction, so neither space loses a
+		// holder. ModRevisions compared: whoever changed either first wins.
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
+		if legacy != c.Want.Key {
+			_, lke, _ := s.recordLocked(legacy)
+			udp := store.UDPPort(c.Want.Port)
+			uh, ue := s.holderLocked(udp)
+			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(legacy)), "=", lke.modRev),
+				clientv3.Compare(clientv3.ModRevision(s.prefix+PortName(udp)), "=", ue.modRev))
+			if uh == "" {
+				p.then = append(p.then, clientv3.OpPut(s.prefix+PortName(udp), legacy))
+			}
+			reads = append(reads, s.prefix+PortName(udp))
+		}
+	case holder == "" && (slot.Space == store.TCP || legacy == ""):
+		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
 	default:
 		return p, etcdStale
 	}
@@ -947,32 +1106,30 @@ func (s *Store) planClaim(c store.Claim) (etcdPlan, etcdVerdict) {
 		panic(err) // a record always marshals
 	}
 	p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, c.Want.Key),
-		clientv3.OpDelete(s.prefix+etcdFreedName(c.Want.Port)))
-	moved := c.Old != nil && c.Old.Port != c.Want.Port
+		clientv3.OpDelete(s.prefix+freedName(slot)))
+	moved := c.Old != nil && c.Old.Slot() != slot
 	if moved {
-		// The old port's record goes only if it is still the key's (which
-		// needs a read if the store never saw it).
-		h, oe := s.holderLocked(c.Old.Port)
-		if oe.asOf == 0 {
+		// The old slot's record goes only if it is still the key's (which
+		// needs a read if the store never saw it), unless want's put
+		// overwrites it (a udp record of an earlier version under the tcp
+		// name, and the key moving to tcp on the same number).
+		if !s.knowsSlotLocked(c.Old.Slot()) {
 			return p, etcdStale
 		}
-		if h == c.Want.Key {
-			oldPort := s.prefix + PortName(c.Old.Port)
-			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(oldPort), "=", oe.modRev))
-			p.then = append(p.then, clientv3.OpDelete(oldPort))
+		if name, oe, held := s.ownPortLocked(*c.Old); held && name != PortName(slot) {
+			p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", oe.modRev))
+			p.then = append(p.then, clientv3.OpDelete(s.prefix+name))
+			reads = append(reads, s.prefix+name)
 		}
-		p.then = append(p.then, clientv3.OpPut(s.prefix+etcdFreedName(c.Old.Port), c.At.UTC().Format(time.RFC3339Nano)))
+		for _, n := range portNames(c.Old.Port) {
+			reads = append(reads, s.prefix+n)
+		}
+		p.then = append(p.then, clientv3.OpPut(s.prefix+freedName(c.Old.Slot()), c.At.UTC().Format(time.RFC3339Nano)))
 	}
 	s.countOpsLocked(&p, delta)
-
-	// A lost transaction reads what it depended on, for the retry or the
-	// conflict.
-	p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
-	if holder != "" && holder != c.Want.Key {
-		p.els = append(p.els, clientv3.OpGet(s.prefix+KeyName(holder)))
-	}
-	if moved {
-		p.els = append(p.els, clientv3.OpGet(s.prefix+PortName(c.Old.Port)))
+	slices.Sort(reads)
+	for _, name := range slices.Compact(reads) {
+		p.els = append(p.els, clientv3.OpGet(name))
 	}
 
 	want, victim, at := c.Want, c.Victim, c.At
@@ -1003,15 +1160,14 @@ func (s *Store) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVerdict
 	p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(key), "=", ke.modRev))
 	p.then = append(p.then, clientv3.OpDelete(key), clientv3.OpDelete(s.prefix+etcdSeenName(r.Key)))
 	p.els = append(p.els, clientv3.OpGet(key))
-	h, pe := s.holderLocked(r.Port)
-	if pe.asOf == 0 {
+	if !s.knowsSlotLocked(r.Slot()) {
 		return p, etcdStale // never seen: read it first
 	}
-	if h == r.Key {
-		port := s.prefix + PortName(r.Port)
+	if name, pe, held := s.ownPortLocked(r); held {
+		port := s.prefix + name
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.ModRevision(port), "=", pe.modRev))
 		p.then = append(p.then, clientv3.OpDelete(port),
-			clientv3.OpPut(s.prefix+etcdFreedName(r.Port), at.UTC().Format(time.RFC3339Nano)))
+			clientv3.OpPut(s.prefix+freedName(r.Slot()), at.UTC().Format(time.RFC3339Nano)))
 		p.els = append(p.els, clientv3.OpGet(port))
 	}
 	s.countOpsLocked(&p, map[string]int{r.User: -1})
@@ -1023,9 +1179,9 @@ func (s *Store) planRelease(r store.Record, at time.Time) (etcdPlan, etcdVerdict
 }
 
 // conflictLocked describes what the store holds now of keys and of the
-// holders of ports, as changes. A key that is gone is reported as a delete
+// holder of slot, as changes. A key that is gone is reported as a delete
 // when the caller believed it existed.
-func (s *Store) conflictLocked(keys []string, believed map[string]bool, ports []int) *store.ConflictError {
+func (s *Store) conflictLocked(keys []string, believed map[string]bool, slot store.Slot) *store.ConflictError {
 	cerr := &store.ConflictError{}
 	seen := map[string]bool{}
 	for _, k := range keys {
@@ -1039,14 +1195,10 @@ func (s *Store) conflictLocked(keys []string, believed map[string]bool, ports []
 			cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangeDelete, Rev: e.asOf, Key: k, At: time.Now()})
 		}
 	}
-	for _, port := range ports {
-		h, _ := s.holderLocked(port)
-		if h == "" || seen[h] {
-			continue
-		}
-		seen[h] = true
+	if h := s.slotHolderLocked(slot); h != "" && !seen[h] {
 		// Filled in by completeConflict, from a read.
-		cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangePut, Key: h, Rec: store.Record{Key: h, Port: port}})
+		cerr.Current = append(cerr.Current, store.Change{Kind: store.ChangePut, Key: h,
+			Rec: store.Record{Key: h, Port: slot.Port, ProxyType: string(slot.Space)}})
 	}
 	return cerr
 }
@@ -1119,24 +1271,37 @@ func (s *Store) Touch(ctx context.Context, marks []store.SeenMark) error {
 // ---------------------------------------------------------------------------
 // Reads.
 
-// Load reads the whole prefix at one revision, in pages.
+// Load reads the whole prefix at one revision, in pages. It reads again
+// when moving a port record of an earlier version lost to another writer
+// (another instance moving it too, at the start of an upgraded fleet), so
+// it serves what that writer left.
 func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
+	for attempt := 1; ; attempt++ {
+		snap, again, err := s.load(ctx, attempt < etcdLoadAttempts)
+		if err != nil || !again {
+			return snap, err
+		}
+	}
+}
+
+// load is one attempt of Load; again: a migration lost, and mayRetry.
+func (s *Store) load(ctx context.Context, mayRetry bool) (snap store.Snapshot, again bool, err error) {
 	f := s.floor()
 	kvs, header, err := s.readAll(ctx)
 	if err != nil {
-		return store.Snapshot{}, s.unreachable("read from", err)
+		return store.Snapshot{}, false, s.unreachable("read from", err)
 	}
 	if !s.sameEtcd(f, header) {
-		return store.Snapshot{}, cmp.Or(s.refusal(), errEtcdChanged)
+		return store.Snapshot{}, false, cmp.Or(s.refusal(), errEtcdChanged)
 	}
 	rev := header.Revision
-	snap := store.Snapshot{Rev: rev, LastSeen: map[string]time.Time{}, Online: map[string]bool{}, Freed: map[int]time.Time{}, From: "etcd"}
+	snap = store.Snapshot{Rev: rev, LastSeen: map[string]time.Time{}, Online: map[string]bool{}, Freed: map[store.Slot]time.Time{}, From: "etcd"}
 	keys := map[string]store.Record{}
 	keyRevs := map[string]int64{} // ModRevision of each valid key record
-	holders := map[int]string{}
-	portRevs := map[int]int64{}
+	holders := map[store.Slot]string{}
+	portRevs := map[store.Slot]int64{}
 	counts := map[string]int{}
 	stored := map[string]*mvccpb.KeyValue{} // user/ records
 	for _, kv := range kvs {
@@ -1153,12 +1318,12 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 			keys[k], keyRevs[k] = r, kv.ModRevision
 			counts[r.User]++
 		case "port":
-			port, err := strconv.Atoi(rest)
-			if err != nil || port < 1 || port > maxPort {
+			slot, ok := parseSlot(rest)
+			if !ok {
 				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a port; ignored", name))
 				continue
 			}
-			holders[port], portRevs[port] = string(kv.Value), kv.ModRevision
+			holders[slot], portRevs[slot] = string(kv.Value), kv.ModRevision
 		case "user":
 			stored[rest] = kv
 		case "seen":
@@ -1171,36 +1336,106 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 			snap.LastSeen[k] = seen.LastSeen
 			snap.Online[k] = seen.Online
 		case "freed":
-			port, err1 := strconv.Atoi(rest)
-			at, err2 := time.Parse(time.RFC3339Nano, string(kv.Value))
-			if err1 != nil || err2 != nil {
+			slot, ok := parseSlot(rest)
+			at, err := time.Parse(time.RFC3339Nano, string(kv.Value))
+			if !ok || err != nil {
 				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: not a valid freed-port record; ignored", name))
 				continue
 			}
-			snap.Freed[port] = at
+			snap.Freed[slot] = at
 		}
 	}
 	s.mu.Lock()
 	s.learnSnapshotLocked(kvs, rev)
 	s.mu.Unlock()
+	slots := slices.SortedFunc(maps.Keys(holders), func(a, b store.Slot) int {
+		return cmp.Or(cmp.Compare(a.Space, b.Space), cmp.Compare(a.Port, b.Port))
+	})
+
+	// A port/N that names a key whose record is udp on N is that key's
+	// port record as an earlier version wrote it (see "Earlier versions"
+	// above): it moves to port/udp/N, in batches, each a transaction that
+	// does nothing if any of its records changed since. A batch that lost
+	// leaves the rest going on; load then reads what the winner left.
+	type move struct {
+		slot store.Slot
+		key  string
+		cmps []clientv3.Cmp
+		ops  []clientv3.Op
+	}
+	var moves []move
+	for _, slot := range slots {
+		k := holders[slot]
+		udp := store.UDPPort(slot.Port)
+		if r, ok := keys[k]; slot.Space != store.TCP || !ok || r.Slot() != udp {
+			continue
+		}
+		name, udpName := s.prefix+PortName(slot), s.prefix+PortName(udp)
+		m := move{slot: slot, key: k, ops: []clientv3.Op{clientv3.OpDelete(name)}, cmps: []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(name), "=", portRevs[slot]),
+			clientv3.Compare(clientv3.ModRevision(udpName), "=", portRevs[udp]),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(k)), "=", keyRevs[k]),
+		}}
+		switch holders[udp] {
+		case "":
+			m.ops = append(m.ops, clientv3.OpPut(udpName, k))
+		case k:
+		default:
+			// Another key's record holds the slot: this one names a key
+			// that holds nothing, and goes below.
+			continue
+		}
+		moves = append(moves, m)
+	}
+	var migrated int
+	lost := false
+	for batch := range slices.Chunk(moves, etcdMigrateBatch) {
+		var cmps []clientv3.Cmp
+		var ops []clientv3.Op
+		for _, m := range batch {
+			cmps, ops = append(cmps, m.cmps...), append(ops, m.ops...)
+		}
+		ok, err := s.repair(ctx, cmps, ops...)
+		switch {
+		case ok:
+			for _, m := range batch {
+				delete(holders, m.slot)
+				holders[store.UDPPort(m.slot.Port)] = m.key
+			}
+			migrated += len(batch)
+		case err == nil && mayRetry:
+			lost = true
+		default:
+			for _, m := range batch {
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the port record of %q (udp) as an earlier version wrote it; not moved to %s (%v)",
+					PortName(m.slot), m.key, PortName(store.UDPPort(m.slot.Port)), cmp.Or(err, errChanged)))
+			}
+		}
+	}
+	if lost {
+		return store.Snapshot{}, true, nil
+	}
+	if migrated > 0 {
+		snap.Problems = append(snap.Problems, fmt.Sprintf("port/: moved %d udp port records as earlier versions wrote them to port/udp/", migrated))
+	}
 
 	// Every write keeps a key record and its port record together, so a
 	// record without its twin was made by hand. A port record that names
-	// a key which does not hold that port goes; a key record whose port
-	// has no record gets it back while the port is free. Each repair is a
+	// a key which does not hold that slot goes; a key record whose slot
+	// has no record gets it back while the slot is free. Each repair is a
 	// transaction that does nothing if either record changed since.
-	for _, port := range slices.Sorted(maps.Keys(holders)) {
-		k := holders[port]
-		if r, ok := keys[k]; ok && r.Port == port {
+	for _, slot := range slots {
+		k, held := holders[slot]
+		if r, ok := keys[k]; !held || ok && r.Slot() == slot {
 			continue
 		}
-		name := PortName(port)
+		name := PortName(slot)
 		ok, err := s.repair(ctx, []clientv3.Cmp{
-			clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", portRevs[port]),
+			clientv3.Compare(clientv3.ModRevision(s.prefix+name), "=", portRevs[slot]),
 			clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(k)), "=", keyRevs[k]),
 		}, clientv3.OpDelete(s.prefix+name))
 		if ok {
-			delete(holders, port)
+			delete(holders, slot)
 			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: named %q, which does not hold it; removed", name, k))
 		} else {
 			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: names %q, which does not hold it; not removed (%v): the port stays reserved", name, k, cmp.Or(err, errChanged)))
@@ -1210,35 +1445,35 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 		return cmp.Or(a.AssignedAt.Compare(b.AssignedAt), cmp.Compare(a.Key, b.Key))
 	})
 	for _, r := range byAssigned {
-		switch holders[r.Port] {
+		switch holders[r.Slot()] {
 		case r.Key:
 		case "":
-			name := PortName(r.Port)
+			name := PortName(r.Slot())
 			ok, err := s.repair(ctx, []clientv3.Cmp{
 				clientv3.Compare(clientv3.CreateRevision(s.prefix+name), "=", 0),
 				clientv3.Compare(clientv3.ModRevision(s.prefix+KeyName(r.Key)), "=", keyRevs[r.Key]),
 			}, clientv3.OpPut(s.prefix+name, r.Key))
 			if !ok {
-				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d has no record; not rebuilt (%v); ignored", KeyName(r.Key), r.Port, cmp.Or(err, errChanged)))
+				snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %s has no record; not rebuilt (%v); ignored", KeyName(r.Key), r.Slot(), cmp.Or(err, errChanged)))
 				continue
 			}
-			holders[r.Port] = r.Key
-			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the record of port %d was missing; rebuilt", KeyName(r.Key), r.Port))
+			holders[r.Slot()] = r.Key
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: the record of port %s was missing; rebuilt", KeyName(r.Key), r.Slot()))
 		default:
-			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %d belongs to %q; ignored", KeyName(r.Key), r.Port, holders[r.Port]))
+			snap.Problems = append(snap.Problems, fmt.Sprintf("%s: port %s belongs to %q; ignored", KeyName(r.Key), r.Slot(), holders[r.Slot()]))
 			continue
 		}
 		snap.Allocations = append(snap.Allocations, r)
-		delete(snap.Freed, r.Port)
+		delete(snap.Freed, r.Slot())
 	}
 	for k := range snap.LastSeen {
-		if holders[keys[k].Port] != k {
+		if r, ok := keys[k]; !ok || holders[r.Slot()] != k {
 			delete(snap.LastSeen, k)
 			delete(snap.Online, k)
 		}
 	}
 	snap.Problems = append(snap.Problems, s.repairCounts(ctx, rev, counts, stored)...)
-	return snap, nil
+	return snap, false, nil
 }
 
 // errChanged says a repair found its records changed since they were read.
@@ -1517,18 +1752,18 @@ func (s *Store) writeBack(ctx context.Context) (store.RestoreReport, []string, s
 		s.mu.Lock()
 		for _, r := range pending {
 			cur, _, has := s.recordLocked(r.Key)
-			holder, _ := s.holderLocked(r.Port)
+			holder := s.slotHolderLocked(r.Slot())
 			switch {
-			case has && cur.Port == r.Port && holder == r.Key:
+			case has && cur.Slot() == r.Slot() && holder == r.Key:
 				if !restored[r.Key] {
 					report.Present++
 				}
-			case has && cur.Port != r.Port:
+			case has && cur.Slot() != r.Slot():
 				report.Lost++
-				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, etcd now has it on %d", r.Key, r.Port, cur.Port))
+				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %s, etcd now has it on %s", r.Key, r.Slot(), cur.Slot()))
 			case has || holder != "":
 				report.Lost++
-				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %d, which etcd now gives %q", r.Key, r.Port, holder))
+				lostKeys = append(lostKeys, fmt.Sprintf("%s: port %s, which etcd now gives %q", r.Key, r.Slot(), holder))
 			default:
 				todo = append(todo, r)
 			}
@@ -1576,7 +1811,7 @@ func (s *Store) planRestore(batch []store.Record) etcdPlan {
 	var p etcdPlan
 	delta := map[string]int{}
 	for _, r := range batch {
-		key, port := s.prefix+KeyName(r.Key), s.prefix+PortName(r.Port)
+		key, port := s.prefix+KeyName(r.Key), s.prefix+PortName(r.Slot())
 		value, err := json.Marshal(r)
 		if err != nil {
 			panic(err) // a record always marshals
@@ -1584,7 +1819,7 @@ func (s *Store) planRestore(batch []store.Record) etcdPlan {
 		p.cmps = append(p.cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
 			clientv3.Compare(clientv3.CreateRevision(port), "=", 0))
 		p.then = append(p.then, clientv3.OpPut(key, string(value)), clientv3.OpPut(port, r.Key),
-			clientv3.OpDelete(s.prefix+etcdFreedName(r.Port)))
+			clientv3.OpDelete(s.prefix+freedName(r.Slot())))
 		p.els = append(p.els, clientv3.OpGet(key), clientv3.OpGet(port))
 		delta[r.User]++
 	}
@@ -1608,7 +1843,7 @@ func (s *Store) deliver(events []*clientv3.Event, next int64, apply func(store.C
 			continue
 		}
 		next = rev + 1
-		freed := map[int]time.Time{}
+		freed := map[store.Slot]time.Time{}
 		s.mu.Lock()
 		for _, ev := range group {
 			name := strings.TrimPrefix(string(ev.Kv.Key), s.prefix)
@@ -1618,10 +1853,10 @@ func (s *Store) deliver(events []*clientv3.Event, next int64, apply func(store.C
 			}
 			s.learnLocked(name, ev.Kv.Value, rev, rev)
 			if rest, ok := strings.CutPrefix(name, "freed/"); ok {
-				port, err1 := strconv.Atoi(rest)
-				at, err2 := time.Parse(time.RFC3339Nano, string(ev.Kv.Value))
-				if err1 == nil && err2 == nil {
-					freed[port] = at
+				slot, ok := parseSlot(rest)
+				at, err := time.Parse(time.RFC3339Nano, string(ev.Kv.Value))
+				if ok && err == nil {
+					freed[slot] = at
 				}
 			}
 		}
@@ -1631,7 +1866,7 @@ func (s *Store) deliver(events []*clientv3.Event, next int64, apply func(store.C
 			if prev == nil || json.Unmarshal(prev.Value, &old) != nil {
 				return time.Time{}, false
 			}
-			at, ok := freed[old.Port]
+			at, ok := freed[old.Slot()]
 			return at, ok
 		}
 		var deletes, puts, seens []store.Change

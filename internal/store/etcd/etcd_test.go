@@ -489,9 +489,9 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	edits := []clientv3.Op{
 		clientv3.OpPut(prefix+UserName("u"), "7"),         // wrong count
 		clientv3.OpPut(prefix+UserName("nobody"), "3"),    // a count without keys
-		clientv3.OpDelete(prefix + PortName(b.Port)),      // b's port record lost
+		clientv3.OpDelete(prefix + PortName(b.Slot())),    // b's port record lost
 		clientv3.OpPut(prefix+KeyName("junk"), "{broken"), // not a record
-		clientv3.OpPut(prefix+PortName(27009), "ghost.web"),
+		clientv3.OpPut(prefix+PortName(store.TCPPort(27009)), "ghost.web"),
 		clientv3.OpPut(prefix+KeyName(c.Key), string(cJSON)), // on a's port
 	}
 	if _, err := raw.Txn(ctx).Then(edits...).Commit(); err != nil {
@@ -502,8 +502,8 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 	want := []string{
 		`key/junk: not a valid allocation; ignored`,
 		`port/27009: named "ghost.web", which does not hold it; removed`,
-		`key/b.web: the record of port 27002 was missing; rebuilt`,
-		`key/c.web: port 27001 belongs to "a.web"; ignored`,
+		`key/b.web: the record of port 27002/tcp was missing; rebuilt`,
+		`key/c.web: port 27001/tcp belongs to "a.web"; ignored`,
 		`user/u: counted 7 keys but 2 exist; corrected`,
 		`user/nobody: counted 3 keys but 0 exist; corrected`,
 		`user/v: counted 0 keys but 1 exist; corrected`,
@@ -514,7 +514,7 @@ func TestEtcdStoreLoadRepairsHandEdits(t *testing.T) {
 		t.Fatalf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 	for name, want := range map[string]string{
-		PortName(b.Port): b.Key, PortName(27009): "",
+		PortName(b.Slot()): b.Key, PortName(store.TCPPort(27009)): "",
 		UserName("u"): "2", UserName("nobody"): "", UserName("v"): "1",
 	} {
 		if got := testenv.EtcdGet(t, raw, prefix+name); got != want {

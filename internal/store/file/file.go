@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -34,9 +33,12 @@ import (
 // directory removed or replaced while the server runs is never written to.
 //
 // What is on disk after each step of each write, and what a start makes of
-// it (resolve in store.go is the rule). Nothing is acknowledged before the
+// it (local.Resolve is the rule). Nothing is acknowledged before the
 // step marked "ack" is on stable storage; a power cut may leave any record
-// written without an fsync empty or missing, which the rule allows for:
+// written without an fsync empty or missing, which the rule allows for. P
+// and Q are slots: port-P is port-06001 for 6001/tcp, port-udp-06001 for
+// 6001/udp (freed-P likewise), so a move between spaces is a move like
+// any other:
 //
 //	new key K on P:  1 port-P{K}, key-K.tmp{P}       -> unfinished: port-P dropped, P free (left empty: P held back)
 //	                 2 fsync both                      -> as 1
@@ -57,6 +59,10 @@ import (
 // port has been free or when a key was last seen, never an allocation. A step that fails leaves the state of the step
 // before it (a failed directory fsync puts the old key records back), and
 // leftovers of later steps are deleted at the next write or start.
+//
+// Versions with one port space named a udp record's port record port-P
+// too; a start that reads the records moves each to its udp name (see
+// Load).
 //
 // Writes are committed in batches (group commit): while one batch waits
 // for the disk, the writes that arrive queue up, and the next batch makes
@@ -198,9 +204,6 @@ func (s *Store) Crash() {
 	s.unlock()
 }
 
-// maxPort is the highest port number.
-const maxPort = 65535
-
 func RecordFile(name string) string { return url.PathEscape(name) + ".json" }
 
 func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
@@ -221,7 +224,6 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	damaged := len(readProblems)
 	problems = append(problems, readProblems...)
 	res := local.Resolve(raw)
-	problems = append(problems, res.Problems...)
 	// Repairs make the records say what resolve decided; the decision
 	// stands whether or not they can be written.
 	var failed []string
@@ -230,19 +232,27 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 			failed = append(failed, fmt.Sprintf("could not %s: %v", what, err))
 		}
 	}
-	for port, why := range raw.DamagedPorts {
-		if _, held := res.HeldBack[port]; !held { // its key record says whose it is: rewritten below
-			note("quarantine "+local.PortName(port), s.quarantine(RecordFile(local.PortName(port)), why))
+	for slot, why := range raw.DamagedPorts {
+		if _, held := res.HeldBack[slot]; !held { // its key record says whose it is: rewritten below
+			note("quarantine "+local.PortName(slot), s.quarantine(RecordFile(local.PortName(slot)), why))
 		}
 	}
+	unwritten := map[store.Slot]bool{}
 	for _, r := range res.Rewrite {
-		note("rewrite "+local.PortName(r.Port), s.writeRecord(local.PortName(r.Port), r))
+		err := s.writeRecord(local.PortName(r.Slot()), r)
+		note("rewrite "+local.PortName(r.Slot()), err)
+		unwritten[r.Slot()] = err != nil
 	}
 	for _, r := range res.RewriteKeys {
 		note("rebuild "+local.KeyName(r.Key), s.commitRecord(local.KeyName(r.Key), r))
 	}
-	for _, port := range res.Drop {
-		note("delete "+local.PortName(port), s.ops.Remove(RecordFile(local.PortName(port))))
+	for _, slot := range res.Drop {
+		note("delete "+local.PortName(slot), s.ops.Remove(RecordFile(local.PortName(slot))))
+	}
+	for _, port := range res.Legacy {
+		if !unwritten[store.UDPPort(port)] { // else it is still the udp slot's only port record
+			note("remove "+local.PortName(store.TCPPort(port)), s.removeLegacy(port))
+		}
 	}
 	for _, key := range res.SetAside {
 		note("set aside "+local.KeyName(key), s.quarantine(RecordFile(local.KeyName(key)), "in conflict with another record"))
@@ -260,6 +270,28 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	snap.Damaged = damaged
 	s.idx, s.loaded = local.NewIndex(snap), true
 	return snap, nil
+}
+
+// removeLegacy removes the udp record under port's tcp name once its copy
+// under the udp name is on stable storage (with a damaged key record it may
+// be the only word on whose the slot is), and only while it still holds the
+// udp record: a rewrite of the tcp slot may have put its record there.
+func (s *Store) removeLegacy(port int) error {
+	if err := s.ops.SyncFile(RecordFile(local.PortName(store.UDPPort(port)))); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	file := RecordFile(local.PortName(store.TCPPort(port)))
+	data, err := s.root.ReadFile(file)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	var r store.Record
+	if json.Unmarshal(data, &r) != nil || r.Slot() != store.UDPPort(port) {
+		return nil
+	}
+	return s.ops.Remove(file)
 }
 
 // writable says why the directory cannot take writes, if it cannot.
@@ -322,16 +354,16 @@ func (s *Store) readRecords() (local.RawRecords, []string, error) {
 			switch {
 			case strings.HasPrefix(r.name, local.KeyPrefix):
 				raw.DamagedKeys[r.name] = true
-			case r.port > 0 && strings.HasPrefix(r.name, local.PortPrefix):
-				// Left in place: it holds the port back, at this start
+			case r.slot.Port > 0 && strings.HasPrefix(r.name, local.PortPrefix):
+				// Left in place: it holds its slot back, at this start
 				// and the next, until resolve finds its owner or an
 				// operator releases it.
-				raw.DamagedPorts[r.port] = r.problem
+				raw.DamagedPorts[r.slot] = r.problem
 				continue
-			case r.port > 0 && strings.HasPrefix(r.name, local.FreedPrefix):
+			case r.slot.Port > 0 && strings.HasPrefix(r.name, local.FreedPrefix):
 				// Freed, since when is lost: as of now, so it is
 				// reused last rather than first.
-				raw.Freed[r.port] = loadedAt
+				raw.Freed[r.slot] = loadedAt
 			}
 			if err := s.quarantine(r.file, r.problem); err != nil {
 				problems = append(problems, fmt.Sprintf("could not quarantine %s: %v", r.file, err))
@@ -339,14 +371,19 @@ func (s *Store) readRecords() (local.RawRecords, []string, error) {
 			continue
 		}
 		switch {
+		case r.slot.Port == 0: // not a record of ours, or no record at all
+		case r.legacy:
+			raw.LegacyUDP[r.slot.Port] = r.rec
 		case strings.HasPrefix(r.name, local.PortPrefix):
-			raw.Ports[r.rec.Port] = r.rec
+			raw.Ports[r.slot] = r.rec
+		case strings.HasPrefix(r.name, local.FreedPrefix):
+			raw.Freed[r.slot] = r.freed.FreedAt
+		}
+		switch {
 		case strings.HasPrefix(r.name, local.KeyPrefix):
 			raw.Keys[r.rec.Key] = r.rec
 		case strings.HasPrefix(r.name, local.SeenPrefix):
 			raw.Seen[r.seen.Key] = r.seen
-		case strings.HasPrefix(r.name, local.FreedPrefix):
-			raw.Freed[r.freed.Port] = r.freed.FreedAt
 		}
 	}
 	slices.Sort(problems)
@@ -360,8 +397,10 @@ type fileResult struct {
 	rec     store.Record
 	seen    local.SeenRecord
 	freed   local.FreedRecord
-	problem string // set when the file is damaged
-	port    int    // the port a port or freed-port record's name gives
+	problem string     // set when the file is damaged
+	slot    store.Slot // the slot a port or freed-port record's name gives
+	// legacy: a udp record under its tcp name (see local.RawRecords.LegacyUDP).
+	legacy bool
 }
 
 // readRecordFile reads and checks one file of the store directory.
@@ -383,18 +422,24 @@ func (s *Store) readRecordFile(file string) (r fileResult) {
 	}
 	switch {
 	case strings.HasPrefix(name, local.PortPrefix):
-		port, err := strconv.Atoi(name[len(local.PortPrefix):])
-		if err != nil || port < 1 || port > maxPort {
+		slot, ok := local.ParseSlotName(local.PortPrefix, name)
+		if !ok {
 			return r // not ours
 		}
-		r.port = port
+		r.slot = slot
 		if len(data) == 0 {
 			return bad("empty file")
 		}
 		if err := json.Unmarshal(data, &r.rec); err != nil {
 			return bad("not a valid record: " + err.Error())
 		}
-		if !store.ValidRecord(r.rec) || r.rec.Port != port {
+		switch {
+		case !store.ValidRecord(r.rec) || r.rec.Port != slot.Port:
+			return bad("record does not match its name")
+		case r.rec.Space() == slot.Space:
+		case slot.Space == store.TCP:
+			r.legacy = true
+		default:
 			return bad("record does not match its name")
 		}
 	case strings.HasPrefix(name, local.KeyPrefix):
@@ -415,10 +460,12 @@ func (s *Store) readRecordFile(file string) (r fileResult) {
 			return bad("not a valid last-seen record")
 		}
 	case strings.HasPrefix(name, local.FreedPrefix):
-		if port, err := strconv.Atoi(name[len(local.FreedPrefix):]); err == nil && port >= 1 && port <= maxPort {
-			r.port = port
+		slot, ok := local.ParseSlotName(local.FreedPrefix, name)
+		if !ok {
+			return r // not ours
 		}
-		if err := json.Unmarshal(data, &r.freed); err != nil || local.FreedName(r.freed.Port) != name {
+		r.slot = slot
+		if err := json.Unmarshal(data, &r.freed); err != nil || local.FreedName(r.freed.Slot()) != name {
 			return bad("not a valid freed-port record")
 		}
 	}
@@ -543,22 +590,22 @@ func (s *Store) Release(_ context.Context, r store.Record, at time.Time) ([]stor
 	return s.commit(&pendingWrite{release: &r, at: at})
 }
 
-func (s *Store) ReleaseDamaged(_ context.Context, port int) error {
+func (s *Store) ReleaseDamaged(_ context.Context, slot store.Slot) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ready(); err != nil {
 		return err
 	}
-	if _, ok := s.idx.Damaged[port]; !ok {
+	if _, ok := s.idx.Damaged[slot]; !ok {
 		return store.ErrNotHeldBack
 	}
-	if err := s.ops.Remove(RecordFile(local.PortName(port))); err != nil {
+	if err := s.ops.Remove(RecordFile(local.PortName(slot))); err != nil {
 		return local.Classify(err)
 	}
 	if err := s.ops.SyncDir("."); err != nil {
 		return local.Classify(err)
 	}
-	delete(s.idx.Damaged, port)
+	delete(s.idx.Damaged, slot)
 	return nil
 }
 
@@ -620,7 +667,7 @@ func (s *Store) commit(w *pendingWrite) ([]store.Change, error) {
 const maxBatch = 256
 
 // commitBatch commits batch and answers each write, except those touching
-// a key or port an earlier write of the batch touches: it returns them,
+// a key or slot an earlier write of the batch touches: it returns them,
 // to be committed in the next batch against what this one left.
 func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	s.mu.Lock()
@@ -631,20 +678,20 @@ func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 		}
 		return nil
 	}
-	keys, ports := map[string]bool{}, map[int]bool{}
+	keys, slots := map[string]bool{}, map[store.Slot]bool{}
 	var staged []*pendingWrite
 	for _, w := range batch {
-		wk, wp := w.touches()
+		wk, ws := w.touches()
 		if len(staged) >= maxBatch || slices.ContainsFunc(wk, func(k string) bool { return keys[k] }) ||
-			slices.ContainsFunc(wp, func(p int) bool { return ports[p] }) {
+			slices.ContainsFunc(ws, func(p store.Slot) bool { return slots[p] }) {
 			deferred = append(deferred, w)
 			continue
 		}
 		for _, k := range wk {
 			keys[k] = true
 		}
-		for _, p := range wp {
-			ports[p] = true
+		for _, p := range ws {
+			slots[p] = true
 		}
 		if err := s.stage(w); err != nil {
 			w.done <- writeOutcome{err: err}
@@ -659,7 +706,7 @@ func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	var syncs []string
 	for _, w := range staged {
 		if w.claim != nil {
-			syncs = append(syncs, w.staged, RecordFile(local.PortName(w.claim.Want.Port)))
+			syncs = append(syncs, w.staged, RecordFile(local.PortName(w.claim.Want.Slot())))
 		}
 	}
 	failed := s.syncFiles(syncs)
@@ -667,7 +714,7 @@ func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	for _, w := range staged {
 		err := failed[w.staged]
 		if w.claim != nil && err == nil {
-			err = failed[RecordFile(local.PortName(w.claim.Want.Port))]
+			err = failed[RecordFile(local.PortName(w.claim.Want.Slot()))]
 		}
 		if err == nil {
 			err = s.switchOver(w)
@@ -701,20 +748,20 @@ func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	return deferred
 }
 
-// touches names the keys and ports w writes.
-func (w *pendingWrite) touches() (keys []string, ports []int) {
+// touches names the keys and slots w writes.
+func (w *pendingWrite) touches() (keys []string, slots []store.Slot) {
 	if w.release != nil {
-		return []string{w.release.Key}, []int{w.release.Port}
+		return []string{w.release.Key}, []store.Slot{w.release.Slot()}
 	}
 	c := w.claim
-	keys, ports = []string{c.Want.Key}, []int{c.Want.Port}
+	keys, slots = []string{c.Want.Key}, []store.Slot{c.Want.Slot()}
 	if c.Old != nil {
-		ports = append(ports, c.Old.Port)
+		slots = append(slots, c.Old.Slot())
 	}
 	if c.Victim != nil {
 		keys = append(keys, c.Victim.Key)
 	}
-	return keys, ports
+	return keys, slots
 }
 
 // stage checks w against the index and writes what precedes its commit:
@@ -722,7 +769,7 @@ func (w *pendingWrite) touches() (keys []string, ports []int) {
 func (s *Store) stage(w *pendingWrite) error {
 	if r := w.release; r != nil {
 		if cur, ok := s.idx.Get(r.Key); !ok || !store.SameRecord(cur, *r) {
-			return &store.ConflictError{Current: s.idx.Current(r.Key, r.Port)}
+			return &store.ConflictError{Current: s.idx.Current(r.Key, r.Slot())}
 		}
 		return nil
 	}
@@ -730,8 +777,8 @@ func (s *Store) stage(w *pendingWrite) error {
 	if err := s.idx.Check(c); err != nil {
 		return err
 	}
-	delete(s.leftovers, RecordFile(local.PortName(c.Want.Port)))
-	if err := s.writeRecord(local.PortName(c.Want.Port), c.Want); err != nil {
+	delete(s.leftovers, RecordFile(local.PortName(c.Want.Slot())))
+	if err := s.writeRecord(local.PortName(c.Want.Slot()), c.Want); err != nil {
 		s.undoPort(c)
 		return err
 	}
@@ -802,20 +849,20 @@ func (s *Store) revert(w *pendingWrite) {
 // left behind; none of that needs to be durable. Called with mu held.
 func (s *Store) finish(w *pendingWrite) []store.Change {
 	if r := w.release; r != nil {
-		s.retire(local.PortName(r.Port))
+		s.retire(local.PortName(r.Slot()))
 		s.retire(local.SeenName(r.Key))
-		s.writeRecord(local.FreedName(r.Port), local.FreedRecord{Port: r.Port, FreedAt: w.at.UTC()})
+		s.writeRecord(local.FreedName(r.Slot()), local.NewFreedRecord(r.Slot(), w.at))
 		return s.idx.Released(*r, w.at)
 	}
 	c := *w.claim
 	if c.Victim != nil {
 		s.retire(local.SeenName(c.Victim.Key))
 	}
-	if c.Old != nil && c.Old.Port != c.Want.Port {
-		s.retire(local.PortName(c.Old.Port))
-		s.writeRecord(local.FreedName(c.Old.Port), local.FreedRecord{Port: c.Old.Port, FreedAt: c.At.UTC()})
+	if old := c.Old; old != nil && old.Slot() != c.Want.Slot() {
+		s.retire(local.PortName(old.Slot()))
+		s.writeRecord(local.FreedName(old.Slot()), local.NewFreedRecord(old.Slot(), c.At))
 	}
-	s.retire(local.FreedName(c.Want.Port))
+	s.retire(local.FreedName(c.Want.Slot()))
 	return s.idx.Claimed(c)
 }
 
@@ -850,15 +897,15 @@ func (s *Store) syncFiles(files []string) map[string]error {
 // undoPort puts the port record back as the index holds it after a claim
 // that did not commit, so no unfinished write lingers. Called with mu held.
 func (s *Store) undoPort(c store.Claim) {
-	port := c.Want.Port
-	if holder, ok := s.idx.Holder(port); ok {
+	slot := c.Want.Slot()
+	if holder, ok := s.idx.Holder(slot); ok {
 		r, _ := s.idx.Get(holder)
-		if s.writeRecord(local.PortName(port), r) != nil {
-			s.log.Warn("could not restore a port record; the next start repairs it", "port", port)
+		if s.writeRecord(local.PortName(slot), r) != nil {
+			s.log.Warn("could not restore a port record; the next start repairs it", "port", slot.String())
 		}
 		return
 	}
-	s.retire(local.PortName(port))
+	s.retire(local.PortName(slot))
 }
 
 func (s *Store) Touch(_ context.Context, marks []store.SeenMark) error {
@@ -924,9 +971,11 @@ type checkpointHeader struct {
 	WatchMtime int64 `json:"watch_mtime_ns"`
 }
 
-// checkpointVersion 2 is one-shot; version 1 files (trusted by mtime
-// alone) are never used.
-const checkpointVersion = 2
+// checkpointVersion 3 keeps freed and held-back ports by space. Older
+// files are never used: version 1 was trusted by mtime alone, and version 2
+// comes from a version with one port space, whose directory may hold udp
+// records under tcp names that only reading the records moves (see Load).
+const checkpointVersion = 3
 
 // checkpointRecord is one allocation in a checkpoint; its JSON is what
 // export writes, so a checkpoint can be read as an export by hand.
@@ -937,10 +986,39 @@ type checkpointRecord struct {
 }
 
 // checkpointFile is the second line of a checkpoint, after its header.
+// Each record's space is its proxy type's; freed and held-back ports are
+// by space, then port.
 type checkpointFile struct {
-	Allocations []checkpointRecord `json:"allocations"`
-	Freed       map[int]time.Time  `json:"freed,omitempty"`
-	HeldBack    map[int]string     `json:"held_back,omitempty"`
+	Allocations []checkpointRecord                `json:"allocations"`
+	Freed       map[store.Space]map[int]time.Time `json:"freed,omitempty"`
+	HeldBack    map[store.Space]map[int]string    `json:"held_back,omitempty"`
+}
+
+// bySpace is m as a checkpoint keeps it.
+func bySpace[V any](m map[store.Slot]V) map[store.Space]map[int]V {
+	out := map[store.Space]map[int]V{}
+	for slot, v := range m {
+		if out[slot.Space] == nil {
+			out[slot.Space] = map[int]V{}
+		}
+		out[slot.Space][slot.Port] = v
+	}
+	return out
+}
+
+// bySlot is m from a checkpoint as a snapshot keeps it; ok is false when
+// it names a space there is not.
+func bySlot[V any](m map[store.Space]map[int]V) (out map[store.Slot]V, ok bool) {
+	out = map[store.Slot]V{}
+	for space, ports := range m {
+		if !slices.Contains(store.Spaces, space) {
+			return nil, false
+		}
+		for port, v := range ports {
+			out[store.Slot{Space: space, Port: port}] = v
+		}
+	}
+	return out, true
 }
 
 func (s *Store) dirMtime() (int64, error) {
@@ -972,7 +1050,12 @@ func (s *Store) loadCheckpoint() (snap store.Snapshot, ok bool, why string) {
 	if json.Unmarshal(body, &cp) != nil {
 		return snap, false, "checkpoint unreadable; read every record"
 	}
-	snap = store.Snapshot{LastSeen: make(map[string]time.Time, len(cp.Allocations)), Online: map[string]bool{}, Freed: map[int]time.Time{}}
+	freed, okFreed := bySlot(cp.Freed)
+	heldBack, okHeld := bySlot(cp.HeldBack)
+	if !okFreed || !okHeld {
+		return store.Snapshot{}, false, "checkpoint names an unknown port space; read every record"
+	}
+	snap = store.Snapshot{LastSeen: make(map[string]time.Time, len(cp.Allocations)), Online: map[string]bool{}, Freed: freed}
 	snap.Allocations = make([]store.Record, 0, len(cp.Allocations))
 	for _, r := range cp.Allocations {
 		if !store.ValidRecord(r.Record) {
@@ -986,11 +1069,8 @@ func (s *Store) loadCheckpoint() (snap store.Snapshot, ok bool, why string) {
 			snap.Online[r.Key] = true
 		}
 	}
-	for port, t := range cp.Freed {
-		snap.Freed[port] = t
-	}
-	if len(cp.HeldBack) > 0 {
-		snap.HeldBack = cp.HeldBack
+	if len(heldBack) > 0 {
+		snap.HeldBack = heldBack
 	}
 	// Deleted for good before any write: a power cut must not bring it back.
 	err = s.root.Remove(CheckpointName)
@@ -1020,7 +1100,7 @@ func (s *Store) saveCheckpoint() error {
 		return errors.New("the file system's timestamps are too coarse to vouch for a checkpoint")
 	}
 	snap := s.idx.Snapshot()
-	cp := checkpointFile{Allocations: make([]checkpointRecord, 0, len(snap.Allocations)), Freed: snap.Freed, HeldBack: snap.HeldBack}
+	cp := checkpointFile{Allocations: make([]checkpointRecord, 0, len(snap.Allocations)), Freed: bySpace(snap.Freed), HeldBack: bySpace(snap.HeldBack)}
 	for _, r := range snap.Allocations {
 		cp.Allocations = append(cp.Allocations, checkpointRecord{Record: r, LastSeen: snap.LastSeen[r.Key], Online: snap.Online[r.Key]})
 	}

@@ -10,7 +10,7 @@ import (
 )
 
 // Fake is a store.Store in memory, written from the contract on
-// store.Store alone: one record per key, a port held by at most one key,
+// store.Store alone: one record per key, a slot held by at most one key,
 // every change a new revision. It can stall, fail, and lose races to a
 // make-believe second instance, which drives the allocator's tests
 // without a disk. It keeps no history.
@@ -18,10 +18,10 @@ type Fake struct {
 	mu    sync.Mutex
 	rev   int64
 	keys  map[string]store.Record
-	ports map[int]string // port -> key holding it
+	slots map[store.Slot]string // the key holding each slot
 	seen  map[string]time.Time
 	onl   map[string]bool
-	freed map[int]time.Time
+	freed map[store.Slot]time.Time
 
 	fail   error
 	stall  chan struct{}
@@ -31,10 +31,10 @@ type Fake struct {
 
 // NewFake returns a fake store holding recs.
 func NewFake(recs ...store.Record) *Fake {
-	f := &Fake{keys: map[string]store.Record{}, ports: map[int]string{}, seen: map[string]time.Time{},
-		onl: map[string]bool{}, freed: map[int]time.Time{}, events: make(chan store.Change, 1024)}
+	f := &Fake{keys: map[string]store.Record{}, slots: map[store.Slot]string{}, seen: map[string]time.Time{},
+		onl: map[string]bool{}, freed: map[store.Slot]time.Time{}, events: make(chan store.Change, 1024)}
 	for _, r := range recs {
-		f.keys[r.Key], f.ports[r.Port] = r, r.Key
+		f.keys[r.Key], f.slots[r.Slot()] = r, r.Key
 	}
 	return f
 }
@@ -69,12 +69,12 @@ func (f *Fake) Get(key string) (store.Record, bool) {
 	return r, ok
 }
 
-// Put writes r as another instance would, taking r's port from whoever
+// Put writes r as another instance would, taking r's slot from whoever
 // holds it, and tells Watch.
 func (f *Fake) Put(r store.Record) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if holder, ok := f.ports[r.Port]; ok && holder != r.Key {
+	if holder, ok := f.slots[r.Slot()]; ok && holder != r.Key {
 		f.drop(holder, r.AssignedAt)
 		f.rev++
 		f.events <- store.Change{Kind: store.ChangeDelete, Rev: f.rev, Key: holder, At: r.AssignedAt}
@@ -82,13 +82,13 @@ func (f *Fake) Put(r store.Record) {
 	if old, ok := f.keys[r.Key]; ok {
 		f.drop(old.Key, r.AssignedAt)
 	}
-	f.keys[r.Key], f.ports[r.Port] = r, r.Key
-	delete(f.freed, r.Port)
+	f.keys[r.Key], f.slots[r.Slot()] = r, r.Key
+	delete(f.freed, r.Slot())
 	f.rev++
 	f.events <- store.Change{Kind: store.ChangePut, Rev: f.rev, Key: r.Key, Rec: r}
 }
 
-// drop forgets key's record, its port free as of at.
+// drop forgets key's record, its slot free as of at.
 func (f *Fake) drop(key string, at time.Time) {
 	r, ok := f.keys[key]
 	if !ok {
@@ -97,9 +97,9 @@ func (f *Fake) drop(key string, at time.Time) {
 	delete(f.keys, key)
 	delete(f.seen, key)
 	delete(f.onl, key)
-	if f.ports[r.Port] == key {
-		delete(f.ports, r.Port)
-		f.freed[r.Port] = at
+	if f.slots[r.Slot()] == key {
+		delete(f.slots, r.Slot())
+		f.freed[r.Slot()] = at
 	}
 }
 
@@ -124,8 +124,8 @@ func (f *Fake) Load(context.Context) (store.Snapshot, error) {
 	return snap, nil
 }
 
-// current describes key and port as the store holds them, for a conflict.
-func (f *Fake) current(key string, port int, also ...string) []store.Change {
+// current describes key and slot as the store holds them, for a conflict.
+func (f *Fake) current(key string, slot store.Slot, also ...string) []store.Change {
 	var out []store.Change
 	describe := func(k string) {
 		if r, ok := f.keys[k]; ok {
@@ -135,7 +135,7 @@ func (f *Fake) current(key string, port int, also ...string) []store.Change {
 		}
 	}
 	describe(key)
-	if holder, ok := f.ports[port]; ok && holder != key {
+	if holder, ok := f.slots[slot]; ok && holder != key {
 		describe(holder)
 	}
 	for _, k := range also {
@@ -163,13 +163,14 @@ func (f *Fake) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 	if c.Victim != nil {
 		victims = append(victims, c.Victim.Key)
 	}
-	conflict := func() error { return &store.ConflictError{Current: f.current(want.Key, want.Port, victims...)} }
+	conflict := func() error { return &store.ConflictError{Current: f.current(want.Key, want.Slot(), victims...)} }
 	// What the caller saw of the key must still be so.
 	if (c.Old == nil && has) || (c.Old != nil && (!has || !store.SameRecord(cur, *c.Old))) {
 		return nil, conflict()
 	}
-	// The port must be free, the key's own, or the victim's as seen.
-	holder, held := f.ports[want.Port]
+	// The slot must be free, the key's own, or the victim's as seen (so
+	// a victim is on want's slot).
+	holder, held := f.slots[want.Slot()]
 	switch {
 	case held && holder != want.Key:
 		if c.Victim == nil || c.Victim.Key != holder || !store.SameRecord(f.keys[holder], *c.Victim) {
@@ -186,7 +187,7 @@ func (f *Fake) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 			}
 		}
 		if n >= c.MaxKeys {
-			return nil, &store.ConflictError{Quota: true, Current: f.current(want.Key, want.Port)}
+			return nil, &store.ConflictError{Quota: true, Current: f.current(want.Key, want.Slot())}
 		}
 	}
 	// One revision for the whole claim: the victim's delete, then the put.
@@ -196,12 +197,12 @@ func (f *Fake) Claim(_ context.Context, c store.Claim) ([]store.Change, error) {
 		f.drop(c.Victim.Key, c.At)
 		out = append(out, store.Change{Kind: store.ChangeDelete, Rev: f.rev, Key: c.Victim.Key, At: c.At})
 	}
-	if c.Old != nil && c.Old.Port != want.Port && f.ports[c.Old.Port] == want.Key {
-		delete(f.ports, c.Old.Port)
-		f.freed[c.Old.Port] = c.At
+	if old := c.Old; old != nil && old.Slot() != want.Slot() && f.slots[old.Slot()] == want.Key {
+		delete(f.slots, old.Slot())
+		f.freed[old.Slot()] = c.At
 	}
-	f.keys[want.Key], f.ports[want.Port] = want, want.Key
-	delete(f.freed, want.Port)
+	f.keys[want.Key], f.slots[want.Slot()] = want, want.Key
+	delete(f.freed, want.Slot())
 	return append(out, store.Change{Kind: store.ChangePut, Rev: f.rev, Key: want.Key, Rec: want, At: c.At}), nil
 }
 
@@ -212,7 +213,7 @@ func (f *Fake) Release(_ context.Context, r store.Record, at time.Time) ([]store
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if cur, ok := f.keys[r.Key]; !ok || !store.SameRecord(cur, r) {
-		return nil, &store.ConflictError{Current: f.current(r.Key, r.Port)}
+		return nil, &store.ConflictError{Current: f.current(r.Key, r.Slot())}
 	}
 	f.drop(r.Key, at)
 	f.rev++
@@ -246,7 +247,7 @@ func (f *Fake) Watch(ctx context.Context, _ int64, apply func(store.Change)) err
 	}
 }
 
-func (f *Fake) ReleaseDamaged(context.Context, int) error { return store.ErrNotHeldBack }
+func (f *Fake) ReleaseDamaged(context.Context, store.Slot) error { return store.ErrNotHeldBack }
 
 // History: the fake keeps none.
 func (f *Fake) History() store.HistoryLog { return nil }

@@ -51,8 +51,13 @@ func Run(t *testing.T, b Backend) {
 		{"release", false, contractRelease},
 		{"release of a stale record is a conflict", false, contractStaleRelease},
 		{"touch", false, contractTouch},
+		{"tcp and udp claims of one number both win", false, contractSpacesApart},
+		{"release frees its own space only", false, contractReleaseOneSpace},
+		{"move to the other space frees the old slot", false, contractMoveAcrossSpaces},
+		{"reclaim of a victim in the other space is refused", false, contractVictimOtherSpace},
 		{"maxKeys is exact", false, contractMaxKeys},
 		{"concurrent claims of one port: one wins", false, contractConcurrentOnePort},
+		{"concurrent claims of one number in both spaces: one wins in each", false, contractConcurrentBothSpaces},
 		{"concurrent claims of many ports: all win", false, contractConcurrentManyPorts},
 		{"outcome unknown: the answer agrees with what loads", false, contractOutcomeUnknown},
 		{"history, when kept", false, contractHistory},
@@ -141,7 +146,7 @@ func (h *Harness) ClaimOK(s store.Store, c store.Claim) []store.Change {
 	h.t.Helper()
 	changes, err := h.Claim(s, c)
 	if err != nil {
-		h.t.Fatalf("claim %s@%d: %v", c.Want.Key, c.Want.Port, err)
+		h.t.Fatalf("claim %s@%s: %v", c.Want.Key, c.Want.Slot(), err)
 	}
 	return changes
 }
@@ -152,7 +157,7 @@ func (h *Harness) claimConflict(s store.Store, c store.Claim) *store.ConflictErr
 	_, err := h.Claim(s, c)
 	var cerr *store.ConflictError
 	if !errors.As(err, &cerr) {
-		h.t.Fatalf("claim %s@%d = %v; want a *conflictError", c.Want.Key, c.Want.Port, err)
+		h.t.Fatalf("claim %s@%s = %v; want a *conflictError", c.Want.Key, c.Want.Slot(), err)
 	}
 	return cerr
 }
@@ -176,10 +181,24 @@ func (h *Harness) Touch(s store.Store, marks ...store.SeenMark) {
 // so a store that loses either shows.
 var Base = time.Date(2026, 11, 25, 16, 14, 5, 123456789, time.UTC)
 
-// Rec is an allocation of key on port for user.
+// Rec is an allocation of key on port for user, a tcp proxy.
 func Rec(key string, port int, user string) store.Record {
 	at := Base.Add(time.Duration(port) * time.Second)
 	return store.Record{Key: key, Port: port, User: user, ProxyName: key, ProxyType: "tcp", CreatedAt: at, AssignedAt: at}
+}
+
+// UDPRec is Rec for a udp proxy: its port is in the udp space.
+func UDPRec(key string, port int, user string) store.Record {
+	r := Rec(key, port, user)
+	r.ProxyType = "udp"
+	return r
+}
+
+// contractInSpace is r moved to space, keeping its port.
+func contractInSpace(r store.Record, space store.Space) store.Record {
+	r.ProxyType = string(space)
+	r.AssignedAt = r.AssignedAt.Add(time.Hour)
+	return r
 }
 
 // contractMoved is r on another port, assigned later.
@@ -199,12 +218,12 @@ func WantAllocations(t *testing.T, what string, snap store.Snapshot, recs ...sto
 		}
 		got[r.Key] = r
 	}
-	ports := map[int]string{}
+	slots := map[store.Slot]string{}
 	for _, r := range snap.Allocations {
-		if other, dup := ports[r.Port]; dup {
-			t.Fatalf("%s: port %d loaded for %q and %q", what, r.Port, other, r.Key)
+		if other, dup := slots[r.Slot()]; dup {
+			t.Fatalf("%s: %s loaded for %q and %q", what, r.Slot(), other, r.Key)
 		}
-		ports[r.Port] = r.Key
+		slots[r.Slot()] = r.Key
 	}
 	for _, want := range recs {
 		if g, ok := got[want.Key]; !ok || !store.SameRecord(g, want) {
@@ -331,8 +350,8 @@ func contractMove(t *testing.T, h *Harness) {
 	wantChanges(t, "move", h.ClaimOK(s, store.Claim{Want: a2, Old: &a, At: at}), contractPut(a2))
 	s, snap := h.reopen(s)
 	WantAllocations(t, "after the move", snap, a2)
-	if got, ok := snap.Freed[a.Port]; !ok || !got.Equal(at) {
-		t.Fatalf("after the move: freed[%d] = %v, %v; want %v", a.Port, got, ok, at)
+	if got, ok := snap.Freed[a.Slot()]; !ok || !got.Equal(at) {
+		t.Fatalf("after the move: freed[%s] = %v, %v; want %v", a.Slot(), got, ok, at)
 	}
 	// The new port is held: nobody else gets it, and the old one is free.
 	cerr := h.claimConflict(s, store.Claim{Want: Rec("bob.web", a2.Port, "bob")})
@@ -372,8 +391,8 @@ func contractReclaim(t *testing.T, h *Harness) {
 	if _, ok := snap.LastSeen[v.Key]; ok {
 		t.Fatalf("after the reclaim: lastSeen[%q] still there", v.Key)
 	}
-	if _, ok := snap.Freed[w.Port]; ok {
-		t.Fatalf("after the reclaim: port %d listed as freed while %q holds it", w.Port, w.Key)
+	if _, ok := snap.Freed[w.Slot()]; ok {
+		t.Fatalf("after the reclaim: %s listed as freed while %q holds it", w.Slot(), w.Key)
 	}
 }
 
@@ -410,8 +429,8 @@ func contractRelease(t *testing.T, h *Harness) {
 	wantChanges(t, "release", changes, contractDel(a.Key, at))
 	_, snap := h.reopen(s)
 	WantAllocations(t, "after the release", snap, b)
-	if got, ok := snap.Freed[a.Port]; !ok || !got.Equal(at) {
-		t.Fatalf("after the release: freed[%d] = %v, %v; want %v", a.Port, got, ok, at)
+	if got, ok := snap.Freed[a.Slot()]; !ok || !got.Equal(at) {
+		t.Fatalf("after the release: freed[%s] = %v, %v; want %v", a.Slot(), got, ok, at)
 	}
 	if _, ok := snap.LastSeen[a.Key]; ok {
 		t.Fatalf("after the release: lastSeen[%q] still there", a.Key)
@@ -487,6 +506,113 @@ func contractMaxKeys(t *testing.T, h *Harness) {
 		t.Fatalf("alice over her limit after a release and a claim: %+v; want quota", cerr)
 	}
 	h.ClaimOK(s, store.Claim{Want: Rec("alice.four", 20006, "alice")})
+}
+
+// contractSpacesApart: a tcp and a udp record hold one number at once, as
+// frps lets a tcp and a udp proxy listen on it; each slot is still held
+// against a third key.
+func contractSpacesApart(t *testing.T, h *Harness) {
+	s := h.openStore()
+	h.Load(s)
+	a := Rec("alice.web", 20001, "alice")
+	b := UDPRec("bob.dns", 20001, "bob")
+	wantChanges(t, "tcp claim", h.ClaimOK(s, store.Claim{Want: a}), contractPut(a))
+	wantChanges(t, "udp claim of the same number", h.ClaimOK(s, store.Claim{Want: b}), contractPut(b))
+	s, snap := h.reopen(s)
+	WantAllocations(t, "after reopen", snap, a, b)
+	cerr := h.claimConflict(s, store.Claim{Want: UDPRec("carol.dns", 20001, "carol")})
+	wantCurrent(t, "carol on bob's udp slot", cerr, []store.Record{b}, nil)
+	cerr = h.claimConflict(s, store.Claim{Want: Rec("carol.web", 20001, "carol")})
+	wantCurrent(t, "carol on alice's tcp slot", cerr, []store.Record{a}, nil)
+	_, snap = h.reopen(s)
+	WantAllocations(t, "after the refused claims", snap, a, b)
+}
+
+// contractReleaseOneSpace: releasing the udp record of a number frees its
+// udp slot; the tcp record of that number stays, and so does its slot.
+func contractReleaseOneSpace(t *testing.T, h *Harness) {
+	s := h.openStore()
+	h.Load(s)
+	a := Rec("alice.web", 20001, "alice")
+	b := UDPRec("bob.dns", 20001, "bob")
+	h.ClaimOK(s, store.Claim{Want: a})
+	h.ClaimOK(s, store.Claim{Want: b})
+	at := Base.Add(72 * time.Hour)
+	changes, err := h.Release(s, b, at)
+	if err != nil {
+		t.Fatalf("release of the udp record: %v", err)
+	}
+	wantChanges(t, "release of the udp record", changes, contractDel(b.Key, at))
+	s, snap := h.reopen(s)
+	WantAllocations(t, "after the release", snap, a)
+	if got, ok := snap.Freed[b.Slot()]; !ok || !got.Equal(at) {
+		t.Fatalf("after the release: freed[%s] = %v, %v; want %v", b.Slot(), got, ok, at)
+	}
+	if got, ok := snap.Freed[a.Slot()]; ok {
+		t.Fatalf("after the release: %s listed as freed (%v) while %q holds it", a.Slot(), got, a.Key)
+	}
+	cerr := h.claimConflict(s, store.Claim{Want: Rec("carol.web", 20001, "carol")})
+	wantCurrent(t, "carol on alice's tcp slot", cerr, []store.Record{a}, nil)
+	c := UDPRec("carol.dns", 20001, "carol")
+	h.ClaimOK(s, store.Claim{Want: c})
+	_, snap = h.reopen(s)
+	WantAllocations(t, "after carol took the udp slot", snap, a, c)
+}
+
+// contractMoveAcrossSpaces: a key whose proxy turns from tcp to udp moves
+// to a udp slot, on its number or another, and its tcp slot is free.
+func contractMoveAcrossSpaces(t *testing.T, h *Harness) {
+	s := h.openStore()
+	h.Load(s)
+	a := Rec("alice.web", 20001, "alice")
+	b := Rec("bob.web", 20003, "bob")
+	h.ClaimOK(s, store.Claim{Want: a})
+	h.ClaimOK(s, store.Claim{Want: b})
+	at := Base.Add(48 * time.Hour)
+	a2 := contractInSpace(a, store.UDP)
+	b2 := contractMoved(contractInSpace(b, store.UDP), 20004)
+	wantChanges(t, "move to udp on the same number", h.ClaimOK(s, store.Claim{Want: a2, Old: &a, At: at}), contractPut(a2))
+	wantChanges(t, "move to udp on another number", h.ClaimOK(s, store.Claim{Want: b2, Old: &b, At: at}), contractPut(b2))
+	s, snap := h.reopen(s)
+	WantAllocations(t, "after the moves", snap, a2, b2)
+	for _, old := range []store.Record{a, b} {
+		if got, ok := snap.Freed[old.Slot()]; !ok || !got.Equal(at) {
+			t.Fatalf("after the moves: freed[%s] = %v, %v; want %v", old.Slot(), got, ok, at)
+		}
+	}
+	if got, ok := snap.Freed[a2.Slot()]; ok {
+		t.Fatalf("after the moves: %s listed as freed (%v) while %q holds it", a2.Slot(), got, a2.Key)
+	}
+	c, d := Rec("carol.web", 20001, "carol"), Rec("dave.web", 20003, "dave")
+	h.ClaimOK(s, store.Claim{Want: c})
+	h.ClaimOK(s, store.Claim{Want: d})
+	cerr := h.claimConflict(s, store.Claim{Want: UDPRec("erin.dns", 20001, "erin")})
+	wantCurrent(t, "erin on alice's new udp slot", cerr, []store.Record{a2}, nil)
+	_, snap = h.reopen(s)
+	WantAllocations(t, "after the tcp slots were taken again", snap, a2, b2, c, d)
+}
+
+// contractVictimOtherSpace: a reclaim takes the victim's slot, so a victim
+// on the number's other space is no victim at all: the claim is refused
+// and writes nothing.
+func contractVictimOtherSpace(t *testing.T, h *Harness) {
+	s := h.openStore()
+	h.Load(s)
+	v := Rec("old.dev", 20001, "old")
+	h.ClaimOK(s, store.Claim{Want: v})
+	w := UDPRec("new.dev", 20001, "new")
+	if _, err := h.Claim(s, store.Claim{Want: w, Victim: &v, At: Base}); err == nil {
+		t.Fatalf("a claim of %s reclaiming %s won; want it refused", w.Slot(), v.Slot())
+	}
+	s, snap := h.reopen(s)
+	WantAllocations(t, "after the refused reclaim", snap, v)
+	if got, ok := snap.Freed[v.Slot()]; ok {
+		t.Fatalf("after the refused reclaim: %s listed as freed (%v)", v.Slot(), got)
+	}
+	// Without a victim the udp slot is simply free.
+	h.ClaimOK(s, store.Claim{Want: w})
+	_, snap = h.reopen(s)
+	WantAllocations(t, "after the plain claim", snap, v, w)
 }
 
 // Watcher gathers what a watch delivers.
@@ -640,6 +766,51 @@ func contractConcurrentOnePort(t *testing.T, h *Harness) {
 	}
 	_, snap := h.reopen(s)
 	WantAllocations(t, "after concurrent claims of one port", snap, Rec("k.c"+string(rune('a'+winner)), 20001, "u"))
+}
+
+// contractConcurrentBothSpaces: claims of one number, half of them tcp and
+// half udp, by many new keys at once: exactly one wins in each space.
+func contractConcurrentBothSpaces(t *testing.T, h *Harness) {
+	s := h.openStore()
+	h.Load(s)
+	const keys = 8
+	recs := make([]store.Record, keys)
+	for i := range recs {
+		recs[i] = Rec("k.s"+string(rune('a'+i)), 20001, "u")
+		if i%2 == 1 {
+			recs[i] = UDPRec(recs[i].Key, 20001, "u")
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, keys)
+	for i := range keys {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = h.Claim(s, store.Claim{Want: recs[i]})
+		}()
+	}
+	wg.Wait()
+	winner := map[store.Space]int{}
+	var won []store.Record
+	for i, err := range errs {
+		var cerr *store.ConflictError
+		switch {
+		case err == nil:
+			if other, dup := winner[recs[i].Space()]; dup {
+				t.Fatalf("claims %d and %d of %s both won", other, i, recs[i].Slot())
+			}
+			winner[recs[i].Space()] = i
+			won = append(won, recs[i])
+		case !errors.As(err, &cerr):
+			t.Fatalf("claim %d of %s: %v; want a win or a *ConflictError", i, recs[i].Slot(), err)
+		}
+	}
+	if len(won) != len(store.Spaces) {
+		t.Fatalf("winners %v of claims %v; want one in each space", winner, errs)
+	}
+	_, snap := h.reopen(s)
+	WantAllocations(t, "after concurrent claims of one number in both spaces", snap, won...)
 }
 
 // contractConcurrentManyPorts: claims of different ports by different
