@@ -45,7 +45,11 @@ type fleetAnswer struct {
 }
 
 func tryPost(s *inProcServer, user, name, extra string) fleetAnswer {
-	req, _ := http.NewRequest("POST", s.url+pluginPath+"?version=0.1.0&op=NewProxy", strings.NewReader(newProxyBody(user, name, "tcp", extra)))
+	return tryPostType(s, user, name, "tcp", extra)
+}
+
+func tryPostType(s *inProcServer, user, name, typ, extra string) fleetAnswer {
+	req, _ := http.NewRequest("POST", s.url+pluginPath+"?version=0.1.0&op=NewProxy", strings.NewReader(newProxyBody(user, name, typ, extra)))
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := s.client.Do(req)
 	if err != nil {
@@ -444,6 +448,50 @@ func TestFleetEtcdDataLoss(t *testing.T) {
 		}
 		if got := tryPost(c, strings.Split(key, ".")[0], key, ""); got.port != port {
 			t.Fatalf("%s at an instance started after the restore = %+v; want %d", key, got, port)
+		}
+	}
+}
+
+// TestFleetSpaces: tcp and udp keys registering at two instances at once
+// fill a 5-port pool in each space (5 tcp and 5 udp keys, on the same
+// five numbers), no two keys of one space share a port, and an instance
+// started afterwards holds every key on its port.
+func TestFleetSpaces(t *testing.T) {
+	etcdSrv := testenv.StartEtcd(t, nil)
+	fleet, flags := startFleet(t, etcdSrv, 2, "-allow-ports", "30000-30004")
+	answers := make([]fleetAnswer, 20)
+	var wg sync.WaitGroup
+	for i := range answers {
+		wg.Go(func() {
+			typ := []string{"tcp", "udp"}[i%2]
+			answers[i] = tryPostType(fleet[i/2%2], "u", fmt.Sprintf("u.k%02d", i), typ, "")
+		})
+	}
+	wg.Wait()
+	granted := map[string]map[int]string{"tcp": {}, "udp": {}}
+	for i, a := range answers {
+		typ, key := []string{"tcp", "udp"}[i%2], fmt.Sprintf("u.k%02d", i)
+		switch {
+		case a.err != nil:
+			t.Fatalf("%s: %v", key, a.err)
+		case a.port != 0:
+			if other, dup := granted[typ][a.port]; dup {
+				t.Fatalf("%s port %d given to %s and %s", typ, a.port, other, key)
+			}
+			granted[typ][a.port] = key
+		case !strings.Contains(a.reason, "no free") || (typ == "udp") != strings.Contains(a.reason, "udp"):
+			t.Fatalf("%s (%s) refused with %q", key, typ, a.reason)
+		}
+	}
+	if len(granted["tcp"]) != 5 || len(granted["udp"]) != 5 {
+		t.Fatalf("granted %v; want 5 tcp and 5 udp keys on 30000-30004", granted)
+	}
+	late := startInProc(t, flags...)
+	for typ, ports := range granted {
+		for port, key := range ports {
+			if got := lookupAt(late, key); got != port {
+				t.Errorf("%s (%s) at a new instance = %d; want %d", key, typ, got, port)
+			}
 		}
 	}
 }
