@@ -979,7 +979,7 @@ func (a *allocator) abandoned(sp *portSpace, ports, refused *portSet) *allocatio
 	var oldest *allocation
 	for port, al := range sp.byPort {
 		seen := al.lastSeen.Load()
-		if ports.has(port) && seen < cutoff && !refused.has(port) && !sp.reserved.has(port) && a.busy[al.Key] == nil &&
+		if ports.has(port) && !sp.excludedSet.has(port) && seen < cutoff && !refused.has(port) && !sp.reserved.has(port) && a.busy[al.Key] == nil &&
 			(oldest == nil || seen < oldest.lastSeen.Load()) && !a.online.has(al.Key) {
 			oldest = al
 		}
@@ -1612,9 +1612,15 @@ type allocationView struct {
 	OutsidePolicy bool `json:"outside_policy"`
 }
 
+// inPool says whether port is one the pool hands out in sp: allowed, and
+// not one of frps's own listeners of sp's protocol (nor the plugin's).
+func (a *allocator) inPool(sp *portSpace, port int) bool {
+	return a.pool.has(port) && !sp.excludedSet.has(port)
+}
+
 // view describes al. Called with mu held.
 func (a *allocator) view(al *allocation) allocationView {
-	inPool := a.pool.has(al.Port)
+	inPool := a.inPool(a.in(al.Space()), al.Port)
 	return allocationView{Record: *al.Record, Proto: al.Space(), LastSeen: time.Unix(0, al.lastSeen.Load()),
 		OutsidePool: !inPool, OutsidePolicy: inPool && !a.policy.forUser(al.User).ports.has(al.Port)}
 }

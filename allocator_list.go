@@ -109,7 +109,7 @@ func (a *allocator) atPort(port int, space store.Space) []allocationView {
 // heldBackView is the row of a port a damaged record holds back. Called
 // with mu held.
 func (a *allocator) heldBackView(sp *portSpace, port int, why string) allocationView {
-	v := allocationView{Record: store.Record{Port: port}, Proto: sp.space, HeldBack: why, OutsidePool: !a.pool.has(port)}
+	v := allocationView{Record: store.Record{Port: port}, Proto: sp.space, HeldBack: why, OutsidePool: !a.inPool(sp, port)}
 	if sp.space == store.UDP {
 		v.ProxyType = string(store.UDP)
 	}

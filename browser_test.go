@@ -29,7 +29,7 @@ func renderInChromium(t testing.TB, url string) string {
 	return string(out)
 }
 
-var rowPattern = regexp.MustCompile(`(?s)<tr>\s*<td class="port">(\d+)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>`)
+var rowPattern = regexp.MustCompile(`(?s)<tr>\s*<td class="port">(\d+)</td><td class="proto">(?:tcp|udp)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>`)
 
 // pageRows returns "port key user type" for every allocation row.
 func pageRows(dom string) []string {

@@ -1140,7 +1140,7 @@ func importOffline(cfg config, args []string, stderr io.Writer) error {
 	var seen []store.SeenMark // last_seen of the allocations this import writes
 	for _, r := range file.Allocations {
 		recs = append(recs, r.Record)
-		if cur, ok := alloc.current(r.Key); !r.LastSeen.IsZero() && (!ok || cur.Port != r.Port) {
+		if cur, ok := alloc.current(r.Key); !r.LastSeen.IsZero() && (!ok || cur.Slot() != r.Slot()) {
 			seen = append(seen, store.SeenMark{Key: validUTF8(r.Key), Seen: r.LastSeen})
 		}
 	}

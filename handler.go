@@ -641,7 +641,7 @@ func (s *server) serveImport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	taken := slices.DeleteFunc(slices.Clone(recs), func(r store.Record) bool {
-		return slices.ContainsFunc(refused, func(f importRefusal) bool { return f.Key == r.Key && f.Port == r.Port })
+		return slices.ContainsFunc(refused, func(f importRefusal) bool { return f.Key == r.Key && f.Port == r.Port && f.Proto == r.Space() })
 	})
 	res := s.alloc.importSummary(taken, n)
 	res.Refused, res.DryRun = refused, mode.dryRun

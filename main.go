@@ -152,7 +152,7 @@ func serve(ctx context.Context, cfg config, stderr io.Writer) error {
 	runtime.GC()
 	debug.FreeOSMemory()
 	for _, v := range alloc.snapshot() {
-		if !plan.pool.has(v.Port) {
+		if v.OutsidePool {
 			log.Warn("allocation outside the pool stays sticky", "key", v.Key, "port", v.Port, "proto", v.Proto)
 		}
 	}

@@ -125,7 +125,7 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 		Allocations: make([]apiAllocation, 0, pageSize),
 	}
 	lower := strings.ToLower(q)
-	var before [pageSize + 1]int // the last pageSize+1 matching ports up to the cursor
+	var before [pageSize + 2]int // the ports of the last pageSize+2 matching rows up to the cursor
 	seen, more := 0, false       // seen: matches up to the cursor
 	// The visitor takes what it needs from each allocation, and accepts
 	// one every listChunk only to end listPage's walk there, so the walk
@@ -167,8 +167,16 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 	data.First, data.Last = seen+1, seen+len(data.Allocations)
 	if seen > 0 {
 		prev := 0 // the first page needs no cursor
-		if seen > pageSize {
-			prev = before[(seen-pageSize-1)%len(before)]
+		if i := seen - pageSize - 1; i >= 0 {
+			prev = before[i%len(before)]
+			// A port whose tcp and udp rows straddle the previous page's
+			// start is on that page whole: its cursor is the port before.
+			if before[(i+1)%len(before)] == prev {
+				prev = 0
+				if i > 0 {
+					prev = before[(i-1)%len(before)]
+				}
+			}
 		}
 		data.PrevURL = pageURL(q, prev)
 	}

@@ -403,6 +403,13 @@ func TestSpacesAPI(t *testing.T) {
 		t.Fatalf("pool = %+v", l.Pool)
 	}
 
+	// The page shows each row's protocol; a filter of 30001/udp finds one.
+	if page := adminRequest(srv, "GET", "/", "").Body.String(); !strings.Contains(page, `<td class="port">30000</td><td class="proto">udp</td><td>u.a-udp</td>`) {
+		t.Fatalf("the page lacks 30000/udp's row:\n%s", page)
+	}
+	if rows := pageRows(adminRequest(srv, "GET", "/?q=30001/udp", "").Body.String()); len(rows) != 1 || rows[0] != "30001 u.b-udp u udp" {
+		t.Fatalf("page filtered by 30001/udp: %q", rows)
+	}
 	rec := adminRequest(srv, "DELETE", "/api/ports/30001", "")
 	if rec.Code != http.StatusConflict || !strings.Contains(rec.Body.String(), `tcp by \"u.b-tcp\" and udp by \"u.b-udp\"`) {
 		t.Fatalf("DELETE /api/ports/30001 with both spaces held: %d %s", rec.Code, rec.Body)
@@ -483,5 +490,37 @@ func TestSpacesExportImport(t *testing.T) {
 	}
 	if want := "u.dns=30000/udp u.ssh=30000/tcp u.wg=30001/udp"; slots(before) != want || slots(after) != want {
 		t.Fatalf("export %s, after import and export %s; want %s", slots(before), slots(after), want)
+	}
+}
+
+// TestSpacesReclaimSparesFrpsPorts: a key left on a number that frps has
+// since taken for its kcp listener (udp) is abandoned; a reclaim must not
+// hand frps's own port to a new key, and the key shows as outside the
+// pool.
+func TestSpacesReclaimSparesFrpsPorts(t *testing.T) {
+	dir := t.TempDir()
+	now, advance := fakeClock(time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC))
+	st := newTestStore(t, dir)
+	a := newAllocatorOn(t, st, "7000-7001", allocatorOptions{now: now})
+	if p, _ := mustAllocate(t, a, withPort(req("u", "u.old", "udp"), 7001)); p != 7001 {
+		t.Fatalf("old = %d", p)
+	}
+	st.Close()
+
+	advance(2 * time.Hour)
+	st2 := newTestStore(t, dir)
+	defer st2.Close()
+	a2 := newAllocatorOn(t, st2, "7000-7001", allocatorOptions{now: now,
+		excluded: map[store.Slot]string{store.UDPPort(7001): "frps kcpBindPort"},
+		policy:   mustPolicy(t, "", "7000-7001", 0, time.Hour)})
+	if p, _ := mustAllocate(t, a2, req("w", "w.a", "udp")); p != 7000 {
+		t.Fatalf("w.a = %d; want 7000", p)
+	}
+	p, _, err := a2.allocate(req("w", "w.b", "udp"))
+	if !errors.Is(err, errPoolExhausted) {
+		t.Fatalf("w.b got %d/udp (err %v): a reclaim handed out frps's kcpBindPort", p, err)
+	}
+	if v, _ := a2.find("u.old"); !v.OutsidePool {
+		t.Fatalf("u.old on frps's kcpBindPort: %+v; want it shown outside the pool", v)
 	}
 }

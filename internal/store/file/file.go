@@ -249,6 +249,11 @@ func (s *Store) Load(ctx context.Context) (store.Snapshot, error) {
 	for _, slot := range res.Drop {
 		note("delete "+local.PortName(slot), s.ops.Remove(RecordFile(local.PortName(slot))))
 	}
+	if len(res.Legacy) > 0 {
+		// The udp names and rebuilt key records must be in the directory
+		// before the last copies under the old names go.
+		note("sync the data directory", s.ops.SyncDir("."))
+	}
 	for _, port := range res.Legacy {
 		if !unwritten[store.UDPPort(port)] { // else it is still the udp slot's only port record
 			note("remove "+local.PortName(store.TCPPort(port)), s.removeLegacy(port))

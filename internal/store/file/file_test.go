@@ -399,3 +399,25 @@ func TestLegacyUDPRecordBesideTCPKey(t *testing.T) {
 		t.Fatalf("the second load: problems %q; want none", snap.Problems)
 	}
 }
+
+// TestLegacyDamagedUDPRecord: a directory of a version with one port
+// space whose udp key's port record (port-06001) a power cut left empty.
+// Its key record says whose it was (one holder per number then): the start
+// rebuilds port-udp-06001 and sets the empty one aside, holding no tcp
+// port back.
+func TestLegacyDamagedUDPRecord(t *testing.T) {
+	dir := t.TempDir()
+	udp := storetest.UDPRec("u.dns", 6001, "u")
+	writeRecords(t, dir, map[string]any{local.KeyName(udp.Key): udp, "port-06001": []byte{}})
+	s, snap := openLoad(t, dir)
+	defer s.Close()
+	storetest.WantAllocations(t, "legacy", snap, udp)
+	if why, held := snap.HeldBack[store.TCPPort(6001)]; held {
+		t.Fatalf("6001/tcp held back (%s), though the only key on 6001 (udp) owns the damaged legacy record", why)
+	}
+	for name, want := range map[string]bool{"port-06001": false, "port-udp-06001": true} {
+		if _, err := os.Stat(filepath.Join(dir, RecordFile(name))); (err == nil) != want {
+			t.Errorf("%s there: %v; want %v", name, err == nil, want)
+		}
+	}
+}

@@ -264,9 +264,21 @@ func Resolve(raw RawRecords) Resolution {
 		}
 	}
 	for slot, why := range raw.DamagedPorts {
-		if _, ok := owner[slot]; !ok { // else rewritten from its key record above
-			res.HeldBack[slot] = why
+		if _, ok := owner[slot]; ok { // rewritten from its key record above
+			continue
 		}
+		if udp := store.UDPPort(slot.Port); slot.Space == store.TCP && owner[udp] != "" {
+			_, named := raw.Ports[udp]
+			if _, damaged := raw.DamagedPorts[udp]; !named && !damaged {
+				// The udp key on this number has no record under its udp
+				// name: this is its record as versions with one port space
+				// named it, damaged, and its key record says whose it was.
+				report("%s: damaged (%s); %q's udp record as versions with one port space named it, rebuilt as %s",
+					PortName(slot), why, owner[udp], PortName(udp))
+				continue
+			}
+		}
+		res.HeldBack[slot] = why
 	}
 	return res
 }
