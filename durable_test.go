@@ -62,6 +62,10 @@ func (r *recordingOps) WriteFile(name string, data []byte) error {
 	r.note("write", name)
 	return r.Ops.WriteFile(name, data)
 }
+func (r *recordingOps) CreateFile(name string, data []byte) error {
+	r.note("create", name)
+	return r.Ops.CreateFile(name, data)
+}
 func (r *recordingOps) Rename(from, to string) error {
 	r.note("rename", to)
 	return r.Ops.Rename(from, to)
@@ -131,7 +135,8 @@ func inOrder(t *testing.T, what string, ops []string, steps ...string) {
 // TestDurableCommitOrder: every acknowledged change is on stable storage
 // before it is answered, in the order the crash-state table relies on: the
 // key record's data synced, then renamed into place, then the directory
-// synced (a release: the key record deleted, then the directory synced).
+// synced (a new key: its records written, then they and the directory
+// synced; a release: the key record deleted, then the directory synced).
 func TestDurableCommitOrder(t *testing.T) {
 	dir := t.TempDir()
 	st, rec := newRecordingStore(t, dir)
@@ -141,10 +146,18 @@ func TestDurableCommitOrder(t *testing.T) {
 	if p, _ := mustAllocate(t, a, req("u", "u.a", "tcp")); p != 30000 {
 		t.Fatalf("u.a = %d; want 30000", p)
 	}
+	// A new key's key record is created under its own name, and both
+	// records and the directory are synced once both are written.
 	ops := rec.take()
-	inOrder(t, "new key", ops, "write "+file.RecordFile(local.PortName(store.TCPPort(30000))), "write "+key+".tmp", "sync "+key+".tmp",
-		"rename "+key, "syncdir .")
-	inOrder(t, "new key's port record", ops, "write "+file.RecordFile(local.PortName(store.TCPPort(30000))), "sync "+file.RecordFile(local.PortName(store.TCPPort(30000))), "rename "+key)
+	port := file.RecordFile(local.PortName(store.TCPPort(30000)))
+	for _, sync := range []string{"sync " + port, "sync " + key, "syncdir ."} {
+		inOrder(t, "new key", ops, "write "+port, "create "+key, sync)
+	}
+	if slices.ContainsFunc(ops, func(op string) bool {
+		return strings.HasPrefix(op, "rename ") || strings.Contains(op, ".tmp") && !strings.Contains(op, ".write-test")
+	}) {
+		t.Fatalf("new key: %q; want no temporary file and no rename", ops)
+	}
 
 	if _, err := a.assign("u.a", 30001, "", operatorChange{}); err != nil {
 		t.Fatal(err)

@@ -99,13 +99,15 @@ func TestUnfinishedAllocationDropped(t *testing.T) {
 	st, faults := newFaultyStore(t, dir)
 	pol := mustPolicy(t, "", "30000-30001", 1, 0)
 	a := newAllocatorOn(t, st, "30000-30001", allocatorOptions{policy: pol})
-	faults.failWhen(syscall.ENOSPC, func(op, name string) bool { return op == "rename" })
+	faults.failWhen(syscall.ENOSPC, func(op, name string) bool { return op == "syncdir" }) // a new key's commit
 	_, _, err := a.allocate(req("u", "u.ghost", "tcp"))
 	if err == nil || !strings.Contains(rejectReason(err), "disk is full") {
 		t.Fatalf("allocation with a failing commit: %v (%q); want a reject naming the full disk", err, rejectReason(err))
 	}
-	if _, err := os.Stat(storeFile(dir, local.PortName(store.TCPPort(30000)))); !os.IsNotExist(err) {
-		t.Fatalf("the unfinished allocation's port record was left behind (%v)", err)
+	for _, name := range []string{local.PortName(store.TCPPort(30000)), local.KeyName("u.ghost")} {
+		if _, err := os.Stat(storeFile(dir, name)); !os.IsNotExist(err) {
+			t.Fatalf("the unfinished allocation's %s was left behind (%v)", name, err)
+		}
 	}
 	faults.set(nil, nil)
 	crashStore(st)
@@ -479,7 +481,7 @@ func TestImportAllOrNothing(t *testing.T) {
 	}
 	writes := 0
 	faults.failWhen(syscall.ENOSPC, func(op, name string) bool {
-		if op == "rename" {
+		if op == "create" { // a new key's key record
 			writes++
 			return writes == 2
 		}

@@ -176,6 +176,13 @@ func (f *faultyOps) WriteFile(name string, data []byte) error {
 	return f.Ops.WriteFile(name, data)
 }
 
+func (f *faultyOps) CreateFile(name string, data []byte) error {
+	if err := f.fault("create", name); err != nil {
+		return err
+	}
+	return f.Ops.CreateFile(name, data)
+}
+
 func (f *faultyOps) Rename(from, to string) error {
 	if err := f.fault("rename", to); err != nil {
 		return err

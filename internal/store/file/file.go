@@ -31,6 +31,9 @@ import (
 // record is replaced whole (temporary file, fsync, rename, fsync of the
 // directory), which makes it the commit point of every change, and a
 // directory removed or replaced while the server runs is never written to.
+// A new key's key record replaces nothing: it is created under its own
+// name, and it, its port record and the directory are fsync'd in one
+// round (see below).
 //
 // What is on disk after each step of each write, and what a start makes of
 // it (local.Resolve is the rule). Nothing is acknowledged before the
@@ -40,9 +43,10 @@ import (
 // 6001/udp (freed-P likewise), so a move between spaces is a move like
 // any other:
 //
-//	new key K on P:  1 port-P{K}, key-K.tmp{P}       -> unfinished: port-P dropped, P free (left empty: P held back)
-//	                 2 fsync both                      -> as 1
-//	                 3 rename to key-K, fsync dir      -> K on P (ack)
+//	new key K on P:  1 port-P{K}, key-K{P} created
+//	                   under its name (O_EXCL)         -> K on P, or (key-K lost) port-P dropped, P free
+//	                 2 fsync port-P, key-K and dir
+//	                   together; all three done        -> K on P (ack)
 //	move K, P to Q:  1 port-Q{K}, key-K.tmp{Q}       -> K on P; port-Q dropped (left empty: Q held back)
 //	                 2 fsync both                      -> as 1
 //	                 3 rename to key-K, fsync dir      -> K on Q; port-P dropped (ack)
@@ -54,11 +58,29 @@ import (
 //	release K on P:  1 key-K deleted, fsync dir       -> P free; port-P dropped (ack)
 //	                 2 port-P deleted, freed-P         -> P free
 //
+// A power cut during step 2 of a new key may keep any part of step 1
+// (Resolve decides each; none of it was acknowledged, so the claim may
+// land or not, and P goes to nobody else either way):
+//
+//	key-K{P} kept; port-P kept, lost or left empty -> K on P (port-P rewritten)
+//	key-K left empty; port-P{K} kept                -> K on P (key-K rebuilt from port-P)
+//	key-K lost; port-P{K} kept                      -> port-P dropped, P free
+//	key-K lost or left empty; port-P lost           -> P free (an empty key-K quarantined)
+//	key-K lost or left empty; port-P left empty     -> P held back: whose it is cannot be told
+//
+// The entries are durable only once the directory is fsync'd, so the
+// answer waits for that as for the two files; the files' fsyncs keep
+// either record from being found empty after an acknowledged claim. If a
+// key-K is there already (a reclaimed key's record whose delete failed),
+// the claim replaces it whole as a move does.
+//
 // A leftover key-K.tmp is deleted at the start. Freed-port and last-seen
 // records are written without an fsync: a power cut can lose how long a
-// port has been free or when a key was last seen, never an allocation. A step that fails leaves the state of the step
-// before it (a failed directory fsync puts the old key records back), and
-// leftovers of later steps are deleted at the next write or start.
+// port has been free or when a key was last seen, never an allocation. A
+// step that fails leaves the state of the step before it (a failed
+// directory fsync puts the old key records back; a new key's failed round
+// deletes its records and fsyncs the directory again), and leftovers of
+// later steps are deleted at the next write or start.
 //
 // Versions with one port space named a udp record's port record port-P
 // too; a start that reads the records moves each to its udp name (see
@@ -68,7 +90,8 @@ import (
 // for the disk, the writes that arrive queue up, and the next batch makes
 // all of them durable with one round of parallel fsyncs and one fsync of
 // the directory, so a burst of registrations does not pay an fsync each
-// in series.
+// in series. A batch of new keys only does it in one round: the directory
+// is fsync'd alongside the files.
 type Store struct {
 	dir    string
 	root   *os.Root
@@ -94,6 +117,9 @@ type Store struct {
 // Ops are the writes a file store makes, relative to its directory.
 type Ops interface {
 	WriteFile(name string, data []byte) error
+	// CreateFile writes a file that must not exist yet (O_EXCL): an error
+	// matching fs.ErrExist says it did, and nothing was written.
+	CreateFile(name string, data []byte) error
 	Rename(from, to string) error
 	Remove(name string) error
 	// SyncFile makes a file's data stable; syncDir a directory's entries.
@@ -108,6 +134,18 @@ type rootOps struct {
 func (r rootOps) WriteFile(name string, data []byte) error {
 	return r.root.WriteFile(name, data, 0o600)
 }
+func (r rootOps) CreateFile(name string, data []byte) error {
+	f, err := r.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
 func (r rootOps) Rename(from, to string) error { return r.root.Rename(from, to) }
 func (r rootOps) Remove(name string) error {
 	if err := r.root.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -622,8 +660,12 @@ type pendingWrite struct {
 	// done receives the outcome, or lead: the caller is to commit the
 	// next batch.
 	done chan writeOutcome
-	// staged is the key record's temporary file, once written.
+	// staged is the key record's temporary file, once written; for a
+	// direct write, the key record itself.
 	staged string
+	// direct: a new key's claim whose key record was created under its
+	// own name (see stage), so that nothing is left to rename.
+	direct bool
 }
 
 type writeOutcome struct {
@@ -708,30 +750,62 @@ func (s *Store) commitBatch(batch []*pendingWrite) (deferred []*pendingWrite) {
 	// they replace anything: a port record is then never found empty after
 	// a power cut unless its write was never acknowledged, and a reclaim's
 	// names the new owner while the old key record may still be there.
+	//
+	// A batch of new keys only (direct writes: nothing to rename) needs one
+	// round: their records and the directory are fsync'd together, and
+	// each is answered once all three are on stable storage.
 	var syncs []string
+	oneRound := len(staged) > 0
 	for _, w := range staged {
 		if w.claim != nil {
 			syncs = append(syncs, w.staged, RecordFile(local.PortName(w.claim.Want.Slot())))
 		}
+		oneRound = oneRound && w.direct
+	}
+	if oneRound {
+		syncs = append([]string{"."}, syncs...) // first: not behind a queue of files
 	}
 	failed := s.syncFiles(syncs)
 	var committed []*pendingWrite
+	// undone: a direct write's key record was deleted after a directory
+	// fsync may have made it durable; a directory fsync makes the delete so.
+	undone := false
 	for _, w := range staged {
 		err := failed[w.staged]
 		if w.claim != nil && err == nil {
 			err = failed[RecordFile(local.PortName(w.claim.Want.Slot()))]
 		}
 		if err == nil {
+			err = failed["."]
+		}
+		if err == nil {
 			err = s.switchOver(w)
 		}
 		if err != nil {
 			s.unstage(w)
+			undone = undone || w.direct
 			w.done <- writeOutcome{err: local.Classify(err)}
 			continue
 		}
 		committed = append(committed, w)
 	}
+	if oneRound {
+		if undone {
+			if err := s.ops.SyncDir("."); err != nil {
+				s.log.Error("the data directory could not be synced; the next start repairs what a crash leaves", "err", err)
+			}
+		}
+		for _, w := range committed {
+			w.done <- writeOutcome{changes: s.finish(w)}
+		}
+		return deferred
+	}
 	if len(committed) == 0 {
+		if undone {
+			if err := s.ops.SyncDir("."); err != nil {
+				s.log.Error("the data directory could not be synced; the next start repairs what a crash leaves", "err", err)
+			}
+		}
 		return deferred
 	}
 	if err := s.ops.SyncDir("."); err != nil {
@@ -787,6 +861,20 @@ func (s *Store) stage(w *pendingWrite) error {
 		s.undoPort(c)
 		return err
 	}
+	if c.Old == nil && c.Victim == nil {
+		// A new key: there is no key record to keep whole, so it is
+		// created under its own name and made durable in the same round
+		// of fsyncs as its port record and the directory.
+		done, err := s.createRecord(local.KeyName(c.Want.Key), c.Want)
+		if err != nil {
+			s.undoPort(c)
+			return err
+		}
+		if done {
+			w.staged, w.direct = RecordFile(local.KeyName(c.Want.Key)), true
+			return nil
+		}
+	}
 	tmp, err := s.stageRecord(local.KeyName(c.Want.Key), c.Want)
 	if err != nil {
 		s.undoPort(c)
@@ -796,11 +884,32 @@ func (s *Store) stage(w *pendingWrite) error {
 	return nil
 }
 
+// createRecord writes a record file that is not there yet. done is false,
+// with nothing written, if a file of that name is there (a key record
+// whose delete failed: the caller replaces it whole instead).
+func (s *Store) createRecord(name string, v any) (done bool, err error) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return false, err
+	}
+	file := RecordFile(name)
+	if err := s.ops.CreateFile(file, data); errors.Is(err, fs.ErrExist) {
+		return false, nil
+	} else if err != nil {
+		s.ops.Remove(file)
+		return false, local.Classify(err)
+	}
+	return true, nil
+}
+
 // switchOver makes w's change in the directory: the rename that commits a
 // claim (and the reclaimed key's delete), or a release's delete.
 func (s *Store) switchOver(w *pendingWrite) error {
 	if r := w.release; r != nil {
 		return s.ops.Remove(RecordFile(local.KeyName(r.Key)))
+	}
+	if w.direct {
+		return nil // in place already
 	}
 	if err := s.renameStaged(local.KeyName(w.claim.Want.Key)); err != nil {
 		return err
@@ -871,8 +980,9 @@ func (s *Store) finish(w *pendingWrite) []store.Change {
 	return s.idx.Claimed(c)
 }
 
-// syncFiles fsyncs files in parallel (so one journal commit can serve
-// several) and returns the errors by file.
+// syncFiles fsyncs files in parallel (so one journal commit or device
+// flush can serve several) and returns the errors by file; "." is the
+// directory.
 func (s *Store) syncFiles(files []string) map[string]error {
 	failed := map[string]error{}
 	var mu sync.Mutex
@@ -883,7 +993,11 @@ func (s *Store) syncFiles(files []string) map[string]error {
 		go func() {
 			defer wg.Done()
 			for f := range next {
-				if err := s.ops.SyncFile(f); err != nil {
+				sync := s.ops.SyncFile
+				if f == "." {
+					sync = s.ops.SyncDir
+				}
+				if err := sync(f); err != nil {
 					mu.Lock()
 					failed[f] = err
 					mu.Unlock()
