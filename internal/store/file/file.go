@@ -969,6 +969,9 @@ func (s *Store) finish(w *pendingWrite) []store.Change {
 		return s.idx.Released(*r, w.at)
 	}
 	c := *w.claim
+	// A stale key record left to delete (a reclaimed key's) is this
+	// key's record now.
+	delete(s.leftovers, RecordFile(local.KeyName(c.Want.Key)))
 	if c.Victim != nil {
 		s.retire(local.SeenName(c.Victim.Key))
 	}

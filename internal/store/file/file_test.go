@@ -644,3 +644,61 @@ func cutInRound(t *testing.T, before, want store.Record, fsyncs []string, done m
 		}
 	}
 }
+
+// noRemoveOps fails every delete of one file.
+type noRemoveOps struct {
+	Ops
+	mu   sync.Mutex
+	name string
+}
+
+func (o *noRemoveOps) Remove(name string) error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if name == o.name {
+		return errCut
+	}
+	return o.Ops.Remove(name)
+}
+
+// TestNewKeyOverStaleKeyRecord: a key record of a key the store no longer
+// holds can be left in the directory (a reclaimed key's record whose
+// delete failed, kept to delete later). A new claim of that key finds its
+// name taken, replaces the stale record whole as a move does, and the
+// pending delete of the stale record does not then delete the new one.
+func TestNewKeyOverStaleKeyRecord(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	s, _ := openLoad(t, dir)
+	want := storetest.Rec("k.web", 6002, "k")
+	stale := storetest.Rec("k.web", 6001, "k")
+	keyFile := RecordFile(local.KeyName(want.Key))
+	writeRecords(t, dir, map[string]any{local.KeyName(stale.Key): stale})
+	ops := &noRemoveOps{name: keyFile}
+	s.WrapOps(func(inner Ops) Ops { ops.Ops = inner; return ops })
+	s.mu.Lock()
+	s.leftovers[keyFile] = true // as a reclaim whose delete of key-K failed leaves it
+	s.mu.Unlock()
+	if _, err := s.Claim(ctx, store.Claim{Want: want}); err != nil {
+		t.Fatalf("a new claim over a stale key record: %v", err)
+	}
+	ops.mu.Lock()
+	ops.name = "" // deletes work again
+	ops.mu.Unlock()
+	if _, err := s.Claim(ctx, store.Claim{Want: storetest.Rec("o.web", 6003, "o")}); err != nil {
+		t.Fatal(err)
+	}
+	s.Crash()
+	s, snap := openLoad(t, dir)
+	defer s.Close()
+	storetest.WantAllocations(t, "after a crash", snap, want, storetest.Rec("o.web", 6003, "o"))
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			t.Fatalf("%s left behind", e.Name())
+		}
+	}
+}
