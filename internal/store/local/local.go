@@ -108,8 +108,11 @@ type RawRecords struct {
 	LegacyUDP map[int]store.Record
 	Keys      map[string]store.Record // valid key records, by key
 	// DamagedKeys names key records that exist but could not be read: a
-	// key record is only ever replaced whole, so a damaged one was
-	// committed and is rebuilt from its port record.
+	// key record is replaced whole, or (the file store's new keys) created
+	// and fsync'd with its port record before the answer, so a damaged one
+	// was committed, or is a new key's claim that was never answered,
+	// whose port nobody else holds: either way it is rebuilt from its port
+	// record.
 	DamagedKeys map[string]bool
 	// DamagedPorts are port records that exist but could not be read, with
 	// why, by the slot their name gives (all there is to go by): that slot
@@ -152,13 +155,16 @@ type Resolution struct {
 
 // Resolve is the one rule that turns the records of a file or bbolt store
 // into allocations. The key record is the commit point of every write (it
-// is replaced whole, never written in place), so:
+// is replaced whole or, for a new key, created whole, never written in
+// place), so:
 //   - a key record is an allocation; its port record is rewritten to match;
 //   - two key records naming one slot: the port record names the winner
 //     (a reclaim that crashed before retiring the victim), else the newest;
 //   - a port record with no key record behind it is an unfinished write
 //     (a new key or a move that never committed, a release that did) and is
-//     dropped, unless its key record is damaged, when it rebuilds it;
+//     dropped, unless its key record is damaged, when it rebuilds it (a
+//     committed record, or a new key's unanswered claim: the slot is
+//     nobody else's either way);
 //   - a damaged port record no key record names holds its slot back: whose
 //     it was cannot be told, and handing it out could give an acknowledged
 //     port to a stranger.
