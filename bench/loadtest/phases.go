@@ -279,6 +279,11 @@ func seedDataDir(bin, dataDir, scratch string, n int) (time.Duration, error) {
 		return 0, err
 	}
 	defer f.Close()
+	// An offline import works on an existing data directory (it refuses
+	// to create one, so that a mistyped path imports into nothing).
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return 0, err
+	}
 	cmd := exec.Command(bin, "import", "-data-dir", dataDir)
 	cmd.Stdin = f
 	var out bytes.Buffer
